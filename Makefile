@@ -1,0 +1,41 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv when it is
+# missing, install the pinned CPU torch + triton and the package (with its C++ extension), then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.bissl-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-fast bench cuda-check clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Torch first (pinned: an unpinned torch pulls a multi-GB CUDA build), then our deps, then the
+# package without build isolation so setup.py sees this torch and builds the C++ extension.
+$(STAMP): $(VENV)/bin/python requirements.txt setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*.h)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m bissl demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-$$(hostname).json
+
+cuda-check:
+	@bash csrc/cuda/compile_check.sh
+
+clean:
+	rm -rf build *.egg-info bissl/_C*.so

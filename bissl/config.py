@@ -1,0 +1,507 @@
+"""Experiment configuration: YAML/JSON file + dotted overrides -> validated nested dataclasses.
+
+Every hyperparameter of the BiSSL pipeline (see ``/work/shared/REFERENCE.md``) is a key here, with
+the published ImageNet-scale default (ResNet-50, 96 px). A file only needs the keys it changes.
+
+Validation is strict so that a typo can never silently fall back to a default:
+
+* an unknown key raises ``ConfigError("config error: unknown key 'bissl.lamda' (did you mean 'lam'?)")``;
+* a value of the wrong type or out of range raises a one-line ``ConfigError`` naming the dotted key.
+
+Example:
+    >>> cfg = load_config("configs/demo_digits.yaml", overrides=["bissl.lam=0.01"])
+    >>> cfg.bissl.lam
+    0.01
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "AugmentConfig",
+    "BaselineConfig",
+    "BisslConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "FinetuneConfig",
+    "LowerConfig",
+    "ModelConfig",
+    "PretextConfig",
+    "RunConfig",
+    "UpperConfig",
+    "apply_override",
+    "config_from_dict",
+    "config_to_dict",
+    "diff_configs",
+    "dump_config",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str(err)`` is a one-line message naming the offending key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"config error: {message}")
+
+
+# --------------------------------------------------------------------------- field helpers
+Check = Callable[[Any], Optional[str]]
+
+
+def _ge(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _gt(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def _in01(*, open_hi: bool = False) -> Check:
+    def check(v: float) -> str | None:
+        ok = 0.0 <= v < 1.0 if open_hi else 0.0 <= v <= 1.0
+        return None if ok else f"must be in [0, 1{')' if open_hi else ']'}"
+    return check
+
+
+def _each(check: Check) -> Check:
+    def each(values: list) -> str | None:
+        for i, v in enumerate(values):
+            msg = check(v)
+            if msg:
+                return f"item {i} {msg}"
+        return None
+    return each
+
+
+def _length(n: int, check: Check | None = None) -> Check:
+    def length(values: list) -> str | None:
+        if len(values) != n:
+            return f"must have {n} items, got {len(values)}"
+        return check(values) if check else None
+    return length
+
+
+def _nonempty(values: list) -> str | None:
+    return None if len(values) > 0 else "must not be empty"
+
+
+def _opt(default: Any, help: str, check: Check | None = None) -> Any:
+    """A dataclass field with a help string and an optional value check (skipped for None)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
+                     metadata={"help": help, "check": check})
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    """Run-level keys: seeds, device, where outputs go, checkpoint cadence."""
+
+    name: Optional[str] = _opt(None, "run directory name under out_dir (default: config file stem)")
+    out_dir: str = _opt("runs", "parent directory of run directories")
+    seeds: list[int] = _opt([0], "training seeds; each seed runs the full pipeline in seed_<s>/",
+                            lambda v: _nonempty(v) or _each(_ge(0))(v) or
+                            (None if len(set(v)) == len(v) else "must not repeat a seed"))
+    device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
+                       lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
+                       else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    num_threads: Optional[int] = _opt(None, "torch CPU threads (default: torch's choice)", _ge(1))
+    checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (and at phase ends)",
+                                 _ge(1))
+    log_every: int = _opt(1, "write a metrics row every N steps (CG diagnostics: every upper step)",
+                          _ge(1))
+    cudnn_benchmark: bool = _opt(False, "torch.backends.cudnn.benchmark (faster convs on GPU, "
+                                        "not bit-reproducible across runs)")
+    deterministic: bool = _opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
+    quiet: bool = _opt(False, "no progress bars")
+
+
+@dataclass
+class DataConfig:
+    """Datasets. The downstream set is split train/val/test; the pretext set defaults to its train split."""
+
+    name: str = _opt("digits", "downstream dataset: 'digits' (built in), 'npz' or 'imagefolder'")
+    root: Optional[str] = _opt(None, "path of the downstream data (npz file or image folder)")
+    pretext_name: Optional[str] = _opt(None, "pretext dataset (default: the downstream train split "
+                                             "without labels)")
+    pretext_root: Optional[str] = _opt(None, "path of the pretext data")
+    val_fraction: float = _opt(0.1, "fraction of the downstream data held out for validation",
+                               _in01(open_hi=True))
+    test_fraction: float = _opt(0.2, "fraction of the downstream data held out for testing",
+                                _in01(open_hi=True))
+    split_seed: int = _opt(0, "seed of the train/val/test split (fixed across training seeds)", _ge(0))
+    image_size: Optional[int] = _opt(None, "resize images to this side (default: the dataset's)",
+                                     _ge(1))
+
+
+@dataclass
+class ModelConfig:
+    """Backbone architecture."""
+
+    backbone: str = _opt("resnet50", "'small_cnn', 'resnet18' or 'resnet50'")
+    options: dict[str, Any] = _opt({}, "extra keyword arguments of bissl.models.build_backbone")
+    channels_last: bool = _opt(False, "use channels_last memory format (faster convs on GPU)")
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view augmentation (BYOL-style asymmetric pair)."""
+
+    preset: str = _opt("byol", "augmentation preset of bissl.tasks.augment ('byol'; 'tiny' for 8x8)")
+    options: dict[str, Any] = _opt({}, "keyword overrides of the preset's parameters")
+
+
+@dataclass
+class PretextConfig:
+    """Self-supervised pretraining (pipeline step 1)."""
+
+    method: Literal["simclr", "byol"] = _opt("simclr", "pretext task")
+    epochs: int = _opt(500, "pretraining epochs", _ge(0))
+    batch_size: int = _opt(1024, "pretext batch size", _ge(2))
+    lr: float = _opt(4.8, "LARS base learning rate", _gt(0))
+    momentum: float = _opt(0.9, "LARS momentum", _in01(open_hi=True))
+    weight_decay: float = _opt(1e-6, "LARS weight decay", _ge(0))
+    eta: float = _opt(1e-3, "LARS trust coefficient", _gt(0))
+    warmup_epochs: float = _opt(10, "linear warm-up epochs of the cosine schedule", _ge(0))
+    final_lr_factor: float = _opt(1e-3, "cosine ends at this fraction of the base lr", _in01())
+    temperature: float = _opt(0.5, "SimCLR NT-Xent temperature", _gt(0))
+    projector_dims: list[int] = _opt([256, 256, 256], "projector widths (hidden, hidden, output); "
+                                     "the BYOL predictor has the same shape",
+                                     lambda v: _nonempty(v) or _each(_ge(1))(v))
+    byol_ema: float = _opt(0.9995, "BYOL target EMA momentum", _in01())
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LowerConfig:
+    """Lower-level optimizer of the BiSSL stage (LARS on θ and the pretext head)."""
+
+    lr: float = _opt(1.0, "LARS base learning rate", _gt(0))
+    momentum: float = _opt(0.9, "LARS momentum", _in01(open_hi=True))
+    weight_decay: float = _opt(1e-6, "LARS weight decay", _ge(0))
+    eta: float = _opt(1e-3, "LARS trust coefficient", _gt(0))
+    warmup_steps: int = _opt(200, "linear warm-up steps of the cosine schedule", _ge(0))
+    final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
+    batch_size: int = _opt(1024, "pretext batch size of lower steps", _ge(2))
+
+
+@dataclass
+class UpperConfig:
+    """Upper-level optimizer of the BiSSL stage (SGD on φ and ψ_D); also the head warm-up's lr/wd."""
+
+    lr: float = _opt(0.015, "SGD learning rate (per dataset; CIFAR-10 SimCLR: 0.015)", _gt(0))
+    weight_decay: float = _opt(1e-3, "SGD weight decay", _ge(0))
+    momentum: float = _opt(0.9, "SGD momentum", _in01(open_hi=True))
+    final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
+    batch_size: int = _opt(256, "downstream batch size of upper steps and head warm-up", _ge(1))
+
+
+@dataclass
+class BisslConfig:
+    """The bilevel stage (pipeline step 2)."""
+
+    stages: int = _opt(500, "training stages (each: lower_steps, then upper_steps)", _ge(0))
+    lower_steps: int = _opt(20, "lower-level steps per training stage", _ge(0))
+    upper_steps: int = _opt(8, "upper-level steps per training stage", _ge(0))
+    head_warmup_epochs: float = _opt(20, "epochs of downstream-head warm-up (backbone frozen)", _ge(0))
+    lam: float = _opt(1e-3, "λ: weight of the proximal term (λ/2)‖θ−φ‖²", _gt(0))
+    damping: float = _opt(10.0, "λ_damp: the linear system is (I + H/(λ+λ_damp)) x = v", _ge(0))
+    gamma: float = _opt(1.0, "γ: weight of the direct upper term L_D(φ, ψ_D)", _ge(0))
+    cg_iters: int = _opt(5, "iterations of the inverse-HVP solver", _ge(0))
+    solver: Literal["cg", "cg_layerwise", "neumann", "identity"] = _opt(
+        "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code)")
+    hvp_mode: Optional[str] = _opt(None, "HVP mode of bissl.ops.hvp (default: the core's)")
+    hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
+                                               "(default: lower.batch_size)", _ge(2))
+    clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
+    strict: bool = _opt(False, "raise when the solver reports non-finite values or negative "
+                               "curvature (otherwise they are logged)")
+    backend: Optional[str] = _opt(None, "kernel backend of bissl.ops (default: automatic)")
+    lower: LowerConfig = field(default_factory=LowerConfig)
+    upper: UpperConfig = field(default_factory=UpperConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning protocol shared by both arms (pipeline step 3)."""
+
+    epochs: int = _opt(400, "fine-tuning epochs", _ge(1))
+    batch_size: int = _opt(256, "batch size", _ge(1))
+    lr: float = _opt(0.015, "SGD learning rate (tune on val: the reference searches log-uniform "
+                            "1e-4..1)", _gt(0))
+    weight_decay: float = _opt(1e-3, "SGD weight decay (reference search range 1e-5..1e-2)", _ge(0))
+    momentum: float = _opt(0.9, "SGD momentum", _in01(open_hi=True))
+    final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
+    head: Literal["linear", "mlp"] = _opt("linear", "downstream head")
+    augment: Optional[str] = _opt(None, "single-view augmentation preset during fine-tuning "
+                                        "(default: none)")
+    eval_every_epochs: int = _opt(1, "evaluate on val every N epochs (and after the last)", _ge(1))
+
+
+@dataclass
+class BaselineConfig:
+    """The baseline arm: the pretext checkpoint fine-tuned with the identical protocol."""
+
+    enabled: bool = _opt(True, "run the baseline arm")
+    compute_matched: bool = _opt(False, "continue pretext training for the BiSSL stage's number of "
+                                        "lower steps (same LARS schedule) before fine-tuning")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for testing resume (never needed in real runs)."""
+
+    stop_after_steps: Optional[int] = _opt(None, "interrupt the process after this many optimizer "
+                                                 "steps (counted in this process)", _ge(1))
+    stop_mode: Literal["raise", "exit"] = _opt("raise", "'raise' RunInterrupted, or 'exit': "
+                                                        "os._exit(75) like a kill")
+
+
+@dataclass
+class Config:
+    """The whole experiment. ``config_from_dict`` builds it from nested dicts with validation."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    bissl: BisslConfig = field(default_factory=BisslConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks (single-field checks run while building)."""
+        if self.data.val_fraction + self.data.test_fraction >= 1.0:
+            raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1")
+        if self.bissl.stages > 0 and self.bissl.upper_steps > 0 and self.bissl.cg_iters == 0 \
+                and self.bissl.solver != "identity":
+            raise ConfigError("'bissl.cg_iters' must be >= 1 unless 'bissl.solver' is 'identity'")
+
+
+# --------------------------------------------------------------------------- building and checking
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise bad from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"'{key}' must be finite, got {value!r}")
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not input
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix or '<root>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], path)
+            continue
+        value = _coerce(raw[name], tp, path)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            msg = check(value)
+            if msg:
+                raise ConfigError(f"'{path}' {msg}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (missing keys take the defaults).
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value (the message names the key).
+    """
+    cfg = _build(Config, raw if raw is not None else {}, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (round-trips through :func:`config_from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- files and overrides
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-6`` as a float (YAML 1.1 requires a dot: ``1.0e-6``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _parse_text(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        line = str(err).replace("\n", " ")
+        raise ConfigError(f"cannot parse {source}: {line}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"bissl.lam=0.01"`` -> ``(["bissl", "lam"], 0.01)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like 'section.key=value'")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
+        raise ConfigError(f"override key {key!r} must be dotted names like 'bissl.lam'")
+    return path, _parse_text(text, f"the value of override '{key}'") if text.strip() else ""
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``section.key=value`` in the nested dict ``raw`` in place (validation happens later)."""
+    path, value = parse_override(item)
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML (or JSON, a YAML subset) config file, apply ``overrides``, validate.
+
+    Args:
+        path: the file; ``None`` starts from the defaults.
+        overrides: ``"section.key=value"`` strings applied after the file.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, bad type or value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror}") from None
+        raw = _parse_text(text, str(path)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (every key) as YAML."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    Path(path).write_text(text)
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key != "options":
+            out.extend(diff_configs(va, vb, path))
+        elif va != vb:
+            out.append(path)
+    return out

@@ -1,0 +1,16 @@
+"""Layer 1: stateless functional ops on parameter dicts and flat buffers.
+
+HVPs (:mod:`bissl.ops.hvp`), the BatchNorm policy for them, dict ↔ flat conversion and the fused
+vector ops with their backends.
+"""
+from __future__ import annotations
+
+from bissl.ops.batchnorm import batchnorm_stats_frozen
+from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
+from bissl.ops.fused import axpby, prox_grad
+from bissl.ops.hvp import HVP_MODES, LinearizedHVP, hvp, hvp_batched, linearize_hvp
+
+__all__ = sorted([
+    "FlatSpec", "HVP_MODES", "LinearizedHVP", "axpby", "batchnorm_stats_frozen", "flat_spec",
+    "flatten", "hvp", "hvp_batched", "linearize_hvp", "prox_grad", "unflatten",
+])

@@ -1,0 +1,230 @@
+"""Hessian-vector products of a scalar loss of a parameter dict.
+
+Three ways to compute ``H v`` with ``H = ∇²loss(params)``, equal up to rounding and tested against
+each other, against the dense Hessian and against finite differences:
+
+* ``"fwdrev"``: forward over reverse, ``torch.func.jvp(torch.func.grad(loss_fn))``. One forward, one
+  backward, each carrying a tangent: the cheapest single HVP and the one with the least memory.
+* ``"revrev"``: reverse over reverse. The one-shot form is ``torch.func.vjp(torch.func.grad(...))``.
+  Its strength is *reuse*: :func:`linearize_hvp` builds the first-order graph once and every matvec
+  is one double-backward pass over it (plus the faster conv double backward of
+  :mod:`bissl.ops.conv_double_backward`). That is the default for CG.
+* ``"autograd"``: ``torch.autograd.grad(..., create_graph=True)`` then a second ``grad``,
+  recomputed from scratch each call: what the BiSSL reference code does on every CG iteration.
+
+``torch.func.linearize`` is deliberately not used: it fails when ``loss_fn`` closes over modules
+with trainable parameters (a projector, a head) and its trace costs as much as a whole CG solve.
+
+Every path applies the BatchNorm policy of :mod:`bissl.ops.batchnorm` (train-mode BatchNorm uses
+batch statistics; running buffers are never updated by an HVP). ``loss_fn`` must be deterministic
+(no dropout sampling) for the HVP to be a fixed linear map; the linearize-once ``revrev`` form is
+immune because it evaluates the loss once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from bissl.ops.batchnorm import batchnorm_stats_frozen
+from bissl.ops.conv_double_backward import ConvFastDoubleBackward
+from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
+from bissl.typing import LossFn, Params, ParamsLike, Vector
+
+HVPMode = Literal["fwdrev", "revrev", "autograd"]
+HVP_MODES: tuple[str, ...] = ("fwdrev", "revrev", "autograd")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in HVP_MODES:
+        raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES}")
+
+
+def _check_scalar(loss: Tensor, where: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"{where}: loss_fn must return a scalar tensor, got {shape}")
+    return loss
+
+
+def _check_like(params: ParamsLike, v: ParamsLike, where: str) -> None:
+    if set(params) != set(v):
+        missing, extra = set(params) - set(v), set(v) - set(params)
+        raise ValueError(f"{where}: v must have the keys of params (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+    for k, p in params.items():
+        if v[k].shape != p.shape:
+            raise ValueError(f"{where}: v[{k!r}] has shape {tuple(v[k].shape)}, params[{k!r}] has {tuple(p.shape)}")
+
+
+def _detached_leaves(params: ParamsLike) -> Params:
+    return {k: p.detach().requires_grad_(True) for k, p in params.items()}
+
+
+def _grad_with_graph(loss_fn: LossFn, leaves: Params) -> tuple[Tensor, tuple[Tensor, ...]]:
+    loss = _check_scalar(loss_fn(leaves), "hvp")
+    grads = torch.autograd.grad(loss, tuple(leaves.values()), create_graph=True, allow_unused=True)
+    # A parameter the loss does not use has a zero gradient and a zero Hessian row.
+    grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves.values()))
+    return loss, grads
+
+
+def _second_backward(grads: tuple[Tensor, ...], leaves: Params, v: ParamsLike, retain: bool) -> Params:
+    pairs = [(g, p, v[k]) for (k, p), g in zip(leaves.items(), grads) if g.requires_grad]
+    out = {k: torch.zeros_like(p) for k, p in leaves.items()}
+    if pairs:
+        gs, ps, vs = zip(*pairs)
+        hv = torch.autograd.grad(gs, tuple(leaves.values()), vs, retain_graph=retain, allow_unused=True)
+        out = {k: torch.zeros_like(p) if h is None else h for (k, p), h in zip(leaves.items(), hv)}
+    return out
+
+
+def hvp(loss_fn: LossFn, params: ParamsLike, v: ParamsLike, *, mode: HVPMode = "fwdrev") -> Params:
+    """Hessian-vector product ``∇²loss_fn(params) · v``.
+
+    Args:
+        loss_fn: ``loss_fn(params) -> Tensor`` of shape ``()``. May close over live modules whose
+            parameters require grad (they are treated as constants).
+        params: point of evaluation, ``{name: Tensor}``.
+        v: direction, same keys and shapes as ``params``.
+        mode: ``"fwdrev"`` (default), ``"revrev"`` or ``"autograd"`` (see module docstring).
+
+    Returns:
+        ``{name: Tensor}`` shaped like ``params``, detached from any graph.
+
+    Example:
+        >>> Hv = hvp(lambda p: (p["w"] ** 4).sum(), {"w": torch.ones(3)}, {"w": torch.ones(3)})
+        >>> Hv["w"]   # 12·w²·v
+        tensor([12., 12., 12.])
+    """
+    _check_mode(mode)
+    _check_like(params, v, "hvp")
+    primals = {k: p.detach() for k, p in params.items()}
+    tangents = {k: t.detach() for k, t in v.items()}
+    with batchnorm_stats_frozen():
+        if mode == "fwdrev":
+            out = torch.func.jvp(torch.func.grad(loss_fn), (primals,), (tangents,))[1]
+        elif mode == "revrev":
+            _, vjp_fn = torch.func.vjp(torch.func.grad(loss_fn), primals)
+            out = vjp_fn(tangents)[0]
+        else:
+            with torch.enable_grad():
+                leaves = _detached_leaves(primals)
+                _, grads = _grad_with_graph(loss_fn, leaves)
+                out = _second_backward(grads, leaves, tangents, retain=False)
+    return {k: t.detach() for k, t in out.items()}
+
+
+def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HVPMode = "fwdrev") -> Params:
+    """Hessian times k vectors at once: ``vs[name]`` has shape ``(k, *params[name].shape)``.
+
+    ``fwdrev`` and ``revrev`` vectorise over k with ``torch.func.vmap`` (one batched pass);
+    ``autograd`` uses ``is_grads_batched``. Returns ``{name: (k, ...)}``.
+    """
+    _check_mode(mode)
+    first = next(iter(vs.values()))
+    k = first.shape[0] if first.dim() > 0 else 0
+    for name, p in params.items():
+        if name not in vs or vs[name].shape != (k, *p.shape):
+            got = tuple(vs[name].shape) if name in vs else None
+            raise ValueError(f"hvp_batched: vs[{name!r}] must have shape {(k, *p.shape)}, got {got}")
+    primals = {kk: p.detach() for kk, p in params.items()}
+    tangents = {kk: t.detach() for kk, t in vs.items()}
+    with batchnorm_stats_frozen():
+        if mode == "fwdrev":
+            one = lambda t: torch.func.jvp(torch.func.grad(loss_fn), (primals,), (t,))[1]  # noqa: E731
+            out = torch.func.vmap(one)(tangents)
+        elif mode == "revrev":
+            _, vjp_fn = torch.func.vjp(torch.func.grad(loss_fn), primals)
+            out = torch.func.vmap(lambda t: vjp_fn(t)[0])(tangents)
+        else:
+            with torch.enable_grad():
+                leaves = _detached_leaves(primals)
+                _, grads = _grad_with_graph(loss_fn, leaves)
+                used = [(g, kk) for g, kk in zip(grads, leaves) if g.requires_grad]
+                out = {kk: torch.zeros_like(t) for kk, t in tangents.items()}
+                if used:
+                    gs, names = zip(*used)
+                    hv = torch.autograd.grad(gs, tuple(leaves.values()), tuple(tangents[n] for n in names),
+                                             is_grads_batched=True, allow_unused=True)
+                    out = {kk: torch.zeros_like(tangents[kk]) if h is None else h for kk, h in zip(leaves, hv)}
+    return {kk: t.detach() for kk, t in out.items()}
+
+
+class LinearizedHVP:
+    """``v ↦ H v`` at a fixed point, on flat ``(P,)`` vectors, set up once and applied many times.
+
+    Build with :func:`linearize_hvp`. Attributes: ``spec`` (layout of the flat vectors), ``loss``
+    (0-dim, detached), ``grad`` (``(P,)`` flat gradient at the point, detached) and ``num_matvecs``.
+    Call it (or ``.matvec``) with a flat ``(P,)`` tensor; :meth:`matvec_dict` takes a dict.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: ParamsLike, mode: HVPMode, fast_conv: bool):
+        _check_mode(mode)
+        self.mode = mode
+        self.spec: FlatSpec = flat_spec(params)
+        self.num_matvecs = 0
+        self._loss_fn = loss_fn
+        self._primals = {k: p.detach() for k, p in params.items()}
+        if mode == "revrev":
+            # Build the first-order graph once; every matvec is one double backward over it.
+            ctx = ConvFastDoubleBackward() if fast_conv else contextlib.nullcontext()
+            with torch.enable_grad(), batchnorm_stats_frozen(), ctx:
+                self._leaves = _detached_leaves(self._primals)
+                loss, self._grads = _grad_with_graph(loss_fn, self._leaves)
+            self.loss = loss.detach()
+            self.grad = flatten({k: g.detach() for k, g in zip(self._leaves, self._grads)}, self.spec)
+        else:
+            # Forward-mode tangents cannot be replayed without re-running the function, and the
+            # "autograd" mode reproduces the reference (recompute everything per matvec).
+            with torch.enable_grad(), batchnorm_stats_frozen():
+                leaves = _detached_leaves(self._primals)
+                loss = _check_scalar(loss_fn(leaves), "linearize_hvp")
+                grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True)
+            self.loss = loss.detach()
+            self.grad = flatten({k: torch.zeros_like(p) if g is None else g
+                                 for (k, p), g in zip(leaves.items(), grads)}, self.spec)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat ``(P,)`` tensor ``v``; returns a new flat ``(P,)`` tensor."""
+        if v.dim() != 1 or v.numel() != self.spec.numel:
+            raise ValueError(f"LinearizedHVP: expected a flat vector of {self.spec.numel} elements, got {tuple(v.shape)}")
+        self.num_matvecs += 1
+        vd = unflatten(v.detach(), self.spec)
+        if self.mode == "revrev":
+            with torch.enable_grad():
+                out = _second_backward(self._grads, self._leaves, vd, retain=True)
+        else:
+            out = hvp(self._loss_fn, self._primals, vd, mode=self.mode)
+        return flatten(out, self.spec)
+
+    __call__ = matvec
+
+    def matvec_dict(self, v: ParamsLike) -> Params:
+        """``H v`` for a dict ``v`` shaped like the params."""
+        return unflatten(self.matvec(flatten(v, self.spec)), self.spec)
+
+
+def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revrev",
+                  fast_conv: bool = True) -> LinearizedHVP:
+    """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
+
+    Args:
+        loss_fn: scalar loss of the parameter dict (may close over trainable modules).
+        params: the point ``θ``; detached internally.
+        mode: ``"revrev"`` (default: first-order graph built once, one double backward per matvec),
+            ``"fwdrev"`` (``jvp(grad)`` per matvec: no state kept, re-runs forward and backward) or
+            ``"autograd"`` (reference behaviour, recomputes everything per matvec).
+        fast_conv: on the ``revrev`` path, route ``conv2d``'s double backward through the
+            convolution backward kernels (:mod:`bissl.ops.conv_double_backward`).
+
+    Returns:
+        A :class:`LinearizedHVP`; ``op(v_flat) -> Hv_flat``.
+    """
+    return LinearizedHVP(loss_fn, params, mode, fast_conv)
+
+
+def as_flat(v: Vector, spec: FlatSpec) -> Tensor:
+    """A dict or flat vector as a flat ``(P,)`` tensor laid out by ``spec``."""
+    return v if isinstance(v, Tensor) else flatten(v, spec)

@@ -1,0 +1,48 @@
+"""Plain-torch references of the fused vector ops: the source of truth, the fallback and the oracle.
+
+Every fused kernel (Triton in ``kernels/``, C++/CUDA in ``csrc/``) computes exactly one of these
+functions and is tested against it. All tensors are flat ``(P,)`` vectors of one dtype/device;
+scalars that change every iteration (``alpha``, ``beta``) are 0-dim tensors so that a CG loop never
+moves them to the host. Functions ending in ``_`` update their first arguments in place.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def damped_matvec_ref(hv: Tensor, v: Tensor, scale: float, shift: float) -> tuple[Tensor, Tensor]:
+    """``Av = scale·Hv + shift·v`` and ``vᵀAv``.
+
+    Args:
+        hv: ``(P,)`` the raw matvec ``H v``.
+        v: ``(P,)`` the vector it was applied to.
+        scale, shift: the damped operator is ``A = scale·H + shift·I``.
+
+    Returns:
+        ``(Av, vAv)``: ``(P,)`` and a 0-dim tensor.
+    """
+    av = torch.add(hv * scale, v, alpha=shift) if shift != 0 else hv * scale
+    return av, torch.dot(v, av)
+
+
+def cg_step_ref_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -> Tensor:
+    """One CG update in place: ``x += α p``, ``r -= α Ap``; returns ``rᵀr`` of the new residual (0-dim)."""
+    x.add_(alpha * p)
+    r.sub_(alpha * ap)
+    return torch.dot(r, r)
+
+
+def cg_direction_ref_(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
+    """New search direction in place: ``p = r + β p``; returns ``p``."""
+    return p.mul_(beta).add_(r)
+
+
+def prox_grad_ref(grad: Tensor, theta: Tensor, phi: Tensor, lam: float) -> Tensor:
+    """Lower-level gradient with the proximal pull: ``∇L_P(θ) + λ (θ − φ)``."""
+    return torch.add(grad, theta - phi, alpha=lam)
+
+
+def axpby_ref(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
+    """``a·x + b·y`` (e.g. the upper-level combination ``x + γ ∇_φ L_D(φ)``)."""
+    return torch.add(x * a, y, alpha=b)

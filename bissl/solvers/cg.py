@@ -1,0 +1,220 @@
+"""Conjugate gradients for ``(scale·A + damping·I) x = b`` with a matrix-free ``A``.
+
+Two variants:
+
+* :func:`cg_solve` — standard (global) CG [Hestenes & Stiefel 1952; Shewchuk, "An Introduction to
+  the Conjugate Gradient Method Without the Agonizing Pain", §B2]. Our default.
+* :func:`cg_layerwise_solve` — one α and β per parameter tensor with the matvec computed jointly,
+  what the BiSSL reference code runs by default. It is **not** a convergent method (it can stall or
+  diverge; ``shared/REFERENCE.md``): offered for fidelity to the reference only.
+
+Fixed-iteration mode (``rtol=None``) makes **no host synchronisation**: step sizes, flags and
+counters stay 0-dim device tensors and every branch is a ``torch.where``. With a tolerance, the
+loop reads one flag per iteration to stop early. The vector updates run through the fused ops of
+the chosen backend (:func:`bissl.ops._backends.cg_vector_ops`).
+
+Breakdown handling: an iteration is skipped (α = β = 0, ``x`` frozen) once the residual reaches
+round-off (converged — later iterations keep the answer instead of producing 0/0), when
+``pᵀAp ≤ 0`` (flag ``negative_curvature``) or when a value is NaN/Inf (flag ``nonfinite``).
+Nothing is silently zeroed: the flags are in the :class:`SolveResult`, and ``strict=True`` raises.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bissl.ops._backends import cg_vector_ops
+from bissl.solvers._problem import flat_problem, tiny
+from bissl.solvers.result import SolveResult
+from bissl.typing import Vector
+
+
+def _check_iters(iters: int, where: str) -> None:
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"{where}: iters must be a non-negative int, got {iters!r}")
+
+
+def _tolerance2(b_norm2: Tensor, rtol: float | None, atol: float) -> Tensor:
+    """Squared residual threshold: max(rtol·‖b‖, atol)², at least round-off level."""
+    floor = (64 * torch.finfo(b_norm2.dtype).eps) ** 2 * b_norm2 + tiny(b_norm2.dtype)
+    if rtol is None and atol == 0.0:
+        return floor
+    target = torch.clamp_min((rtol or 0.0) ** 2 * b_norm2, atol**2)
+    return torch.maximum(target, floor)
+
+
+def cg_solve(
+    matvec: Callable[[Vector], Vector],
+    b: Vector,
+    *,
+    iters: int,
+    damping: float = 0.0,
+    scale: float = 1.0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    x0: Vector | None = None,
+    strict: bool = False,
+    backend: str | None = None,
+) -> SolveResult:
+    """Solve ``(scale·A + damping·I) x = b`` by conjugate gradients.
+
+    Args:
+        matvec: ``v ↦ A v`` for symmetric ``A``; takes and returns the kind of ``b`` (flat ``(P,)``
+            tensor or ``{name: Tensor}`` dict).
+        b: right-hand side, flat ``(P,)`` or a dict.
+        iters: number of iterations (the maximum when ``rtol``/``atol`` is given). One matvec each.
+        damping: ``shift`` added to the diagonal (default: 0.0).
+        scale: multiplies ``A`` (default: 1.0); BiSSL solves ``(I + H/(λ+damp)) x = v`` as
+            ``scale = 1/(λ+damp)``, ``damping = 1`` so the scaling is fused into the matvec epilogue.
+        rtol, atol: stop when ``‖r‖ ≤ max(rtol·‖b‖, atol)`` (one host sync per iteration). With
+            neither given (default) exactly ``iters`` iterations run with zero host syncs.
+        x0: initial guess like ``b`` (default: zeros, as the reference).
+        strict: raise :class:`~bissl.solvers.SolverError` on negative curvature, NaN/Inf, or (when a
+            tolerance was given) non-convergence (default: False — read ``result.problems()``).
+        backend: vector-op backend (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``;
+            default: ``BISSL_BACKEND`` or auto).
+
+    Returns:
+        :class:`~bissl.solvers.SolveResult` with ``x`` like ``b``.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> res = cg_solve(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64), iters=2)
+        >>> res.x   # exact after n = 2 iterations
+        tensor([0.0909, 0.6364], dtype=torch.float64)
+    """
+    _check_iters(iters, "cg_solve")
+    prob = flat_problem(matvec, b, scale, damping, "cg_solve")
+    ops = cg_vector_ops(backend, prob.b.device)
+    use_tol = rtol is not None or atol > 0.0
+    bb = torch.dot(prob.b, prob.b)
+    tol2 = _tolerance2(bb, rtol, atol)
+
+    if x0 is None:
+        x = torch.zeros_like(prob.b)
+        r = prob.b.clone()
+    else:
+        x = prob.from_user(x0, "cg_solve: x0").detach().clone()
+        ax, _ = ops.damped_matvec(prob.matvec(x), x, prob.scale, prob.shift)
+        r = prob.b - ax
+    p = r.clone()
+    rr = torch.dot(r, r)
+
+    zero = torch.zeros((), dtype=torch.bool, device=x.device)
+    active = torch.ones((), dtype=torch.bool, device=x.device)
+    negative, nonfinite = zero.clone(), zero.clone()
+    n_iters = torch.zeros((), dtype=torch.int64, device=x.device)
+    alphas, betas = [], []
+    for _ in range(iters):
+        if use_tol and not bool(active & (rr > tol2)):
+            break
+        hv = prob.matvec(p)
+        ap, pap = ops.damped_matvec(hv, p, prob.scale, prob.shift)
+        done = rr <= tol2
+        bad_value = ~(torch.isfinite(pap) & torch.isfinite(rr))
+        bad_curv = (pap <= 0) & ~done & ~bad_value
+        nonfinite |= bad_value & active
+        negative |= bad_curv & active
+        active = active & ~done & ~bad_value & ~bad_curv
+        alpha = torch.where(active, rr / torch.where(active, pap, 1), 0)
+        rr_new = ops.cg_step_(x, r, p, ap, alpha)
+        bad_new = ~torch.isfinite(rr_new) & active
+        nonfinite |= bad_new
+        active = active & ~bad_new
+        beta = torch.where(active, rr_new / torch.where(active, rr, 1), 0)
+        ops.cg_direction_(p, r, beta)
+        n_iters += active.to(torch.int64)
+        rr = torch.where(active, rr_new, rr)
+        alphas.append(alpha)
+        betas.append(beta)
+
+    res_norm = rr.sqrt()
+    stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0), x.new_zeros(0))
+    result = SolveResult(
+        x=prob.to_user(x), iters=n_iters, residual_norm=res_norm, b_norm=bb.sqrt(),
+        converged=(rr <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
+        alphas=stacked[0], betas=stacked[1], method="cg", tolerance_requested=use_tol,
+    )
+    return result.check() if strict else result
+
+
+def cg_layerwise_solve(
+    matvec: Callable[[Vector], Vector],
+    b: Vector,
+    *,
+    iters: int,
+    damping: float = 0.0,
+    scale: float = 1.0,
+    segments: Tensor | None = None,
+    strict: bool = False,
+) -> SolveResult:
+    """Layer-wise CG, the BiSSL reference's default: per-tensor α, β; one joint matvec per iteration.
+
+    Each parameter tensor ``i`` runs its own CG recurrences on its block of the residual while the
+    matvec couples all blocks. Only the *global* ``pᵀAp ≤ 0`` is negative curvature; a single
+    block's ``p_iᵀ(Ap)_i`` may be negative for a positive definite ``A`` (the method's known flaw),
+    and such a block just skips the step (the reference's tiny-denominator guard).
+
+    Args:
+        matvec, b, iters, damping, scale, strict: as :func:`cg_solve` (fixed iterations only).
+        segments: ``(P,)`` int64 block index of each scalar when ``b`` is flat (default: a single
+            block, i.e. global CG); ignored for a dict ``b`` (one block per tensor).
+
+    Returns:
+        :class:`~bissl.solvers.SolveResult`; ``alphas``/``betas`` are ``(iters, n_blocks)``.
+        ``residual_norm`` is the one the block recursion tracks; because the per-block steps do not
+        commute with the coupled ``A`` it is *not* ``‖b − A x‖`` (compute that if you need it).
+    """
+    _check_iters(iters, "cg_layerwise_solve")
+    prob = flat_problem(matvec, b, scale, damping, "cg_layerwise_solve")
+    if prob.spec is not None:
+        seg = prob.spec.segment_ids()
+    elif segments is not None:
+        if segments.shape != prob.b.shape or segments.dtype != torch.int64:
+            raise ValueError("cg_layerwise_solve: segments must be an int64 tensor shaped like b")
+        seg = segments.to(prob.b.device)
+    else:
+        seg = torch.zeros_like(prob.b, dtype=torch.int64)
+    n_blocks = int(seg.max()) + 1 if seg.numel() else 1
+
+    def block_dot(u: Tensor, v: Tensor) -> Tensor:
+        return torch.zeros(n_blocks, dtype=u.dtype, device=u.device).index_add_(0, seg, u * v)
+
+    x = torch.zeros_like(prob.b)
+    r = prob.b.clone()
+    p = r.clone()
+    rr = block_dot(r, r)
+    bb = rr.sum()
+    tol2 = _tolerance2(bb, None, 0.0)
+    guard = tiny(x.dtype)
+    zero = torch.zeros((), dtype=torch.bool, device=x.device)
+    negative, nonfinite = zero.clone(), zero.clone()
+    n_iters = torch.zeros((), dtype=torch.int64, device=x.device)
+    alphas, betas = [], []
+    for _ in range(iters):
+        ap = prob.matvec(p) * prob.scale + prob.shift * p
+        pap = block_dot(p, ap)
+        bad = ~torch.isfinite(pap).all() | ~torch.isfinite(rr).all()
+        nonfinite |= bad
+        negative |= (pap.sum() <= 0) & (rr.sum() > tol2) & ~bad
+        step = (rr > tol2 / n_blocks) & (pap.abs() > guard) & ~nonfinite
+        alpha = torch.where(step, rr / torch.where(step, pap, 1), 0)
+        x.add_(alpha[seg] * p)
+        r.sub_(alpha[seg] * ap)
+        rr_new = block_dot(r, r)
+        beta = torch.where(step, rr_new / torch.where(step, rr, 1), 0)
+        p.mul_(beta[seg]).add_(r)
+        n_iters += step.any().to(torch.int64)
+        rr = torch.where(step, rr_new, rr)
+        alphas.append(alpha)
+        betas.append(beta)
+    total = rr.sum()
+    stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks))
+    result = SolveResult(
+        x=prob.to_user(x), iters=n_iters, residual_norm=total.sqrt(), b_norm=bb.sqrt(),
+        converged=(total <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
+        alphas=stacked[0], betas=stacked[1], method="cg_layerwise",
+    )
+    return result.check() if strict else result

@@ -1,0 +1,49 @@
+"""Pretext (self-supervised) tasks: ``build_pretext(name, backbone=..., feat_dim=...)``.
+
+Every pretext module exposes ``loss(encode, v1, v2) -> scalar`` (``encode`` maps images to
+backbone features, e.g. ``lambda x: torch.func.functional_call(backbone, theta, (x,))``),
+``update_target(backbone_params, momentum=None)`` and ``reset_target(backbone)`` (no-ops for
+SimCLR) and ``online_parameters()`` (the trainable head parameters).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from bissl.tasks.pretext.byol import BYOL, byol_loss
+from bissl.tasks.pretext.heads import mlp_head
+from bissl.tasks.pretext.simclr import SimCLR, nt_xent
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "byol": lambda backbone, feat_dim, **kw: BYOL(backbone, feat_dim, **kw),
+    "simclr": lambda backbone, feat_dim, **kw: SimCLR(feat_dim, **kw),
+}
+_CLASSES = {"byol": BYOL, "simclr": SimCLR}
+#: Names accepted by :func:`build_pretext`.
+PRETEXTS: tuple[str, ...] = tuple(sorted(_BUILDERS))
+
+
+def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: Any) -> nn.Module:
+    """Build a pretext task by name.
+
+    Args:
+        name: ``"simclr"`` (kwargs: ``proj_dims``, ``temperature``) or ``"byol"`` (kwargs:
+            ``proj_dims``, ``pred_hidden``, ``momentum``).
+        backbone: the online backbone (BYOL copies it into its target; SimCLR ignores it).
+        feat_dim: backbone output features (``backbone.out_dim``).
+
+    Raises:
+        ValueError: unknown name (the message lists valid names) or an option the task does not take.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown pretext task {name!r}; valid names: {', '.join(PRETEXTS)}")
+    accepted = set(inspect.signature(_CLASSES[name]).parameters) - {"backbone", "feat_dim"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"pretext {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}")
+    return _BUILDERS[name](backbone, feat_dim, **kwargs)
+
+
+__all__ = ["BYOL", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head", "nt_xent"]

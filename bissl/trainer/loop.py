@@ -1,0 +1,189 @@
+"""The generic phase loop: steps, logging, non-finite checks, checkpoints and resume.
+
+A *phase* is one part of the pipeline (pretext pretraining, the BiSSL stage, one fine-tuning run)
+expressed as a fixed number of optimizer steps. :func:`run_phase` drives any :class:`Phase`:
+
+* it resumes from ``<ckpt_dir>/<name>.pt`` when that exists (model, optimizer, scheduler, data
+  order, generator and global RNG states, step counter, metrics-file offset), or skips the phase
+  entirely when ``<name>.done.pt`` holds its result;
+* it writes a checkpoint before the first step, every ``checkpoint_every`` steps, and the result
+  at the end, each atomically (:mod:`bissl.trainer.checkpoint`);
+* it raises :class:`NonFiniteLossError` naming the phase and step when a logged loss is NaN/Inf.
+"""
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bissl.trainer.checkpoint import load_checkpoint, save_atomic
+from bissl.trainer.metrics import MetricsLog, is_finite, progress_bar
+from bissl.trainer.rng import capture_global_rng, restore_global_rng
+
+CHECKPOINT_FORMAT = 1
+#: Exit status of ``debug.stop_mode: exit`` (EX_TEMPFAIL: "try again", i.e. resume).
+STOP_EXIT_CODE = 75
+_LOSS_COLUMNS = ("loss", "loss_theta", "prox", "val_loss")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or Inf; the message names the phase, the kind of step and its number."""
+
+
+class RunInterrupted(RuntimeError):
+    """Raised by the ``debug.stop_after_steps`` fault injection (tests of resume)."""
+
+
+@dataclass
+class StepBudget:
+    """Counts optimizer steps done in this process, for ``debug.stop_after_steps``."""
+
+    stop_after: int | None = None
+    mode: str = "raise"
+    done: int = 0
+
+    def count(self) -> None:
+        self.done += 1
+        if self.stop_after is not None and self.done >= self.stop_after:
+            if self.mode == "exit":
+                os._exit(STOP_EXIT_CODE)  # like a kill: no cleanup, no flushing
+            raise RunInterrupted(f"debug.stop_after_steps={self.stop_after} reached")
+
+
+@dataclass
+class RunContext:
+    """What every phase of one seed shares: where to write, how often, the step budget."""
+
+    seed: int
+    device: torch.device
+    ckpt_dir: Path
+    metrics: MetricsLog
+    checkpoint_every: int = 200
+    log_every: int = 1
+    progress: bool = False
+    budget: StepBudget = field(default_factory=StepBudget)
+
+
+class Phase(ABC):
+    """One part of the pipeline as ``total_steps`` optimizer steps.
+
+    Subclasses build their modules in ``__init__`` (deterministically: the caller seeds the global
+    RNG first), implement :meth:`step`, and list every piece of mutable state in
+    :meth:`state_dict` so that ``load_state_dict(state_dict())`` continues identically.
+    """
+
+    name: str = "phase"
+
+    def __init__(self, total_steps: int) -> None:
+        if total_steps < 0:
+            raise ValueError(f"{type(self).__name__}: total_steps must be >= 0, got {total_steps}")
+        self.total_steps = total_steps
+        self.step_idx = 0
+
+    @abstractmethod
+    def step(self) -> list[dict[str, Any]]:
+        """Run optimizer step ``step_idx + 1`` and advance ``step_idx``.
+
+        Returns:
+            Metrics rows (column -> float, 0-dim tensor or str); ``part`` is required. A row with
+            ``always_log=True`` is written even between ``log_every`` steps (evaluations, CG).
+        """
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """All mutable state except ``step_idx`` and the global RNG (saved by :func:`run_phase`)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+    @abstractmethod
+    def result(self) -> dict[str, Any]:
+        """What later phases need (e.g. backbone weights) and final metrics; saved when done."""
+
+    def describe_step(self, step: int) -> str:
+        """Human description of step ``step`` (1-based) for error messages."""
+        return f"step {step}"
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def _save_checkpoint(phase: Phase, ctx: RunContext, path: Path) -> None:
+    save_atomic({
+        "format": CHECKPOINT_FORMAT,
+        "phase": phase.name,
+        "step_idx": phase.step_idx,
+        "state": phase.state_dict(),
+        "rng": capture_global_rng(),
+        "metrics_offset": ctx.metrics.offset(),
+    }, path)
+
+
+def run_phase(phase: Phase, ctx: RunContext) -> dict[str, Any]:
+    """Run (or resume, or skip) ``phase`` and return its :meth:`Phase.result`.
+
+    Raises:
+        NonFiniteLossError: a logged loss is NaN or Inf.
+        RunInterrupted: the debug step budget ran out.
+    """
+    ckpt_path = ctx.ckpt_dir / f"{phase.name}.pt"
+    done_path = ctx.ckpt_dir / f"{phase.name}.done.pt"
+    if done_path.exists():
+        return load_checkpoint(done_path)["result"]
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
+            raise ValueError(f"{ckpt_path} is not a checkpoint of phase {phase.name!r} "
+                             f"(format {state.get('format')}, phase {state.get('phase')!r})")
+        phase.load_state_dict(state["state"])
+        phase.step_idx = state["step_idx"]
+        restore_global_rng(state["rng"])
+        ctx.metrics.truncate(state["metrics_offset"])
+    else:
+        # A checkpoint before any row is logged: whatever this phase logs can always be rolled back.
+        _save_checkpoint(phase, ctx, ckpt_path)
+
+    start = time.perf_counter()
+    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx, ctx.progress)
+    try:
+        while phase.step_idx < phase.total_steps:
+            rows = phase.step()
+            step = phase.step_idx
+            periodic = step % ctx.log_every == 0 or step == phase.total_steps
+            for row in rows:
+                if not (periodic or row.pop("always_log", False)):
+                    continue
+                row.pop("always_log", None)
+                row = {k: _to_python(v) for k, v in row.items()}
+                for col in _LOSS_COLUMNS:
+                    if not is_finite(row.get(col)):
+                        raise NonFiniteLossError(
+                            f"non-finite {col} ({row[col]}) in phase '{phase.name}' at "
+                            f"{phase.describe_step(step)} (seed {ctx.seed}); fix the config and "
+                            f"resume from the last checkpoint"
+                        )
+                ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
+                                 "wall_s": round(time.perf_counter() - start, 3), **row})
+                if row.get("loss") is not None:
+                    bar.set_postfix_str(f"{row['part']} loss {row['loss']:.4g}", refresh=False)
+            bar.update(1)
+            if step % ctx.checkpoint_every == 0 and step < phase.total_steps:
+                _save_checkpoint(phase, ctx, ckpt_path)
+            ctx.budget.count()
+    finally:
+        bar.close()
+    result = phase.result()
+    save_atomic({"format": CHECKPOINT_FORMAT, "phase": phase.name, "result": result,
+                 "metrics_offset": ctx.metrics.offset()}, done_path)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return result

@@ -1,0 +1,124 @@
+"""Metrics CSV (one row per logged step) and progress bars.
+
+Columns are fixed so every phase writes the same file; cells a phase does not produce stay empty:
+
+* ``seed, phase, part, step, round``: where the row comes from. ``phase`` is the pipeline phase
+  (``pretext``, ``bissl``, ``pretext_matched``, ``finetune_bissl``, ``finetune_baseline``),
+  ``part`` the kind of step (``pretext``, ``warmup``, ``lower``, ``upper``, ``train``, ``eval``),
+  ``step`` the phase's 1-based optimizer step, ``round`` the epoch (or the BiSSL training stage).
+* ``loss``: the step's loss: L_P (pretext, lower), L_D(φ, ψ_D) (warm-up, upper), L_D (fine-tuning).
+* ``loss_theta``: upper steps: L_D(θ, ψ_D), the downstream loss at the lower backbone.
+* ``prox``: lower steps: (λ/2)‖θ − φ‖².
+* ``lr``, ``grad_norm`` (before clipping).
+* ``cg_iters, cg_residual, cg_converged, cg_negative_curvature, cg_nonfinite``: the inverse-HVP
+  solver's diagnostics on upper steps.
+* ``val_loss, val_acc``: evaluation rows.
+* ``wall_s``: seconds since the phase (re)started in this process.
+
+A checkpoint records the file size (:meth:`MetricsLog.offset`); resuming truncates the file back
+to it, so rows of steps that are re-run after a crash are not duplicated.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm.auto import tqdm
+
+COLUMNS = (
+    "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lr", "grad_norm",
+    "cg_iters", "cg_residual", "cg_converged", "cg_negative_curvature", "cg_nonfinite",
+    "val_loss", "val_acc", "wall_s",
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)  # shortest round-tripping form: resumed and uninterrupted runs compare exactly
+    return str(value)
+
+
+class MetricsLog:
+    """Append-only CSV with the fixed :data:`COLUMNS`.
+
+    Args:
+        path: the CSV file (created with a header when missing or empty).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", newline="")
+        if self._file.tell() == 0:
+            self._file.write(",".join(COLUMNS) + "\n")
+            self._file.flush()
+        self._writer = csv.writer(self._file, lineterminator="\n")
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Append one row; keys must be in :data:`COLUMNS`."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"MetricsLog: unknown columns {sorted(unknown)}")
+        self._writer.writerow([_cell(row.get(c)) for c in COLUMNS])
+
+    def offset(self) -> int:
+        """Flush and return the current file size in bytes."""
+        self._file.flush()
+        return self._file.tell()
+
+    def truncate(self, offset: int) -> None:
+        """Drop everything after byte ``offset`` (rows logged after the checkpoint being resumed)."""
+        self._file.flush()
+        size = self.path.stat().st_size
+        if offset > size:
+            raise ValueError(f"{self.path} has {size} bytes, the checkpoint expects at least {offset}")
+        self._file.close()
+        os.truncate(self.path, offset)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics CSV; numeric cells as float, empty cells as None."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for key, text in raw.items():
+                if text == "" or text is None:
+                    row[key] = None
+                elif key in ("phase", "part"):
+                    row[key] = text
+                else:
+                    try:
+                        row[key] = float(text)
+                    except ValueError:
+                        row[key] = text
+            rows.append(row)
+    return rows
+
+
+def is_finite(value: Any) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))
+
+
+def progress_enabled(quiet: bool) -> bool:
+    """Progress bars only on an interactive terminal and when not ``quiet``."""
+    return not quiet and sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str, initial: int, enabled: bool) -> tqdm:
+    """A tqdm bar on stderr (a no-op object when disabled)."""
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False,
+                dynamic_ncols=True, file=sys.stderr)

@@ -34,8 +34,10 @@ test-fast: install
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-$$(hostname).json
 
+# Compile-only check of csrc/cuda (nvcc -c for sm_90 and compute_75 PTX; the torch binding is
+# type-checked with the venv's torch headers when the venv exists). Needs nvcc, not a GPU.
 cuda-check:
-	@bash csrc/cuda/compile_check.sh
+	@PYTHON=$(PY) bash csrc/cuda/compile_check.sh
 
 clean:
 	rm -rf build *.egg-info bissl/_C*.so

@@ -121,7 +121,10 @@ class RunConfig:
     device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
                        lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
                        else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    num_threads: Optional[int] = _opt(None, "torch CPU threads (default: torch's choice)", _ge(1))
+    num_threads: Optional[int] = _opt(None, "torch CPU threads per process (default: torch's "
+                                            "choice; with workers > 1: cores // workers)", _ge(1))
+    workers: int = _opt(1, "seeds run in parallel processes (on CPU, 2 one-thread processes beat "
+                           "one two-thread process on small models)", _ge(1))
     checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (and at phase ends)",
                                  _ge(1))
     log_every: int = _opt(1, "write a metrics row every N steps (CG diagnostics: every upper step)",
@@ -161,10 +164,14 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    """Two-view augmentation (BYOL-style asymmetric pair)."""
+    """Two-view augmentation (BYOL-style asymmetric pair, :class:`bissl.tasks.TwoViewAugment`)."""
 
-    preset: str = _opt("byol", "augmentation preset of bissl.tasks.augment ('byol'; 'tiny' for 8x8)")
-    options: dict[str, Any] = _opt({}, "keyword overrides of the preset's parameters")
+    preset: Literal["auto", "byol", "tiny"] = _opt(
+        "auto", "'byol' (the reference: crop (0.08, 1), flip, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, "
+                "grayscale 0.2, blur p 1.0/0.1, solarize 0/0.2), 'tiny' (for <= 16 px images), "
+                "'auto' (tiny for <= 16 px, else byol)")
+    view1: dict[str, Any] = _opt({}, "overrides of view 1's ViewConfig fields (e.g. blur_p: 0.5)")
+    view2: dict[str, Any] = _opt({}, "overrides of view 2's ViewConfig fields")
 
 
 @dataclass
@@ -226,7 +233,8 @@ class BisslConfig:
     cg_iters: int = _opt(5, "iterations of the inverse-HVP solver", _ge(0))
     solver: Literal["cg", "cg_layerwise", "neumann", "identity"] = _opt(
         "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code)")
-    hvp_mode: Optional[str] = _opt(None, "HVP mode of bissl.ops.hvp (default: the core's)")
+    hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd"]] = _opt(
+        None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev')")
     hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
                                                "(default: lower.batch_size)", _ge(2))
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
@@ -249,8 +257,9 @@ class FinetuneConfig:
     momentum: float = _opt(0.9, "SGD momentum", _in01(open_hi=True))
     final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
     head: Literal["linear", "mlp"] = _opt("linear", "downstream head")
-    augment: Optional[str] = _opt(None, "single-view augmentation preset during fine-tuning "
-                                        "(default: none)")
+    augment: Literal["none", "crop"] = _opt(
+        "none", "fine-tuning (and upper-step) augmentation: 'none', or 'crop': the pretext "
+                "preset's random resized crop and flip, no colour changes")
     eval_every_epochs: int = _opt(1, "evaluate on val every N epochs (and after the last)", _ge(1))
 
 

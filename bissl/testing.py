@@ -137,3 +137,85 @@ def dense_hessian(loss_fn: LossFn, params: Params) -> Tensor:
 
     with batchnorm_stats_frozen():
         return torch.autograd.functional.hessian(flat_loss, flatten(params).detach(), vectorize=False)
+
+
+class TinyTransformer(nn.Module):
+    """A pre-norm causal transformer encoder with explicit attention (every HVP mode works).
+
+    ``(B, T)`` token ids -> ``(B, T, dim)`` features. Attention is written with ``matmul`` and
+    ``softmax`` rather than fused SDPA kernels, which lack forward-mode AD rules.
+    """
+
+    def __init__(self, vocab: int = 64, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 32):
+        super().__init__()
+        self.heads, self.out_dim = heads, dim
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq, dim))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({
+                "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+                "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
+            }) for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        h = self.embed(tokens) + self.pos[:t]
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+            att = att.masked_fill(mask, float("-inf")).softmax(-1)
+            h = h + blk["proj"]((att @ v).transpose(1, 2).reshape(b, t, -1))
+            h = h + blk["fc2"](F.gelu(blk["fc1"](blk["ln2"](h))))
+        return self.ln_f(h)
+
+
+def transformer_problem(*, batch: int = 8, seq: int = 32, vocab: int = 64, dim: int = 64, layers: int = 2,
+                        dtype: torch.dtype = torch.float32, seed: int = 0) -> BilevelProblem:
+    """GPT-style bilevel problem: next-token loss (lower) and sequence classification (upper)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = TinyTransformer(vocab, dim, 4, layers, seq).to(dtype)
+    lm_head = nn.Linear(dim, vocab).to(dtype)
+    head = nn.Linear(dim, 2).to(dtype)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    y = torch.randint(0, 2, (batch,), generator=g)
+
+    def lower_loss(params: Params) -> Tensor:
+        h = functional_call(backbone, params, (tokens[:, :-1],))
+        return F.cross_entropy(lm_head(h).reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+
+    def upper_loss(params: Params) -> Tensor:
+        return F.cross_entropy(head(functional_call(backbone, params, (tokens,)).mean(1)), y)
+
+    params = {k: p.detach().clone() for k, p in backbone.named_parameters()}
+    return BilevelProblem(backbone, params, lower_loss, upper_loss, {"lm_head": lm_head, "head": head})
+
+
+def reference_cnn(width: int = 32) -> nn.Module:
+    """The ~1 M-parameter conv-BN-ReLU CNN of ``shared/REFERENCE.md``'s CPU measurements."""
+    chans = [3, width, 2 * width, 4 * width, 4 * width, 8 * width]
+    strides = [1, 2, 2, 1, 2]
+    layers: list[nn.Module] = []
+    for c_in, c_out, s in zip(chans[:-1], chans[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, s, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.out_dim = chans[-1]
+    return net
+
+
+def named_problem(name: str, *, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> BilevelProblem:
+    """Benchmark problems by name: ``"reference_cnn"`` (32×32), ``"resnet18"`` (32×32, small-input
+    stem), ``"transformer"`` (sequence 32)."""
+    if name == "reference_cnn":
+        net = reference_cnn(48)
+        return module_problem(net, feat=net.out_dim, batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
+    if name == "resnet18":
+        from bissl.models import build_backbone
+        net = build_backbone("resnet18", in_channels=3, small_input=True)
+        return module_problem(net, feat=net.out_dim, batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
+    if name == "transformer":
+        return transformer_problem(batch=batch, dtype=dtype, seed=seed)
+    raise ValueError(f"unknown problem {name!r}; choose reference_cnn, resnet18 or transformer")

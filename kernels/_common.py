@@ -33,6 +33,17 @@ def elementwise_configs() -> list[triton.Config]:
     ]
 
 
+def reduction_configs() -> list[triton.Config]:
+    """Autotune candidates of the chunked reductions (``BLOCK`` divides every chunk).
+
+    Under the interpreter ``BLOCK`` is a quarter of the smallest chunk so the tests run the
+    in-program loop over several blocks, as compiled kernels do at large sizes.
+    """
+    if INTERPRET:
+        return [triton.Config({"BLOCK": MIN_CHUNK // 4}, num_warps=4)]
+    return elementwise_configs()
+
+
 #: Smallest and largest reduction chunk per program (powers of two, >= the largest BLOCK).
 MIN_CHUNK, MAX_CHUNK = 4096, 65536
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from bissl.kernels._checks import check_flat_vectors, check_step_size
 from bissl.kernels._common import (
-    elementwise_configs,
+    reduction_configs,
     partials_buffer,
     reduction_chunk,
     scalar_on_device,
@@ -19,7 +19,7 @@ from bissl.kernels._common import (
 )
 
 
-@triton.autotune(configs=elementwise_configs(), key=["n", "CHUNK"], restore_value=["x_ptr", "r_ptr"])
+@triton.autotune(configs=reduction_configs(), key=["n", "CHUNK"], restore_value=["x_ptr", "r_ptr"])
 @triton.jit
 def _cg_step_kernel(
     x_ptr, r_ptr, p_ptr, ap_ptr, alpha_ptr, partial_ptr, n,

@@ -12,10 +12,10 @@ import triton.language as tl
 from torch import Tensor
 
 from bissl.kernels._checks import check_flat_vectors
-from bissl.kernels._common import elementwise_configs, partials_buffer, reduction_chunk, sum_partials
+from bissl.kernels._common import partials_buffer, reduction_chunk, reduction_configs, sum_partials
 
 
-@triton.autotune(configs=elementwise_configs(), key=["n", "CHUNK"])
+@triton.autotune(configs=reduction_configs(), key=["n", "CHUNK"])
 @triton.jit
 def _damped_matvec_kernel(
     hv_ptr, v_ptr, av_ptr, partial_ptr,

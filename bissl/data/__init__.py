@@ -1,4 +1,5 @@
 """Offline labelled image datasets (``load_dataset``) and their split container."""
+
 from __future__ import annotations
 
 from bissl.data.datasets import DATASETS, load_dataset

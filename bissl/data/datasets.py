@@ -22,6 +22,7 @@ Provenance (nothing is ever downloaded):
 All splits are normalised with the training split's per-channel mean/std (``DatasetSplits.mean``
 and ``.std`` keep them). See :mod:`bissl.data.splits` for the exact split rule.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,18 +40,24 @@ _GRAYSCALE_MODES = ("1", "L", "I", "I;16", "F")
 
 
 def _to_tensor_images(x: np.ndarray, key: str) -> Tensor:
-    """``uint8 (N,H,W[,C])`` or float ``(N,[C,]H,W)`` array -> float32 ``(N, C, H, W)`` on [0, 1]."""
+    """``uint8 (N,H,W[,C])`` or float ``(N,[C,]H,W)`` -> float32 ``(N, C, H, W)`` on [0, 1]."""
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
-            raise ValueError(f"{key}: uint8 images must be (N, H, W, C) or (N, H, W), got shape {x.shape}")
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+            raise ValueError(
+                f"{key}: uint8 images must be (N, H, W, C) or (N, H, W), got shape {x.shape}"
+            )
+        return (
+            torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        )
     if np.issubdtype(x.dtype, np.floating):
         if x.ndim == 3:
             x = x[:, None]
         if x.ndim != 4:
-            raise ValueError(f"{key}: float images must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+            raise ValueError(
+                f"{key}: float images must be (N, C, H, W) or (N, H, W), got shape {x.shape}"
+            )
         if not np.isfinite(x).all():
             raise ValueError(f"{key}: float images contain NaN or Inf")
         return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
@@ -77,12 +84,18 @@ def _square(x: Tensor, image_size: int | None, what: str) -> Tensor:
 
 
 def _fill_missing_splits(
-    x_train: Tensor, y_train: Tensor,
-    val: tuple[Tensor, Tensor] | None, test: tuple[Tensor, Tensor] | None,
-    val_fraction: float, test_fraction: float, seed: int,
+    x_train: Tensor,
+    y_train: Tensor,
+    val: tuple[Tensor, Tensor] | None,
+    test: tuple[Tensor, Tensor] | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Carve the missing val/test splits out of the training pool (stratified, exact sizes)."""
-    fractions = ([] if val is not None else [val_fraction]) + ([] if test is not None else [test_fraction])
+    fractions = ([] if val is not None else [val_fraction]) + (
+        [] if test is not None else [test_fraction]
+    )
     if fractions:
         rest, *parts = stratified_split(y_train.numpy(), fractions, seed=seed)
         carved = [(x_train[torch.from_numpy(i)], y_train[torch.from_numpy(i)]) for i in parts]
@@ -94,8 +107,9 @@ def _fill_missing_splits(
     return x_train, y_train, val[0], val[1], test[0], test[1]
 
 
-def _load_digits(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-                 image_size: int | None) -> DatasetSplits:
+def _load_digits(
+    root: str | None, val_fraction: float, test_fraction: float, seed: int, image_size: int | None
+) -> DatasetSplits:
     if root is not None:
         raise ValueError("dataset 'digits' is built into scikit-learn and takes no root path")
     from sklearn.datasets import load_digits
@@ -109,8 +123,9 @@ def _load_digits(root: str | None, val_fraction: float, test_fraction: float, se
     return build_splits("digits", *splits, num_classes=10, class_names=[str(d) for d in range(10)])
 
 
-def _load_npz(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-              image_size: int | None) -> DatasetSplits:
+def _load_npz(
+    root: str | None, val_fraction: float, test_fraction: float, seed: int, image_size: int | None
+) -> DatasetSplits:
     if root is None:
         raise ValueError("dataset 'npz' needs root= the path of an .npz file")
     if not os.path.isfile(root):
@@ -119,10 +134,14 @@ def _load_npz(root: str | None, val_fraction: float, test_fraction: float, seed:
         keys = set(arrays.files)
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
         if missing:
-            raise ValueError(f"{root}: missing arrays {missing}; found {sorted(keys)} "
-                             "(need x_train, y_train, x_test, y_test; optional x_val, y_val)")
+            raise ValueError(
+                f"{root}: missing arrays {missing}; found {sorted(keys)} "
+                "(need x_train, y_train, x_test, y_test; optional x_val, y_val)"
+            )
         if ("x_val" in keys) != ("y_val" in keys):
-            raise ValueError(f"{root}: x_val and y_val must be given together, found {sorted(keys)}")
+            raise ValueError(
+                f"{root}: x_val and y_val must be given together, found {sorted(keys)}"
+            )
         loaded = {}
         for split in ("train", "val", "test"):
             if f"x_{split}" not in keys:
@@ -139,19 +158,24 @@ def _load_npz(root: str | None, val_fraction: float, test_fraction: float, seed:
     num_classes = 1 + max(int(y.max()) for _, y in loaded.values() if y.numel())
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{root}: {len(class_names)} class_names for {num_classes} classes")
-    splits = _fill_missing_splits(*loaded["train"], loaded.get("val"), loaded["test"],
-                                  val_fraction, test_fraction, seed)
+    splits = _fill_missing_splits(
+        *loaded["train"], loaded.get("val"), loaded["test"], val_fraction, test_fraction, seed
+    )
     return build_splits("npz", *splits, num_classes=num_classes, class_names=class_names)
 
 
-def _list_images(split_dir: str, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+def _list_images(
+    split_dir: str, class_names: list[str] | None
+) -> tuple[list[str], list[int], list[str]]:
     """Files and labels under ``split_dir/<class>/``; classes from the dir unless given."""
     found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if class_names is None:
         class_names = found
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(f"{split_dir}: classes {unknown} do not appear in the train split {class_names}")
+        raise ValueError(
+            f"{split_dir}: classes {unknown} do not appear in the train split {class_names}"
+        )
     paths, labels = [], []
     for label, cls in enumerate(class_names):
         cls_dir = os.path.join(split_dir, cls)
@@ -162,7 +186,9 @@ def _list_images(split_dir: str, class_names: list[str] | None) -> tuple[list[st
                 paths.append(os.path.join(cls_dir, fname))
                 labels.append(label)
     if not paths:
-        raise ValueError(f"{split_dir}: no {'/'.join(IMAGE_SUFFIXES)} images in class sub-directories")
+        raise ValueError(
+            f"{split_dir}: no {'/'.join(IMAGE_SUFFIXES)} images in class sub-directories"
+        )
     return paths, labels, class_names
 
 
@@ -179,21 +205,26 @@ def _read_images(paths: list[str], grayscale: bool, image_size: int | None) -> T
             arrays.append(np.asarray(img, dtype=np.uint8))
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
-        raise ValueError(f"images have sizes {sizes[:5]} (H, W); pass image_size to resize them "
-                         "to one square size")
+        raise ValueError(
+            f"images have sizes {sizes[:5]} (H, W); pass image_size to resize them "
+            "to one square size"
+        )
     return _to_tensor_images(np.stack(arrays), "imagefolder")
 
 
-def _load_imagefolder(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-                      image_size: int | None) -> DatasetSplits:
+def _load_imagefolder(
+    root: str | None, val_fraction: float, test_fraction: float, seed: int, image_size: int | None
+) -> DatasetSplits:
     from PIL import Image
 
     if root is None:
         raise ValueError("dataset 'imagefolder' needs root= a directory with train/<class>/ images")
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
-        raise FileNotFoundError(f"dataset 'imagefolder': no directory {train_dir!r} "
-                                "(expected root/train/<class>/*.png|jpg)")
+        raise FileNotFoundError(
+            f"dataset 'imagefolder': no directory {train_dir!r} "
+            "(expected root/train/<class>/*.png|jpg)"
+        )
     listed = {}
     paths, labels, class_names = _list_images(train_dir, None)
     listed["train"] = (paths, labels)
@@ -212,15 +243,21 @@ def _load_imagefolder(root: str | None, val_fraction: float, test_fraction: floa
                     break
         if not grayscale:
             break
-    loaded = {split: (_read_images(p, grayscale, image_size), torch.tensor(lab, dtype=torch.int64))
-              for split, (p, lab) in listed.items()}
+    loaded = {
+        split: (_read_images(p, grayscale, image_size), torch.tensor(lab, dtype=torch.int64))
+        for split, (p, lab) in listed.items()
+    }
     shapes = {split: tuple(x.shape[1:]) for split, (x, _) in loaded.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"{root}: image shapes (C, H, W) differ between splits: {shapes}; "
-                         "pass image_size")
-    splits = _fill_missing_splits(*loaded["train"], loaded.get("val"), loaded.get("test"),
-                                  val_fraction, test_fraction, seed)
-    return build_splits("imagefolder", *splits, num_classes=len(class_names), class_names=class_names)
+        raise ValueError(
+            f"{root}: image shapes (C, H, W) differ between splits: {shapes}; pass image_size"
+        )
+    splits = _fill_missing_splits(
+        *loaded["train"], loaded.get("val"), loaded.get("test"), val_fraction, test_fraction, seed
+    )
+    return build_splits(
+        "imagefolder", *splits, num_classes=len(class_names), class_names=class_names
+    )
 
 
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {

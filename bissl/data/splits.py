@@ -6,9 +6,10 @@ in proportion to the class sizes by the largest-remainder method, so every part 
 within one sample per class. Within a class the samples are shuffled with
 ``numpy.random.default_rng(seed)``; the same labels and seed always give the same indices.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +25,8 @@ class DatasetSplits:
 
     Attributes:
         train, val, test: ``TensorDataset`` of ``(x, y)``; ``x`` float32 ``(N, C, H, W)`` normalised
-            with the train split's per-channel mean/std, ``y`` int64 ``(N,)`` in ``[0, num_classes)``.
+            with the train split's per-channel mean/std; ``y`` int64 ``(N,)`` in
+            ``[0, num_classes)``.
         num_classes: number of classes.
         in_channels: ``C`` (1 for grayscale, 3 for RGB).
         image_size: ``H == W``.
@@ -42,8 +44,8 @@ class DatasetSplits:
     image_size: int
     name: str
     class_names: list[str] | None = None
-    mean: tuple[float, ...] = field(default=())
-    std: tuple[float, ...] = field(default=())
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -83,7 +85,9 @@ def stratified_split(
         if not 0.0 <= f < 1.0:
             raise ValueError(f"split fractions must lie in [0, 1), got {list(fractions)}")
     if sum(fractions) >= 1.0:
-        raise ValueError(f"split fractions must sum to < 1, got {list(fractions)} (sum {sum(fractions)})")
+        raise ValueError(
+            f"split fractions must sum to < 1, got {list(fractions)} (sum {sum(fractions)})"
+        )
     classes, inverse = np.unique(y, return_inverse=True)
     rng = np.random.default_rng(seed)
     members = [rng.permutation(np.flatnonzero(inverse == c)) for c in range(len(classes))]
@@ -93,10 +97,14 @@ def stratified_split(
     parts = []
     for f in fractions:
         # Each part is shared in proportion to what is still available per class, never more.
-        shares = np.minimum(_largest_remainder(int(round(n * f)), remaining), remaining.astype(np.int64))
-        parts.append(np.sort(np.concatenate(
-            [m[t:t + s] for m, t, s in zip(members, taken, shares)]
-        )).astype(np.int64))
+        shares = np.minimum(
+            _largest_remainder(int(round(n * f)), remaining), remaining.astype(np.int64)
+        )
+        parts.append(
+            np.sort(
+                np.concatenate([m[t : t + s] for m, t, s in zip(members, taken, shares)])
+            ).astype(np.int64)
+        )
         taken += shares
         remaining -= shares
     rest = np.sort(np.concatenate([m[t:] for m, t in zip(members, taken)])).astype(np.int64)
@@ -113,8 +121,9 @@ def resize_images(x: Tensor, image_size: int) -> Tensor:
         return x
     # antialias only matters when shrinking; it keeps downscaled images from aliasing.
     shrink = image_size < max(x.shape[-2:])
-    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
-                         antialias=shrink)
+    return F.interpolate(
+        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink
+    )
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +150,7 @@ def build_splits(
     num_classes: int,
     class_names: list[str] | None = None,
 ) -> DatasetSplits:
-    """Normalise ``[0, 1]``-scaled images with train statistics and pack them into ``DatasetSplits``.
+    """Normalise ``[0, 1]``-scaled images with train statistics; pack them as ``DatasetSplits``.
 
     Args:
         x_*: float ``(N, C, S, S)`` images on the ``[0, 1]`` scale.
@@ -151,7 +160,11 @@ def build_splits(
     shape = (1, -1, 1, 1)
 
     def norm(x: Tensor) -> Tensor:
-        return ((x.to(torch.float64) - mean.view(shape)) / std.view(shape)).to(torch.float32).contiguous()
+        return (
+            ((x.to(torch.float64) - mean.view(shape)) / std.view(shape))
+            .to(torch.float32)
+            .contiguous()
+        )
 
     def labels(y: Tensor) -> Tensor:
         return torch.as_tensor(y, dtype=torch.int64).reshape(-1)

@@ -1,7 +1,7 @@
 """Hypergradients: BiSSL's implicit (IFT) term and the reference-style loop used as a baseline."""
 from __future__ import annotations
 
-from bissl.hypergrad.implicit import implicit_hypergrad, upper_gradient
+from bissl.hypergrad.implicit import ON_INDEFINITE, implicit_hypergrad, upper_gradient
 from bissl.hypergrad.reference import reference_hypergrad
 
-__all__ = sorted(["implicit_hypergrad", "reference_hypergrad", "upper_gradient"])
+__all__ = sorted(["ON_INDEFINITE", "implicit_hypergrad", "reference_hypergrad", "upper_gradient"])

@@ -1,4 +1,5 @@
 """Backbones: feature extractors ``(B, C, H, W) -> (B, out_dim)`` with attribute ``out_dim``."""
+
 from __future__ import annotations
 
 from bissl.models.backbones import BACKBONES, build_backbone

@@ -1,4 +1,5 @@
 """``build_backbone(name, in_channels=..., **kwargs)``: every backbone by name."""
+
 from __future__ import annotations
 
 import inspect
@@ -36,5 +37,7 @@ def build_backbone(name: str, *, in_channels: int, **kwargs: Any) -> nn.Module:
     accepted = set(inspect.signature(builder).parameters) - {"in_channels"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"backbone {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}")
+        raise ValueError(
+            f"backbone {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}"
+        )
     return builder(in_channels=in_channels, **kwargs)

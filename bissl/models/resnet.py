@@ -8,6 +8,7 @@ the 1000-way classifier). ``small_input=True`` replaces the 7x7 stride-2 stem an
 a 3x3 stride-1 conv, the common choice for 32-96 px images (CIFAR, STL-10), where downsampling by
 4 before the first stage would throw away most of the resolution.
 """
+
 from __future__ import annotations
 
 from typing import Type, Union
@@ -151,13 +152,27 @@ class ResNet(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def resnet18(*, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False) -> ResNet:
+def resnet18(
+    *, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False
+) -> ResNet:
     """ResNet-18 backbone (BasicBlock, 2-2-2-2), 512 output features."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels=in_channels, small_input=small_input,
-                  zero_init_residual=zero_init_residual)
+    return ResNet(
+        BasicBlock,
+        (2, 2, 2, 2),
+        in_channels=in_channels,
+        small_input=small_input,
+        zero_init_residual=zero_init_residual,
+    )
 
 
-def resnet50(*, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False) -> ResNet:
+def resnet50(
+    *, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False
+) -> ResNet:
     """ResNet-50 backbone (Bottleneck, 3-4-6-3), 2048 output features."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels=in_channels, small_input=small_input,
-                  zero_init_residual=zero_init_residual)
+    return ResNet(
+        Bottleneck,
+        (3, 4, 6, 3),
+        in_channels=in_channels,
+        small_input=small_input,
+        zero_init_residual=zero_init_residual,
+    )

@@ -1,4 +1,5 @@
 """A small convolutional backbone for tiny images (the 8x8 digits demo)."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -32,7 +33,9 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, width: int = 32) -> None:
         super().__init__()
         if in_channels <= 0 or width <= 0:
-            raise ValueError(f"SmallCNN: in_channels and width must be positive, got {in_channels}, {width}")
+            raise ValueError(
+                f"SmallCNN: in_channels and width must be positive, got {in_channels}, {width}"
+            )
         self.features = nn.Sequential(
             _conv_bn_relu(in_channels, width),
             _conv_bn_relu(width, width),

@@ -6,11 +6,15 @@ vector ops with their backends.
 from __future__ import annotations
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
-from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
-from bissl.ops.fused import axpby, prox_grad
+from bissl.ops._backends import available_backends, backend_report
+from bissl.ops.flat import FlatSpec, flat_spec, flat_view, flatten, flatten_module_parameters_, unflatten
+from bissl.ops.fused import axpby, cg_direction_, cg_step_, damped_matvec, prox_grad
 from bissl.ops.hvp import HVP_MODES, LinearizedHVP, hvp, hvp_batched, linearize_hvp
 
 __all__ = sorted([
     "FlatSpec", "HVP_MODES", "LinearizedHVP", "axpby", "batchnorm_stats_frozen", "flat_spec",
     "flatten", "hvp", "hvp_batched", "linearize_hvp", "prox_grad", "unflatten",
+    # fused vector ops and their backends (kernels work)
+    "available_backends", "backend_report", "cg_direction_", "cg_step_", "damped_matvec",
+    "flat_view", "flatten_module_parameters_",
 ])

@@ -24,11 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from bissl.ops.batchnorm_double_backward import batch_norm_train
+
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
 class FrozenBatchNormStats(TorchFunctionMode):
-    """Context manager: train-mode BatchNorm uses batch statistics and never updates its buffers."""
+    """Context manager: train-mode BatchNorm uses batch statistics and never updates its buffers.
+
+    Args:
+        fast_double_backward: compute batch-statistics BatchNorm through
+            :func:`bissl.ops.batchnorm_double_backward.batch_norm_train`, whose second derivative
+            is cheaper (plain autograd only; not under ``torch.func`` transforms).
+    """
+
+    def __init__(self, fast_double_backward: bool = False):
+        super().__init__()
+        self.fast_double_backward = fast_double_backward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -40,6 +52,9 @@ class FrozenBatchNormStats(TorchFunctionMode):
                 bound["running_mean"] = None
                 bound["running_var"] = None
                 bound["training"] = True
+                if self.fast_double_backward and torch.is_grad_enabled():
+                    return batch_norm_train(bound["input"], bound.get("weight"), bound.get("bias"),
+                                            bound.get("eps", 1e-5))
             return func(**bound)
         if (
             func is torch.Tensor.add_
@@ -54,11 +69,11 @@ class FrozenBatchNormStats(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def batchnorm_stats_frozen() -> FrozenBatchNormStats:
+def batchnorm_stats_frozen(fast_double_backward: bool = False) -> FrozenBatchNormStats:
     """Return the context manager that applies the HVP BatchNorm policy (see module docstring).
 
     Example:
         >>> with batchnorm_stats_frozen():
         ...     loss = loss_fn(params)   # train-mode BN: batch stats, buffers untouched
     """
-    return FrozenBatchNormStats()
+    return FrozenBatchNormStats(fast_double_backward)

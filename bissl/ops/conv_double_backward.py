@@ -53,10 +53,11 @@ class _Conv2dBackward(torch.autograd.Function):
     """``(grad_out, x, w) -> (grad_x, grad_w, grad_b)``, differentiable once."""
 
     @staticmethod
-    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf):
+    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool):
         ctx.save_for_backward(go, x, w)
         ctx.conf = conf
-        gx, gw, gb = conf.backward(go, x, w, [True, True, conf.has_bias])
+        # Skip the kernels nobody needs (e.g. the input gradient of the first layer's images).
+        gx, gw, gb = conf.backward(go, x, w, [need_gx, need_gw, conf.has_bias])
         return gx, gw, gb
 
     @staticmethod
@@ -78,7 +79,7 @@ class _Conv2dBackward(torch.autograd.Function):
             d_x = conf.backward(go, x, ggw, [True, False, False])[0]
         if need_w and ggx is not None:
             d_w = conf.backward(go, ggx, w, [False, True, False])[1]
-        return d_go, d_x, d_w, None
+        return d_go, d_x, d_w, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
@@ -91,8 +92,9 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go: Tensor):
         x, w = ctx.saved_tensors
-        gx, gw, gb = _Conv2dBackward.apply(go.contiguous(), x, w, ctx.conf)
-        return gx, gw, gb, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = _Conv2dBackward.apply(go.contiguous(), x, w, ctx.conf, need_x, need_w)
+        return gx, gw, (gb if need_b else None), None
 
 
 class ConvFastDoubleBackward(TorchFunctionMode):

@@ -96,6 +96,8 @@ def flatten(params: ParamsLike, spec: FlatSpec | None = None) -> Tensor:
         raise ValueError(f"flatten: keys {list(params)[:4]}... do not match the spec's {list(spec.names)[:4]}...")
     if not any(t.requires_grad for t in params.values()):
         base = _views_of_one_buffer(params, spec)
+        if base is None:
+            base, _ = _one_storage_view(params, spec)
         if base is not None:
             return base
     return torch.cat([t.reshape(-1) for t in params.values()])
@@ -116,3 +118,81 @@ def flat_buffer_like(params: ParamsLike) -> tuple[Tensor, Params]:
     spec = flat_spec(params)
     buf = torch.zeros(spec.numel, dtype=spec.dtype, device=spec.device)
     return buf, unflatten(buf, spec)
+
+
+def _one_storage_view(params: ParamsLike, spec: FlatSpec) -> tuple[Tensor | None, str]:
+    """``(P,)`` tensor aliasing the storage ``params`` live in back to back, or (None, why not).
+
+    Unlike :func:`_views_of_one_buffer` this needs no autograd ``_base`` link, so it also finds
+    parameters re-pointed by :func:`flatten_module_parameters_` and their ``.detach()``-ed copies.
+    """
+    tensors = list(params.values())
+    first = tensors[0]
+    storage = first.untyped_storage()
+    start = first.storage_offset()
+    for name, t, off in zip(spec.names, tensors, spec.offsets[:-1]):
+        if t.numel() == 0:
+            continue  # an empty tensor occupies no bytes; its storage is irrelevant
+        if not t.is_contiguous():
+            return None, f"{name!r} is not contiguous, so it is not a piece of a flat buffer"
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != start + off:
+            return None, (
+                f"{name!r} is not at offset {off} of the buffer that {spec.names[0]!r} starts; the "
+                "tensors are not views of one flat buffer (use flatten() to copy them into one)"
+            )
+    flat = torch.empty(0, dtype=spec.dtype, device=spec.device)
+    return flat.set_(storage, start, (spec.numel,), (1,)), ""
+
+
+def flat_view(params: ParamsLike, spec: FlatSpec | None = None) -> Tensor:
+    """The ``(P,)`` buffer that ``params`` already live in, in order, without copying.
+
+    Unlike :func:`flatten` this never copies and never tracks autograd: the result aliases the
+    tensors' storage (``result.data_ptr() == first.data_ptr()``), so writing into it writes the
+    parameters. Use it for the parameters of a module prepared by
+    :func:`flatten_module_parameters_` (they ``require_grad``, where :func:`flatten` copies).
+
+    Raises:
+        ValueError: keys differ from ``spec``, or the tensors are not contiguous, in-order,
+            back-to-back pieces of one storage.
+    """
+    spec = spec or flat_spec(params)
+    if tuple(params.keys()) != spec.names:
+        raise ValueError(f"flat_view: keys {list(params)[:4]}... do not match the spec's {list(spec.names)[:4]}...")
+    flat, why_not = _one_storage_view(params, spec)
+    if flat is None:
+        raise ValueError(f"flat_view: {why_not}")
+    return flat
+
+
+def flatten_module_parameters_(module: torch.nn.Module) -> tuple[Tensor, FlatSpec]:
+    """Move every parameter of ``module`` into one flat buffer, in place; return ``(buffer, spec)``.
+
+    Each (de-duplicated: tied weights stay tied) parameter keeps its identity — optimizers and
+    hooks that hold it still work — but its data becomes the view ``buffer[a:b].view(shape)``
+    (``param.data`` is re-pointed), so ``flat_view(dict(module.named_parameters()), spec)`` and
+    ``unflatten(buffer, spec)`` convert between the two forms without copying. Parameters become
+    contiguous in the default memory format (a ``channels_last`` weight is copied to the standard
+    layout). Gradients are unaffected: ``.grad`` tensors stay separate.
+
+    Args:
+        module: parameters of one dtype and device (one flat buffer per dtype/device).
+
+    Returns:
+        ``buffer``: ``(P,)`` tensor without ``requires_grad``; ``spec``: layout in
+        ``module.named_parameters()`` order.
+
+    Raises:
+        ValueError: no parameters, or parameters of mixed dtype/device.
+    """
+    params = dict(module.named_parameters())
+    if not params:
+        raise ValueError(f"flatten_module_parameters_: {type(module).__name__} has no parameters")
+    spec = flat_spec(params)
+    buffer = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
+    with torch.no_grad():
+        for (name, param), a, b in zip(params.items(), spec.offsets[:-1], spec.offsets[1:]):
+            view = buffer[a:b].view(param.shape)
+            view.copy_(param)
+            param.data = view
+    return buffer, spec

@@ -160,7 +160,7 @@ class LinearizedHVP:
     Call it (or ``.matvec``) with a flat ``(P,)`` tensor; :meth:`matvec_dict` takes a dict.
     """
 
-    def __init__(self, loss_fn: LossFn, params: ParamsLike, mode: HVPMode, fast_conv: bool):
+    def __init__(self, loss_fn: LossFn, params: ParamsLike, mode: HVPMode, fast_conv: bool, fast_bn: bool):
         _check_mode(mode)
         self.mode = mode
         self.spec: FlatSpec = flat_spec(params)
@@ -170,7 +170,7 @@ class LinearizedHVP:
         if mode == "revrev":
             # Build the first-order graph once; every matvec is one double backward over it.
             ctx = ConvFastDoubleBackward() if fast_conv else contextlib.nullcontext()
-            with torch.enable_grad(), batchnorm_stats_frozen(), ctx:
+            with torch.enable_grad(), batchnorm_stats_frozen(fast_double_backward=fast_bn), ctx:
                 self._leaves = _detached_leaves(self._primals)
                 loss, self._grads = _grad_with_graph(loss_fn, self._leaves)
             self.loss = loss.detach()
@@ -207,7 +207,7 @@ class LinearizedHVP:
 
 
 def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revrev",
-                  fast_conv: bool = True) -> LinearizedHVP:
+                  fast_conv: bool = True, fast_bn: bool = True) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
     Args:
@@ -218,11 +218,13 @@ def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revre
             ``"autograd"`` (reference behaviour, recomputes everything per matvec).
         fast_conv: on the ``revrev`` path, route ``conv2d``'s double backward through the
             convolution backward kernels (:mod:`bissl.ops.conv_double_backward`).
+        fast_bn: on the ``revrev`` path, give train-mode BatchNorm its closed-form double backward
+            (:mod:`bissl.ops.batchnorm_double_backward`).
 
     Returns:
         A :class:`LinearizedHVP`; ``op(v_flat) -> Hv_flat``.
     """
-    return LinearizedHVP(loss_fn, params, mode, fast_conv)
+    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn)
 
 
 def as_flat(v: Vector, spec: FlatSpec) -> Tensor:

@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules used by the BiSSL pipeline."""
+
 from __future__ import annotations
 
 from bissl.optim.lars import LARS

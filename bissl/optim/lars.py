@@ -14,6 +14,7 @@ as SimCLR and BYOL do. The rule is per tensor shape, so it works for any paramet
 group can override the flag. The learning rate sits outside the momentum buffer, so changing it
 (warm-up, cosine) rescales the whole step at once.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -51,8 +52,13 @@ class LARS(torch.optim.Optimizer):
             raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
         if eta <= 0:
             raise ValueError(f"LARS: eta must be positive, got {eta}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        exclude_bias_and_norm=exclude_bias_and_norm)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+        )
         super().__init__(params, defaults)
 
     @staticmethod
@@ -82,8 +88,9 @@ class LARS(torch.optim.Optimizer):
                     w_norm = torch.linalg.vector_norm(p)
                     d_norm = torch.linalg.vector_norm(d)
                     # Computed on device (no .item()): no host sync per tensor.
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm,
-                                        torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm)
+                    )
                     d = d * trust
                 state = self.state[p]
                 buf = state.get("momentum_buffer")

@@ -1,4 +1,5 @@
 """Learning-rate schedules (picklable, so schedulers resume from ``state_dict``)."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ class WarmupCosineFactor:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"warmup_steps must lie in [0, total_steps={total_steps}], got {warmup_steps}")
+            raise ValueError(
+                f"warmup_steps must lie in [0, total_steps={total_steps}], got {warmup_steps}"
+            )
         if not 0.0 <= final_factor <= 1.0:
             raise ValueError(f"final_factor must lie in [0, 1], got {final_factor}")
         self.total_steps = int(total_steps)
@@ -47,7 +50,7 @@ def cosine_with_warmup(
     warmup_steps: int = 0,
     final_factor: float = 0.0,
 ) -> LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then cosine from the base lr to ``final_factor x`` base.
+    """Linear warm-up over ``warmup_steps``, then cosine from base lr to ``final_factor x`` base.
 
     Call ``scheduler.step()`` once after each ``optimizer.step()``; ``total_steps`` counts those.
     BiSSL's pretraining uses ``final_factor=0.001``. ``scheduler.state_dict()`` /

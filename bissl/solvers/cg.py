@@ -17,6 +17,11 @@ Breakdown handling: an iteration is skipped (α = β = 0, ``x`` frozen) once the
 round-off (converged — later iterations keep the answer instead of producing 0/0), when
 ``pᵀAp ≤ 0`` (flag ``negative_curvature``) or when a value is NaN/Inf (flag ``nonfinite``).
 Nothing is silently zeroed: the flags are in the :class:`SolveResult`, and ``strict=True`` raises.
+
+Spectrum estimates for free: :func:`cg_solve`'s α/β (plus ``pᵀAp/rᵀr`` of a direction that broke it)
+are the Lanczos tridiagonal of the damped operator (:mod:`bissl.solvers.lanczos`), so the result
+carries Ritz estimates ``ritz_min``/``ritz_max``/``condition_estimate`` and the flag ``indefinite``
+without any extra matvec; their small eigenvalue problem runs lazily, when first read.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import Tensor
 
 from bissl.ops._backends import cg_vector_ops
 from bissl.solvers._problem import flat_problem, tiny
+from bissl.solvers.lanczos import cg_tridiagonal
 from bissl.solvers.result import SolveResult
 from bissl.typing import Vector
 
@@ -77,7 +83,9 @@ def cg_solve(
             default: ``BISSL_BACKEND`` or auto).
 
     Returns:
-        :class:`~bissl.solvers.SolveResult` with ``x`` like ``b``.
+        :class:`~bissl.solvers.SolveResult` with ``x`` like ``b`` and the Lanczos tridiagonal of
+        ``scale·A + damping·I``: ``ritz_min ≥ λ_min``, ``ritz_max ≤ λ_max``, ``condition_estimate ≤ κ``
+        (lazy, no extra matvec), ``indefinite`` when ``pᵀAp ≤ 0`` was met or a Ritz value is ``≤ 0``.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -106,6 +114,8 @@ def cg_solve(
     active = torch.ones((), dtype=torch.bool, device=x.device)
     negative, nonfinite = zero.clone(), zero.clone()
     n_iters = torch.zeros((), dtype=torch.int64, device=x.device)
+    # pᵀAp/rᵀr of the direction that broke CG (NaN if none): the last row of the Lanczos tridiagonal.
+    breakdown_curvature = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
     alphas, betas = [], []
     for _ in range(iters):
         if use_tol and not bool(active & (rr > tol2)):
@@ -115,8 +125,10 @@ def cg_solve(
         done = rr <= tol2
         bad_value = ~(torch.isfinite(pap) & torch.isfinite(rr))
         bad_curv = (pap <= 0) & ~done & ~bad_value
+        breaking = bad_curv & active
+        breakdown_curvature = torch.where(breaking, pap / torch.where(breaking, rr, 1), breakdown_curvature)
         nonfinite |= bad_value & active
-        negative |= bad_curv & active
+        negative |= breaking
         active = active & ~done & ~bad_value & ~bad_curv
         alpha = torch.where(active, rr / torch.where(active, pap, 1), 0)
         rr_new = ops.cg_step_(x, r, p, ap, alpha)
@@ -136,6 +148,7 @@ def cg_solve(
         x=prob.to_user(x), iters=n_iters, residual_norm=res_norm, b_norm=bb.sqrt(),
         converged=(rr <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
         alphas=stacked[0], betas=stacked[1], method="cg", tolerance_requested=use_tol,
+        tridiagonal=cg_tridiagonal(stacked[0], stacked[1], breakdown_curvature),
     )
     return result.check() if strict else result
 

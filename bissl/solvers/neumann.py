@@ -83,6 +83,6 @@ def identity_solve(
         x=prob.to_user(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
         residual_norm=torch.full((), float("nan"), dtype=x.dtype, device=x.device),
         b_norm=prob.b.norm(), converged=zero, negative_curvature=zero, nonfinite=nonfinite,
-        method="identity",
+        method="identity", needs_positive_definite=False,
     )
     return result.check() if strict else result

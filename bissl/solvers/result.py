@@ -6,12 +6,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bissl.solvers.lanczos import Tridiagonal
 from bissl.typing import Vector
 
 
 class SolverError(RuntimeError):
     """A linear solve whose answer cannot be trusted (breakdown, negative curvature, NaN/Inf,
     or no convergence when a tolerance was asked for)."""
+
+
+class IndefiniteSystemWarning(RuntimeWarning):
+    """A solver that needs a positive definite system met an indefinite one and its answer was kept
+    (``implicit_hypergrad(on_indefinite="warn")``)."""
 
 
 @dataclass
@@ -33,6 +39,17 @@ class SolveResult:
         method: solver name.
         tolerance_requested: whether the caller asked for a tolerance (then non-convergence is an
             error under ``check``).
+        tridiagonal: the Lanczos tridiagonal of the damped operator the solver ran on (CG, MINRES;
+            None for solvers without one). The Ritz estimates below come from it.
+        needs_positive_definite: whether the answer is only valid for a positive definite system
+            (CG, layer-wise CG, Neumann). Then :attr:`indefinite` is a problem; for MINRES it is
+            information.
+        action: what :func:`~bissl.hypergrad.implicit_hypergrad`'s ``on_indefinite`` policy did:
+            ``"none"`` (``x`` is the requested solver's answer, untouched), ``"warned"`` (indefinite,
+            answer kept, warning issued), ``"fallback:<solver>"`` (re-solved by that solver) or
+            ``"adaptive_damping"`` (re-solved with a larger damping, see ``damping_used``).
+        damping_used: the damping of the system ``x`` solves, when set by the hypergradient layer.
+        initial: the first solve when a policy re-solved (its flags say why), else None.
     """
 
     x: Vector
@@ -46,18 +63,81 @@ class SolveResult:
     betas: Tensor = field(default_factory=lambda: torch.empty(0))
     method: str = "cg"
     tolerance_requested: bool = False
+    tridiagonal: Tridiagonal | None = None
+    needs_positive_definite: bool = True
+    action: str = "none"
+    damping_used: float | None = None
+    initial: "SolveResult | None" = None
+    _ritz: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def problems(self) -> list[str]:
-        """Human-readable list of what went wrong (one host sync). Empty when the answer is usable."""
-        flags = torch.stack([self.nonfinite, self.negative_curvature, self.converged]).tolist()
-        nonfinite, negative, converged = flags
+    # -- spectrum estimates (lazy: eigvalsh synchronises on CUDA) ---------------------------------
+
+    def _extremes(self) -> tuple[Tensor, Tensor]:
+        if self._ritz is None:
+            if self.tridiagonal is None:
+                nan = torch.full((), float("nan"), dtype=self.residual_norm.dtype,
+                                 device=self.residual_norm.device)
+                self._ritz = (nan, nan)
+            else:
+                self._ritz = self.tridiagonal.ritz_extremes()
+        return self._ritz
+
+    @property
+    def ritz_min(self) -> Tensor:
+        """0-dim smallest Ritz value of the damped operator (``≥ λ_min``); NaN without a tridiagonal.
+
+        Computed on first read with ``torch.linalg.eigvalsh`` on a ``k×k`` matrix: no extra matvec;
+        on CUDA this read synchronises the device (the solve itself does not).
+        """
+        return self._extremes()[0]
+
+    @property
+    def ritz_max(self) -> Tensor:
+        """0-dim largest Ritz value of the damped operator (``≤ λ_max``); NaN without a tridiagonal."""
+        return self._extremes()[1]
+
+    @property
+    def condition_estimate(self) -> Tensor:
+        """0-dim ``ritz_max / ritz_min``, a lower bound of ``κ``; NaN when ``ritz_min ≤ 0`` or unknown."""
+        lo, hi = self._extremes()
+        return torch.where(lo > 0, hi / torch.where(lo > 0, lo, 1), float("nan"))
+
+    @property
+    def indefinite(self) -> Tensor:
+        """0-dim bool: ``pᵀAp ≤ 0`` was met or a Ritz value is ``≤ 0`` (the operator is not positive
+        definite on the Krylov space explored). Reads :attr:`ritz_min` (lazy)."""
+        return self.negative_curvature | (self.ritz_min <= 0)
+
+    def ritz_values(self) -> Tensor:
+        """All Ritz values ``(m,)`` ascending (empty without a tridiagonal; one host sync)."""
+        if self.tridiagonal is None:
+            return self.residual_norm.new_zeros(0)
+        return self.tridiagonal.ritz_values()
+
+    # -- verdicts --------------------------------------------------------------------------------
+
+    def problems(self, ignore_indefinite: bool = False) -> list[str]:
+        """Human-readable list of what went wrong (one host sync). Empty when the answer is usable.
+
+        Args:
+            ignore_indefinite: leave out indefiniteness (a policy has accepted it).
+        """
+        check_pd = self.needs_positive_definite and not ignore_indefinite
+        indefinite = self.indefinite if check_pd else self.negative_curvature
+        flags = torch.stack([self.nonfinite, self.negative_curvature, indefinite, self.converged]).tolist()
+        nonfinite, negative, ritz_negative, converged = flags
         out = []
         if nonfinite:
             out.append(f"{self.method}: NaN/Inf appeared in the matvec or the iterates")
-        if negative:
+        if negative and check_pd:
             out.append(
-                f"{self.method}: negative curvature (pᵀAp ≤ 0) — the system is not positive definite "
-                "(increase the damping, or use a solver for indefinite systems)"
+                f"{self.method}: negative curvature (pᵀAp ≤ 0) — the system is indefinite, not positive "
+                "definite (increase the damping, or use a solver for indefinite systems such as 'minres')"
+            )
+        elif ritz_negative and check_pd:
+            out.append(
+                f"{self.method}: indefinite system (smallest Ritz value {float(self.ritz_min):.3e} ≤ 0; "
+                "increase the damping, or use a solver for indefinite systems such as 'minres')"
             )
         if self.tolerance_requested and not converged and not out:
             out.append(
@@ -71,20 +151,43 @@ class SolveResult:
         """True when :meth:`problems` is empty (syncs)."""
         return not self.problems()
 
-    def check(self) -> "SolveResult":
+    def check(self, ignore_indefinite: bool = False) -> "SolveResult":
         """Raise :class:`SolverError` naming the problem if the answer cannot be trusted; else self."""
-        problems = self.problems()
+        problems = self.problems(ignore_indefinite)
         if problems:
             raise SolverError("; ".join(problems))
         return self
 
-    def summary(self) -> dict[str, float | int | bool]:
-        """Python scalars for logging (one host sync)."""
+    def summary(self) -> dict[str, float | int | bool | str]:
+        """Python scalars for logging (one host sync).
+
+        Keys: ``iters``, ``residual_norm``, ``relative_residual``, ``converged``,
+        ``negative_curvature``, ``nonfinite`` and ``ritz_min``, ``ritz_max``, ``condition`` (NaN
+        where unknown) of this solve; ``indefinite``: this solve or :attr:`initial` was flagged
+        indefinite; ``action``; ``damping_used`` (NaN when not set).
+        """
+        indefinite = self.indefinite
+        if self.initial is not None:
+            indefinite = indefinite | self.initial.indefinite
+        values = torch.stack([
+            self.iters.to(torch.float64), self.residual_norm.to(torch.float64),
+            (self.residual_norm / self.b_norm.clamp_min(1e-300)).to(torch.float64),
+            self.converged.to(torch.float64), self.negative_curvature.to(torch.float64),
+            self.nonfinite.to(torch.float64), self.ritz_min.to(torch.float64),
+            self.ritz_max.to(torch.float64), self.condition_estimate.to(torch.float64),
+            indefinite.to(torch.float64),
+        ]).tolist()
         return {
-            "iters": int(self.iters),
-            "residual_norm": float(self.residual_norm),
-            "relative_residual": float(self.residual_norm / self.b_norm.clamp_min(1e-300)),
-            "converged": bool(self.converged),
-            "negative_curvature": bool(self.negative_curvature),
-            "nonfinite": bool(self.nonfinite),
+            "iters": int(values[0]),
+            "residual_norm": values[1],
+            "relative_residual": values[2],
+            "converged": bool(values[3]),
+            "negative_curvature": bool(values[4]),
+            "nonfinite": bool(values[5]),
+            "ritz_min": values[6],
+            "ritz_max": values[7],
+            "condition": values[8],
+            "indefinite": bool(values[9]),
+            "action": self.action,
+            "damping_used": float("nan") if self.damping_used is None else float(self.damping_used),
         }

@@ -1,4 +1,5 @@
 """Pretext and downstream tasks, and the augmentations that feed them."""
+
 from __future__ import annotations
 
 from bissl.tasks.augment import TwoViewAugment, ViewConfig

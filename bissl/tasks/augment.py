@@ -23,15 +23,19 @@ crop -> flip -> colour jitter (0.4, 0.4, 0.2, 0.1) w.p. 0.8 -> grayscale w.p. 0.
 Colour-jitter factors are applied in a fixed order (brightness, contrast, saturation, hue) rather
 than in a random order per image: the order matters little and a fixed order keeps the op batched.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from bissl.data import DatasetSplits
 
 # ITU-R 601 luma weights: the usual RGB -> gray conversion.
 _LUMA = (0.299, 0.587, 0.114)
@@ -47,10 +51,14 @@ def _check_images(x: Tensor, op: str) -> None:
 def _rand(n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
     """``(n,)`` uniform [0, 1) numbers from ``generator``, on ``like``'s device and dtype."""
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(n, generator=generator, device=device).to(device=like.device, dtype=like.dtype)
+    return torch.rand(n, generator=generator, device=device).to(
+        device=like.device, dtype=like.dtype
+    )
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, like: Tensor) -> Tensor:
+def _uniform(
+    n: int, low: float, high: float, generator: torch.Generator | None, like: Tensor
+) -> Tensor:
     return low + (high - low) * _rand(n, generator, like)
 
 
@@ -60,7 +68,7 @@ def _per_sample(mask: Tensor) -> Tensor:
 
 
 def to_grayscale(x: Tensor) -> Tensor:
-    """Luma of ``(B, 3, H, W)`` RGB images as ``(B, 1, H, W)``; 1-channel images are returned as is."""
+    """Luma of ``(B, 3, H, W)`` RGB images as ``(B, 1, H, W)``; 1-channel images returned as is."""
     if x.shape[1] == 1:
         return x
     if x.shape[1] != 3:
@@ -144,7 +152,9 @@ def random_resized_crop(
     return out.clamp_(0.0, 1.0)
 
 
-def horizontal_flip(x: Tensor, p: float = 0.5, *, generator: torch.Generator | None = None) -> Tensor:
+def horizontal_flip(
+    x: Tensor, p: float = 0.5, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
     _check_images(x, "horizontal_flip")
     if p <= 0.0:
@@ -174,7 +184,9 @@ def color_jitter(
     if not 0.0 <= hue <= 0.5:
         raise ValueError(f"color_jitter: hue must lie in [0, 0.5], got {hue}")
     if min(brightness, contrast, saturation) < 0.0:
-        raise ValueError(f"color_jitter: strengths must be >= 0, got {(brightness, contrast, saturation)}")
+        raise ValueError(
+            f"color_jitter: strengths must be >= 0, got {(brightness, contrast, saturation)}"
+        )
     if p <= 0.0:
         return x
     bsz = x.shape[0]
@@ -189,7 +201,9 @@ def color_jitter(
         mean = to_grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
         out = (f * out + (1.0 - f) * mean).clamp(0.0, 1.0)
     if colour and saturation > 0:
-        f = _per_sample(_uniform(bsz, 1.0 - saturation, 1.0 + saturation, generator, x).clamp(min=0.0))
+        f = _per_sample(
+            _uniform(bsz, 1.0 - saturation, 1.0 + saturation, generator, x).clamp(min=0.0)
+        )
         out = (f * out + (1.0 - f) * to_grayscale(out)).clamp(0.0, 1.0)
     if colour and hue > 0:
         shift = _uniform(bsz, -hue, hue, generator, x).view(-1, 1, 1)
@@ -199,7 +213,9 @@ def color_jitter(
     return torch.where(_per_sample(apply), out, x)
 
 
-def random_grayscale(x: Tensor, p: float = 0.2, *, generator: torch.Generator | None = None) -> Tensor:
+def random_grayscale(
+    x: Tensor, p: float = 0.2, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Replace RGB images by their luma (kept 3-channel) w.p. ``p``; 1-channel images unchanged."""
     _check_images(x, "random_grayscale")
     if p <= 0.0 or x.shape[1] == 1:
@@ -240,19 +256,24 @@ def gaussian_blur(
     sig = _uniform(bsz, sigma[0], sigma[1], generator, x)
     offsets = torch.arange(k, dtype=x.dtype, device=x.device) - (k // 2)
     taps = torch.exp(-(offsets[None, :] ** 2) / (2.0 * sig[:, None] ** 2))
-    taps = taps / taps.sum(dim=1, keepdim=True)                      # (B, k)
-    taps = taps.repeat_interleave(chans, dim=0)                      # (B*C, k): one per channel
+    taps = taps / taps.sum(dim=1, keepdim=True)  # (B, k)
+    taps = taps.repeat_interleave(chans, dim=0)  # (B*C, k): one per channel
     pad = k // 2
     mode = "reflect" if pad < min(height, width) else "replicate"
     # Depthwise conv over B*C "channels" so every image gets its own kernel in one call.
     flat = x.reshape(1, bsz * chans, height, width)
-    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode=mode), taps.view(-1, 1, 1, k), groups=bsz * chans)
-    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode=mode), taps.view(-1, 1, k, 1), groups=bsz * chans)
+    flat = F.conv2d(
+        F.pad(flat, (pad, pad, 0, 0), mode=mode), taps.view(-1, 1, 1, k), groups=bsz * chans
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, pad, pad), mode=mode), taps.view(-1, 1, k, 1), groups=bsz * chans
+    )
     return torch.where(_per_sample(apply), flat.view_as(x).clamp(0.0, 1.0), x)
 
 
-def solarize(x: Tensor, p: float = 0.2, *, threshold: float = 0.5,
-             generator: torch.Generator | None = None) -> Tensor:
+def solarize(
+    x: Tensor, p: float = 0.2, *, threshold: float = 0.5, generator: torch.Generator | None = None
+) -> Tensor:
     """Invert pixels ``>= threshold`` (``v -> 1 - v``), each image w.p. ``p``."""
     _check_images(x, "solarize")
     if p <= 0.0:
@@ -277,20 +298,32 @@ class ViewConfig:
     solarize_p: float = 0.0
 
 
-def augment_view(x: Tensor, cfg: ViewConfig, *, size: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-    """Apply one view's pipeline (crop, flip, jitter, grayscale, blur, solarize) to ``[0, 1]`` images."""
-    x = random_resized_crop(x, size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, generator=generator)
+def augment_view(
+    x: Tensor, cfg: ViewConfig, *, size: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """One view's pipeline (crop, flip, jitter, grayscale, blur, solarize) on ``[0, 1]`` images."""
+    x = random_resized_crop(
+        x, size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, generator=generator
+    )
     x = horizontal_flip(x, cfg.flip_p, generator=generator)
     x = color_jitter(x, *cfg.jitter, p=cfg.jitter_p, generator=generator)
     x = random_grayscale(x, cfg.grayscale_p, generator=generator)
-    x = gaussian_blur(x, cfg.blur_p, sigma=cfg.blur_sigma, kernel_size=cfg.blur_kernel, generator=generator)
+    x = gaussian_blur(
+        x, cfg.blur_p, sigma=cfg.blur_sigma, kernel_size=cfg.blur_kernel, generator=generator
+    )
     return solarize(x, cfg.solarize_p, generator=generator)
 
 
 _BYOL_VIEW1 = ViewConfig(blur_p=1.0, solarize_p=0.0)
-_TINY_VIEW1 = ViewConfig(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip_p=0.0,
-                         blur_p=1.0, blur_sigma=(0.1, 0.6), blur_kernel=3, solarize_p=0.0)
+_TINY_VIEW1 = ViewConfig(
+    crop_scale=(0.6, 1.0),
+    crop_ratio=(0.8, 1.25),
+    flip_p=0.0,
+    blur_p=1.0,
+    blur_sigma=(0.1, 0.6),
+    blur_kernel=3,
+    solarize_p=0.0,
+)
 #: (view 1, view 2) settings per preset; view 2 differs only in blur and solarize probability.
 PRESETS: dict[str, tuple[ViewConfig, ViewConfig]] = {
     "byol": (_BYOL_VIEW1, replace(_BYOL_VIEW1, blur_p=0.1, solarize_p=0.2)),
@@ -305,7 +338,9 @@ def resolve_preset(preset: str, image_size: int) -> str:
     if preset == "auto":
         return "tiny" if image_size <= TINY_MAX_SIZE else "byol"
     if preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; valid: auto, {', '.join(sorted(PRESETS))}")
+        raise ValueError(
+            f"unknown augmentation preset {preset!r}; valid: auto, {', '.join(sorted(PRESETS))}"
+        )
     return preset
 
 
@@ -320,7 +355,8 @@ class TwoViewAugment:
             again; when None, inputs must already be ``[0, 1]`` pixels.
         view1, view2: override the preset's :class:`ViewConfig` of either view.
 
-    Call: ``aug(x, generator) -> (v1, v2)``, ``x`` ``(B, C, H, W)``, each view ``(B, C, size, size)``.
+    Call: ``aug(x, generator) -> (v1, v2)``; ``x`` is ``(B, C, H, W)``, each view
+    ``(B, C, size, size)``.
     """
 
     def __init__(
@@ -346,7 +382,7 @@ class TwoViewAugment:
         self.view2 = view2
 
     @classmethod
-    def for_dataset(cls, data, preset: str = "auto", **kwargs) -> "TwoViewAugment":
+    def for_dataset(cls, data: DatasetSplits, preset: str = "auto", **kwargs) -> TwoViewAugment:
         """Augmenter for a :class:`bissl.data.DatasetSplits` (uses its mean/std)."""
         return cls(preset, mean=data.mean, std=data.std, **kwargs)
 
@@ -355,11 +391,15 @@ class TwoViewAugment:
         v1, v2 = PRESETS[resolve_preset(self.preset, image_size)]
         return (self.view1 or v1, self.view2 or v2)
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         _check_images(x, "TwoViewAugment")
         if self.mean is not None:
             if len(self.mean) != x.shape[1]:
-                raise ValueError(f"TwoViewAugment: {len(self.mean)} channel means for {x.shape[1]} channels")
+                raise ValueError(
+                    f"TwoViewAugment: {len(self.mean)} channel means for {x.shape[1]} channels"
+                )
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             x = (x * std + mean).clamp(0.0, 1.0)

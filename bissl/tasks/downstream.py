@@ -1,4 +1,5 @@
 """Downstream classification: heads, loss, accuracy and evaluation over a dataset."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,13 +19,15 @@ def build_head(in_dim: int, num_classes: int, kind: str = "linear", hidden: int 
     Args:
         in_dim: feature size (``backbone.out_dim``).
         num_classes: output logits.
-        kind: ``"linear"`` (the BiSSL default) or ``"mlp"`` (Linear-ReLU-Linear with ``hidden`` units).
+        kind: ``"linear"`` (the BiSSL default) or ``"mlp"`` (Linear-ReLU-Linear, ``hidden`` units).
 
     Shapes:
         ``(B, in_dim) -> (B, num_classes)``.
     """
     if in_dim <= 0 or num_classes <= 0:
-        raise ValueError(f"build_head: in_dim and num_classes must be positive, got {in_dim}, {num_classes}")
+        raise ValueError(
+            f"build_head: in_dim and num_classes must be positive, got {in_dim}, {num_classes}"
+        )
     if kind == "linear":
         return nn.Linear(in_dim, num_classes)
     if kind == "mlp":
@@ -42,8 +45,10 @@ def classification_loss(logits: Tensor, y: Tensor) -> Tensor:
 def accuracy(logits: Tensor, y: Tensor) -> float:
     """Top-1 accuracy in ``[0, 1]`` of ``(B, K)`` logits against ``(B,)`` labels."""
     if logits.ndim != 2 or y.shape != logits.shape[:1]:
-        raise ValueError(f"accuracy: expected (B, K) logits and (B,) labels, got {tuple(logits.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"accuracy: expected (B, K) logits and (B,) labels, got {tuple(logits.shape)} "
+            f"and {tuple(y.shape)}"
+        )
     if y.numel() == 0:
         raise ValueError("accuracy: empty batch")
     return (logits.argmax(dim=1) == y).double().mean().item()
@@ -57,7 +62,7 @@ def _modules(*objs: object) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def eval_mode(*objs: object) -> Iterator[None]:
-    """Put every ``nn.Module`` among ``objs`` (and submodules) in eval mode; restore each flag after."""
+    """Put each ``nn.Module`` in ``objs`` (with submodules) in eval mode; restore flags after."""
     modules = list(_modules(*objs))
     flags = [m.training for m in modules]
     try:
@@ -69,7 +74,9 @@ def eval_mode(*objs: object) -> Iterator[None]:
             m.training = flag
 
 
-def evaluate(backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256
+) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy of ``head(backbone(x))`` over ``dataset``.
 
     Runs under ``no_grad`` with every module in eval mode (BatchNorm uses running statistics),
@@ -90,7 +97,9 @@ def evaluate(backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: 
     if isinstance(dataset, TensorDataset):
         # Slicing the stored tensors avoids collating B single samples per batch.
         xs, ys = dataset.tensors[:2]
-        batches = ((xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(ys), batch_size))
+        batches = (
+            (xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)
+        )
     else:
         batches = iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     total_loss, correct, count = 0.0, 0, 0

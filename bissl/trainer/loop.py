@@ -17,13 +17,13 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bissl.trainer.checkpoint import load_checkpoint, save_atomic
 from bissl.trainer.metrics import MetricsLog, is_finite, progress_bar
-from bissl.trainer.rng import capture_global_rng, restore_global_rng
+from bissl.trainer.rng import capture_global_rng, derive_seed, restore_global_rng, seed_everything
 
 CHECKPOINT_FORMAT = 1
 #: Exit status of ``debug.stop_mode: exit`` (EX_TEMPFAIL: "try again", i.e. resume).
@@ -67,6 +67,7 @@ class RunContext:
     log_every: int = 1
     progress: bool = False
     budget: StepBudget = field(default_factory=StepBudget)
+    bar_position: int = 0
 
 
 class Phase(ABC):
@@ -128,17 +129,28 @@ def _save_checkpoint(phase: Phase, ctx: RunContext, path: Path) -> None:
     }, path)
 
 
-def run_phase(phase: Phase, ctx: RunContext) -> dict[str, Any]:
-    """Run (or resume, or skip) ``phase`` and return its :meth:`Phase.result`.
+def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[str, Any]:
+    """Run (or resume, or skip) a phase and return its :meth:`Phase.result`.
+
+    Args:
+        name: the phase's name (its checkpoint files are ``<name>.pt`` and ``<name>.done.pt``).
+        build: constructs the phase; called after the global RNG is seeded with
+            ``derive_seed(seed, name)``, so a phase's initialisation never depends on what ran
+            before it in this process. Not called when the phase is already done.
+        ctx: the seed's run context.
 
     Raises:
         NonFiniteLossError: a logged loss is NaN or Inf.
         RunInterrupted: the debug step budget ran out.
     """
-    ckpt_path = ctx.ckpt_dir / f"{phase.name}.pt"
-    done_path = ctx.ckpt_dir / f"{phase.name}.done.pt"
+    ckpt_path = ctx.ckpt_dir / f"{name}.pt"
+    done_path = ctx.ckpt_dir / f"{name}.done.pt"
     if done_path.exists():
         return load_checkpoint(done_path)["result"]
+    seed_everything(derive_seed(ctx.seed, name))
+    phase = build()
+    if phase.name != name:
+        raise ValueError(f"run_phase: built phase is named {phase.name!r}, expected {name!r}")
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
@@ -153,7 +165,8 @@ def run_phase(phase: Phase, ctx: RunContext) -> dict[str, Any]:
         _save_checkpoint(phase, ctx, ckpt_path)
 
     start = time.perf_counter()
-    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx, ctx.progress)
+    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
+                       ctx.progress, ctx.bar_position)
     try:
         while phase.step_idx < phase.total_steps:
             rows = phase.step()

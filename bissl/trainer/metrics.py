@@ -118,7 +118,8 @@ def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def progress_bar(total: int, desc: str, initial: int, enabled: bool) -> tqdm:
-    """A tqdm bar on stderr (a no-op object when disabled)."""
+def progress_bar(total: int, desc: str, initial: int, enabled: bool, position: int = 0) -> tqdm:
+    """A tqdm bar on stderr (a no-op object when disabled); ``position``: its line, for parallel
+    seed processes."""
     return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+                dynamic_ncols=True, file=sys.stderr, position=position)

@@ -1,5 +1,6 @@
 // CPU kernel of bissl::axpby: a*x + b*y (reads 2 vectors, writes 1).
 #include "bissl_ops.h"
+#include "bissl_parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>

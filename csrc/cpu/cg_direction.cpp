@@ -1,5 +1,6 @@
 // CPU kernel of bissl::cg_direction_: p = r + beta*p in place (reads r, p; writes p).
 #include "bissl_ops.h"
+#include "bissl_parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

@@ -1,6 +1,7 @@
 // CPU kernel of bissl::cg_step_: x += alpha*p, r -= alpha*Ap and the new r.r in one pass
 // (reads x, r, p, Ap; writes x, r). r.r accumulates in double.
 #include "bissl_ops.h"
+#include "bissl_parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -13,12 +14,17 @@ template <typename T>
 double cg_step_chunk(T* __restrict__ x, T* __restrict__ r, const T* __restrict__ p, const T* __restrict__ ap,
                      T alpha, int64_t begin, int64_t end) {
   double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = begin; i < end; ++i) {
-    x[i] = x[i] + alpha * p[i];
-    const T ri = r[i] - alpha * ap[i];
-    r[i] = ri;
-    acc += static_cast<double>(ri) * static_cast<double>(ri);
+  for (int64_t lo = begin; lo < end; lo += kSumBlock) {
+    const int64_t hi = std::min(end, lo + kSumBlock);
+    double block = 0.0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = lo; i < hi; ++i) {
+      x[i] = x[i] + alpha * p[i];
+      const T ri = r[i] - alpha * ap[i];
+      r[i] = ri;
+      block += static_cast<double>(ri) * static_cast<double>(ri);
+    }
+    acc += block;
   }
   return acc;
 }

@@ -1,6 +1,7 @@
 // CPU kernel of bissl::damped_matvec: Av = scale*Hv + shift*v fused with vAv = v.Av.
 // One pass reads Hv, v and writes Av; the dot product accumulates in double (float32 inputs too).
 #include "bissl_ops.h"
+#include "bissl_parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
@@ -16,11 +17,16 @@ template <typename T>
 double damped_matvec_chunk(const T* __restrict__ hv, const T* __restrict__ v, T* __restrict__ av, T scale,
                            T shift, int64_t begin, int64_t end) {
   double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = begin; i < end; ++i) {
-    const T a = scale * hv[i] + shift * v[i];
-    av[i] = a;
-    acc += static_cast<double>(v[i]) * static_cast<double>(a);
+  for (int64_t lo = begin; lo < end; lo += kSumBlock) {
+    const int64_t hi = std::min(end, lo + kSumBlock);
+    double block = 0.0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = lo; i < hi; ++i) {
+      const T a = scale * hv[i] + shift * v[i];
+      av[i] = a;
+      block += static_cast<double>(v[i]) * static_cast<double>(a);
+    }
+    acc += block;
   }
   return acc;
 }

@@ -1,5 +1,6 @@
 // CPU kernel of bissl::prox_grad: grad + lam*(theta - phi) (reads 3 vectors, writes 1).
 #include "bissl_ops.h"
+#include "bissl_parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>

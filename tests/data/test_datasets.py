@@ -1,4 +1,5 @@
 """Tests for bissl.data: exact split sizes, determinism, stratification, normalisation, loaders."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,13 +52,19 @@ def test_digits_splits_partition_the_dataset(digits):
     ours = []
     for split in (digits.train, digits.val, digits.test):
         counts = (_raw(split, digits) * 16).round().long().reshape(len(split), -1)
-        ours += [tuple(r) + (int(lbl),) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())]
-    source = [tuple(r) + (int(lbl),) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)]
+        ours += [
+            tuple(r) + (int(lbl),) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
+        ]
+    source = [
+        tuple(r) + (int(lbl),) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
+    ]
     assert sorted(ours) == sorted(source)
 
 
 def test_digits_split_is_stratified(digits):
-    total = np.bincount(np.concatenate([s.tensors[1].numpy() for s in (digits.train, digits.val, digits.test)]))
+    total = np.bincount(
+        np.concatenate([s.tensors[1].numpy() for s in (digits.train, digits.val, digits.test)])
+    )
     for split, frac in ((digits.val, 0.1), (digits.test, 0.2)):
         per_class = np.bincount(split.tensors[1].numpy(), minlength=10)
         assert np.all(np.abs(per_class - frac * total) <= 1.0 + 1e-9)
@@ -133,8 +140,16 @@ def test_npz_uint8_nhwc_with_val(tmp_path):
     x_va = rng.integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
     x_te = rng.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
     y_tr, y_va, y_te = np.arange(20) % 3, np.array([0, 1, 2, 0]), np.array([2, 1, 0, 0, 1])
-    path = _write_npz(tmp_path / "d.npz", x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va,
-                      x_test=x_te, y_test=y_te, class_names=np.array(["a", "b", "c"]))
+    path = _write_npz(
+        tmp_path / "d.npz",
+        x_train=x_tr,
+        y_train=y_tr,
+        x_val=x_va,
+        y_val=y_va,
+        x_test=x_te,
+        y_test=y_te,
+        class_names=np.array(["a", "b", "c"]),
+    )
     data = load_dataset("npz", root=path)
     assert (len(data.train), len(data.val), len(data.test)) == (20, 4, 5)
     assert data.num_classes == 3 and data.in_channels == 3 and data.image_size == 6
@@ -151,8 +166,13 @@ def test_npz_float_nchw_carves_val(tmp_path):
     rng = np.random.default_rng(1)
     x_tr = rng.random((30, 1, 5, 5)).astype(np.float32)
     x_te = rng.random((6, 1, 5, 5)).astype(np.float32)
-    path = _write_npz(tmp_path / "f.npz", x_train=x_tr, y_train=np.arange(30) % 2,
-                      x_test=x_te, y_test=np.arange(6) % 2)
+    path = _write_npz(
+        tmp_path / "f.npz",
+        x_train=x_tr,
+        y_train=np.arange(30) % 2,
+        x_test=x_te,
+        y_test=np.arange(6) % 2,
+    )
     data = load_dataset("npz", root=path, val_fraction=0.2, image_size=8)
     assert (len(data.train), len(data.val), len(data.test)) == (24, 6, 6)
     assert data.train.tensors[0].shape[1:] == (1, 8, 8)
@@ -162,19 +182,65 @@ def test_npz_float_nchw_carves_val(tmp_path):
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, np.int64)), "missing arrays"),
-        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(3, np.int64),
-              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "shape"),
-        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, np.float32),
-              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "integers"),
-        (dict(x_train=np.zeros((4,), np.uint8), y_train=np.zeros(4, np.int64),
-              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "uint8 images"),
-        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, np.int64),
-              x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.zeros(2, np.int64)), "differ between splits"),
-        (dict(x_train=np.zeros((4, 3, 5), np.uint8), y_train=np.zeros(4, np.int64),
-              x_test=np.zeros((2, 3, 5), np.uint8), y_test=np.zeros(2, np.int64)), "not square"),
-        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, np.int64), x_val=np.zeros((1, 3, 3)),
-              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "together"),
+        (
+            dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, np.int64)),
+            "missing arrays",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 3), np.uint8),
+                y_train=np.zeros(3, np.int64),
+                x_test=np.zeros((2, 3, 3), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "shape",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 3), np.uint8),
+                y_train=np.zeros(4, np.float32),
+                x_test=np.zeros((2, 3, 3), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "integers",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4,), np.uint8),
+                y_train=np.zeros(4, np.int64),
+                x_test=np.zeros((2, 3, 3), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "uint8 images",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 3), np.uint8),
+                y_train=np.zeros(4, np.int64),
+                x_test=np.zeros((2, 4, 4), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "differ between splits",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 5), np.uint8),
+                y_train=np.zeros(4, np.int64),
+                x_test=np.zeros((2, 3, 5), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "not square",
+        ),
+        (
+            dict(
+                x_train=np.zeros((4, 3, 3), np.uint8),
+                y_train=np.zeros(4, np.int64),
+                x_val=np.zeros((1, 3, 3)),
+                x_test=np.zeros((2, 3, 3), np.uint8),
+                y_test=np.zeros(2, np.int64),
+            ),
+            "together",
+        ),
     ],
 )
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
@@ -212,7 +278,9 @@ def test_imagefolder_rgb_with_test_dir(tmp_path):
 def test_imagefolder_grayscale_resized_and_split(tmp_path):
     for cls in ("0", "1", "2"):
         for i in range(10):
-            _write_png(tmp_path / "train" / cls / f"{i}.png", np.full((5, 7), 40 * int(cls), np.uint8))
+            _write_png(
+                tmp_path / "train" / cls / f"{i}.png", np.full((5, 7), 40 * int(cls), np.uint8)
+            )
     data = load_dataset("imagefolder", root=str(tmp_path), image_size=6)
     assert data.in_channels == 1 and data.image_size == 6
     assert (len(data.train), len(data.val), len(data.test)) == (21, 3, 6)

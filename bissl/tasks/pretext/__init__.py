@@ -5,10 +5,11 @@ backbone features, e.g. ``lambda x: torch.func.functional_call(backbone, theta, 
 ``update_target(backbone_params, momentum=None)`` and ``reset_target(backbone)`` (no-ops for
 SimCLR) and ``online_parameters()`` (the trainable head parameters).
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -16,13 +17,9 @@ from bissl.tasks.pretext.byol import BYOL, byol_loss
 from bissl.tasks.pretext.heads import mlp_head
 from bissl.tasks.pretext.simclr import SimCLR, nt_xent
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "byol": lambda backbone, feat_dim, **kw: BYOL(backbone, feat_dim, **kw),
-    "simclr": lambda backbone, feat_dim, **kw: SimCLR(feat_dim, **kw),
-}
-_CLASSES = {"byol": BYOL, "simclr": SimCLR}
+_CLASSES: dict[str, type[nn.Module]] = {"byol": BYOL, "simclr": SimCLR}
 #: Names accepted by :func:`build_pretext`.
-PRETEXTS: tuple[str, ...] = tuple(sorted(_BUILDERS))
+PRETEXTS: tuple[str, ...] = tuple(sorted(_CLASSES))
 
 
 def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: Any) -> nn.Module:
@@ -35,15 +32,19 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
         feat_dim: backbone output features (``backbone.out_dim``).
 
     Raises:
-        ValueError: unknown name (the message lists valid names) or an option the task does not take.
+        ValueError: unknown name (the message lists valid names) or an option the task lacks.
     """
-    if name not in _BUILDERS:
+    if name not in _CLASSES:
         raise ValueError(f"unknown pretext task {name!r}; valid names: {', '.join(PRETEXTS)}")
     accepted = set(inspect.signature(_CLASSES[name]).parameters) - {"backbone", "feat_dim"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"pretext {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}")
-    return _BUILDERS[name](backbone, feat_dim, **kwargs)
+        raise ValueError(
+            f"pretext {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}"
+        )
+    if name == "byol":
+        return BYOL(backbone, feat_dim, **kwargs)
+    return SimCLR(feat_dim, **kwargs)
 
 
 __all__ = ["BYOL", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head", "nt_xent"]

@@ -1,4 +1,5 @@
 """MLP heads shared by the pretext tasks (projector; BYOL's predictor)."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,5 @@
 """SimCLR pretext task: projector + NT-Xent loss (Chen et al., 2020)."""
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
@@ -24,21 +25,24 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
         temperature: ``tau > 0`` (BiSSL/SimCLR default 0.5).
 
     Returns:
-        Scalar tensor. Identical views with orthonormal rows give ``log(e^{1/tau} + 2B - 2) - 1/tau``.
+        Scalar tensor. Identical views with orthonormal rows give
+        ``log(e^{1/tau} + 2B - 2) - 1/tau``.
 
     Raises:
         ValueError: shapes differ, are not 2-D, ``B < 2``, or ``temperature <= 0``.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"nt_xent: expected two (B, D) tensors of equal shape, got {tuple(z1.shape)} "
-                         f"and {tuple(z2.shape)}")
+        raise ValueError(
+            f"nt_xent: expected two (B, D) tensors of equal shape, got {tuple(z1.shape)} "
+            f"and {tuple(z2.shape)}"
+        )
     if z1.shape[0] < 2:
         raise ValueError(f"nt_xent: needs at least 2 samples for negatives, got B={z1.shape[0]}")
     if temperature <= 0:
         raise ValueError(f"nt_xent: temperature must be positive, got {temperature}")
     b = z1.shape[0]
     z = F.normalize(torch.cat((z1, z2), dim=0), dim=1)
-    sim = (z @ z.T) / temperature                                        # (2B, 2B)
+    sim = (z @ z.T) / temperature  # (2B, 2B)
     # Drop each row's self-similarity instead of masking it with -inf: no infinities enter the
     # second-order derivatives taken by the HVPs. Row i keeps columns j != i, in order.
     off_diag = ~torch.eye(2 * b, dtype=torch.bool, device=z.device)
@@ -59,8 +63,9 @@ class SimCLR(nn.Module):
         temperature: NT-Xent ``tau``.
     """
 
-    def __init__(self, feat_dim: int, proj_dims: Sequence[int] = (256, 256, 256),
-                 temperature: float = 0.5) -> None:
+    def __init__(
+        self, feat_dim: int, proj_dims: Sequence[int] = (256, 256, 256), temperature: float = 0.5
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"SimCLR: temperature must be positive, got {temperature}")
@@ -80,7 +85,9 @@ class SimCLR(nn.Module):
             v1, v2: ``(B, C, H, W)`` augmented views of the same ``B`` images.
         """
         if v1.shape != v2.shape:
-            raise ValueError(f"SimCLR.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}")
+            raise ValueError(
+                f"SimCLR.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}"
+            )
         z = self.projector(encode(torch.cat((v1, v2), dim=0)))
         z1, z2 = z.split(v1.shape[0], dim=0)
         return nt_xent(z1, z2, self.temperature)

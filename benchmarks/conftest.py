@@ -1,0 +1,118 @@
+"""Shared benchmark helpers: machine description, per-session medians and ratios, peak memory.
+
+Run: ``pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/<machine>.json``.
+Each suite records its medians in :data:`MEDIANS`; ratios between two entries of the *same run*
+are written to ``extra_info`` and to ``benchmarks/results/ratios-<suite>.json`` at session end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+THREADS = int(os.environ.get("BISSL_BENCH_THREADS", "2"))
+
+
+def machine() -> dict:
+    """Device, CPU model, cores and library versions to store with every result."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(THREADS)
+    yield
+
+
+class Medians(dict):
+    """``{(suite, key): median seconds}`` filled by benchmarks, read for ratios."""
+
+    def record(self, suite: str, key: str, benchmark) -> float:
+        median = float(benchmark.stats.stats.median)
+        self[(suite, key)] = median
+        benchmark.extra_info.update(machine())
+        return median
+
+
+MEDIANS = Medians()
+
+
+@pytest.fixture(scope="session")
+def medians():
+    yield MEDIANS
+    by_suite: dict[str, dict[str, float]] = {}
+    for (suite, key), value in MEDIANS.items():
+        by_suite.setdefault(suite, {})[key] = value
+    RESULTS.mkdir(exist_ok=True)
+    for suite, values in by_suite.items():
+        path = RESULTS / f"ratios-{suite}.json"
+        path.write_text(json.dumps({"machine": machine(), "median_seconds": values}, indent=2))
+
+
+def peak_rss_delta_mb(module: str, func: str, *args: str) -> float:
+    """Peak extra resident memory (MiB) of ``module.func(*args)`` in a fresh interpreter.
+
+    The child builds its problem, records ``ru_maxrss``, runs the measured call once, and reports
+    the growth of ``ru_maxrss`` (the high-water mark): the peak memory the call added on top of
+    the set-up. CPU tensors do not go through Python's allocator, so tracemalloc cannot see them.
+    """
+    code = (
+        "import resource, sys, importlib, torch; "
+        f"torch.set_num_threads({THREADS}); "
+        f"setup = getattr(importlib.import_module({module!r}), {func!r})(*sys.argv[1:]); "
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; setup(); "
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# --- memory-bound vector ops (bench_cg_step.py): counted bytes and bandwidth ------------------
+
+
+def vector_bytes(numel: int, dtype: torch.dtype, passes: int) -> int:
+    """Bytes an ideal single pass moves: ``passes`` reads+writes of ``numel`` elements of ``dtype``."""
+    return passes * numel * torch.empty((), dtype=dtype).element_size()
+
+
+def record_bandwidth(benchmark, moved_bytes: int, copy_gbs: float | None = None) -> float:
+    """Store achieved GB/s (counted bytes / median time) and its fraction of a measured copy."""
+    gbs = moved_bytes / float(benchmark.stats.stats.median) / 1e9
+    benchmark.extra_info.update({"bytes": moved_bytes, "gbs": gbs})
+    if copy_gbs:
+        benchmark.extra_info.update({"copy_gbs": copy_gbs, "fraction_of_copy": gbs / copy_gbs})
+    return gbs
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect ``bench_*.py`` when a directory is given (``pytest benchmarks``; pytest's default
+    pattern is ``test_*.py``). Files named on the command line are collected by pytest itself."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None

@@ -1,0 +1,199 @@
+"""Command line: ``bissl run | demo | config | env`` (also ``python -m bissl``).
+
+Examples::
+
+    bissl demo                                   # baseline vs BiSSL on digits, 3 seeds, CPU
+    bissl run configs/demo_digits.yaml --set bissl.lam=0.01 --out runs/lam0.01
+    bissl run --resume runs/lam0.01              # continue a killed run from its last checkpoint
+    bissl config configs/reference_imagenet_resnet50.yaml   # print the resolved config
+    bissl env                                    # versions, threads, kernel backends
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from bissl.config import ConfigError, config_to_dict, load_config
+
+#: Exit statuses: bad usage/config (argparse's convention), a failed run, an interruption.
+EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+DEMO_CONFIG = "demo_digits.yaml"
+
+
+def _configs_dir() -> Path:
+    """The repository's ``configs/`` folder (next to the ``bissl`` package in a source checkout)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _demo_config_path() -> Path:
+    path = _configs_dir() / DEMO_CONFIG
+    if not path.exists():
+        raise ConfigError(f"the demo config {path} is missing (it ships with the source checkout); "
+                          f"run 'bissl run <config>' with a config file instead")
+    return path
+
+
+def _run_dir(cfg, config_path: Path | None, out: str | None) -> Path:
+    if out:
+        return Path(out)
+    name = cfg.run.name or (config_path.stem if config_path is not None else "run")
+    return Path(cfg.run.out_dir) / name
+
+
+def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
+    """Run the experiment, print the table; map failures to exit statuses and one-line messages."""
+    from bissl.solvers import SolverError
+    from bissl.trainer import NonFiniteLossError, RunInterrupted, format_table, run_experiment
+
+    state = "resuming" if (run_dir / "config.yaml").exists() else "new run"
+    print(f"run directory: {run_dir} ({state})", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run_experiment(cfg, run_dir)
+    except (NonFiniteLossError, SolverError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, RunInterrupted) as err:
+        reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        print(f"\n{reason}; resume with: {command_hint} --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    wall = time.perf_counter() - start
+    print()
+    print(f"test top-1 accuracy (%) on {results['dataset']} ({results['backbone']}, "
+          f"{results['pretext']}), seeds {results['seeds']}:")
+    print(format_table(results))
+    print(f"\nwall time {wall:.1f} s on {results['device']} with {results['threads']} threads")
+    print(f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"
+          f"metrics: {run_dir}/seed_<s>/metrics.csv")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set) + (["run.quiet=true"] if args.quiet else [])
+    resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
+    config_path = Path(args.config) if args.config else None
+    if config_path is None:
+        if resume_dir is None:
+            raise ConfigError("give a CONFIG file, or --resume RUN_DIR to continue a run")
+        config_path = resume_dir / "config.yaml"
+        if not config_path.exists():
+            raise ConfigError(f"{resume_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(config_path, overrides)
+    run_dir = resume_dir or _run_dir(cfg, config_path, args.out)
+    if args.resume is not None and not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+    return _execute(cfg, run_dir, command_hint="bissl run")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    path = _demo_config_path()
+    overrides = [f"run.seeds={list(range(args.seeds))}", *args.set]
+    if args.quiet:
+        overrides.append("run.quiet=true")
+    cfg = load_config(path, overrides)
+    run_dir = _run_dir(cfg, path, args.out)
+    print(f"BiSSL demo: baseline vs BiSSL on scikit-learn digits, {args.seeds} seed(s), config {path}")
+    return _execute(cfg, run_dir, command_hint=f"bissl demo --seeds {args.seeds}")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.config) if args.config else None, args.set)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import torch
+
+    import bissl
+    import bissl.ops
+
+    print(f"bissl     {getattr(bissl, '__version__', 'unknown')} ({Path(bissl.__file__).parent})")
+    print(f"python    {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    print(f"torch     {torch.__version__}")
+    try:
+        import triton
+        print(f"triton    {triton.__version__}")
+    except ImportError as err:
+        print(f"triton    not importable ({err})")
+    print(f"threads   intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
+    print(f"cpu       mkldnn {torch.backends.mkldnn.is_available()}, "
+          f"capability {torch.backends.cpu.get_cpu_capability()}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"cuda      {torch.version.cuda}: {names}")
+    else:
+        print("cuda      not available")
+    report = getattr(bissl.ops, "backend_report", None)
+    if callable(report):
+        text = report()
+        print("backends:")
+        print(text if isinstance(text, str) else yaml.safe_dump(text, sort_keys=False), end="")
+        print()
+    else:
+        print("backends: bissl.ops.backend_report() is not available in this build")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bissl",
+        description="BiSSL: bilevel optimization aligning self-supervised pretraining with "
+                    "downstream fine-tuning (pretext -> BiSSL -> fine-tune, vs a baseline).",
+        epilog="Run 'bissl <command> --help' for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                       help="override a config key, e.g. --set bissl.lam=0.01 (repeatable; "
+                            "values are YAML: 1e-3, true, [0, 1])")
+
+    run = sub.add_parser("run", help="run (or resume) the full pipeline from a config file",
+                         description="Run pretext pretraining, the BiSSL stage and fine-tuning of "
+                                     "both arms for every seed; resumes automatically when the run "
+                                     "directory already holds checkpoints.")
+    run.add_argument("config", nargs="?", help="YAML/JSON config (optional with --resume RUN_DIR)")
+    add_set(run)
+    run.add_argument("--out", metavar="DIR", help="run directory (default: run.out_dir/<config name>)")
+    run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR (default: the config's run directory) from "
+                          "its last checkpoint; the directory must exist")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="baseline vs BiSSL on the built-in digits data (CPU, minutes)",
+                          description="The whole comparison on scikit-learn's 8x8 digits with a "
+                                      "small CNN, ending in a table of test accuracies.")
+    demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo_digits)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_set(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    config = sub.add_parser("config", help="print the fully resolved config (validates it)")
+    config.add_argument("config", nargs="?", help="YAML/JSON config (default: the built-in defaults)")
+    add_set(config)
+    config.set_defaults(func=_cmd_config)
+
+    env = sub.add_parser("env", help="print versions, threads and the kernel backends")
+    env.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bissl`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG

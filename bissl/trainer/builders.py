@@ -1,0 +1,170 @@
+"""Models, optimizers, schedules and augmentations built from a :class:`~bissl.config.Config`.
+
+One place for each construction so that every phase (and a resumed phase) builds the same objects
+in the same order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bissl.config import Config, ConfigError
+from bissl.data import DatasetSplits
+from bissl.models import build_backbone
+from bissl.optim import LARS, cosine_with_warmup
+from bissl.tasks.augment import TwoViewAugment, ViewConfig, augment_view, resolve_preset
+from bissl.tasks.pretext import build_pretext
+
+
+@dataclass
+class PipelineData:
+    """The tensors every phase draws from (kept on the CPU; batches move to the device).
+
+    Attributes:
+        pretext_x: ``(N_p, C, H, W)`` normalised pretext images (labels unused).
+        pretext_mean, pretext_std: their normalisation statistics (``[0, 1]`` pixel scale).
+        train_x, train_y, val_x, val_y, test_x, test_y: downstream splits, ``(N, C, H, W)``, ``(N,)``.
+        mean, std: downstream normalisation statistics.
+        num_classes, in_channels, image_size: of the downstream set (the pretext set must match
+            ``in_channels``; its images are resized to ``image_size`` by the loader config).
+    """
+
+    pretext_x: Tensor
+    pretext_mean: tuple[float, ...]
+    pretext_std: tuple[float, ...]
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    @classmethod
+    def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> "PipelineData":
+        """Downstream splits, and the pretext set's train split (default: the downstream train split)."""
+        src = pretext if pretext is not None else down
+        if src.in_channels != down.in_channels:
+            raise ValueError(f"the pretext data has {src.in_channels} channels, the downstream data "
+                             f"{down.in_channels}; one backbone cannot take both")
+        train_x, train_y = down.train.tensors[:2]
+        val_x, val_y = down.val.tensors[:2]
+        test_x, test_y = down.test.tensors[:2]
+        return cls(
+            pretext_x=src.train.tensors[0], pretext_mean=tuple(src.mean), pretext_std=tuple(src.std),
+            train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
+            mean=tuple(down.mean), std=tuple(down.std), num_classes=down.num_classes,
+            in_channels=down.in_channels, image_size=down.image_size,
+        )
+
+
+def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -> nn.Module:
+    """The configured backbone on ``device`` (channels_last when configured)."""
+    try:
+        model = build_backbone(cfg.model.backbone, in_channels=data.in_channels, **cfg.model.options)
+    except ValueError as err:
+        raise ConfigError(f"'model': {err}") from None
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -> nn.Module:
+    """The pretext head/loss module (SimCLR projector, or BYOL projector + predictor + target)."""
+    p = cfg.pretext
+    kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
+    if p.method == "simclr":
+        kwargs["temperature"] = p.temperature
+    else:
+        # "same-shape predictor": its hidden width is the projector's.
+        kwargs.update(pred_hidden=p.projector_dims[0], momentum=p.byol_ema)
+    module = build_pretext(p.method, backbone=backbone, feat_dim=backbone.out_dim, **kwargs)
+    return module.to(device)
+
+
+def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> ViewConfig:
+    names = {f.name for f in dataclasses.fields(ViewConfig)}
+    for name, value in overrides.items():
+        if name not in names:
+            raise ConfigError(f"unknown key '{key}.{name}'; ViewConfig fields: {', '.join(sorted(names))}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(base, **fixed)
+
+
+def build_two_view(cfg: Config, data: PipelineData) -> TwoViewAugment:
+    """The pretext two-view augmentation for the pretext images (de/normalising around it)."""
+    a = cfg.pretext.augment
+    preset = resolve_preset(a.preset, data.image_size)
+    aug = TwoViewAugment(preset, mean=data.pretext_mean, std=data.pretext_std)
+    v1, v2 = aug.views(data.image_size)
+    aug.view1 = _view_override(v1, a.view1, "pretext.augment.view1")
+    aug.view2 = _view_override(v2, a.view2, "pretext.augment.view2")
+    return aug
+
+
+class CropFlip:
+    """Single-view augmentation for downstream batches: the pretext preset's crop and flip only.
+
+    Images are de-normalised to ``[0, 1]`` pixels, cropped and flipped, and normalised again.
+    """
+
+    def __init__(self, cfg: Config, data: PipelineData) -> None:
+        crop = build_two_view(cfg, data).view1
+        self.view = ViewConfig(crop_scale=crop.crop_scale, crop_ratio=crop.crop_ratio,
+                               flip_p=crop.flip_p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                               solarize_p=0.0)
+        self.mean, self.std = data.mean, data.std
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        pixels = (x * std + mean).clamp(0.0, 1.0)
+        return (augment_view(pixels, self.view, generator=generator) - mean) / std
+
+
+def build_downstream_augment(cfg: Config, data: PipelineData) -> CropFlip | None:
+    """``None`` (no augmentation) or :class:`CropFlip`, per ``finetune.augment``."""
+    return CropFlip(cfg, data) if cfg.finetune.augment == "crop" else None
+
+
+def lars(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
+         eta: float) -> LARS:
+    """LARS (biases and norm affine parameters excluded from weight decay and adaptation)."""
+    return LARS(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with heavy-ball momentum."""
+    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+           final_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine schedule with linear warm-up; warm-up is capped at ``total_steps`` (tiny budgets)."""
+    total = max(1, total_steps)
+    return cosine_with_warmup(optimizer, total, min(warmup_steps, total), final_factor)
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Whole optimizer steps in ``epochs`` epochs (fractional epochs round up)."""
+    return int(math.ceil(epochs * steps_per_epoch - 1e-9))
+
+
+def clip_(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the gradients of ``params`` to total norm ``max_norm``; returns the norm before."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])

@@ -1,0 +1,212 @@
+"""The whole comparison for every seed: pretext -> BiSSL -> fine-tune, and the baseline arm.
+
+Run directory layout::
+
+    <run_dir>/config.yaml            the fully resolved config
+    <run_dir>/results.json           per-seed and mean ± std accuracies of both arms
+    <run_dir>/curves.png             pretext / lower / upper losses, fine-tuning val accuracy
+    <run_dir>/seed_<s>/metrics.csv   one row per logged step (see bissl.trainer.metrics)
+    <run_dir>/seed_<s>/checkpoints/  <phase>.pt (in progress), <phase>.done.pt (finished)
+
+Per seed the phases are ``pretext``, ``bissl``, ``finetune_bissl``, then (baseline enabled)
+``pretext_matched`` (only with ``baseline.compute_matched``) and ``finetune_baseline``. The pretext
+checkpoint is shared by both arms. Running the same command again on the same run directory
+resumes from the last checkpoint (or just re-reports a finished run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bissl.config import (
+    Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
+)
+from bissl.data import load_dataset
+from bissl.trainer.bissl_phase import BisslPhase
+from bissl.trainer.builders import PipelineData
+from bissl.trainer.finetune_phase import FinetunePhase
+from bissl.trainer.loop import RunContext, StepBudget, run_phase
+from bissl.trainer.metrics import MetricsLog, progress_enabled
+from bissl.trainer.plots import plot_run_dir
+from bissl.trainer.pretext_phase import LarsSchedule, PretextPhase
+from bissl.trainer.report import summarize, write_json_atomic
+
+#: Keys that may change between a run and its resumption (they do not change the results).
+RESUMABLE_CHANGES = ("run.name", "run.out_dir", "run.quiet", "run.seeds", "run.checkpoint_every",
+                     "run.num_threads", "run.workers", "run.device", "run.log_every")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a requested CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'run.device' is {name!r} but CUDA is not available (use 'cpu' or 'auto')")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"'run.device' is {name!r} but MPS is not available")
+    return device
+
+
+def threads_per_process(cfg: Config) -> int | None:
+    """``run.num_threads``, or with several workers the cores shared out among them."""
+    if cfg.run.num_threads is not None:
+        return cfg.run.num_threads
+    workers = min(cfg.run.workers, len(cfg.run.seeds))
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
+def configure_torch(cfg: Config) -> None:
+    """Threads, cuDNN autotuning and deterministic algorithms, as configured."""
+    threads = threads_per_process(cfg)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+
+
+def load_pipeline_data(cfg: Config) -> PipelineData:
+    """Load the downstream (and optional separate pretext) dataset named by ``cfg.data``."""
+    d = cfg.data
+    try:
+        down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
+                            test_fraction=d.test_fraction, seed=d.split_seed)
+        pretext = None
+        if d.pretext_name is not None:
+            # A separate pretext set is unlabelled training data: nothing is held out of it.
+            pretext = load_dataset(d.pretext_name, root=d.pretext_root, val_fraction=0.0,
+                                   test_fraction=0.0, seed=d.split_seed,
+                                   image_size=d.image_size or down.image_size)
+        return PipelineData.from_splits(down, pretext)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"'data': {err}") from None
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """Create ``run_dir`` with the resolved config, or check that an existing run used the same one.
+
+    Returns:
+        True when an existing run directory is being resumed.
+
+    Raises:
+        ConfigError: the directory holds a run with a different config (outside
+            :data:`RESUMABLE_CHANGES` and the ``debug`` section).
+    """
+    saved_path = run_dir / "config.yaml"
+    resuming = saved_path.exists()
+    if resuming:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = config_to_dict(cfg)
+        changed = [k for k in diff_configs(saved, current)
+                   if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
+        if changed:
+            raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}"
+                              f"{' ...' if len(changed) > 4 else ''} differ); resume with the same "
+                              "config or choose another output directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    # Fault injection belongs to one process, not to the run: `bissl run --resume DIR` reads this file.
+    dump_config(dataclasses.replace(cfg, debug=DebugConfig()), tmp)
+    os.replace(tmp, saved_path)
+    return resuming
+
+
+def _arm_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(result[k]) for k in ("test_acc", "val_acc", "test_loss", "val_loss")}
+
+
+def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device: torch.device,
+             budget: StepBudget, bar_position: int = 0) -> dict[str, dict[str, float] | None]:
+    """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``."""
+    metrics = MetricsLog(seed_dir / "metrics.csv")
+    ctx = RunContext(seed=seed, device=device, ckpt_dir=seed_dir / "checkpoints", metrics=metrics,
+                     checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
+                     progress=progress_enabled(cfg.run.quiet), budget=budget,
+                     bar_position=bar_position)
+    try:
+        pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
+        bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre), ctx)
+        out: dict[str, dict[str, float] | None] = {"bissl": _arm_metrics(run_phase(
+            "finetune_bissl",
+            lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]), ctx))}
+        out["baseline"] = None
+        if cfg.baseline.enabled:
+            base = pre
+            if cfg.baseline.compute_matched:
+                b, lo = cfg.bissl, cfg.bissl.lower
+                opt = LarsSchedule(lo.lr, lo.momentum, lo.weight_decay, lo.eta, lo.warmup_steps,
+                                   lo.final_lr_factor, lo.batch_size)
+                base = run_phase("pretext_matched", lambda: PretextPhase(
+                    "pretext_matched", cfg, data, ctx, total_steps=b.stages * b.lower_steps,
+                    opt=opt, init=pre), ctx)
+            out["baseline"] = _arm_metrics(run_phase(
+                "finetune_baseline",
+                lambda: FinetunePhase("finetune_baseline", cfg, data, ctx, base["backbone"]), ctx))
+    finally:
+        metrics.close()
+    return out
+
+
+def _seed_worker(raw_cfg: dict[str, Any], run_dir: str, seed: int,
+                 bar_position: int) -> dict[str, dict[str, float] | None]:
+    """One seed in a worker process (spawned: nothing is inherited but the arguments)."""
+    cfg = config_from_dict(raw_cfg)
+    configure_torch(cfg)
+    budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
+    return run_seed(cfg, load_pipeline_data(cfg), seed, Path(run_dir) / f"seed_{seed}",
+                    resolve_device(cfg.run.device), budget, bar_position)
+
+
+def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int, Any]:
+    """Seeds shared among ``workers`` spawned processes; each seed writes only its own folder."""
+    raw = config_to_dict(cfg)
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {seed: pool.submit(_seed_worker, raw, str(run_dir), seed, i)
+                   for i, seed in enumerate(cfg.run.seeds)}
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def run_experiment(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume) every seed of ``cfg`` in ``run_dir``; write results.json and curves.png.
+
+    Seeds run one after another in this process, or in ``run.workers`` parallel processes. A seed's
+    results do not depend on which process ran it (only on the threads per process, which change
+    floating-point summation order).
+
+    Returns:
+        The ``results.json`` content (see :func:`bissl.trainer.report.summarize`).
+    """
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    device = resolve_device(cfg.run.device)
+    configure_torch(cfg)
+    prepare_run_dir(cfg, run_dir)
+    workers = min(cfg.run.workers, len(cfg.run.seeds))
+    if workers > 1:
+        load_pipeline_data(cfg)  # fail here, once, on a data error
+        per_seed = _run_seeds_in_workers(cfg, run_dir, workers)
+    else:
+        data = load_pipeline_data(cfg)
+        budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
+        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget)
+                    for seed in cfg.run.seeds}
+    meta = {
+        "dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
+        "device": str(device), "threads": torch.get_num_threads(), "workers": workers,
+        "wall_s_this_process": round(time.perf_counter() - start, 1),
+    }
+    results = summarize(per_seed, meta=meta)
+    write_json_atomic(results, run_dir / "results.json")
+    plot_run_dir(run_dir, cfg.run.seeds)
+    return results

@@ -1,0 +1,83 @@
+"""``results.json`` (per-seed and mean ± std accuracies of both arms) and the printed table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+ARMS = ("baseline", "bissl")
+_METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
+              meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Aggregate per-seed results of both arms.
+
+    Args:
+        per_seed: ``{seed: {"bissl": {...metrics}, "baseline": {...} or None}}``.
+        meta: extra fields stored as they are (dataset, backbone, wall time...).
+    """
+    seeds = sorted(per_seed)
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        results = [per_seed[s].get(arm) for s in seeds]
+        if any(r is None for r in results):
+            continue
+        summary[arm] = {m: mean_std([r[m] for r in results]) for m in _METRICS}
+    if all(arm in summary for arm in ARMS):
+        diffs = [per_seed[s]["bissl"]["test_acc"] - per_seed[s]["baseline"]["test_acc"] for s in seeds]
+        summary["bissl_minus_baseline_test_acc"] = mean_std(diffs)
+    return {
+        "seeds": seeds,
+        "per_seed": {str(s): per_seed[s] for s in seeds},
+        "summary": summary,
+        "notes": "accuracies are top-1 fractions in [0, 1]; std is the sample standard deviation "
+                 "over seeds (ddof=1); test accuracy is of the final fine-tuning epoch (the test "
+                 "split is never used for selection)",
+        **(meta or {}),
+    }
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text table of test accuracy (%) per seed and mean ± std, baseline vs BiSSL."""
+    per_seed, summary = results["per_seed"], results["summary"]
+    has_base = "baseline" in summary
+    head = f"{'seed':>10}  {'baseline':>14}  {'BiSSL':>14}  {'BiSSL - baseline':>17}"
+    lines = [head, "-" * len(head)]
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.2f}"
+
+    for seed, arms in per_seed.items():
+        base = arms.get("baseline")
+        b = base["test_acc"] if base else None
+        s = arms["bissl"]["test_acc"]
+        diff = f"{100 * (s - b):+.2f}" if b is not None else "—"
+        lines.append(f"{seed:>10}  {pct(b):>14}  {pct(s):>14}  {diff:>17}")
+
+    def ms(stats: dict[str, float]) -> str:
+        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+    base_ms = ms(summary["baseline"]["test_acc"]) if has_base else "—"
+    diff_ms = (f"{100 * summary['bissl_minus_baseline_test_acc']['mean']:+.2f} ± "
+               f"{100 * summary['bissl_minus_baseline_test_acc']['std']:.2f}") if has_base else "—"
+    lines.append("-" * len(head))
+    lines.append(f"{'mean ± std':>10}  {base_ms:>14}  {ms(summary['bissl']['test_acc']):>14}  {diff_ms:>17}")
+    return "\n".join(lines)

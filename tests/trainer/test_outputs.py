@@ -1,0 +1,134 @@
+"""Run outputs: results.json, curves.png, metrics CSV, checkpoints; loop errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from bissl.trainer import NonFiniteLossError, Phase, RunContext, run_experiment, run_phase
+from bissl.trainer.checkpoint import load_checkpoint, save_atomic
+from bissl.trainer.metrics import COLUMNS, MetricsLog, read_metrics
+from bissl.trainer.report import format_table, mean_std, summarize
+
+
+def test_run_directory_contents(reference_run):
+    run_dir, results = reference_run
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["bissl"]["lam"] == 0.001 and saved["model"]["options"] == {"width": 4}
+    ckpts = sorted(p.name for p in (run_dir / "seed_0" / "checkpoints").iterdir())
+    assert ckpts == ["bissl.done.pt", "finetune_baseline.done.pt", "finetune_bissl.done.pt",
+                     "pretext.done.pt"]  # in-progress checkpoints and temporary files are gone
+    rows = read_metrics(run_dir / "seed_0" / "metrics.csv")
+    header = (run_dir / "seed_0" / "metrics.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == COLUMNS
+    by_part = {}
+    for r in rows:
+        by_part.setdefault((r["phase"], r["part"]), []).append(r)
+    assert {k: len(v) for k, v in by_part.items()} == {
+        ("pretext", "pretext"): 4, ("bissl", "warmup"): 3, ("bissl", "lower"): 4,
+        ("bissl", "upper"): 4, ("finetune_bissl", "train"): 4, ("finetune_bissl", "eval"): 1,
+        ("finetune_baseline", "train"): 4, ("finetune_baseline", "eval"): 1}
+    for r in by_part[("bissl", "upper")]:
+        assert r["cg_iters"] >= 1 and r["cg_residual"] >= 0 and r["loss_theta"] > 0
+        assert r["cg_converged"] in (0, 1) and r["cg_nonfinite"] == 0
+    assert all(r["prox"] >= 0 for r in by_part[("bissl", "lower")])
+    # the results match what the done checkpoints hold
+    done = load_checkpoint(run_dir / "seed_0" / "checkpoints" / "finetune_bissl.done.pt")["result"]
+    assert results["per_seed"]["0"]["bissl"]["test_acc"] == done["test_acc"]
+    assert results["summary"]["bissl"]["test_acc"]["n"] == 1
+
+
+def test_summary_statistics_and_table():
+    per_seed = {0: {"bissl": {"test_acc": 0.9, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0},
+                    "baseline": {"test_acc": 0.8, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0}},
+                1: {"bissl": {"test_acc": 0.7, "val_acc": 0.6, "test_loss": 2.0, "val_loss": 1.0},
+                    "baseline": {"test_acc": 0.8, "val_acc": 0.7, "test_loss": 1.5, "val_loss": 1.0}}}
+    res = summarize(per_seed)
+    assert res["summary"]["bissl"]["test_acc"]["mean"] == pytest.approx(0.8)
+    assert res["summary"]["bissl"]["test_acc"]["std"] == pytest.approx(math.sqrt(0.02))  # ddof=1
+    assert res["summary"]["bissl_minus_baseline_test_acc"]["mean"] == pytest.approx(0.0)
+    table = format_table(res)
+    assert "90.00" in table and "+10.00" in table and "-10.00" in table
+    assert "80.00 ± 14.14" in table
+    assert mean_std([2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
+
+
+def test_compute_matched_baseline_and_disabled_baseline(tmp_path, tiny_config):
+    res = run_experiment(tiny_config("baseline.compute_matched=true"), tmp_path / "matched")
+    rows = read_metrics(tmp_path / "matched" / "seed_0" / "metrics.csv")
+    matched = [r for r in rows if r["phase"] == "pretext_matched"]
+    assert len(matched) == 2 * 2  # stages x lower_steps, with the lower-level LARS schedule
+    assert matched[0]["lr"] == 1.0
+    assert res["summary"]["baseline"]["test_acc"]["n"] == 1
+    res = run_experiment(tiny_config("baseline.enabled=false"), tmp_path / "nobase")
+    assert res["per_seed"]["0"]["baseline"] is None and "baseline" not in res["summary"]
+    assert "—" in format_table(res)
+
+
+class _Exploding(Phase):
+    name = "explode"
+
+    def __init__(self):
+        super().__init__(total_steps=5)
+        self.w = torch.zeros(())
+
+    def step(self):
+        self.step_idx += 1
+        return [{"part": "train", "loss": torch.tensor(float("nan") if self.step_idx == 3 else 1.0)}]
+
+    def state_dict(self):
+        return {"w": self.w}
+
+    def load_state_dict(self, state):
+        self.w = state["w"]
+
+    def result(self):
+        return {}
+
+    def describe_step(self, step):
+        return f"toy step {step}"
+
+
+def test_nonfinite_loss_names_phase_and_step(tmp_path):
+    ctx = RunContext(seed=7, device=torch.device("cpu"), ckpt_dir=tmp_path / "ck",
+                     metrics=MetricsLog(tmp_path / "m.csv"), checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in phase 'explode' at toy step 3 \(seed 7\)"):
+        run_phase("explode", _Exploding, ctx)
+    assert (tmp_path / "ck" / "explode.pt").exists()  # the step-2 checkpoint survives
+    assert load_checkpoint(tmp_path / "ck" / "explode.pt")["step_idx"] == 2
+
+
+def test_atomic_save_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a" / "c.pt"
+    save_atomic({"x": 1}, path)
+    save_atomic({"x": 2}, path)
+    assert load_checkpoint(path) == {"x": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"x": Unpicklable()}, path)
+    assert load_checkpoint(path) == {"x": 2}  # the old checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]
+
+
+def test_metrics_log_truncate(tmp_path):
+    log = MetricsLog(tmp_path / "m.csv")
+    log.log({"seed": 0, "phase": "p", "part": "x", "step": 1, "loss": 0.5})
+    offset = log.offset()
+    log.log({"seed": 0, "phase": "p", "part": "x", "step": 2, "loss": 0.25})
+    log.truncate(offset)
+    log.log({"seed": 0, "phase": "p", "part": "x", "step": 3, "loss": 0.125})
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "m.csv")] == [1.0, 3.0]
+    with pytest.raises(KeyError, match="bogus"):
+        MetricsLog(tmp_path / "n.csv").log({"bogus": 1})

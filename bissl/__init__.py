@@ -9,7 +9,7 @@ from __future__ import annotations
 from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
 from bissl.ops import batchnorm_stats_frozen, flat_spec, flatten, hvp, hvp_batched, linearize_hvp, unflatten
 from bissl.solvers import (
-    SolveResult, SolverError, cg_layerwise_solve, cg_solve, identity_solve, neumann_solve,
+    SolveResult, SolverError, cg_layerwise_solve, cg_solve, identity_solve, minres_solve, neumann_solve,
 )
 
 __version__ = "0.1.0"
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = sorted([
     "SolveResult", "SolverError", "batchnorm_stats_frozen", "cg_layerwise_solve", "cg_solve",
     "flat_spec", "flatten", "hvp", "hvp_batched", "identity_solve", "implicit_hypergrad",
-    "linearize_hvp", "neumann_solve", "reference_hypergrad", "unflatten",
+    "linearize_hvp", "minres_solve", "neumann_solve", "reference_hypergrad", "unflatten",
 ])

@@ -68,7 +68,9 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
     print(f"test top-1 accuracy (%) on {results['dataset']} ({results['backbone']}, "
           f"{results['pretext']}), seeds {results['seeds']}:")
     print(format_table(results))
-    print(f"\nwall time {wall:.1f} s on {results['device']} with {results['threads']} threads")
+    layout = (f"{results['workers']} worker processes" if results["workers"] > 1 else "1 process")
+    print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {results['threads']} "
+          f"thread(s) each)")
     print(f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"
           f"metrics: {run_dir}/seed_<s>/metrics.csv")
     return 0

@@ -231,15 +231,23 @@ class BisslConfig:
     damping: float = _opt(10.0, "λ_damp: the linear system is (I + H/(λ+λ_damp)) x = v", _ge(0))
     gamma: float = _opt(1.0, "γ: weight of the direct upper term L_D(φ, ψ_D)", _ge(0))
     cg_iters: int = _opt(5, "iterations of the inverse-HVP solver", _ge(0))
-    solver: Literal["cg", "cg_layerwise", "neumann", "identity"] = _opt(
-        "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code)")
+    solver: Literal["cg", "cg_layerwise", "minres", "neumann", "identity"] = _opt(
+        "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code; 'minres' "
+              "handles indefinite systems)")
+    on_indefinite: Literal["raise", "warn", "fallback", "adaptive_damping"] = _opt(
+        "raise", "what an upper step does when the solver flags I + H/(λ+λ_damp) indefinite: "
+                 "'raise' (with strict false: log only), 'warn', 'fallback' (re-solve with "
+                 "fallback_solver) or 'adaptive_damping' (re-solve with a larger damping)")
+    fallback_solver: Literal["minres", "identity", "cg", "cg_layerwise", "neumann"] = _opt(
+        "minres", "solver of on_indefinite: fallback")
     hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd"]] = _opt(
         None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev')")
     hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
                                                "(default: lower.batch_size)", _ge(2))
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
-    strict: bool = _opt(False, "raise when the solver reports non-finite values or negative "
-                               "curvature (otherwise they are logged)")
+    strict: bool = _opt(False, "raise when the solver reports non-finite values or an indefinite "
+                               "system the on_indefinite policy did not resolve (otherwise they "
+                               "are logged)")
     backend: Optional[str] = _opt(None, "kernel backend of bissl.ops (default: automatic)")
     lower: LowerConfig = field(default_factory=LowerConfig)
     upper: UpperConfig = field(default_factory=UpperConfig)
@@ -302,6 +310,9 @@ class Config:
         if self.bissl.stages > 0 and self.bissl.upper_steps > 0 and self.bissl.cg_iters == 0 \
                 and self.bissl.solver != "identity":
             raise ConfigError("'bissl.cg_iters' must be >= 1 unless 'bissl.solver' is 'identity'")
+        if self.bissl.on_indefinite == "fallback" and self.bissl.fallback_solver == self.bissl.solver:
+            raise ConfigError("'bissl.fallback_solver' must differ from 'bissl.solver' when "
+                              "'bissl.on_indefinite' is 'fallback'")
 
 
 # --------------------------------------------------------------------------- building and checking

@@ -9,6 +9,7 @@ Reductions are deterministic: every program reduces a fixed ``chunk`` of the vec
 depends only on ``P``, not on the tuned ``BLOCK``), writes one float64 partial, and the partials
 are summed in a fixed order by ``torch.sum``; there are no atomics.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,13 +1,13 @@
 """Triton kernel: ``a·x + b·y`` (the upper-level combination; reads 2 vectors, writes 1)."""
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from bissl.kernels._checks import check_flat_vectors
 from bissl.kernels._common import elementwise_configs
+from torch import Tensor
 
 
 @triton.autotune(configs=elementwise_configs(), key=["n"])

@@ -3,14 +3,14 @@
 It cannot join :mod:`bissl.kernels.cg_step`'s pass: ``β = rᵀr_new / rᵀr_old`` needs that pass's
 complete reduction first, and the next pass is the HVP of ``p`` itself.
 """
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from bissl.kernels._checks import check_flat_vectors, check_step_size
 from bissl.kernels._common import elementwise_configs, scalar_on_device
+from torch import Tensor
 
 
 @triton.autotune(configs=elementwise_configs(), key=["n"], restore_value=["p_ptr"])

@@ -3,27 +3,34 @@
 Reads x, r, p, Ap and writes x, r (6 vector passes; torch needs 2 temporaries and a separate dot:
 about 11). ``α`` is read from device memory, so the CG loop never syncs with the host.
 """
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from bissl.kernels._checks import check_flat_vectors, check_step_size
 from bissl.kernels._common import (
-    reduction_configs,
     partials_buffer,
     reduction_chunk,
+    reduction_configs,
     scalar_on_device,
     sum_partials,
 )
+from torch import Tensor
 
 
 @triton.autotune(configs=reduction_configs(), key=["n", "CHUNK"], restore_value=["x_ptr", "r_ptr"])
 @triton.jit
 def _cg_step_kernel(
-    x_ptr, r_ptr, p_ptr, ap_ptr, alpha_ptr, partial_ptr, n,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    p_ptr,
+    ap_ptr,
+    alpha_ptr,
+    partial_ptr,
+    n,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * CHUNK
@@ -53,5 +60,7 @@ def cg_step_triton(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -
         return x.new_zeros(())
     chunk = reduction_chunk(n)
     partials = partials_buffer(n, chunk, x)
-    _cg_step_kernel[(partials.numel(),)](x, r, p, ap, scalar_on_device(alpha, x), partials, n, CHUNK=chunk)
+    _cg_step_kernel[(partials.numel(),)](
+        x, r, p, ap, scalar_on_device(alpha, x), partials, n, CHUNK=chunk
+    )
     return sum_partials(partials, x.dtype)

@@ -4,23 +4,29 @@ One pass reads ``Hv`` and ``v`` and writes ``Av`` (3 vector passes) instead of t
 add, dot). ``scale``/``shift`` are float64 kernel arguments so float64 vectors keep full precision
 (an unannotated Python float becomes float32 in a compiled Triton kernel).
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from bissl.kernels._checks import check_flat_vectors
 from bissl.kernels._common import partials_buffer, reduction_chunk, reduction_configs, sum_partials
+from torch import Tensor
 
 
 @triton.autotune(configs=reduction_configs(), key=["n", "CHUNK"])
 @triton.jit
 def _damped_matvec_kernel(
-    hv_ptr, v_ptr, av_ptr, partial_ptr,
-    scale: tl.float64, shift: tl.float64, n,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    hv_ptr,
+    v_ptr,
+    av_ptr,
+    partial_ptr,
+    scale: tl.float64,
+    shift: tl.float64,
+    n,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * CHUNK
@@ -36,8 +42,10 @@ def _damped_matvec_kernel(
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0).to(tl.float64))
 
 
-def damped_matvec_triton(hv: Tensor, v: Tensor, scale: float, shift: float) -> tuple[Tensor, Tensor]:
-    """``(Av, vᵀAv)`` with ``Av = scale·hv + shift·v``; hv, v: ``(P,)``; returns ``(P,)`` and 0-dim."""
+def damped_matvec_triton(
+    hv: Tensor, v: Tensor, scale: float, shift: float
+) -> tuple[Tensor, Tensor]:
+    """``(Av, vᵀAv)`` with ``Av = scale·hv + shift·v``; hv, v: ``(P,)``; returns ``(P,)``, 0-dim."""
     check_flat_vectors("damped_matvec", "triton", hv=hv, v=v)
     n = hv.numel()
     av = torch.empty_like(hv)
@@ -45,5 +53,7 @@ def damped_matvec_triton(hv: Tensor, v: Tensor, scale: float, shift: float) -> t
         return av, hv.new_zeros(())
     chunk = reduction_chunk(n)
     partials = partials_buffer(n, chunk, hv)
-    _damped_matvec_kernel[(partials.numel(),)](hv, v, av, partials, float(scale), float(shift), n, CHUNK=chunk)
+    _damped_matvec_kernel[(partials.numel(),)](
+        hv, v, av, partials, float(scale), float(shift), n, CHUNK=chunk
+    )
     return av, sum_partials(partials, hv.dtype)

@@ -1,18 +1,20 @@
 """Triton kernel: proximal gradient ``grad + λ (θ − φ)`` (reads 3 vectors, writes 1)."""
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from bissl.kernels._checks import check_flat_vectors
 from bissl.kernels._common import elementwise_configs
+from torch import Tensor
 
 
 @triton.autotune(configs=elementwise_configs(), key=["n"])
 @triton.jit
-def _prox_grad_kernel(grad_ptr, theta_ptr, phi_ptr, out_ptr, lam: tl.float64, n, BLOCK: tl.constexpr):
+def _prox_grad_kernel(
+    grad_ptr, theta_ptr, phi_ptr, out_ptr, lam: tl.float64, n, BLOCK: tl.constexpr
+):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     grad = tl.load(grad_ptr + idx, mask=mask)

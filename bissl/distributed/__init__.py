@@ -7,17 +7,31 @@ See ``docs/distributed.md``.
 from __future__ import annotations
 
 from bissl.distributed.collectives import (
-    allreduce_mean_, allreduce_mean_tensors_, gather_objects, rank, tensor_digest, world_size,
+    allreduce_mean_,
+    allreduce_mean_tensors_,
+    gather_objects,
+    rank,
+    tensor_digest,
+    world_size,
 )
 from bissl.distributed.engines import (
-    ELEMENTWISE_OPTIMIZERS, BilevelEngines, build_bilevel_engines, import_deepspeed, load_checkpoint,
+    ELEMENTWISE_OPTIMIZERS,
+    BilevelEngines,
+    build_bilevel_engines,
+    import_deepspeed,
+    load_checkpoint,
     save_checkpoint,
 )
 from bissl.distributed.hypergrad import distributed_implicit_hypergrad
-from bissl.distributed.launch import TIMEOUT_EXIT_CODE, launch
+from bissl.distributed.launcher import TIMEOUT_EXIT_CODE, launch
 from bissl.distributed.matvec import DistributedMatVec
 from bissl.distributed.objectives import LowerObjective, UpperObjective, gathered
-from bissl.distributed.process_group import DistInfo, init_process_group_from_env, shutdown
+from bissl.distributed.process_group import (
+    DistInfo,
+    exit_rank,
+    init_process_group_from_env,
+    shutdown,
+)
 from bissl.distributed.step import HypergradSettings, average_buffers_, bissl_step
 from bissl.distributed.zero_config import DeepSpeedSettings
 
@@ -25,7 +39,7 @@ __all__ = sorted([
     "BilevelEngines", "DeepSpeedSettings", "DistInfo", "DistributedMatVec", "ELEMENTWISE_OPTIMIZERS",
     "HypergradSettings", "LowerObjective", "TIMEOUT_EXIT_CODE", "UpperObjective", "allreduce_mean_",
     "allreduce_mean_tensors_", "average_buffers_", "bissl_step", "build_bilevel_engines",
-    "distributed_implicit_hypergrad", "gather_objects", "gathered", "import_deepspeed",
+    "distributed_implicit_hypergrad", "exit_rank", "gather_objects", "gathered", "import_deepspeed",
     "init_process_group_from_env", "launch", "load_checkpoint", "rank", "save_checkpoint",
     "shutdown", "tensor_digest", "world_size",
 ])

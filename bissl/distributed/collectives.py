@@ -13,7 +13,7 @@ is what keeps CG's scalars, and hence its whole state, identical on all ranks.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
     torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
 )
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-INSTALL_HINT = ("pip install --no-deps deepspeed==0.19.8 && pip install einops hjson msgpack psutil "
-                "'pydantic>=2' py-cpuinfo  (never let pip pick a torch)")
+INSTALL_HINT = ("pip install --no-deps --no-build-isolation deepspeed==0.19.8 && pip install einops "
+                "hjson msgpack psutil 'pydantic>=2' py-cpuinfo  (never let pip pick a torch; see "
+                "docs/distributed.md)")
 
 
 def import_deepspeed():

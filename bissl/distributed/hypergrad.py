@@ -15,7 +15,12 @@ from __future__ import annotations
 from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
 from bissl.hypergrad.implicit import (
-    ON_INDEFINITE, IndefinitePolicy, SolverName, _apply_policy, _solve, upper_gradient,
+    ON_INDEFINITE,
+    IndefinitePolicy,
+    SolverName,
+    _apply_policy,
+    _solve,
+    upper_gradient,
 )
 from bissl.ops.flat import flat_spec, unflatten
 from bissl.ops.hvp import HVPMode, linearize_hvp

@@ -7,7 +7,7 @@ reference's one all-reduce per parameter tensor per HVP.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

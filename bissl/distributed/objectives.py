@@ -20,7 +20,9 @@ without DeepSpeed) the gather is a no-op.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +37,7 @@ def _is_zero3_param(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def gathered(params: Iterable[nn.Parameter]) -> ContextManager[None]:
+def gathered(params: Iterable[nn.Parameter]) -> AbstractContextManager[None]:
     """Context in which ZeRO-3-partitioned ``params`` hold their full values (read-only).
 
     A no-op when none of them is partitioned (ZeRO 0-2, plain torch), so callers need no branch.

@@ -13,7 +13,8 @@ parameters, not buffers.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,10 +44,12 @@ def reference_bissl_step(
     lower_shards: Sequence[Sequence[Any]],
     hvp_shards: Sequence[Any],
     upper_shards: Sequence[Any],
-    hyper: HypergradSettings = HypergradSettings(),
+    hyper: HypergradSettings | None = None,
     *,
     lower_clip_norm: float | None = 10.0,
     upper_clip_norm: float | None = 10.0,
+    lower_scheduler: Any = None,
+    upper_scheduler: Any = None,
 ) -> dict[str, Tensor]:
     """One BiSSL step on shard-averaged losses, in one process.
 
@@ -55,12 +58,16 @@ def reference_bissl_step(
         lower_optimizer, upper_optimizer: torch optimizers over their parameters.
         lower_shards: per lower step, the list of the ``N`` ranks' batch shards.
         hvp_shards, upper_shards: the ``N`` shards of the HVP batch and of the downstream batch.
-        hyper: solver settings; ``lower.lam``, ``upper.gamma`` as in the distributed step.
+        hyper: solver settings (default: :class:`HypergradSettings()`); ``lower.lam`` and
+            ``upper.gamma`` as in the distributed step.
         lower_clip_norm, upper_clip_norm: total-norm clipping (None or 0: none).
+        lower_scheduler, upper_scheduler: LR schedulers stepped after every optimizer step, as the
+            engines do (default: none).
 
     Returns:
         ``{"x": flat IFT term, "loss_phi": shard-averaged direct loss}`` (detached).
     """
+    hyper = hyper or HypergradSettings()
     lam, gamma = lower.lam, upper.gamma
     theta_named = dict(lower.backbone.named_parameters())
     phi = {k: p.detach().clone() for k, p in upper.backbone.named_parameters()}
@@ -73,6 +80,8 @@ def reference_bissl_step(
         if lower_clip_norm:
             torch.nn.utils.clip_grad_norm_(lower_params, lower_clip_norm)
         lower_optimizer.step()
+        if lower_scheduler is not None:
+            lower_scheduler.step()
 
     theta = {k: p.detach() for k, p in lower.backbone.named_parameters()}
 
@@ -103,4 +112,6 @@ def reference_bissl_step(
     if upper_clip_norm:
         torch.nn.utils.clip_grad_norm_(phi_params + head, upper_clip_norm)
     upper_optimizer.step()
+    if upper_scheduler is not None:
+        upper_scheduler.step()
     return {"x": torch.cat([x[k].reshape(-1) for k in names]).detach(), "loss_phi": direct.detach()}

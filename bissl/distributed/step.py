@@ -23,8 +23,10 @@ what :func:`bissl.distributed.reference.reference_bissl_step` computes in one pr
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +135,12 @@ def hypergradient(engines: BilevelEngines, hvp_batch: Any, upper_batch: Any, hyp
             return_info=True, bucket_numel=engines.settings.hypergrad_bucket_numel, on_matvec=on_matvec)
         g_psi = {k: torch.zeros_like(p) if g is None else g.detach()
                  for (k, p), g in zip(psi_d.items(), seen["g_psi"])}
+    if not hyper.strict and bool(solve.nonfinite):
+        # Report-only mode: as the single-process trainer, drop the non-finite entries of the IFT
+        # term instead of poisoning φ (the flag is identical on every rank, so all ranks agree).
+        warnings.warn("bissl_step: the hypergradient solve produced NaN/Inf; those entries are set "
+                      "to 0 (HypergradSettings(strict=True) raises instead)", RuntimeWarning, stacklevel=3)
+        x = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in x.items()}
     by_name = {**{f"backbone.{k}": v for k, v in x.items()}, **{f"head.{k}": v for k, v in g_psi.items()}}
     injected = [by_name[k] for k, _ in upper.named_parameters()]
     return injected, {"loss_theta": seen["loss_theta"], "solve": solve}
@@ -159,7 +167,7 @@ def average_buffers_(module: nn.Module, *, bucket_numel: int | None = None) -> i
 
 
 def bissl_step(engines: BilevelEngines, lower_batches: Sequence[Any], hvp_batch: Any, upper_batch: Any,
-               hyper: HypergradSettings = HypergradSettings(), *,
+               hyper: HypergradSettings | None = None, *,
                on_matvec: MatVecHook | None = None) -> dict[str, Any]:
     """``len(lower_batches)`` lower steps, then one upper step (see module docstring).
 
@@ -168,16 +176,19 @@ def bissl_step(engines: BilevelEngines, lower_batches: Sequence[Any], hvp_batch:
         lower_batches: this rank's pretext batch shard for each lower step.
         hvp_batch: this rank's shard of the pretext batch that defines H.
         upper_batch: this rank's downstream batch shard.
-        hyper: solver settings (:class:`HypergradSettings`).
+        hyper: solver settings (default: :class:`HypergradSettings()`, the reference's).
         on_matvec: hook after each averaged HVP (tracing, tests).
 
     Returns:
         ``{"lower": [terms per lower step], "loss_phi", "loss_theta", "solve"}`` (detached tensors,
         this rank's shard values; ``solve`` is the :class:`~bissl.solvers.SolveResult`).
     """
-    phi = phi_snapshot(engines)
-    lower_terms = [lower_step(engines, batch, phi) for batch in lower_batches]
-    del phi
+    hyper = hyper or HypergradSettings()
+    lower_terms = []
+    if lower_batches:
+        phi = phi_snapshot(engines)  # φ is constant during the lower steps
+        lower_terms = [lower_step(engines, batch, phi) for batch in lower_batches]
+        del phi
     injected, info = hypergradient(engines, hvp_batch, upper_batch, hyper, on_matvec=on_matvec)
     loss_phi = upper_step(engines, upper_batch, injected)
     bucket = engines.settings.hypergrad_bucket_numel

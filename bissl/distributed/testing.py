@@ -7,8 +7,8 @@ the same global batches, then cut into per-rank shards.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,13 @@ def sgd_factory(lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1
     def build(module: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr,
                                momentum=momentum, weight_decay=weight_decay)
+    return build
+
+
+def decaying_lr(rate: float) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
+    """``optimizer -> LambdaLR`` with factor ``1 / (1 + rate·step)`` (a schedule with state to resume)."""
+    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + rate * step))
     return build
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Literal
 import torch
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
-from bissl.ops.flat import flat_spec, flatten, unflatten
+from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
 from bissl.ops.hvp import HVPMode, LinearizedHVP, linearize_hvp
 from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
@@ -49,8 +49,8 @@ def upper_gradient(upper_loss: LossFn, params: ParamsLike) -> tuple[torch.Tensor
     return loss.detach(), flatten(grads)
 
 
-def _solve(name: str, op: LinearizedHVP | None, v: torch.Tensor, spec, *, lam: float, damping: float,
-           iters: int, backend: str | None, rtol: float | None) -> SolveResult:
+def _solve(name: str, op: LinearizedHVP | None, v: torch.Tensor, spec: FlatSpec, *, lam: float,
+           damping: float, iters: int, backend: str | None, rtol: float | None) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver (flat ``v``)."""
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
@@ -159,7 +159,8 @@ def implicit_hypergrad(
     if damping < 0:
         raise ValueError(f"implicit_hypergrad: damping must be >= 0, got {damping}")
     if on_indefinite not in ON_INDEFINITE:
-        raise ValueError(f"implicit_hypergrad: unknown on_indefinite {on_indefinite!r}; choose one of {ON_INDEFINITE}")
+        raise ValueError(f"implicit_hypergrad: unknown on_indefinite {on_indefinite!r}; "
+                         f"choose one of {ON_INDEFINITE}")
     get_solver(solver)
     get_solver(fallback)
     if on_indefinite == "fallback" and fallback == solver:
@@ -177,7 +178,7 @@ def implicit_hypergrad(
     # Report-only mode never reads a flag, so it stays free of host synchronisation.
     acting = strict or on_indefinite != "raise"
     if acting and result.needs_positive_definite and bool(result.indefinite):
-        result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve, strict)
+        result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve)
     if strict:
         result.check(ignore_indefinite=result.action == "warned")
     x = unflatten(result.x, spec)
@@ -186,9 +187,9 @@ def implicit_hypergrad(
 
 
 def _apply_policy(result: SolveResult, policy: str, fallback: str, solver: str, lam: float,
-                  damping: float, solve: Callable[[str, float], SolveResult], strict: bool) -> SolveResult:
+                  damping: float, solve: Callable[[str, float], SolveResult]) -> SolveResult:
     """What ``on_indefinite`` does with a solve flagged indefinite; returns the result to use."""
-    if policy == "raise":  # only reached with strict=True
+    if policy == "raise":  # only reached with strict=True (report-only mode skips the policy)
         problems = result.problems()
         raise SolverError("; ".join(problems) if problems else f"{solver}: indefinite system")
     if policy == "warn":

@@ -37,6 +37,7 @@ is probed once per process (import, registration and a smoke test against the re
 Environment: ``BISSL_BACKEND`` (auto|torch|cpp|triton|cuda), ``BISSL_NO_EXT=1`` (do not load
 ``bissl._C``), ``BISSL_CUDA_EXT=0`` (do not build/load the CUDA extension).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,7 +57,10 @@ from bissl.ops import reference as ref
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 
 #: Preference order of ``auto`` per device type; any other device type gets ``torch``.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpp", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -114,7 +118,9 @@ _WARNED: set[str] = set()
 def _smoke_test(impls: dict[str, Callable], device: torch.device) -> str | None:
     """Run every op once on small float64 inputs against the reference; None if all agree."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    hv, v, x, r, p, ap = (torch.randn(37, generator=g, dtype=torch.float64).to(device) for _ in range(6))
+    hv, v, x, r, p, ap = (
+        torch.randn(37, generator=g, dtype=torch.float64).to(device) for _ in range(6)
+    )
     step = torch.tensor(0.3, dtype=torch.float64, device=device)
     x_k, r_k, p_k = x.clone(), r.clone(), p.clone()
     rr_k = impls["cg_step_"](x_k, r_k, p, ap, step)
@@ -122,7 +128,10 @@ def _smoke_test(impls: dict[str, Callable], device: torch.device) -> str | None:
     rr = ref.cg_step_ref_(x, r, p, ap, step)
     ref.cg_direction_ref_(p, r, step)
     pairs = {
-        "damped_matvec": (impls["damped_matvec"](hv, v, 0.5, 2.0), ref.damped_matvec_ref(hv, v, 0.5, 2.0)),
+        "damped_matvec": (
+            impls["damped_matvec"](hv, v, 0.5, 2.0),
+            ref.damped_matvec_ref(hv, v, 0.5, 2.0),
+        ),
         "prox_grad": ((impls["prox_grad"](hv, v, x, 0.1),), (ref.prox_grad_ref(hv, v, x, 0.1),)),
         "axpby": ((impls["axpby"](2.0, hv, -3.0, v),), (ref.axpby_ref(2.0, hv, -3.0, v),)),
         "cg_step_": ((x_k, r_k, rr_k), (x, r, rr)),
@@ -143,12 +152,12 @@ def _dispatcher_impls() -> dict[str, Callable]:
 
 
 def _import_cpu_extension() -> tuple[object | None, str]:
-    """Import ``bissl._C`` (its import registers the CPU kernels); (module, "") or (None, why not)."""
+    """Import ``bissl._C`` (which registers the CPU kernels): (module, "") or (None, why not)."""
     if os.environ.get("BISSL_NO_EXT", "0") == "1":
         return None, "disabled by BISSL_NO_EXT=1 (bissl._C not loaded)"
     try:
         return importlib.import_module("bissl._C"), ""
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a registration error of a stale build
         return None, (
             f"bissl._C is not built or does not load ({type(exc).__name__}: {exc}); build it with "
             "`pip install --no-build-isolation --no-deps -e .` (needs a C++ compiler and ninja)"
@@ -161,7 +170,12 @@ def _probe_cpp() -> BackendStatus:
         return BackendStatus("cpp", False, (), why_not)
     missing = [op for op in _library.OP_NAMES if not _library.has_device_kernel(op, "CPU")]
     if missing:
-        return BackendStatus("cpp", False, (), f"bissl._C loaded but registers no CPU kernel for {missing} (stale build?)")
+        return BackendStatus(
+            "cpp",
+            False,
+            (),
+            f"bissl._C loaded but registers no CPU kernel for {missing} (stale build?)",
+        )
     impls = _dispatcher_impls()
     try:
         problem = _smoke_test(impls, torch.device("cpu"))
@@ -171,33 +185,52 @@ def _probe_cpp() -> BackendStatus:
         return BackendStatus("cpp", False, (), f"bissl._C {problem}")
     _IMPLS["cpp"] = impls
     omp = getattr(module, "openmp", 0)
-    omp_text = f"OpenMP {omp}, {torch.get_num_threads()} threads" if omp else "no OpenMP (single thread)"
-    return BackendStatus("cpp", True, ("cpu",), f"bissl._C ({omp_text}; compiler {getattr(module, 'compiler', '?')})")
+    omp_text = (
+        f"OpenMP {omp}, {torch.get_num_threads()} threads" if omp else "no OpenMP (single thread)"
+    )
+    return BackendStatus(
+        "cpp", True, ("cpu",), f"bissl._C ({omp_text}; compiler {getattr(module, 'compiler', '?')})"
+    )
 
 
 def _probe_triton() -> BackendStatus:
     try:
         triton = importlib.import_module("triton")
-        kernels = {op: importlib.import_module(f"bissl.kernels.{op.rstrip('_')}") for op in _library.OP_NAMES}
+        kernels = {
+            op: importlib.import_module(f"bissl.kernels.{op.rstrip('_')}")
+            for op in _library.OP_NAMES
+        }
     except Exception as exc:  # noqa: BLE001 - triton import errors are varied (missing driver, ABI, ...)
-        return BackendStatus("triton", False, (), f"cannot import triton or bissl.kernels ({type(exc).__name__}: {exc})")
+        return BackendStatus(
+            "triton",
+            False,
+            (),
+            f"cannot import triton or bissl.kernels ({type(exc).__name__}: {exc})",
+        )
     impls = {op: getattr(mod, f"{op.rstrip('_')}_triton") for op, mod in kernels.items()}
     # What the kernels were decorated under (triton reads TRITON_INTERPRET at decoration time).
     if importlib.import_module("bissl.kernels._common").INTERPRET:
         _IMPLS["triton"] = impls
         return BackendStatus(
-            "triton", True, ("cpu",),
-            f"triton {triton.__version__} under TRITON_INTERPRET=1: CPU interpreter, for testing the kernels "
+            "triton",
+            True,
+            ("cpu",),
+            f"triton {triton.__version__} under TRITON_INTERPRET=1: CPU interpreter, for testing "
+            "the kernels "
             "(correct, slow: never auto-selected)",
         )
     if not torch.cuda.is_available():
         return BackendStatus(
-            "triton", False, (),
+            "triton",
+            False,
+            (),
             f"triton {triton.__version__} is installed but there is no CUDA device "
             f"(torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1",
         )
     _IMPLS["triton"] = impls
-    return BackendStatus("triton", True, ("cuda",), f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+    return BackendStatus(
+        "triton", True, ("cuda",), f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    )
 
 
 def load_cuda_extension(verbose: bool = False) -> None:
@@ -215,7 +248,9 @@ def load_cuda_extension(verbose: bool = False) -> None:
     cuda_dir = _CSRC / "cuda"
     sources = sorted(str(p) for p in cuda_dir.glob("*.cu")) + [str(cuda_dir / "binding.cpp")]
     if not (cuda_dir / "binding.cpp").exists() or len(sources) < 2:
-        raise FileNotFoundError(f"CUDA sources not found under {cuda_dir} (they ship with the source tree only)")
+        raise FileNotFoundError(
+            f"CUDA sources not found under {cuda_dir} (they ship with the source tree only)"
+        )
     load(
         name="bissl_cuda",
         sources=sources,
@@ -230,7 +265,9 @@ def load_cuda_extension(verbose: bool = False) -> None:
 def _probe_cuda() -> BackendStatus:
     if not torch.cuda.is_available():
         return BackendStatus(
-            "cuda", False, (),
+            "cuda",
+            False,
+            (),
             f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
             f"CUDA runtime {torch.version.cuda or 'none: CPU build'})",
         )
@@ -241,10 +278,17 @@ def _probe_cuda() -> BackendStatus:
             load_cuda_extension()
         except Exception as exc:  # noqa: BLE001 - build errors come in many types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return BackendStatus("cuda", False, (), f"building/loading csrc/cuda failed ({type(exc).__name__}: {first})")
+            return BackendStatus(
+                "cuda",
+                False,
+                (),
+                f"building/loading csrc/cuda failed ({type(exc).__name__}: {first})",
+            )
     missing = [op for op in _library.OP_NAMES if not _library.has_device_kernel(op, "CUDA")]
     if missing:
-        return BackendStatus("cuda", False, (), f"the CUDA extension loaded but registers no kernel for {missing}")
+        return BackendStatus(
+            "cuda", False, (), f"the CUDA extension loaded but registers no kernel for {missing}"
+        )
     impls = _dispatcher_impls()
     try:
         problem = _smoke_test(impls, torch.device("cuda"))
@@ -254,7 +298,9 @@ def _probe_cuda() -> BackendStatus:
         return BackendStatus("cuda", False, (), f"csrc/cuda {problem}")
     _IMPLS["cuda"] = impls
     _CUDA_KEY_OWNER[:] = ["cuda"]
-    return BackendStatus("cuda", True, ("cuda",), f"csrc/cuda kernels on {torch.cuda.get_device_name()}")
+    return BackendStatus(
+        "cuda", True, ("cuda",), f"csrc/cuda kernels on {torch.cuda.get_device_name()}"
+    )
 
 
 _PROBES: dict[str, Callable[[], BackendStatus]] = {
@@ -276,7 +322,7 @@ def backend_status(name: str) -> BackendStatus:
 
 
 def _ensure_cuda_dispatch() -> None:
-    """Give the CUDA dispatch key its kernel once: the CUDA extension's, else Triton's, else none."""
+    """Give the CUDA dispatch key one kernel, once: the CUDA extension's, else Triton's."""
     with _LOCK:
         if _CUDA_KEY_OWNER:
             return
@@ -307,7 +353,9 @@ def _requested(backend: str | None) -> tuple[str, str]:
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     name = name.strip().lower()
     if name not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown backend {name!r} ({source}); choose one of {('auto',) + BACKENDS}")
+        raise ValueError(
+            f"unknown backend {name!r} ({source}); choose one of {('auto',) + BACKENDS}"
+        )
     return name, source
 
 
@@ -348,10 +396,14 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
                     _warn_fallback(device_type, candidate, skipped)
                 return candidate
             skipped.append(status)
-        raise AssertionError("unreachable: the torch backend is always available")  # pragma: no cover
+        raise AssertionError(
+            "unreachable: the torch backend is always available"
+        )  # pragma: no cover
     status = backend_status(name)
     if not status.available:
-        raise BackendUnavailableError(f"backend {name!r} was requested ({source}) but is unavailable: {status.detail}")
+        raise BackendUnavailableError(
+            f"backend {name!r} was requested ({source}) but is unavailable: {status.detail}"
+        )
     if name != "torch" and device_type not in status.devices:
         raise BackendUnavailableError(
             f"backend {name!r} was requested ({source}) but does not run on {device_type} tensors "
@@ -418,8 +470,10 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
     if device_type == "cuda":
         _ensure_cuda_dispatch()
     return tuple(
-        n for n in BACKENDS
-        if n == "torch" or (backend_status(n).available and device_type in backend_status(n).devices)
+        n
+        for n in BACKENDS
+        if n == "torch"
+        or (backend_status(n).available and device_type in backend_status(n).devices)
     )
 
 
@@ -433,7 +487,10 @@ def backend_report() -> str:
     for name in BACKENDS:
         s = backend_status(name)
         where = ", ".join(s.devices) if s.available else "-"
-        lines.append(f"  {name:<7} {'available' if s.available else 'unavailable':<12} {where:<16} {s.detail}")
+        lines.append(
+            f"  {name:<7} {'available' if s.available else 'unavailable':<12} {where:<16} "
+            f"{s.detail}"
+        )
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         with warnings.catch_warnings():

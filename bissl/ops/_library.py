@@ -23,6 +23,7 @@ Op contracts (all vectors flat ``(P,)``, one dtype/device; ``alpha``/``beta`` 0-
 * ``prox_grad(grad, theta, phi, lam) -> g``: ``g = grad + λ (θ − φ)``.
 * ``axpby(a, x, b, y) -> z``: ``z = a·x + b·y``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -105,7 +106,7 @@ def dispatcher_op(op: str):
 
 
 def has_device_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether a kernel other than the default is registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    """Whether a non-default kernel is registered for ``dispatch_key`` ("CPU", "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), dispatch_key)
 
 
@@ -125,7 +126,9 @@ def register_device_kernels(dispatch_key: str, kernels: dict) -> None:
         raise ValueError(f"register_device_kernels: no kernel for {sorted(missing)}")
     for op in OP_NAMES:
         if has_device_kernel(op, dispatch_key):
-            raise ValueError(f"register_device_kernels: {qualname(op)} already has a {dispatch_key} kernel")
+            raise ValueError(
+                f"register_device_kernels: {qualname(op)} already has a {dispatch_key} kernel"
+            )
     for op in OP_NAMES:
         _LIB.impl(op, kernels[op], dispatch_key)
 

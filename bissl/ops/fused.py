@@ -9,10 +9,13 @@ Contract shared by every op and backend: vectors are flat ``(P,)``, contiguous, 
 (float32 or float64) and one device, and do not overlap; violations raise ``ValueError`` (or
 ``TypeError`` for a dtype) naming the argument. Step sizes ``alpha``/``beta`` are one-element
 tensors that stay on the device (no host sync); ``scale``, ``shift``, ``lam``, ``a``, ``b`` are
-Python numbers. Reductions (``vᵀAv``, ``rᵀr``) accumulate in float64 in the kernels and are
-deterministic for a given length. The ops are leaves for autograd: call them on detached buffers
-(under ``torch.no_grad()``); they have no autograd or forward-mode rule.
+Python numbers. Reductions (``vᵀAv``, ``rᵀr``) are deterministic for a given length (any thread
+count); the C++ and CUDA kernels accumulate in float64, Triton sums each program's chunk in the
+vector dtype (lane sums, then a tree) and the chunk partials in float64. The ops are leaves for
+autograd: call them on detached buffers (under ``torch.no_grad()``); they have no autograd or
+forward-mode rule.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -33,25 +36,33 @@ def _label(backend: str | None) -> str:
     return backend if backend is not None else "auto"
 
 
-def damped_matvec(hv: Tensor, v: Tensor, scale: float, shift: float, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
-    """Damped operator epilogue fused with its quadratic form: ``Av = scale·Hv + shift·v``, ``vᵀAv``.
+def damped_matvec(
+    hv: Tensor, v: Tensor, scale: float, shift: float, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Damped matvec epilogue and its quadratic form: ``Av = scale·Hv + shift·v``, ``vᵀAv``.
 
     Args:
         hv: ``(P,)`` the raw matvec ``H v``.
         v: ``(P,)`` the vector it was applied to.
         scale, shift: the damped operator is ``A = scale·H + shift·I``.
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"`` (default: ``BISSL_BACKEND`` or auto).
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``
+            (default: ``BISSL_BACKEND``, else auto).
 
     Returns:
         ``(Av, vAv)``: a new ``(P,)`` tensor and a 0-dim tensor, both of ``hv``'s dtype.
     """
     check_flat_vectors("damped_matvec", _label(backend), hv=hv, v=v)
-    scale, shift = _number("damped_matvec", "scale", scale), _number("damped_matvec", "shift", shift)
+    scale, shift = (
+        _number("damped_matvec", "scale", scale),
+        _number("damped_matvec", "shift", shift),
+    )
     _, fn = _backends.kernel("damped_matvec", backend, hv.device)
     return fn(hv, v, scale, shift)
 
 
-def cg_step_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor, *, backend: str | None = None) -> Tensor:
+def cg_step_(
+    x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor, *, backend: str | None = None
+) -> Tensor:
     """One CG update in place, one pass: ``x += α p``, ``r -= α Ap``; returns the new ``rᵀr``.
 
     Args:
@@ -85,7 +96,9 @@ def cg_direction_(p: Tensor, r: Tensor, beta: Tensor, *, backend: str | None = N
     return p
 
 
-def prox_grad(grad: Tensor, theta: Tensor, phi: Tensor, lam: float, *, backend: str | None = None) -> Tensor:
+def prox_grad(
+    grad: Tensor, theta: Tensor, phi: Tensor, lam: float, *, backend: str | None = None
+) -> Tensor:
     """Gradient of ``L_P(θ) + (λ/2)‖θ − φ‖²`` given ``grad = ∇L_P(θ)``: ``grad + λ (θ − φ)``.
 
     All tensors are flat ``(P,)`` of one dtype/device; returns a new ``(P,)`` tensor.

@@ -28,6 +28,7 @@ trained on, and a 5-iteration CG should not count as 5 extra updates).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -222,7 +223,8 @@ class BisslPhase(Phase):
         try:
             xs, info = implicit_hypergrad(
                 lower_loss, upper_loss, theta, lam=b.lam, iters=b.cg_iters, damping=b.damping,
-                solver=b.solver, backend=b.backend, strict=b.strict, return_info=True, **kwargs)
+                solver=b.solver, backend=b.backend, strict=b.strict, on_indefinite=b.on_indefinite,
+                fallback=b.fallback_solver, return_info=True, **kwargs)
         except SolverError as err:
             raise SolverError(f"{err} (phase '{self.name}', {self.describe_step(self.step_idx + 1)}; "
                               "bissl.strict is true)") from err
@@ -258,7 +260,11 @@ class BisslPhase(Phase):
             "part": "upper", "loss": loss_phi.detach(), "loss_theta": seen["loss"], "lr": lr,
             "grad_norm": grad_norm, "cg_iters": diag["iters"], "cg_residual": diag["residual_norm"],
             "cg_converged": diag["converged"], "cg_negative_curvature": diag["negative_curvature"],
-            "cg_nonfinite": diag["nonfinite"], "always_log": True,
+            "cg_nonfinite": diag["nonfinite"], "cg_indefinite": diag["indefinite"],
+            # Estimates a solver cannot give are NaN in the summary; logged as empty cells.
+            **{f"cg_{k}": None if math.isnan(diag[k]) else diag[k]
+               for k in ("ritz_min", "ritz_max", "condition", "damping_used")},
+            "cg_action": diag["action"], "always_log": True,
         }
 
     # ------------------------------------------------------------------ state

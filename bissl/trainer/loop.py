@@ -164,6 +164,7 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
         # A checkpoint before any row is logged: whatever this phase logs can always be rolled back.
         _save_checkpoint(phase, ctx, ckpt_path)
 
+    last_saved = phase.step_idx
     start = time.perf_counter()
     bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
                        ctx.progress, ctx.bar_position)
@@ -181,8 +182,9 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
                     if not is_finite(row.get(col)):
                         raise NonFiniteLossError(
                             f"non-finite {col} ({row[col]}) in phase '{phase.name}' at "
-                            f"{phase.describe_step(step)} (seed {ctx.seed}); fix the config and "
-                            f"resume from the last checkpoint"
+                            f"{phase.describe_step(step)} (seed {ctx.seed}); its last checkpoint "
+                            f"is at step {last_saved}. Lower the learning rate or raise the "
+                            f"damping, and start a new run directory"
                         )
                 ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
                                  "wall_s": round(time.perf_counter() - start, 3), **row})
@@ -191,6 +193,7 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
             bar.update(1)
             if step % ctx.checkpoint_every == 0 and step < phase.total_steps:
                 _save_checkpoint(phase, ctx, ckpt_path)
+                last_saved = step
             ctx.budget.count()
     finally:
         bar.close()

@@ -12,6 +12,11 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
 * ``lr``, ``grad_norm`` (before clipping).
 * ``cg_iters, cg_residual, cg_converged, cg_negative_curvature, cg_nonfinite``: the inverse-HVP
   solver's diagnostics on upper steps.
+* ``cg_indefinite, cg_ritz_min, cg_ritz_max, cg_condition, cg_action, cg_damping_used``: solver
+  health on upper steps (:meth:`bissl.solvers.SolveResult.summary`): whether the system
+  ``I + H/(λ+λ_damp)`` was flagged indefinite, the Ritz estimates of its extreme eigenvalues and
+  condition number (NaN where the solver gives none), what ``bissl.on_indefinite`` did, and the
+  damping of the system actually solved.
 * ``val_loss, val_acc``: evaluation rows.
 * ``wall_s``: seconds since the phase (re)started in this process.
 
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 COLUMNS = (
     "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lr", "grad_norm",
     "cg_iters", "cg_residual", "cg_converged", "cg_negative_curvature", "cg_nonfinite",
+    "cg_indefinite", "cg_ritz_min", "cg_ritz_max", "cg_condition", "cg_action", "cg_damping_used",
     "val_loss", "val_acc", "wall_s",
 )
 

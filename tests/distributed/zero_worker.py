@@ -14,13 +14,27 @@ from pathlib import Path
 import torch
 
 from bissl.distributed import (
-    HypergradSettings, bissl_step, build_bilevel_engines, gather_objects, init_process_group_from_env,
-    load_checkpoint, save_checkpoint, shutdown, tensor_digest,
+    HypergradSettings,
+    bissl_step,
+    build_bilevel_engines,
+    exit_rank,
+    gather_objects,
+    init_process_group_from_env,
+    load_checkpoint,
+    save_checkpoint,
+    tensor_digest,
 )
-from bissl.distributed.testing import parameters_of, sgd_factory, step_data, toy_objectives
+from bissl.distributed.testing import (
+    decaying_lr,
+    parameters_of,
+    sgd_factory,
+    step_data,
+    toy_objectives,
+)
 
 HYPER = HypergradSettings(damping=30.0, iters=4)
 CLIP = {"lower_clip_norm": 1.0, "upper_clip_norm": 1.0}
+LOWER_LR_DECAY, UPPER_LR_DECAY = 0.5, 0.25
 
 
 def _engines(stage: int, seed: int, bucket: int | None):
@@ -30,7 +44,8 @@ def _engines(stage: int, seed: int, bucket: int | None):
                 "stage3_prefetch_bucket_size": 500, "stage3_param_persistence_threshold": 10,
                 "hypergrad_bucket_numel": bucket}
     return build_bilevel_engines(lower, upper, lower_optimizer=sgd(lower), upper_optimizer=sgd(upper),
-                                 settings=settings, **CLIP)
+                                 settings=settings, lower_scheduler=decaying_lr(LOWER_LR_DECAY),
+                                 upper_scheduler=decaying_lr(UPPER_LR_DECAY), **CLIP)
 
 
 def _run(engines, steps: range, seed: int, world: int, rank: int, trace: list) -> None:
@@ -38,7 +53,7 @@ def _run(engines, steps: range, seed: int, world: int, rank: int, trace: list) -
         lower_b, hvp_b, upper_b = step_data(seed, step, world=world).for_rank(rank)
         matvecs: list[tuple[str, str]] = []
         out = bissl_step(engines, lower_b, hvp_b, upper_b, HYPER,
-                         on_matvec=lambda p, hp: matvecs.append((tensor_digest(p), tensor_digest(hp))))
+                         on_matvec=lambda p, hp, seen=matvecs: seen.append((tensor_digest(p), tensor_digest(hp))))
         solve = out["solve"]
         x = torch.cat([t.reshape(-1) for t in solve.x.values()])
         trace.append({"matvecs": matvecs, "x": tensor_digest(x), "alphas": tensor_digest(solve.alphas),
@@ -82,7 +97,7 @@ def main() -> None:
                     "buffers_identical": buffers_same, "traces": traces,
                     "resumed_trace_matches": resumed_trace == trace[args.resume_at:],
                     "world_size": info.world_size}, args.out / "result.pt")
-    shutdown()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

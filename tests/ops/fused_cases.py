@@ -7,6 +7,7 @@ the reference happens to be exact). "Exact" is computed in float64 from the (flo
 with reductions summed exactly by ``math.fsum``; for float64 inputs it is the float64 elementwise
 result and the exactly summed reduction.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,11 @@ def backend_params(kernels_only: bool = False) -> list:
             continue
         status = _backends.backend_status(name)
         runs_here = name == "torch" or (status.available and "cpu" in status.devices)
-        marks = () if runs_here else pytest.mark.skip(reason=f"{name} backend unavailable on CPU: {status.detail}")
+        marks = (
+            ()
+            if runs_here
+            else pytest.mark.skip(reason=f"{name} backend unavailable on CPU: {status.detail}")
+        )
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -75,7 +80,9 @@ def assert_within_reference_error(
     err = (got.double() - exact_t).abs().max().item()
     ref_err = (torch_same_precision.double() - exact_t).abs().max().item()
     floor = 2 * torch.finfo(got.dtype).eps * magnitude
-    assert got.dtype == torch_same_precision.dtype, f"{what}: dtype {got.dtype} != {torch_same_precision.dtype}"
+    assert got.dtype == torch_same_precision.dtype, (
+        f"{what}: dtype {got.dtype} != {torch_same_precision.dtype}"
+    )
     assert err <= 2 * ref_err + floor, (
         f"{what}: error {err:.3e} exceeds 2 x torch's {ref_err:.3e} + floor {floor:.3e}"
     )

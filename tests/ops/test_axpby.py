@@ -1,16 +1,22 @@
 """bissl.ops.axpby: a·x + b·y — every backend vs the torch reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import (
+    DTYPES,
+    assert_within_reference_error,
+    backend_params,
+    non_contiguous,
+    randn,
+    resolve_size,
+    size_params,
+)
 
 from bissl.ops import _library
 from bissl.ops.fused import axpby
 from bissl.ops.reference import axpby_ref
-from fused_cases import (
-    DTYPES, assert_within_reference_error, backend_params, non_contiguous, randn, resolve_size,
-    size_params,
-)
 
 A, B = 1.0, 0.01  # the upper combination x + γ·∇L_D(φ) with the first version's γ
 
@@ -26,7 +32,9 @@ def test_axpby_matches_reference(backend, dtype, size):
     out = axpby(A, x, B, y, backend=backend)
 
     assert out.shape == (n,) and out.dtype == dtype
-    assert_within_reference_error("axpby", out, axpby_ref(A, x, B, y), exact, exact.abs().max().item())
+    assert_within_reference_error(
+        "axpby", out, axpby_ref(A, x, B, y), exact, exact.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -1,4 +1,5 @@
 """Backend choice of the fused ops: auto, forcing, clear errors, warn-once fallback, dispatcher."""
+
 from __future__ import annotations
 
 import os
@@ -12,14 +13,19 @@ import pytest
 import torch
 
 from bissl.ops import _backends, _library
-from bissl.ops._backends import BackendUnavailableError, backend_report, cg_vector_ops, resolve_backend
+from bissl.ops._backends import (
+    BackendUnavailableError,
+    backend_report,
+    cg_vector_ops,
+    resolve_backend,
+)
 from bissl.ops.fused import cg_step_, damped_matvec
 from bissl.ops.reference import cg_step_ref_
 
 
 @pytest.fixture(autouse=True)
 def _fresh_backend_state(monkeypatch):
-    """Each test probes from scratch, with no BISSL_BACKEND, and leaves no simulated state behind."""
+    """Each test probes from scratch without BISSL_BACKEND and leaves no simulated state behind."""
     monkeypatch.delenv("BISSL_BACKEND", raising=False)
     _backends._reset_for_tests()
     yield
@@ -34,11 +40,18 @@ def _simulate_missing_cpp(monkeypatch):
     _backends._reset_for_tests()
 
 
-@pytest.mark.skipif(os.environ.get("BISSL_NO_EXT") == "1", reason="BISSL_NO_EXT=1: the extension is off on purpose")
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: setup.py skips the extension")
+@pytest.mark.skipif(
+    os.environ.get("BISSL_NO_EXT") == "1", reason="BISSL_NO_EXT=1: the extension is off on purpose"
+)
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="no C++ compiler: setup.py skips the extension",
+)
 def test_cpp_extension_is_built_and_chosen_on_cpu():
     status = _backends.backend_status("cpp")
-    assert status.available, f"setup.py should have built bissl._C (reinstall the package): {status.detail}"
+    assert status.available, (
+        f"setup.py should have built bissl._C (reinstall the package): {status.detail}"
+    )
     assert resolve_backend(None, "cpu") == "cpp"
     assert all(_library.has_device_kernel(op, "CPU") for op in _library.OP_NAMES)
 
@@ -58,7 +71,9 @@ def test_environment_variable_forces_a_backend_and_the_argument_wins(monkeypatch
     monkeypatch.setenv("BISSL_BACKEND", "torch")
     assert resolve_backend(None, "cpu") == "torch"
     assert cg_vector_ops(None, "cpu").name == "torch"
-    assert resolve_backend("auto", "cpu") != "torch" or not _backends.backend_status("cpp").available
+    assert (
+        resolve_backend("auto", "cpu") != "torch" or not _backends.backend_status("cpp").available
+    )
     monkeypatch.setenv("BISSL_BACKEND", " Torch ")
     assert resolve_backend(None, "cpu") == "torch"
 
@@ -80,7 +95,9 @@ def test_unknown_backend_is_a_value_error(monkeypatch):
 
 
 def test_explicit_unavailable_backend_raises_naming_it_and_why(monkeypatch):
-    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' was requested \(backend='cuda'\).*CUDA"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"backend 'cuda' was requested \(backend='cuda'\).*CUDA"
+    ):
         resolve_backend("cuda", "cpu")
     _simulate_missing_cpp(monkeypatch)
     x = torch.randn(8)
@@ -106,7 +123,9 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     x, r, p, ap = (torch.randn(101, dtype=torch.float64) for _ in range(4))
     alpha = torch.tensor(0.5, dtype=torch.float64)
     x_ref, r_ref = x.clone(), r.clone()
-    with pytest.warns(RuntimeWarning, match=r"fall back to the 'torch' backend \(cpp: bissl\._C is not built"):
+    with pytest.warns(
+        RuntimeWarning, match=r"fall back to the 'torch' backend \(cpp: bissl\._C is not built"
+    ):
         rr = cg_step_(x, r, p, ap, alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
@@ -166,5 +185,7 @@ def test_without_the_extension_the_dispatcher_runs_the_reference():
     )
     env = {**os.environ, "BISSL_NO_EXT": "1"}
     env.pop("BISSL_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

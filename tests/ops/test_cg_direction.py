@@ -1,16 +1,23 @@
 """bissl.ops.cg_direction_: p = r + βp in place — every backend vs the torch reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import (
+    DTYPES,
+    assert_within_reference_error,
+    backend_params,
+    non_contiguous,
+    randn,
+    resolve_size,
+    size_params,
+    step_size,
+)
 
 from bissl.ops import _library
 from bissl.ops.fused import cg_direction_
 from bissl.ops.reference import cg_direction_ref_
-from fused_cases import (
-    DTYPES, assert_within_reference_error, backend_params, non_contiguous, randn, resolve_size,
-    size_params, step_size,
-)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -35,7 +42,9 @@ def test_cg_direction_takes_beta_of_another_dtype(backend):
     p, r = randn(100, torch.float32), randn(100, torch.float32)
     beta = torch.tensor(0.3, dtype=torch.float64)
     expected = r + torch.tensor(0.3, dtype=torch.float32) * p
-    torch.testing.assert_close(cg_direction_(p, r, beta, backend=backend), expected, rtol=1.2e-7, atol=1e-7)
+    torch.testing.assert_close(
+        cg_direction_(p, r, beta, backend=backend), expected, rtol=1.2e-7, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -50,4 +59,6 @@ def test_cg_direction_rejects_bad_layouts(backend):
 
 def test_cg_direction_opcheck():
     p, r = randn(37, torch.float64), randn(37, torch.float64)
-    torch.library.opcheck(_library.dispatcher_op("cg_direction_").default, (p, r, step_size(torch.float64)))
+    torch.library.opcheck(
+        _library.dispatcher_op("cg_direction_").default, (p, r, step_size(torch.float64))
+    )

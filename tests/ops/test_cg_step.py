@@ -1,16 +1,24 @@
 """bissl.ops.cg_step_: x += αp, r −= αAp, rᵀr in one pass — every backend vs the torch reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import (
+    DTYPES,
+    assert_within_reference_error,
+    backend_params,
+    exact_sum,
+    non_contiguous,
+    randn,
+    resolve_size,
+    size_params,
+    step_size,
+)
 
 from bissl.ops import _library
 from bissl.ops.fused import cg_step_
 from bissl.ops.reference import cg_step_ref_
-from fused_cases import (
-    DTYPES, assert_within_reference_error, backend_params, exact_sum, non_contiguous, randn,
-    resolve_size, size_params, step_size,
-)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -64,9 +72,15 @@ def test_cg_step_is_deterministic(backend):
         xs, rs = x.clone(), r.clone()
         results.append((cg_step_(xs, rs, p, ap, alpha, backend=backend), xs, rs))
     for rr, xs, rs in results[1:]:
-        assert torch.equal(rr, results[0][0]) and torch.equal(xs, results[0][1]) and torch.equal(rs, results[0][2])
+        assert (
+            torch.equal(rr, results[0][0])
+            and torch.equal(xs, results[0][1])
+            and torch.equal(rs, results[0][2])
+        )
 
 
 def test_cg_step_opcheck():
     x, r, p, ap = (randn(37, torch.float64) for _ in range(4))
-    torch.library.opcheck(_library.dispatcher_op("cg_step_").default, (x, r, p, ap, step_size(torch.float64)))
+    torch.library.opcheck(
+        _library.dispatcher_op("cg_step_").default, (x, r, p, ap, step_size(torch.float64))
+    )

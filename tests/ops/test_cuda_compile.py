@@ -4,6 +4,7 @@ A torch CUDA extension cannot link against the CPU torch wheel, so without a GPU
 (csrc/cuda/compile_check.sh, also ``make cuda-check``); GPU machines load them with
 ``bissl.ops._backends.load_cuda_extension``.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,15 @@ SCRIPT = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "compile_check.
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA compile check needs the CUDA toolkit")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None,
+    reason="nvcc not found: the CUDA compile check needs the CUDA toolkit",
+)
 def test_cuda_sources_compile():
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("cuda-check: ok")]
     n_cu = len(list(SCRIPT.parent.glob("*.cu")))

@@ -1,16 +1,23 @@
-"""bissl.ops.damped_matvec: Av = scale·Hv + shift·v fused with vᵀAv — every backend vs the reference."""
+"""bissl.ops.damped_matvec: Av = scale·Hv + shift·v and vᵀAv — every backend vs the reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import (
+    DTYPES,
+    assert_within_reference_error,
+    backend_params,
+    exact_sum,
+    non_contiguous,
+    randn,
+    resolve_size,
+    size_params,
+)
 
 from bissl.ops import _library
 from bissl.ops.fused import damped_matvec
 from bissl.ops.reference import damped_matvec_ref
-from fused_cases import (
-    DTYPES, assert_within_reference_error, backend_params, exact_sum, non_contiguous, randn,
-    resolve_size, size_params,
-)
 
 # BiSSL's operator: scale = 1/(λ + λ_damp), shift = 1 (see bissl.solvers.cg_solve).
 SCALE, SHIFT = 1.0 / 10.001, 1.0

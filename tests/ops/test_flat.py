@@ -1,4 +1,5 @@
 """Flat parameter space: a module's parameters as views of one buffer; zero-copy dict <-> flat."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,14 @@ def _small_cnn() -> nn.Module:
     # Conv + BatchNorm (tiny tensors) + a tied pair of Linear weights.
     lin = nn.Linear(8, 8)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin, nn.ReLU(), nn.Linear(8, 8),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        lin,
+        nn.ReLU(),
+        nn.Linear(8, 8),
     )
     net[7].weight = lin.weight  # tied
     return net.double()
@@ -27,7 +34,9 @@ def test_module_parameters_become_views_of_one_buffer():
 
     buffer, spec = flatten_module_parameters_(net)
 
-    assert list(net.parameters()) == params_before  # same Parameter objects (optimizers keep working)
+    assert (
+        list(net.parameters()) == params_before
+    )  # same Parameter objects (optimizers keep working)
     assert buffer.dim() == 1 and buffer.numel() == sum(p.numel() for p in net.parameters())
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)
     item = buffer.element_size()
@@ -44,7 +53,11 @@ def test_dict_and_flat_convert_without_copies():
     params = dict(net.named_parameters())
 
     flat = flat_view(params, spec)
-    assert flat.data_ptr() == buffer.data_ptr() and flat.shape == buffer.shape and not flat.requires_grad
+    assert (
+        flat.data_ptr() == buffer.data_ptr()
+        and flat.shape == buffer.shape
+        and not flat.requires_grad
+    )
     views = unflatten(buffer, spec)
     assert all(views[k].data_ptr() == params[k].data_ptr() for k in spec.names)
     detached = {k: v.detach() for k, v in params.items()}

@@ -1,16 +1,22 @@
 """bissl.ops.prox_grad: ∇L_P(θ) + λ(θ − φ) — every backend vs the torch reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import (
+    DTYPES,
+    assert_within_reference_error,
+    backend_params,
+    non_contiguous,
+    randn,
+    resolve_size,
+    size_params,
+)
 
 from bissl.ops import _library
 from bissl.ops.fused import prox_grad
 from bissl.ops.reference import prox_grad_ref
-from fused_cases import (
-    DTYPES, assert_within_reference_error, backend_params, non_contiguous, randn, resolve_size,
-    size_params,
-)
 
 LAM = 0.001  # BiSSL's default proximal weight
 
@@ -26,7 +32,9 @@ def test_prox_grad_matches_reference(backend, dtype, size):
     out = prox_grad(grad, theta, phi, LAM, backend=backend)
 
     assert out.shape == (n,) and out.dtype == dtype
-    assert_within_reference_error("prox_grad", out, prox_grad_ref(grad, theta, phi, LAM), exact, exact.abs().max().item())
+    assert_within_reference_error(
+        "prox_grad", out, prox_grad_ref(grad, theta, phi, LAM), exact, exact.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params())

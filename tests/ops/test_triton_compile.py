@@ -5,6 +5,7 @@ this catches what the interpreter forgives: typing of scalar arguments (``tl.flo
 carried types, constexpr use. Runs in a subprocess because the test session has
 ``TRITON_INTERPRET=1``, under which ``@triton.jit`` returns interpreted functions.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,8 @@ SCRIPT = textwrap.dedent(
             for param in fn.params:
                 if param.is_constexpr:
                     signature[param.name] = "constexpr"
-                    constexprs[param.name] = config.kwargs.get(param.name, 8192)  # CHUNK: any power of 2
+                    # BLOCK from the config; CHUNK: any power of two >= BLOCK
+                    constexprs[param.name] = config.kwargs.get(param.name, 8192)
                 elif param.name == "partial_ptr":
                     signature[param.name] = "*fp64"
                 elif param.name.endswith("_ptr"):
@@ -64,7 +66,9 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr

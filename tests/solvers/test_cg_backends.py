@@ -1,4 +1,5 @@
 """cg_solve reaches the same solution with every fused-op backend (float64 SPD vs a dense solve)."""
+
 from __future__ import annotations
 
 import pytest

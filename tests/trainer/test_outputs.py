@@ -15,7 +15,7 @@ from bissl.trainer.report import format_table, mean_std, summarize
 
 
 def test_run_directory_contents(reference_run):
-    run_dir, results = reference_run
+    run_dir, results, _ = reference_run
     assert json.loads((run_dir / "results.json").read_text()) == results
     png = (run_dir / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -98,7 +98,8 @@ class _Exploding(Phase):
 def test_nonfinite_loss_names_phase_and_step(tmp_path):
     ctx = RunContext(seed=7, device=torch.device("cpu"), ckpt_dir=tmp_path / "ck",
                      metrics=MetricsLog(tmp_path / "m.csv"), checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in phase 'explode' at toy step 3 \(seed 7\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in phase 'explode' at toy "
+                                                 r"step 3 \(seed 7\); its last checkpoint is at step 2"):
         run_phase("explode", _Exploding, ctx)
     assert (tmp_path / "ck" / "explode.pt").exists()  # the step-2 checkpoint survives
     assert load_checkpoint(tmp_path / "ck" / "explode.pt")["step_idx"] == 2

@@ -5,16 +5,12 @@ import pytest
 import torch
 
 from bissl.trainer import RunInterrupted, run_experiment
-from bissl.trainer.checkpoint import load_checkpoint
-from bissl.trainer.metrics import read_metrics
 
 PHASES = ("pretext", "bissl", "finetune_bissl", "finetune_baseline")
 
-
-def _assert_same_results(ref_dir, other_dir):
+def _assert_same_results(reference: dict, other: dict) -> None:
     for phase in PHASES:
-        a = load_checkpoint(ref_dir / "seed_0" / "checkpoints" / f"{phase}.done.pt")["result"]
-        b = load_checkpoint(other_dir / "seed_0" / "checkpoints" / f"{phase}.done.pt")["result"]
+        a, b = reference[phase], other[phase]
         assert a.keys() == b.keys()
         for key, value in a.items():
             if isinstance(value, dict):  # a state dict: bit-identical tensors
@@ -23,37 +19,33 @@ def _assert_same_results(ref_dir, other_dir):
                     assert torch.equal(t, b[key][name]), f"{phase}.{key}.{name}"
             else:
                 assert value == b[key], f"{phase}.{key}"
-
-    def rows(d):
-        return [{k: v for k, v in r.items() if k != "wall_s"}
-                for r in read_metrics(d / "seed_0" / "metrics.csv")]
-
-    assert rows(ref_dir) == rows(other_dir)  # no duplicated or missing rows after the resume
+    assert reference["rows"] == other["rows"]  # no duplicated or missing rows after the resume
 
 
 # Tiny run: pretext 4 steps, bissl 2 warm-up + 2 x (2 lower + 2 upper), fine-tuning 4 + 4 steps.
 # Stop after: a pretext step (4 = last), mid warm-up, a lower step, mid-upper (HVP batch redrawn),
 # mid fine-tuning of each arm. Checkpoints every 2 steps, so most resumes repeat a step.
 @pytest.mark.parametrize("stop_after", [3, 5, 8, 11, 16, 21])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_config, reference_run, stop_after):
-    ref_dir, ref_results = reference_run
+def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_config, reference_run, take_snapshot,
+                                              stop_after):
+    _, ref_results, reference = reference_run
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
         run_experiment(tiny_config(f"debug.stop_after_steps={stop_after}"), run_dir)
     assert not (run_dir / "results.json").exists()
     results = run_experiment(tiny_config(), run_dir)
-    _assert_same_results(ref_dir, run_dir)
+    _assert_same_results(reference, take_snapshot(run_dir))
     assert results["per_seed"] == ref_results["per_seed"]
 
 
-def test_resume_twice_and_rerun_of_finished_run(tmp_path, tiny_config, reference_run):
-    ref_dir, ref_results = reference_run
+def test_resume_twice_and_rerun_of_finished_run(tmp_path, tiny_config, reference_run, take_snapshot):
+    _, ref_results, reference = reference_run
     run_dir = tmp_path / "run"
     for stop in (7, 6):  # the second interruption lands in the resumed process
         with pytest.raises(RunInterrupted):
             run_experiment(tiny_config(f"debug.stop_after_steps={stop}"), run_dir)
     run_experiment(tiny_config(), run_dir)
-    _assert_same_results(ref_dir, run_dir)
+    _assert_same_results(reference, take_snapshot(run_dir))
     # A finished run re-reports from its done files without training.
     again = run_experiment(tiny_config("debug.stop_after_steps=1"), run_dir)
     assert again["per_seed"] == ref_results["per_seed"]
@@ -67,3 +59,14 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_config):
         run_experiment(tiny_config("debug.stop_after_steps=1"), run_dir)
     with pytest.raises(ConfigError, match="bissl.lam"):
         run_experiment(tiny_config("bissl.lam=0.5"), run_dir)
+
+
+@pytest.mark.slow
+def test_parallel_seed_workers_match_sequential_run(tmp_path, tiny_config):
+    """Seeds in spawned worker processes give exactly the in-process results (same threads)."""
+    seq = run_experiment(tiny_config("run.seeds=[0, 1]", "run.num_threads=1"), tmp_path / "seq")
+    par = run_experiment(tiny_config("run.seeds=[0, 1]", "run.num_threads=1", "run.workers=2"),
+                         tmp_path / "par")
+    assert par["workers"] == 2 and seq["workers"] == 1
+    assert par["per_seed"] == seq["per_seed"]
+    assert par["per_seed"]["0"] != par["per_seed"]["1"]  # the seed changes the run

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from typing import Mapping, Sequence, TextIO
+from collections.abc import Mapping, Sequence
+from typing import TextIO
 
 import torch
 

@@ -35,7 +35,7 @@ def make_call(name: str, impl: str):
 def test_hypergradient(benchmark, medians, name, impl):
     benchmark.group = f"hypergrad-{name}"
     fn = make_call(name, impl)
-    out = benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    out = benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
     median = medians.record("hypergrad", f"{name}/{impl}", benchmark)
     _cache[(name, impl)] = flatten(out)
     other = _cache.get((name, "reference"))

@@ -77,16 +77,18 @@ def medians():
 def peak_rss_delta_mb(module: str, func: str, *args: str) -> float:
     """Peak extra resident memory (MiB) of ``module.func(*args)`` in a fresh interpreter.
 
-    The child builds its problem, records ``ru_maxrss``, runs the measured call once, and reports
-    the growth of ``ru_maxrss`` (the high-water mark): the peak memory the call added on top of
-    the set-up. CPU tensors do not go through Python's allocator, so tracemalloc cannot see them.
+    The child builds its problem, records its high-water RSS (``VmHWM``), runs the measured call
+    once, and reports the growth of ``VmHWM``: the peak memory the call added on top of the set-up.
+    ``VmHWM`` rather than ``ru_maxrss``: on Linux ``ru_maxrss`` survives ``exec`` and starts at the
+    (large) parent's value. CPU tensors bypass Python's allocator, so tracemalloc cannot see them.
     """
+    hwm = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
     code = (
-        "import resource, sys, importlib, torch; "
+        "import sys, importlib, torch; "
         f"torch.set_num_threads({THREADS}); "
         f"setup = getattr(importlib.import_module({module!r}), {func!r})(*sys.argv[1:]); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; setup(); "
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        f"base = {hwm}; setup(); "
+        f"print(({hwm} - base) / 1024)"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, env=env)

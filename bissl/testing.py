@@ -208,7 +208,8 @@ def reference_cnn(width: int = 32) -> nn.Module:
 
 def named_problem(name: str, *, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> BilevelProblem:
     """Benchmark problems by name: ``"reference_cnn"`` (32×32), ``"resnet18"`` (32×32, small-input
-    stem), ``"transformer"`` (sequence 32)."""
+    stem), ``"transformer"`` (sequence 32). Deterministic: the same arguments give the same problem."""
+    torch.manual_seed(seed)  # the backbone is built before module_problem seeds its data
     if name == "reference_cnn":
         net = reference_cnn(48)
         return module_problem(net, feat=net.out_dim, batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)

@@ -7,33 +7,17 @@ stopping test, the indefiniteness flags and Ritz values) come from averaged vect
 therefore bit-identical on every rank, as is the answer ``x``: every rank takes the same branch of
 the ``on_indefinite`` policy and issues the same collectives.
 
-Only the two reductions are new here; the rest is the core's code (``upper_gradient``,
-``linearize_hvp``, the solve and the indefiniteness policy of :mod:`bissl.hypergrad.implicit`).
+Only the two reductions are new here: they are hooks of the core's :func:`implicit_hypergrad`,
+which does everything else (upper gradient, linearisation, solve, indefiniteness policy).
 """
 from __future__ import annotations
 
 from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
-from bissl.hypergrad.implicit import (
-    ON_INDEFINITE,
-    IndefinitePolicy,
-    SolverName,
-    _apply_policy,
-    _solve,
-    upper_gradient,
-)
-from bissl.ops.flat import flat_spec, unflatten
-from bissl.ops.hvp import HVPMode, linearize_hvp
-from bissl.solvers import get_solver
+from bissl.hypergrad.implicit import IndefinitePolicy, SolverName, implicit_hypergrad
+from bissl.ops.hvp import HVPMode
 from bissl.solvers.result import SolveResult
 from bissl.typing import LossFn, Params, ParamsLike
-
-
-class _AveragedOperator:
-    """What the core's ``_solve`` reads from a linearised HVP: ``.matvec``, here rank-averaged."""
-
-    def __init__(self, matvec: DistributedMatVec) -> None:
-        self.matvec = matvec
 
 
 def distributed_implicit_hypergrad(
@@ -72,40 +56,20 @@ def distributed_implicit_hypergrad(
         ``return_info`` also the :class:`~bissl.solvers.SolveResult`, with an extra attribute
         ``num_collectives`` (1 for ``v`` plus 1 per HVP without buckets).
     """
-    if not lam > 0:
-        raise ValueError(f"distributed_implicit_hypergrad: lam must be > 0, got {lam}")
-    if damping < 0:
-        raise ValueError(f"distributed_implicit_hypergrad: damping must be >= 0, got {damping}")
-    if on_indefinite not in ON_INDEFINITE:
-        raise ValueError(f"distributed_implicit_hypergrad: unknown on_indefinite {on_indefinite!r}; "
-                         f"choose one of {ON_INDEFINITE}")
-    get_solver(solver)
-    get_solver(fallback)
-    if on_indefinite == "fallback" and fallback == solver:
-        raise ValueError(f"distributed_implicit_hypergrad: fallback solver must differ from solver ({solver!r})")
-    spec = flat_spec(lower_params)
-    _, v = upper_gradient(upper_loss, lower_params)
-    v_collectives = allreduce_mean_(v, group=group, bucket_numel=bucket_numel)
-    matvec = None
-    op = None
-    if solver != "identity":
-        local = linearize_hvp(lower_loss, lower_params, mode=hvp_mode)
-        matvec = DistributedMatVec(local.matvec, group=group, bucket_numel=bucket_numel, on_matvec=on_matvec)
-        op = _AveragedOperator(matvec)
+    counts = {"rhs": 0}
+    wrapped: list[DistributedMatVec] = []
 
-    def solve(name: str, damp: float) -> SolveResult:
-        if op is None and name != "identity":
-            raise ValueError(f"distributed_implicit_hypergrad: no Hessian for solver {name!r}")
-        return _solve(name, op, v, spec, lam=lam, damping=damp, iters=iters, backend=backend, rtol=rtol)
+    def reduce_rhs(v):
+        counts["rhs"] += allreduce_mean_(v, group=group, bucket_numel=bucket_numel)
 
-    result = solve(solver, damping)
-    # Flags are identical on every rank, so every rank makes the same policy decision.
-    acting = strict or on_indefinite != "raise"
-    if acting and result.needs_positive_definite and bool(result.indefinite):
-        result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve, strict)
-    if strict:
-        result.check(ignore_indefinite=result.action == "warned")
-    x = unflatten(result.x, spec)
-    result.x = x
-    result.num_collectives = v_collectives + (matvec.num_collectives if matvec is not None else 0)
+    def wrap_matvec(matvec):
+        wrapped.append(DistributedMatVec(matvec, group=group, bucket_numel=bucket_numel, on_matvec=on_matvec))
+        return wrapped[-1]
+
+    # The flags come from averaged vectors, so every rank takes the same branch of the policy.
+    x, result = implicit_hypergrad(
+        lower_loss, upper_loss, lower_params, lam=lam, iters=iters, damping=damping, solver=solver,
+        hvp_mode=hvp_mode, backend=backend, strict=strict, on_indefinite=on_indefinite,
+        fallback=fallback, rtol=rtol, return_info=True, reduce_rhs=reduce_rhs, wrap_matvec=wrap_matvec)
+    result.num_collectives = counts["rhs"] + sum(m.num_collectives for m in wrapped)
     return (x, result) if return_info else x

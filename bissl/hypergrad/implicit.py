@@ -20,7 +20,7 @@ import torch
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
-from bissl.ops.hvp import HVPMode, LinearizedHVP, linearize_hvp
+from bissl.ops.hvp import HVPMode, linearize_hvp
 from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
 from bissl.typing import LossFn, Params, ParamsLike
@@ -49,8 +49,9 @@ def upper_gradient(upper_loss: LossFn, params: ParamsLike) -> tuple[torch.Tensor
     return loss.detach(), flatten(grads)
 
 
-def _solve(name: str, op: LinearizedHVP | None, v: torch.Tensor, spec: FlatSpec, *, lam: float,
-           damping: float, iters: int, backend: str | None, rtol: float | None) -> SolveResult:
+def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: torch.Tensor,
+           spec: FlatSpec, *, lam: float, damping: float, iters: int, backend: str | None,
+           rtol: float | None) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver (flat ``v``)."""
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
@@ -59,7 +60,7 @@ def _solve(name: str, op: LinearizedHVP | None, v: torch.Tensor, spec: FlatSpec,
         kwargs.update(backend=backend, rtol=rtol)
     if name == "cg_layerwise":
         kwargs["segments"] = spec.segment_ids()
-    result = solve(None if name == "identity" else op.matvec, v, **kwargs)
+    result = solve(None if name == "identity" else matvec, v, **kwargs)
     result.damping_used = float(damping)
     return result
 
@@ -93,6 +94,8 @@ def implicit_hypergrad(
     fallback: SolverName = "minres",
     rtol: float | None = None,
     return_info: bool = False,
+    reduce_rhs: Callable[[torch.Tensor], object] | None = None,
+    wrap_matvec: Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> Params | tuple[Params, SolveResult]:
     """The IFT term ``x = (I + H/(λ + damping))⁻¹ ∇_θ L_D(θ)``, ``H = ∇²_θ L_P(θ)``.
 
@@ -145,6 +148,10 @@ def implicit_hypergrad(
         rtol: optional relative tolerance for early stopping (one host sync per iteration).
         return_info: also return the :class:`~bissl.solvers.SolveResult` of the solve whose ``x`` is
             returned, with ``action``, ``damping_used`` and ``initial`` set.
+        reduce_rhs: optional in-place reduction of the flat right-hand side ``v`` before the solve
+            (data parallelism: average it across ranks).
+        wrap_matvec: optional ``matvec ↦ matvec'`` applied to the flat HVP (e.g. rank averaging,
+            tracing). The solver's scalars then come from the wrapped operator only.
 
     Returns:
         ``x`` as a dict keyed like ``lower_params`` (and the solve info if ``return_info``).
@@ -167,12 +174,18 @@ def implicit_hypergrad(
         raise ValueError(f"implicit_hypergrad: fallback solver must differ from solver ({solver!r})")
     spec = flat_spec(lower_params)
     _, v = upper_gradient(upper_loss, lower_params)
-    op = None if solver == "identity" else linearize_hvp(lower_loss, lower_params, mode=hvp_mode)
+    if reduce_rhs is not None:
+        reduce_rhs(v)
+    matvec = None
+    if solver != "identity":
+        matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode).matvec
+        if wrap_matvec is not None:
+            matvec = wrap_matvec(matvec)
 
     def solve(name: str, damp: float) -> SolveResult:
-        if op is None and name != "identity":
+        if matvec is None and name != "identity":
             raise ValueError(f"implicit_hypergrad: no Hessian for solver {name!r}")
-        return _solve(name, op, v, spec, lam=lam, damping=damp, iters=iters, backend=backend, rtol=rtol)
+        return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend, rtol=rtol)
 
     result = solve(solver, damping)
     # Report-only mode never reads a flag, so it stays free of host synchronisation.

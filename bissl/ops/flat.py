@@ -113,13 +113,6 @@ def unflatten(flat: Tensor, spec: FlatSpec) -> Params:
     }
 
 
-def flat_buffer_like(params: ParamsLike) -> tuple[Tensor, Params]:
-    """A new zeroed flat buffer and the dict of its views shaped like ``params``."""
-    spec = flat_spec(params)
-    buf = torch.zeros(spec.numel, dtype=spec.dtype, device=spec.device)
-    return buf, unflatten(buf, spec)
-
-
 def _one_storage_view(params: ParamsLike, spec: FlatSpec) -> tuple[Tensor | None, str]:
     """``(P,)`` tensor aliasing the storage ``params`` live in back to back, or (None, why not).
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.conv_double_backward import ConvFastDoubleBackward
 from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
-from bissl.typing import LossFn, Params, ParamsLike, Vector
+from bissl.typing import LossFn, Params, ParamsLike
 
 HVPMode = Literal["fwdrev", "revrev", "autograd"]
 HVP_MODES: tuple[str, ...] = ("fwdrev", "revrev", "autograd")
@@ -226,7 +226,3 @@ def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revre
     """
     return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn)
 
-
-def as_flat(v: Vector, spec: FlatSpec) -> Tensor:
-    """A dict or flat vector as a flat ``(P,)`` tensor laid out by ``spec``."""
-    return v if isinstance(v, Tensor) else flatten(v, spec)

@@ -78,6 +78,10 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set) + (["run.quiet=true"] if args.quiet else [])
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        overrides.append(f"run.nproc={args.nproc}")
     resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
     config_path = Path(args.config) if args.config else None
     if config_path is None:
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run in RUN_DIR (default: the config's run directory) from "
                           "its last checkpoint; the directory must exist")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="ranks (sets run.nproc): N > 1 runs the BiSSL stage data-parallel under "
+                          "DeepSpeed ZeRO (config section 'deepspeed'), gloo on 127.0.0.1 on CPU")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="baseline vs BiSSL on the built-in digits data (CPU, minutes)",

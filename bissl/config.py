@@ -37,6 +37,7 @@ __all__ = [
     "DataConfig",
     "DebugConfig",
     "FinetuneConfig",
+    "TextConfig",
     "LowerConfig",
     "ModelConfig",
     "PretextConfig",
@@ -133,6 +134,9 @@ class RunConfig:
                                         "not bit-reproducible across runs)")
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
     quiet: bool = _opt(False, "no progress bars")
+    nproc: int = _opt(1, "ranks of the run (`bissl run --nproc N`): > 1 runs the BiSSL stage "
+                         "data-parallel under DeepSpeed (gloo on CPU, NCCL on GPUs; see the "
+                         "'deepspeed' section)", _ge(1))
 
 
 @dataclass
@@ -157,7 +161,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone architecture."""
 
-    backbone: str = _opt("resnet50", "'small_cnn', 'resnet18' or 'resnet50'")
+    backbone: str = _opt("resnet50", "'small_cnn', 'resnet18', 'resnet50' or 'gpt' (text)")
     options: dict[str, Any] = _opt({}, "extra keyword arguments of bissl.models.build_backbone")
     channels_last: bool = _opt(False, "use channels_last memory format (faster convs on GPU)")
 
@@ -178,7 +182,8 @@ class AugmentConfig:
 class PretextConfig:
     """Self-supervised pretraining (pipeline step 1)."""
 
-    method: Literal["simclr", "byol"] = _opt("simclr", "pretext task")
+    method: Literal["simclr", "byol", "gpt"] = _opt(
+        "simclr", "pretext task: 'simclr' or 'byol' (images), 'gpt' (next-token prediction, text)")
     epochs: int = _opt(500, "pretraining epochs", _ge(0))
     batch_size: int = _opt(1024, "pretext batch size", _ge(2))
     lr: float = _opt(4.8, "LARS base learning rate", _gt(0))
@@ -206,6 +211,9 @@ class LowerConfig:
     warmup_steps: int = _opt(200, "linear warm-up steps of the cosine schedule", _ge(0))
     final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
     batch_size: int = _opt(1024, "pretext batch size of lower steps", _ge(2))
+    optimizer: Literal["lars", "sgd"] = _opt(
+        "lars", "'lars' (the reference) or 'sgd' (momentum, same lr/wd; needed under ZeRO >= 1, "
+                "whose flat partitions have no per-layer norms for LARS)")
 
 
 @dataclass
@@ -240,8 +248,9 @@ class BisslConfig:
                  "fallback_solver) or 'adaptive_damping' (re-solve with a larger damping)")
     fallback_solver: Literal["minres", "identity", "cg", "cg_layerwise", "neumann"] = _opt(
         "minres", "solver of on_indefinite: fallback")
-    hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd"]] = _opt(
-        None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev')")
+    hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd", "auto"]] = _opt(
+        None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev'; 'auto': "
+              "'fwdrev' where the model supports forward-mode AD, else 'revrev')")
     hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
                                                "(default: lower.batch_size)", _ge(2))
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
@@ -249,6 +258,17 @@ class BisslConfig:
                                "system the on_indefinite policy did not resolve (otherwise they "
                                "are logged)")
     backend: Optional[str] = _opt(None, "kernel backend of bissl.ops (default: automatic)")
+    lam_schedule: str = _opt(
+        "constant", "lower-level regularisation scale over training: 'constant' (λ = lam), "
+                    "'grad_ratio' (λ keeps the proximal gradient λ‖θ−φ‖ at lam_options.ratio × "
+                    "the pretext gradient norm), 'distance' (λ grows with ‖θ−φ‖), or "
+                    "'package.module:callable' (see bissl.hypergrad.lam_schedules)")
+    lam_options: dict[str, Any] = _opt({}, "options of lam_schedule (e.g. ratio, ema, min, max)")
+    direct_term: Literal["phi", "theta"] = _opt(
+        "phi", "where the direct upper term γ∇L_D is evaluated: 'phi' (the paper: ∇_φ L_D(φ)) or "
+               "'theta' (γ∇_θ L_D(θ), reusing the hypergradient's forward)")
+    prox_pull: float = _opt(0.0, "ρ: add ρ·λ(φ − θ) to the upper φ-gradient (the gradient of the "
+                                 "proximal term in φ: pulls φ toward θ); 0 is the paper", _ge(0))
     lower: LowerConfig = field(default_factory=LowerConfig)
     upper: UpperConfig = field(default_factory=UpperConfig)
 
@@ -291,9 +311,22 @@ class DebugConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text runs (``task: text``): tokenizer and sequence lengths."""
+
+    tokenizer: Literal["bpe", "bytes"] = _opt(
+        "bpe", "'bpe' (byte-level BPE trained on the pretext corpus, saved with the run) or "
+               "'bytes' (256 byte values + specials, nothing to train)")
+    vocab_size: int = _opt(2048, "BPE vocabulary size (specials included)", _ge(260))
+    seq_len: int = _opt(64, "tokens per pretext (next-token) training sequence", _ge(2))
+    max_length: int = _opt(64, "downstream texts are truncated/padded to this many tokens", _ge(2))
+
+
+@dataclass
 class Config:
     """The whole experiment. ``config_from_dict`` builds it from nested dicts with validation."""
 
+    task: Literal["vision", "text"] = _opt("vision", "'vision' (images) or 'text' (token sequences)")
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -301,6 +334,10 @@ class Config:
     bissl: BisslConfig = field(default_factory=BisslConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    deepspeed: dict[str, Any] = _opt({}, "DeepSpeed/ZeRO settings of multi-rank runs "
+                                         "(bissl.distributed.zero_config: zero_stage, bucket "
+                                         "sizes, config: a DeepSpeed JSON)")
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
@@ -313,6 +350,27 @@ class Config:
         if self.bissl.on_indefinite == "fallback" and self.bissl.fallback_solver == self.bissl.solver:
             raise ConfigError("'bissl.fallback_solver' must differ from 'bissl.solver' when "
                               "'bissl.on_indefinite' is 'fallback'")
+        from bissl.distributed.zero_config import DeepSpeedSettings  # stdlib-only module
+
+        try:
+            zero = DeepSpeedSettings.from_dict(self.deepspeed)
+        except ValueError as err:
+            raise ConfigError(f"'deepspeed': {err}") from None
+        if self.run.nproc > 1 and zero.zero_stage >= 1 and self.bissl.lower.optimizer == "lars":
+            raise ConfigError("'bissl.lower.optimizer' is 'lars' but ZeRO stage "
+                              f"{zero.zero_stage} hands the optimizer flat partitions without "
+                              "per-layer norms; use 'sgd' or deepspeed.zero_stage 0")
+        from bissl.hypergrad.lam_schedules import build_lam_schedule
+
+        try:
+            build_lam_schedule(self.bissl.lam_schedule, self.bissl.lam, self.bissl.lam_options)
+        except ValueError as err:
+            raise ConfigError(f"'bissl.lam_schedule': {err}") from None
+        text_pretext = self.pretext.method == "gpt"
+        if (self.task == "text") != text_pretext:
+            raise ConfigError(f"'task' is {self.task!r} but 'pretext.method' is "
+                              f"{self.pretext.method!r}; text runs use 'gpt', image runs "
+                              "'simclr' or 'byol'")
 
 
 # --------------------------------------------------------------------------- building and checking

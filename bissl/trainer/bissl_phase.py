@@ -19,6 +19,13 @@ new downstream head ψ_D. Then
      the upper objective ``L_D(θ*(φ), ψ_D) + γ L_D(φ, ψ_D)``; the reference code uses γ = 1, where
      the two coincide), clipped together to total norm ``clip_norm``, one SGD-momentum step.
 
+Variants (the thesis' questions, all off by default): ``bissl.lam_schedule`` adapts λ during
+training (:mod:`bissl.hypergrad.lam_schedules`; the lower steps and the IFT use the same current
+λ); ``bissl.direct_term: theta`` evaluates the direct term at θ (``g_φ = x + γ∇_θ L_D(θ)``,
+``g_ψ = (1 + γ)∇_ψ L_D(θ)``, no pass through φ); ``bissl.prox_pull: ρ`` adds ``ρλ(φ − θ)`` to
+``g_φ``; ``bissl.solver`` picks the inverse-HVP approximation (CG, layer-wise CG, MINRES,
+Neumann, identity).
+
 BatchNorm policy. Ordinary training forward passes in train mode update running statistics as
 usual: lower steps update θ's (and ψ_P's), upper steps' pass through φ updates φ's. Passes that only
 serve a derivative do not: the HVPs (the core's policy) and the downstream pass through θ inside
@@ -30,13 +37,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from bissl.config import Config
 from bissl.hypergrad import implicit_hypergrad
+from bissl.hypergrad.lam_schedules import ConstantLam, LowerStepStats, build_lam_schedule
 from bissl.ops import axpby, batchnorm_stats_frozen, flat_spec, flatten, prox_grad, unflatten
 from bissl.solvers import SolverError
 from bissl.tasks.downstream import build_head, classification_loss
@@ -103,8 +111,11 @@ class BisslPhase(Phase):
         self.lower_gen = make_generator(derive_seed(ctx.seed, self.name, "lower_augment"), ctx.device)
         self.upper_gen = make_generator(derive_seed(ctx.seed, self.name, "upper_augment"), ctx.device)
         self.hvp_batch_size = min(b.hvp_batch_size or lo.batch_size, len(data.pretext_x))
-        self._hvp_views: tuple[int, Tensor, Tensor] | None = None
+        self._hvp_views: tuple[int, tuple[Tensor, ...]] | None = None
         self._warned_nonfinite = False
+        # One λ for the lower problem and the upper step's IFT (bissl.hypergrad.lam_schedules).
+        self.lam_schedule = build_lam_schedule(b.lam_schedule, b.lam, b.lam_options)
+        self._lower_count = 0
 
     # ------------------------------------------------------------------ schedule
     def locate(self, step: int) -> tuple[str, int, int]:
@@ -159,13 +170,13 @@ class BisslPhase(Phase):
         return {"part": "warmup", "loss": loss.detach(), "lr": lr}
 
     def _lower_step(self) -> dict[str, Any]:
-        lam = self.cfg.bissl.lam
+        lam = self.lam_schedule.value
         self.theta_net.train()
         self.pretext.train()
         x = gather(self.data.pretext_x, self.lower_sampler.next_batch(), self.device)
-        v1, v2 = self.two_view(x, self.lower_gen)
+        views = self.two_view(x, self.lower_gen)
         lr = current_lr(self.lower_opt)
-        loss = self.pretext.loss(self.theta_net, v1, v2)
+        loss = self.pretext.loss(self.theta_net, *views)
         self.lower_opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -173,17 +184,25 @@ class BisslPhase(Phase):
                      for n, p in zip(self.theta_names, self.theta_params)}
             theta = flatten({n: p for n, p in zip(self.theta_names, self.theta_params)}, self.spec)
             phi = flatten({n: p for n, p in zip(self.theta_names, self.phi_params)}, self.spec)
-            g = prox_grad(flatten(grads, self.spec), theta, phi, lam)
+            g_pretext = flatten(grads, self.spec)
+            g = prox_grad(g_pretext, theta, phi, lam)
             for p, gp in zip(self.theta_params, unflatten(g, self.spec).values()):
                 p.grad = gp.clone()
-            prox = 0.5 * lam * torch.dot(theta - phi, theta - phi)
+            sq_dist = torch.dot(theta - phi, theta - phi)
+            prox = 0.5 * lam * sq_dist
+            if not isinstance(self.lam_schedule, ConstantLam):  # adaptive rules read host floats
+                self.lam_schedule.observe(LowerStepStats(
+                    step=self._lower_count, pretext_grad_norm=float(g_pretext.norm()),
+                    distance=math.sqrt(float(sq_dist)), phi_norm=float(phi.norm())))
+        self._lower_count += 1
         grad_norm = clip_(self.lower_params, self.cfg.bissl.clip_norm)
         self.lower_opt.step()
         self.lower_sched.step()
         self.pretext.update_target(self.theta_net)  # BYOL EMA on lower steps only
-        return {"part": "lower", "loss": loss.detach(), "prox": prox, "lr": lr, "grad_norm": grad_norm}
+        return {"part": "lower", "loss": loss.detach(), "prox": prox, "lr": lr, "grad_norm": grad_norm,
+                "lam": lam}
 
-    def _hvp_batch(self, stage: int) -> tuple[Tensor, Tensor]:
+    def _hvp_batch(self, stage: int) -> tuple[Tensor, ...]:
         """The stage's pretext batch and its two views for H: a function of (seed, stage) only, so
         a run resumed in the middle of a stage's upper steps redraws exactly the same batch."""
         if self._hvp_views is None or self._hvp_views[0] != stage:
@@ -191,13 +210,12 @@ class BisslPhase(Phase):
             idx = torch.randperm(len(self.data.pretext_x), generator=gen)[: self.hvp_batch_size]
             x = gather(self.data.pretext_x, idx, self.device)
             aug_gen = make_generator(derive_seed(self.seed, self.name, "hvp_augment", stage), self.device)
-            v1, v2 = self.two_view(x, aug_gen)
-            self._hvp_views = (stage, v1, v2)
-        return self._hvp_views[1], self._hvp_views[2]
+            self._hvp_views = (stage, tuple(self.two_view(x, aug_gen)))
+        return self._hvp_views[1]
 
     def _upper_step(self, stage: int) -> dict[str, Any]:
         b = self.cfg.bissl
-        hv1, hv2 = self._hvp_batch(stage)
+        hvp_views = self._hvp_batch(stage)
         x, y = self._downstream_batch()
         self.theta_net.train()
         self.pretext.train()
@@ -207,7 +225,10 @@ class BisslPhase(Phase):
         seen: dict[str, Any] = {}
 
         def lower_loss(theta: dict[str, Tensor]) -> Tensor:
-            return pretext.loss(lambda imgs: torch.func.functional_call(net, theta, (imgs,)), hv1, hv2)
+            # The encoder forwards keyword arguments (e.g. a GPT's return_sequence=True).
+            def encode(*args: Any, **kwargs: Any) -> Tensor:
+                return torch.func.functional_call(net, theta, args, kwargs)
+            return pretext.loss(encode, *hvp_views)
 
         def upper_loss(theta: dict[str, Tensor]) -> Tensor:
             # One forward through θ gives both v = ∇_θ L_D(θ, ψ_D) (taken by the core) and
@@ -219,10 +240,15 @@ class BisslPhase(Phase):
             return loss
 
         theta = {n: p.detach() for n, p in zip(self.theta_names, self.theta_params)}
+        lam = self.lam_schedule.value
         kwargs: dict[str, Any] = {"hvp_mode": b.hvp_mode} if b.hvp_mode is not None else {}
+        if b.direct_term == "theta":
+            # The solve's right-hand side is ∇_θ L_D(θ): keep a copy for the direct term instead
+            # of a second backward (the hook sees it before the solve).
+            kwargs["reduce_rhs"] = lambda v: seen.__setitem__("v", v.clone())
         try:
             xs, info = implicit_hypergrad(
-                lower_loss, upper_loss, theta, lam=b.lam, iters=b.cg_iters, damping=b.damping,
+                lower_loss, upper_loss, theta, lam=lam, iters=b.cg_iters, damping=b.damping,
                 solver=b.solver, backend=b.backend, strict=b.strict, on_indefinite=b.on_indefinite,
                 fallback=b.fallback_solver, return_info=True, **kwargs)
         except SolverError as err:
@@ -243,21 +269,23 @@ class BisslPhase(Phase):
             x_flat = torch.nan_to_num(x_flat, nan=0.0, posinf=0.0, neginf=0.0)
 
         lr = current_lr(self.upper_opt)
-        loss_phi = classification_loss(self.head(self.phi_net(x)), y)
-        grads = torch.autograd.grad(loss_phi, self.phi_params + self.head_params)
-        g_phi_direct = dict(zip(self.theta_names, grads[: len(self.phi_params)]))
-        g_psi_phi = grads[len(self.phi_params):]
+        g_direct, g_psi_direct, loss_direct = self._direct_term(x, y, seen)
         with torch.no_grad():
-            g_phi = axpby(1.0, x_flat, b.gamma, flatten(g_phi_direct, self.spec))
+            g_phi = axpby(1.0, x_flat, b.gamma, g_direct)
+            if b.prox_pull > 0:
+                # ρ·λ(φ − θ): the proximal term's own φ-gradient, pulling φ toward θ.
+                theta_flat = flatten(theta, self.spec)
+                phi_flat = flatten(dict(zip(self.theta_names, self.phi_params)), self.spec)
+                g_phi = axpby(1.0, g_phi, b.prox_pull * lam, phi_flat - theta_flat)
             for p, gp in zip(self.phi_params, unflatten(g_phi, self.spec).values()):
                 p.grad = gp.clone()
-            for p, g_t, g_p in zip(self.head_params, seen["g_psi"], g_psi_phi):
+            for p, g_t, g_p in zip(self.head_params, seen["g_psi"], g_psi_direct):
                 p.grad = torch.add(g_t, g_p, alpha=b.gamma)
         grad_norm = clip_(self.phi_params + self.head_params, b.clip_norm)
         self.upper_opt.step()
         self.upper_sched.step()
         return {
-            "part": "upper", "loss": loss_phi.detach(), "loss_theta": seen["loss"], "lr": lr,
+            "part": "upper", "loss": loss_direct, "loss_theta": seen["loss"], "lr": lr, "lam": lam,
             "grad_norm": grad_norm, "cg_iters": diag["iters"], "cg_residual": diag["residual_norm"],
             "cg_converged": diag["converged"], "cg_negative_curvature": diag["negative_curvature"],
             "cg_nonfinite": diag["nonfinite"], "cg_indefinite": diag["indefinite"],
@@ -266,6 +294,21 @@ class BisslPhase(Phase):
                for k in ("ritz_min", "ritz_max", "condition", "damping_used")},
             "cg_action": diag["action"], "always_log": True,
         }
+
+    def _direct_term(self, x: Tensor, y: Tensor,
+                     seen: dict[str, Any]) -> tuple[Tensor, Sequence[Tensor], Tensor]:
+        """``(flat ∇L_D, head gradients, loss)`` of the direct upper term, per ``bissl.direct_term``.
+
+        ``phi`` (the paper): a training forward through φ (its BatchNorm statistics move).
+        ``theta``: ``L_D(θ, ψ_D)`` from the hypergradient's own forward, no extra pass: the
+        direct term becomes ``γ∇_θ L_D(θ)``, ``γ∇_ψ L_D(θ)``.
+        """
+        if self.cfg.bissl.direct_term == "theta":
+            return seen["v"], seen["g_psi"], seen["loss"]
+        loss_phi = classification_loss(self.head(self.phi_net(x)), y)
+        grads = torch.autograd.grad(loss_phi, self.phi_params + self.head_params)
+        n = len(self.phi_params)
+        return flatten(dict(zip(self.theta_names, grads[:n])), self.spec), grads[n:], loss_phi.detach()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -284,6 +327,8 @@ class BisslPhase(Phase):
             "upper_sampler": self.upper_sampler.state_dict(),
             "lower_gen": self.lower_gen.get_state(),
             "upper_gen": self.upper_gen.get_state(),
+            "lam_schedule": self.lam_schedule.state_dict(),
+            "lower_count": self._lower_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -293,6 +338,8 @@ class BisslPhase(Phase):
             getattr(self, key).load_state_dict(state[key])
         self.lower_gen.set_state(state["lower_gen"])
         self.upper_gen.set_state(state["upper_gen"])
+        self.lam_schedule.load_state_dict(state["lam_schedule"])
+        self._lower_count = state["lower_count"]
         self._hvp_views = None
 
     def result(self) -> dict[str, Any]:

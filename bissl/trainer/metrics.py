@@ -6,9 +6,11 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
   (``pretext``, ``bissl``, ``pretext_matched``, ``finetune_bissl``, ``finetune_baseline``),
   ``part`` the kind of step (``pretext``, ``warmup``, ``lower``, ``upper``, ``train``, ``eval``),
   ``step`` the phase's 1-based optimizer step, ``round`` the epoch (or the BiSSL training stage).
-* ``loss``: the step's loss: L_P (pretext, lower), L_D(φ, ψ_D) (warm-up, upper), L_D (fine-tuning).
+* ``loss``: the step's loss: L_P (pretext, lower), L_D(φ, ψ_D) (warm-up, upper; with
+  ``bissl.direct_term: theta`` upper rows hold L_D(θ, ψ_D)), L_D (fine-tuning).
 * ``loss_theta``: upper steps: L_D(θ, ψ_D), the downstream loss at the lower backbone.
 * ``prox``: lower steps: (λ/2)‖θ − φ‖².
+* ``lam``: lower and upper steps: the λ the step used (``bissl.lam_schedule``; constant by default).
 * ``lr``, ``grad_norm`` (before clipping).
 * ``cg_iters, cg_residual, cg_converged, cg_negative_curvature, cg_nonfinite``: the inverse-HVP
   solver's diagnostics on upper steps.
@@ -35,7 +37,7 @@ from typing import Any, Mapping
 from tqdm.auto import tqdm
 
 COLUMNS = (
-    "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lr", "grad_norm",
+    "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lam", "lr", "grad_norm",
     "cg_iters", "cg_residual", "cg_converged", "cg_negative_curvature", "cg_nonfinite",
     "cg_indefinite", "cg_ritz_min", "cg_ritz_max", "cg_condition", "cg_action", "cg_damping_used",
     "val_loss", "val_acc", "wall_s",

@@ -1,10 +1,13 @@
-"""Command line: ``bissl run | demo | config | env`` (also ``python -m bissl``).
+"""Command line: ``bissl run | demo | config | env | sweep`` (also ``python -m bissl``).
 
 Examples::
 
     bissl demo                                   # baseline vs BiSSL on digits, 3 seeds, CPU
+    bissl demo --task text                       # the same on two text tasks with a small GPT
+    bissl run configs/demo_digits.yaml --nproc 2 # BiSSL stage on 2 ranks (DeepSpeed, gloo)
     bissl run configs/demo_digits.yaml --set bissl.lam=0.01 --out runs/lam0.01
     bissl run --resume runs/lam0.01              # continue a killed run from its last checkpoint
+    bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2 --seeds 3   # sensitivity
     bissl config configs/reference_imagenet_resnet50.yaml   # print the resolved config
     bissl env                                    # versions, threads, kernel backends
 """
@@ -20,10 +23,19 @@ from typing import Sequence
 import yaml
 
 from bissl.config import ConfigError, config_to_dict, load_config
+from bissl.sweep.cli import register_sweep_command
 
 #: Exit statuses: bad usage/config (argparse's convention), a failed run, an interruption.
 EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-DEMO_CONFIG = "demo_digits.yaml"
+#: The configs each ``bissl demo --task`` runs, one comparison (and one table) per config.
+DEMO_CONFIGS = {
+    "vision": ("demo_digits.yaml",),
+    "text": ("demo_text_polarity.yaml", "demo_text_newsgroups.yaml"),
+}
+DEMO_DESCRIPTIONS = {
+    "vision": "scikit-learn digits (small CNN, SimCLR)",
+    "text": "gensim's sentence polarity and newsgroup topics (small GPT, next-token pretext)",
+}
 
 
 def _configs_dir() -> Path:
@@ -31,8 +43,8 @@ def _configs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def _demo_config_path() -> Path:
-    path = _configs_dir() / DEMO_CONFIG
+def _demo_config_path(name: str) -> Path:
+    path = _configs_dir() / name
     if not path.exists():
         raise ConfigError(f"the demo config {path} is missing (it ships with the source checkout); "
                           f"run 'bissl run <config>' with a config file instead")
@@ -100,14 +112,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    path = _demo_config_path()
     overrides = [f"run.seeds={list(range(args.seeds))}", *args.set]
     if args.quiet:
         overrides.append("run.quiet=true")
-    cfg = load_config(path, overrides)
-    run_dir = _run_dir(cfg, path, args.out)
-    print(f"BiSSL demo: baseline vs BiSSL on scikit-learn digits, {args.seeds} seed(s), config {path}")
-    return _execute(cfg, run_dir, command_hint=f"bissl demo --seeds {args.seeds}")
+    names = DEMO_CONFIGS[args.task]
+    # Validate every config before the first (minutes-long) run starts.
+    paths = [_demo_config_path(name) for name in names]
+    cfgs = [load_config(path, overrides) for path in paths]
+    print(f"BiSSL demo: baseline vs BiSSL on {DEMO_DESCRIPTIONS[args.task]}, {args.seeds} seed(s)")
+    hint = f"bissl demo --task {args.task} --seeds {args.seeds}"
+    for path, cfg in zip(paths, cfgs):
+        out = str(Path(args.out) / path.stem) if args.out and len(paths) > 1 else args.out
+        print(f"\n== {path.stem} (config {path})")
+        status = _execute(cfg, _run_dir(cfg, path, out), command_hint=hint)
+        if status:
+            return status
+    return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -179,11 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "DeepSpeed ZeRO (config section 'deepspeed'), gloo on 127.0.0.1 on CPU")
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="baseline vs BiSSL on the built-in digits data (CPU, minutes)",
-                          description="The whole comparison on scikit-learn's 8x8 digits with a "
-                                      "small CNN, ending in a table of test accuracies.")
+    demo = sub.add_parser("demo", help="baseline vs BiSSL on built-in data (CPU, minutes)",
+                          description="The whole comparison on built-in data, ending in a table of "
+                                      "test accuracies: scikit-learn's 8x8 digits with a small CNN "
+                                      "(--task vision), or two labelled text sets shipped with "
+                                      "gensim with a small GPT (--task text).")
+    demo.add_argument("--task", choices=sorted(DEMO_CONFIGS), default="vision",
+                      help="'vision' (digits, default) or 'text' (two text classification tasks, "
+                           "one table each)")
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
-    demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo_digits)")
+    demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>; "
+                                                   "with several configs: DIR/<config name>)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     add_set(demo)
     demo.set_defaults(func=_cmd_demo)
@@ -195,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="print versions, threads and the kernel backends")
     env.set_defaults(func=_cmd_env)
+
+    register_sweep_command(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ def bissl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = bissl("--help")
     assert out.returncode == 0
-    for command in ("run", "demo", "config", "env"):
+    for command in ("run", "demo", "config", "env", "sweep"):
         assert command in out.stdout
     run_help = bissl("run", "--help")
     assert run_help.returncode == 0 and "--resume" in run_help.stdout and "--set" in run_help.stdout

@@ -46,6 +46,7 @@ from bissl.config import Config
 from bissl.hypergrad import implicit_hypergrad
 from bissl.hypergrad.lam_schedules import ConstantLam, LowerStepStats, build_lam_schedule
 from bissl.ops import axpby, batchnorm_stats_frozen, flat_spec, flatten, prox_grad, unflatten
+from bissl.ops.hvp_mode import select_hvp_mode
 from bissl.solvers import SolverError
 from bissl.tasks.downstream import build_head, classification_loss
 from bissl.trainer.builders import (
@@ -241,7 +242,12 @@ class BisslPhase(Phase):
 
         theta = {n: p.detach() for n, p in zip(self.theta_names, self.theta_params)}
         lam = self.lam_schedule.value
-        kwargs: dict[str, Any] = {"hvp_mode": b.hvp_mode} if b.hvp_mode is not None else {}
+        kwargs: dict[str, Any] = {}
+        if b.hvp_mode == "auto":
+            # Probed once on the first upper step, cached per loss code and modules afterwards.
+            kwargs["hvp_mode"] = select_hvp_mode(lower_loss, theta)
+        elif b.hvp_mode is not None:
+            kwargs["hvp_mode"] = b.hvp_mode
         if b.direct_term == "theta":
             # The solve's right-hand side is ∇_θ L_D(θ): keep a copy for the direct term instead
             # of a second backward (the hook sees it before the solve).

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ARMS = ("baseline", "bissl")
-_METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
+#: The per-arm final metrics of a run (results.json, sweeps).
+METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -33,7 +34,7 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
         results = [per_seed[s].get(arm) for s in seeds]
         if any(r is None for r in results):
             continue
-        summary[arm] = {m: mean_std([r[m] for r in results]) for m in _METRICS}
+        summary[arm] = {m: mean_std([r[m] for r in results]) for m in METRICS}
     if all(arm in summary for arm in ARMS):
         diffs = [per_seed[s]["bissl"]["test_acc"] - per_seed[s]["baseline"]["test_acc"] for s in seeds]
         summary["bissl_minus_baseline_test_acc"] = mean_std(diffs)

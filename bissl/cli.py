@@ -61,14 +61,16 @@ def _run_dir(cfg, config_path: Path | None, out: str | None) -> Path:
 def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
     """Run the experiment, print the table; map failures to exit statuses and one-line messages."""
     from bissl.solvers import SolverError
-    from bissl.trainer import NonFiniteLossError, RunInterrupted, format_table, run_experiment
+    from bissl.trainer import (
+        DistributedRunError, NonFiniteLossError, RunInterrupted, format_table, run_experiment,
+    )
 
     state = "resuming" if (run_dir / "config.yaml").exists() else "new run"
     print(f"run directory: {run_dir} ({state})", flush=True)
     start = time.perf_counter()
     try:
         results = run_experiment(cfg, run_dir)
-    except (NonFiniteLossError, SolverError) as err:
+    except (NonFiniteLossError, SolverError, DistributedRunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except (KeyboardInterrupt, RunInterrupted) as err:
@@ -80,7 +82,12 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
     print(f"test top-1 accuracy (%) on {results['dataset']} ({results['backbone']}, "
           f"{results['pretext']}), seeds {results['seeds']}:")
     print(format_table(results))
-    layout = (f"{results['workers']} worker processes" if results["workers"] > 1 else "1 process")
+    if results.get("nproc", 1) > 1:
+        layout = f"{results['nproc']} ranks"
+    elif results["workers"] > 1:
+        layout = f"{results['workers']} worker processes"
+    else:
+        layout = "1 process"
     print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {results['threads']} "
           f"thread(s) each)")
     print(f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"

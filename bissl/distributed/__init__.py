@@ -32,14 +32,15 @@ from bissl.distributed.process_group import (
     init_process_group_from_env,
     shutdown,
 )
+from bissl.distributed.sharding import check_shardable, shard_of
 from bissl.distributed.step import HypergradSettings, average_buffers_, bissl_step
 from bissl.distributed.zero_config import DeepSpeedSettings
 
 __all__ = sorted([
     "BilevelEngines", "DeepSpeedSettings", "DistInfo", "DistributedMatVec", "ELEMENTWISE_OPTIMIZERS",
     "HypergradSettings", "LowerObjective", "TIMEOUT_EXIT_CODE", "UpperObjective", "allreduce_mean_",
-    "allreduce_mean_tensors_", "average_buffers_", "bissl_step", "build_bilevel_engines",
+    "allreduce_mean_tensors_", "average_buffers_", "bissl_step", "build_bilevel_engines", "check_shardable",
     "distributed_implicit_hypergrad", "exit_rank", "gather_objects", "gathered", "import_deepspeed",
     "init_process_group_from_env", "launch", "load_checkpoint", "rank", "save_checkpoint",
-    "shutdown", "tensor_digest", "world_size",
+    "shard_of", "shutdown", "tensor_digest", "world_size",
 ])

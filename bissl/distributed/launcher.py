@@ -11,6 +11,7 @@ CPU specifics: ``DS_ACCELERATOR=cpu`` (DeepSpeed would otherwise probe for accel
 """
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import signal
@@ -104,15 +105,28 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
     stream = stream or sys.stderr
     port = master_port if master_port is not None else free_port()
     cmd = torchrun_command(nproc, argv, master_port=port)
-    proc = subprocess.Popen(cmd, env=launch_env(nproc, env), stderr=subprocess.PIPE, text=True,
-                            errors="replace", start_new_session=True)
+    proc = subprocess.Popen(cmd, env=launch_env(nproc, env), stderr=subprocess.PIPE,
+                            start_new_session=True)
     tail: deque[str] = deque(maxlen=400)
 
     def pump() -> None:
-        for line in proc.stderr or ():
-            tail.append(line.rstrip("\n"))
-            stream.write(line)
-        stream.flush()
+        # Raw chunks, not lines: a progress bar redraws its line with "\r" and no newline, which
+        # line iteration would hold back (or, in text mode, turn into a new line per redraw).
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        while True:
+            chunk = proc.stderr.read1(1 << 16) if proc.stderr is not None else b""
+            text = decoder.decode(chunk, final=not chunk)
+            if text:
+                stream.write(text)
+                stream.flush()
+                *lines, pending = (pending + text).split("\n")
+                tail.extend(lines)
+                pending = pending[-4096:]  # a line without end (a bar) must not grow forever
+            if not chunk:
+                break
+        if pending:
+            tail.append(pending)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

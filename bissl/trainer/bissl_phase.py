@@ -48,15 +48,14 @@ from bissl.hypergrad.lam_schedules import ConstantLam, LowerStepStats, build_lam
 from bissl.ops import axpby, batchnorm_stats_frozen, flat_spec, flatten, prox_grad, unflatten
 from bissl.ops.hvp_mode import select_hvp_mode
 from bissl.solvers import SolverError
-from bissl.tasks.downstream import build_head, classification_loss
-from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_pretext_from, build_two_view,
-    clip_, cosine, current_lr, epochs_to_steps, lars, sgd,
+from bissl.tasks.downstream import classification_loss
+from bissl.trainer.bissl_stage import (
+    StageBatches, StageSchedule, downstream_objective, lower_optimizer, lower_schedule,
+    pretext_objective, solver_columns, start_models, upper_optimizer, upper_schedule,
+    warmup_loss, warmup_optimizer,
 )
+from bissl.trainer.builders import PipelineData, clip_, current_lr
 from bissl.trainer.loop import Phase, RunContext
-from bissl.trainer.rng import derive_seed, make_generator
-from bissl.trainer.sampler import EpochSampler, gather
-
 
 class BisslPhase(Phase):
     """The BiSSL stage as ``W + stages·(lower_steps + upper_steps)`` steps (W: head warm-up steps).
@@ -72,16 +71,9 @@ class BisslPhase(Phase):
                  pretext_result: dict[str, Any]) -> None:
         b = cfg.bissl
         self.cfg, self.data, self.device, self.seed = cfg, data, ctx.device, ctx.seed
-        # Lower model: θ and ψ_P from the pretext checkpoint.
-        self.theta_net = build_backbone_from(cfg, data, ctx.device)
-        self.theta_net.load_state_dict(pretext_result["backbone"])
-        self.pretext = build_pretext_from(cfg, self.theta_net, ctx.device)
-        self.pretext.load_state_dict(pretext_result["pretext"])
-        self.pretext.reset_target(self.theta_net)  # BYOL: target := online (SimCLR: no-op)
-        # Upper model: φ = a copy of the same backbone, new downstream head ψ_D.
-        self.phi_net = build_backbone_from(cfg, data, ctx.device)
-        self.phi_net.load_state_dict(pretext_result["backbone"])
-        self.head = build_head(self.phi_net.out_dim, data.num_classes, cfg.finetune.head).to(ctx.device)
+        self.models = start_models(cfg, data, ctx.device, pretext_result)
+        self.theta_net, self.pretext = self.models.theta_net, self.models.pretext
+        self.phi_net, self.head = self.models.phi_net, self.models.head
 
         self.theta_params = list(self.theta_net.parameters())
         self.theta_names = [n for n, _ in self.theta_net.named_parameters()]
@@ -90,29 +82,16 @@ class BisslPhase(Phase):
         self.lower_params = self.theta_params + list(self.pretext.online_parameters())
         self.spec = flat_spec(dict(self.theta_net.named_parameters()))
 
-        self.lower_sampler = EpochSampler(len(data.pretext_x), b.lower.batch_size,
-                                          derive_seed(ctx.seed, self.name, "lower_order"))
-        self.upper_sampler = EpochSampler(len(data.train_x), b.upper.batch_size,
-                                          derive_seed(ctx.seed, self.name, "upper_order"))
-        self.warmup_steps = epochs_to_steps(b.head_warmup_epochs, self.upper_sampler.steps_per_epoch)
-        self.cycle = b.lower_steps + b.upper_steps
-        super().__init__(self.warmup_steps + b.stages * self.cycle)
+        self.batches = StageBatches(cfg, data, ctx.seed, ctx.device)
+        self.schedule = StageSchedule.from_config(cfg, self.batches.upper_sampler.steps_per_epoch)
+        self.warmup_steps = self.schedule.warmup_steps
+        super().__init__(self.schedule.total_steps)
 
-        up, lo = b.upper, b.lower
-        self.warmup_opt = sgd(self.head_params, up.lr, up.momentum, up.weight_decay)
-        self.warmup_sched = cosine(self.warmup_opt, self.warmup_steps, 0, up.final_lr_factor)
-        self.lower_opt = lars(self.lower_params, lo.lr, lo.momentum, lo.weight_decay, lo.eta)
-        self.lower_sched = cosine(self.lower_opt, b.stages * b.lower_steps, lo.warmup_steps,
-                                  lo.final_lr_factor)
-        self.upper_opt = sgd(self.phi_params + self.head_params, up.lr, up.momentum, up.weight_decay)
-        self.upper_sched = cosine(self.upper_opt, b.stages * b.upper_steps, 0, up.final_lr_factor)
-
-        self.two_view = build_two_view(cfg, data)
-        self.down_aug = build_downstream_augment(cfg, data)
-        self.lower_gen = make_generator(derive_seed(ctx.seed, self.name, "lower_augment"), ctx.device)
-        self.upper_gen = make_generator(derive_seed(ctx.seed, self.name, "upper_augment"), ctx.device)
-        self.hvp_batch_size = min(b.hvp_batch_size or lo.batch_size, len(data.pretext_x))
-        self._hvp_views: tuple[int, tuple[Tensor, ...]] | None = None
+        self.warmup_opt, self.warmup_sched = warmup_optimizer(cfg, self.head_params, self.warmup_steps)
+        self.lower_opt = lower_optimizer(cfg, self.lower_params)
+        self.lower_sched = lower_schedule(cfg, self.lower_opt)
+        self.upper_opt = upper_optimizer(cfg, self.phi_params + self.head_params)
+        self.upper_sched = upper_schedule(cfg, self.upper_opt)
         self._warned_nonfinite = False
         # One λ for the lower problem and the upper step's IFT (bissl.hypergrad.lam_schedules).
         self.lam_schedule = build_lam_schedule(b.lam_schedule, b.lam, b.lam_options)
@@ -120,21 +99,11 @@ class BisslPhase(Phase):
 
     # ------------------------------------------------------------------ schedule
     def locate(self, step: int) -> tuple[str, int, int]:
-        """``(part, stage, k)`` of 0-based step ``step``: part in warmup/lower/upper, stage 0-based
-        (-1 in warm-up), k the index within the warm-up or within the stage's lower/upper block."""
-        if step < self.warmup_steps:
-            return "warmup", -1, step
-        stage, k = divmod(step - self.warmup_steps, self.cycle)
-        lower = self.cfg.bissl.lower_steps
-        return ("lower", stage, k) if k < lower else ("upper", stage, k - lower)
+        """``(part, stage, k)`` of 0-based step ``step`` (see :meth:`StageSchedule.locate`)."""
+        return self.schedule.locate(step)
 
     def describe_step(self, step: int) -> str:
-        part, stage, k = self.locate(step - 1)
-        b = self.cfg.bissl
-        if part == "warmup":
-            return f"head warm-up step {k + 1} of {self.warmup_steps}"
-        count = b.lower_steps if part == "lower" else b.upper_steps
-        return f"{part} step {k + 1} of {count} in training stage {stage + 1} of {b.stages}"
+        return self.schedule.describe(step)
 
     def step(self) -> list[dict[str, Any]]:
         part, stage, _ = self.locate(self.step_idx)
@@ -145,25 +114,14 @@ class BisslPhase(Phase):
         else:
             row = self._upper_step(stage)
         self.step_idx += 1
-        row.setdefault("round", stage + 1 if stage >= 0 else self.upper_sampler.epoch + 1)
+        row.setdefault("round", stage + 1 if stage >= 0 else self.batches.upper_sampler.epoch + 1)
         return [row]
 
     # ------------------------------------------------------------------ the three kinds of step
-    def _downstream_batch(self) -> tuple[Tensor, Tensor]:
-        idx = self.upper_sampler.next_batch()
-        x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
-        if self.down_aug is not None:
-            x = self.down_aug(x, self.upper_gen)
-        return x, y
-
     def _warmup_step(self) -> dict[str, Any]:
-        x, y = self._downstream_batch()
-        self.phi_net.eval()
-        self.head.train()
-        with torch.no_grad():
-            feats = self.phi_net(x)
+        x, y = self.batches.downstream()
         lr = current_lr(self.warmup_opt)
-        loss = classification_loss(self.head(feats), y)
+        loss = warmup_loss(self.phi_net, self.head, x, y)
         self.warmup_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.warmup_opt.step()
@@ -174,10 +132,9 @@ class BisslPhase(Phase):
         lam = self.lam_schedule.value
         self.theta_net.train()
         self.pretext.train()
-        x = gather(self.data.pretext_x, self.lower_sampler.next_batch(), self.device)
-        views = self.two_view(x, self.lower_gen)
+        views = self.batches.lower_views()
         lr = current_lr(self.lower_opt)
-        loss = self.pretext.loss(self.theta_net, *views)
+        loss = pretext_objective(self.theta_net, self.pretext, views)
         self.lower_opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -203,21 +160,10 @@ class BisslPhase(Phase):
         return {"part": "lower", "loss": loss.detach(), "prox": prox, "lr": lr, "grad_norm": grad_norm,
                 "lam": lam}
 
-    def _hvp_batch(self, stage: int) -> tuple[Tensor, ...]:
-        """The stage's pretext batch and its two views for H: a function of (seed, stage) only, so
-        a run resumed in the middle of a stage's upper steps redraws exactly the same batch."""
-        if self._hvp_views is None or self._hvp_views[0] != stage:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.name, "hvp_batch", stage))
-            idx = torch.randperm(len(self.data.pretext_x), generator=gen)[: self.hvp_batch_size]
-            x = gather(self.data.pretext_x, idx, self.device)
-            aug_gen = make_generator(derive_seed(self.seed, self.name, "hvp_augment", stage), self.device)
-            self._hvp_views = (stage, tuple(self.two_view(x, aug_gen)))
-        return self._hvp_views[1]
-
     def _upper_step(self, stage: int) -> dict[str, Any]:
         b = self.cfg.bissl
-        hvp_views = self._hvp_batch(stage)
-        x, y = self._downstream_batch()
+        hvp_views = self.batches.hvp_views(stage)
+        x, y = self.batches.downstream()
         self.theta_net.train()
         self.pretext.train()
         self.phi_net.train()
@@ -292,13 +238,7 @@ class BisslPhase(Phase):
         self.upper_sched.step()
         return {
             "part": "upper", "loss": loss_direct, "loss_theta": seen["loss"], "lr": lr, "lam": lam,
-            "grad_norm": grad_norm, "cg_iters": diag["iters"], "cg_residual": diag["residual_norm"],
-            "cg_converged": diag["converged"], "cg_negative_curvature": diag["negative_curvature"],
-            "cg_nonfinite": diag["nonfinite"], "cg_indefinite": diag["indefinite"],
-            # Estimates a solver cannot give are NaN in the summary; logged as empty cells.
-            **{f"cg_{k}": None if math.isnan(diag[k]) else diag[k]
-               for k in ("ritz_min", "ritz_max", "condition", "damping_used")},
-            "cg_action": diag["action"], "always_log": True,
+            "grad_norm": grad_norm, **solver_columns(diag), "always_log": True,
         }
 
     def _direct_term(self, x: Tensor, y: Tensor,
@@ -311,42 +251,31 @@ class BisslPhase(Phase):
         """
         if self.cfg.bissl.direct_term == "theta":
             return seen["v"], seen["g_psi"], seen["loss"]
-        loss_phi = classification_loss(self.head(self.phi_net(x)), y)
+        loss_phi = downstream_objective(self.phi_net, self.head, (x, y))
         grads = torch.autograd.grad(loss_phi, self.phi_params + self.head_params)
         n = len(self.phi_params)
         return flatten(dict(zip(self.theta_names, grads[:n])), self.spec), grads[n:], loss_phi.detach()
 
     # ------------------------------------------------------------------ state
+    _OPTIMIZERS = ("warmup_opt", "warmup_sched", "lower_opt", "lower_sched", "upper_opt",
+                   "upper_sched")
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "theta_net": self.theta_net.state_dict(),
-            "pretext": self.pretext.state_dict(),
-            "phi_net": self.phi_net.state_dict(),
-            "head": self.head.state_dict(),
-            "warmup_opt": self.warmup_opt.state_dict(),
-            "warmup_sched": self.warmup_sched.state_dict(),
-            "lower_opt": self.lower_opt.state_dict(),
-            "lower_sched": self.lower_sched.state_dict(),
-            "upper_opt": self.upper_opt.state_dict(),
-            "upper_sched": self.upper_sched.state_dict(),
-            "lower_sampler": self.lower_sampler.state_dict(),
-            "upper_sampler": self.upper_sampler.state_dict(),
-            "lower_gen": self.lower_gen.get_state(),
-            "upper_gen": self.upper_gen.get_state(),
+            **self.models.state_dicts(),
+            **{key: getattr(self, key).state_dict() for key in self._OPTIMIZERS},
+            **self.batches.state_dict(),
             "lam_schedule": self.lam_schedule.state_dict(),
             "lower_count": self._lower_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("theta_net", "pretext", "phi_net", "head", "warmup_opt", "warmup_sched",
-                    "lower_opt", "lower_sched", "upper_opt", "upper_sched", "lower_sampler",
-                    "upper_sampler"):
+        self.models.load_state_dicts(state)
+        for key in self._OPTIMIZERS:
             getattr(self, key).load_state_dict(state[key])
-        self.lower_gen.set_state(state["lower_gen"])
-        self.upper_gen.set_state(state["upper_gen"])
+        self.batches.load_state_dict(state)
         self.lam_schedule.load_state_dict(state["lam_schedule"])
         self._lower_count = state["lower_count"]
-        self._hvp_views = None
 
     def result(self) -> dict[str, Any]:
         return {"lower_backbone": self.theta_net.state_dict(), "pretext": self.pretext.state_dict(),

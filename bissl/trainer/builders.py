@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from bissl.config import Config, ConfigError
 from bissl.data import DatasetSplits
+from bissl.data.text import TextData
 from bissl.models import build_backbone
 from bissl.optim import LARS, cosine_with_warmup
 from bissl.tasks.augment import TwoViewAugment, ViewConfig, augment_view, resolve_preset
@@ -25,6 +26,8 @@ from bissl.tasks.pretext import build_pretext
 class PipelineData:
     """The tensors every phase draws from (kept on the CPU; batches move to the device).
 
+    Image runs (``task: vision``):
+
     Attributes:
         pretext_x: ``(N_p, C, H, W)`` normalised pretext images (labels unused).
         pretext_mean, pretext_std: their normalisation statistics (``[0, 1]`` pixel scale).
@@ -32,6 +35,11 @@ class PipelineData:
         mean, std: downstream normalisation statistics.
         num_classes, in_channels, image_size: of the downstream set (the pretext set must match
             ``in_channels``; its images are resized to ``image_size`` by the loader config).
+
+    Text runs (``task: text``, built by :meth:`from_text`): ``pretext_x`` is ``(N_p, seq_len)``
+    int64 token rows, ``train_x``/``val_x``/``test_x`` are ``(N, max_length)`` int64 right-padded
+    with ``pad_id``; ``vocab_size``, ``pad_id``, ``max_len`` (the longest sequence the backbone
+    must accept) and ``tokenizer`` are set, the image fields are empty.
     """
 
     pretext_x: Tensor
@@ -48,6 +56,11 @@ class PipelineData:
     num_classes: int
     in_channels: int
     image_size: int
+    task: str = "vision"
+    vocab_size: int = 0
+    pad_id: int = 0
+    max_len: int = 0
+    tokenizer: Any = None
 
     @classmethod
     def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> "PipelineData":
@@ -66,22 +79,58 @@ class PipelineData:
             in_channels=down.in_channels, image_size=down.image_size,
         )
 
+    @classmethod
+    def from_text(cls, text: TextData) -> "PipelineData":
+        """Token tensors of a text experiment (:func:`bissl.data.text.load_text_data`)."""
+        return cls(
+            pretext_x=text.pretext_x, pretext_mean=(), pretext_std=(),
+            train_x=text.train_x, train_y=text.train_y, val_x=text.val_x, val_y=text.val_y,
+            test_x=text.test_x, test_y=text.test_y, mean=(), std=(),
+            num_classes=text.num_classes, in_channels=0, image_size=0, task="text",
+            vocab_size=text.vocab_size, pad_id=text.pad_id,
+            max_len=max(text.pretext_x.shape[1], text.train_x.shape[1]), tokenizer=text.tokenizer,
+        )
+
+
+def _check_task(cfg: Config, data: PipelineData) -> None:
+    if cfg.task != data.task:
+        raise ConfigError(f"'task' is {cfg.task!r} but the loaded data is {data.task!r}")
+    if cfg.task == "text" and cfg.model.backbone != "gpt":
+        raise ConfigError(f"'model.backbone' is {cfg.model.backbone!r}; text runs need 'gpt'")
+    if cfg.task == "vision" and cfg.model.backbone == "gpt":
+        raise ConfigError("'model.backbone' 'gpt' takes token ids; set 'task: text'")
+
 
 def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -> nn.Module:
-    """The configured backbone on ``device`` (channels_last when configured)."""
+    """The configured backbone on ``device`` (channels_last when configured; images only)."""
+    _check_task(cfg, data)
     try:
-        model = build_backbone(cfg.model.backbone, in_channels=data.in_channels, **cfg.model.options)
+        if data.task == "text":
+            # Sizes come from the data (tokenizer, sequence lengths); the rest from model.options.
+            fixed = {"vocab_size": data.vocab_size, "max_len": data.max_len, "pad_id": data.pad_id}
+            clash = sorted(set(fixed) & set(cfg.model.options))
+            if clash:
+                raise ValueError(f"options {clash} are set from the data/tokenizer; remove them")
+            model = build_backbone(cfg.model.backbone, **fixed, **cfg.model.options)
+        else:
+            model = build_backbone(cfg.model.backbone, in_channels=data.in_channels,
+                                   **cfg.model.options)
     except ValueError as err:
         raise ConfigError(f"'model': {err}") from None
     model = model.to(device)
-    if cfg.model.channels_last:
+    if cfg.model.channels_last and data.task == "vision":
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -> nn.Module:
-    """The pretext head/loss module (SimCLR projector, or BYOL projector + predictor + target)."""
+    """The pretext head/loss module (SimCLR projector, BYOL projector + predictor + target, or
+    the GPT language-model head)."""
     p = cfg.pretext
+    if p.method == "gpt":
+        module = build_pretext("gpt", backbone=backbone, feat_dim=backbone.out_dim,
+                               vocab_size=backbone.vocab_size, pad_id=backbone.pad_id)
+        return module.to(device)
     kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
     if p.method == "simclr":
         kwargs["temperature"] = p.temperature
@@ -101,8 +150,25 @@ def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> Vie
     return replace(base, **fixed)
 
 
-def build_two_view(cfg: Config, data: PipelineData) -> TwoViewAugment:
-    """The pretext two-view augmentation for the pretext images (de/normalising around it)."""
+class TokenBatch:
+    """The "views" of a text pretext batch: the token rows themselves, as a 1-tuple.
+
+    Next-token prediction needs no augmentation; the generator argument keeps the call signature
+    of :class:`TwoViewAugment` (``views = build_two_view(cfg, data)(x, generator)``).
+    """
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor]:
+        if x.dim() != 2 or x.dtype != torch.int64:
+            raise ValueError(f"TokenBatch: expected (B, T) int64 token ids, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        return (x,)
+
+
+def build_two_view(cfg: Config, data: PipelineData) -> TwoViewAugment | TokenBatch:
+    """The pretext "views" of a batch: two augmented views of images (de/normalising around the
+    augmentation), or for text the token batch itself (:class:`TokenBatch`)."""
+    if data.task == "text":
+        return TokenBatch()
     a = cfg.pretext.augment
     preset = resolve_preset(a.preset, data.image_size)
     aug = TwoViewAugment(preset, mean=data.pretext_mean, std=data.pretext_std)
@@ -134,8 +200,12 @@ class CropFlip:
 
 
 def build_downstream_augment(cfg: Config, data: PipelineData) -> CropFlip | None:
-    """``None`` (no augmentation) or :class:`CropFlip`, per ``finetune.augment``."""
-    return CropFlip(cfg, data) if cfg.finetune.augment == "crop" else None
+    """``None`` (no augmentation) or :class:`CropFlip`, per ``finetune.augment`` (images only)."""
+    if cfg.finetune.augment == "none":
+        return None
+    if data.task == "text":
+        raise ConfigError(f"'finetune.augment' is {cfg.finetune.augment!r}; text runs support 'none'")
+    return CropFlip(cfg, data)
 
 
 def lars(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,

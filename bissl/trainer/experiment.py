@@ -21,7 +21,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -37,7 +37,10 @@ from bissl.trainer.loop import RunContext, StepBudget, run_phase
 from bissl.trainer.metrics import MetricsLog, progress_enabled
 from bissl.trainer.plots import plot_run_dir
 from bissl.trainer.pretext_phase import LarsSchedule, PretextPhase
-from bissl.trainer.report import summarize, write_json_atomic
+from bissl.trainer.report import METRICS, summarize, write_json_atomic
+
+#: ``(cfg, data, ctx, pretext_result) -> result`` of the BiSSL stage (see :func:`run_seed`).
+BisslRunner = Callable[[Config, PipelineData, RunContext, dict[str, Any]], dict[str, Any]]
 
 #: Keys that may change between a run and its resumption (they do not change the results).
 RESUMABLE_CHANGES = ("run.name", "run.out_dir", "run.quiet", "run.seeds", "run.checkpoint_every",
@@ -75,10 +78,26 @@ def configure_torch(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def load_pipeline_data(cfg: Config) -> PipelineData:
-    """Load the downstream (and optional separate pretext) dataset named by ``cfg.data``."""
+def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> PipelineData:
+    """Load the downstream (and optional separate pretext) dataset named by ``cfg.data``.
+
+    Text runs (``task: text``) tokenise with the tokenizer saved as ``<run_dir>/tokenizer.json``
+    when it exists; otherwise one is trained on the pretext corpus and saved there (kept in
+    memory only when ``run_dir`` is None). Training is deterministic, so every process of a run
+    gets the same tokenizer either way.
+    """
     d = cfg.data
     try:
+        if cfg.task == "text":
+            from bissl.data.text import load_text_data
+
+            t = cfg.text
+            text = load_text_data(
+                d.name, pretext_name=d.pretext_name, tokenizer=t.tokenizer, vocab_size=t.vocab_size,
+                seq_len=t.seq_len, max_length=t.max_length, val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction, split_seed=d.split_seed,
+                tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json")
+            return PipelineData.from_text(text)
         down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
                             test_fraction=d.test_fraction, seed=d.split_seed)
         pretext = None
@@ -122,12 +141,17 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
 
 
 def _arm_metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(result[k]) for k in ("test_acc", "val_acc", "test_loss", "val_loss")}
+    return {k: float(result[k]) for k in METRICS}
 
 
 def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device: torch.device,
-             budget: StepBudget, bar_position: int = 0) -> dict[str, dict[str, float] | None]:
-    """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``."""
+             budget: StepBudget, bar_position: int = 0,
+             bissl_runner: BisslRunner | None = None) -> dict[str, dict[str, float] | None]:
+    """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``.
+
+    ``bissl_runner(cfg, data, ctx, pretext_result) -> result`` runs the BiSSL stage instead of
+    :class:`BisslPhase` in this process (multi-rank runs: :mod:`bissl.trainer.distributed_run`).
+    """
     metrics = MetricsLog(seed_dir / "metrics.csv")
     ctx = RunContext(seed=seed, device=device, ckpt_dir=seed_dir / "checkpoints", metrics=metrics,
                      checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
@@ -135,7 +159,10 @@ def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device:
                      bar_position=bar_position)
     try:
         pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
-        bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre), ctx)
+        if bissl_runner is None:
+            bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre), ctx)
+        else:
+            bissl = bissl_runner(cfg, data, ctx, pre)
         out: dict[str, dict[str, float] | None] = {"bissl": _arm_metrics(run_phase(
             "finetune_bissl",
             lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]), ctx))}
@@ -163,7 +190,7 @@ def _seed_worker(raw_cfg: dict[str, Any], run_dir: str, seed: int,
     cfg = config_from_dict(raw_cfg)
     configure_torch(cfg)
     budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
-    return run_seed(cfg, load_pipeline_data(cfg), seed, Path(run_dir) / f"seed_{seed}",
+    return run_seed(cfg, load_pipeline_data(cfg, run_dir), seed, Path(run_dir) / f"seed_{seed}",
                     resolve_device(cfg.run.device), budget, bar_position)
 
 
@@ -177,16 +204,28 @@ def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int,
         return {seed: future.result() for seed, future in futures.items()}
 
 
-def run_experiment(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def run_experiment(cfg: Config, run_dir: str | Path, *,
+                   bissl_runner: BisslRunner | None = None) -> dict[str, Any]:
     """Run (or resume) every seed of ``cfg`` in ``run_dir``; write results.json and curves.png.
 
     Seeds run one after another in this process, or in ``run.workers`` parallel processes. A seed's
     results do not depend on which process ran it (only on the threads per process, which change
-    floating-point summation order).
+    floating-point summation order). With ``run.nproc > 1`` the run is handed to
+    :func:`bissl.trainer.distributed_run.run_distributed` (N ranks; the BiSSL stage under DeepSpeed).
+
+    Args:
+        cfg: the experiment config.
+        run_dir: the run directory.
+        bissl_runner: internal: rank 0 of a multi-rank run passes its BiSSL-stage runner (see
+            :func:`run_seed`).
 
     Returns:
         The ``results.json`` content (see :func:`bissl.trainer.report.summarize`).
     """
+    if cfg.run.nproc > 1 and bissl_runner is None:
+        from bissl.trainer.distributed_run import run_distributed
+
+        return run_distributed(cfg, run_dir)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     device = resolve_device(cfg.run.device)
@@ -194,16 +233,18 @@ def run_experiment(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     prepare_run_dir(cfg, run_dir)
     workers = min(cfg.run.workers, len(cfg.run.seeds))
     if workers > 1:
-        load_pipeline_data(cfg)  # fail here, once, on a data error
+        load_pipeline_data(cfg, run_dir)  # fail here, once, on a data error (saves the tokenizer)
         per_seed = _run_seeds_in_workers(cfg, run_dir, workers)
     else:
-        data = load_pipeline_data(cfg)
+        data = load_pipeline_data(cfg, run_dir)
         budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
-        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget)
+        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget,
+                                   bissl_runner=bissl_runner)
                     for seed in cfg.run.seeds}
     meta = {
         "dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
         "device": str(device), "threads": torch.get_num_threads(), "workers": workers,
+        "nproc": cfg.run.nproc,
         "wall_s_this_process": round(time.perf_counter() - start, 1),
     }
     results = summarize(per_seed, meta=meta)

@@ -122,8 +122,13 @@ def is_finite(value: Any) -> bool:
 
 
 def progress_enabled(quiet: bool) -> bool:
-    """Progress bars only on an interactive terminal and when not ``quiet``."""
-    return not quiet and sys.stderr.isatty()
+    """Progress bars when not ``quiet`` and on an interactive terminal, unless ``BISSL_PROGRESS``
+    says otherwise ("1" on, "0" off): rank processes write to a pipe their launcher forwards to
+    the terminal, so they cannot see the terminal themselves."""
+    forced = os.environ.get("BISSL_PROGRESS")
+    if quiet or forced == "0":
+        return False
+    return forced == "1" or sys.stderr.isatty()
 
 
 def progress_bar(total: int, desc: str, initial: int, enabled: bool, position: int = 0) -> tqdm:

@@ -82,3 +82,12 @@ def test_healthy_job_exits_zero(tmp_path):
     code, log = run_ranks("failing_worker.py", "--mode", "ok", "--out", str(tmp_path), timeout_s=90)
     assert code == 0, log[-3000:]
     assert len(_pids(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_output_reaches_the_caller_unchanged(tmp_path):
+    """A progress bar redraws its line with carriage returns: the launcher must pass them on as
+    written (not one line per redraw, not held back until a newline)."""
+    code, log = run_ranks("failing_worker.py", "--mode", "bar", "--out", str(tmp_path), timeout_s=90)
+    assert code == 0, log[-3000:]
+    assert "\rprogress 0/3\rprogress 1/3\rprogress 2/3\n" in log

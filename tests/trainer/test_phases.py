@@ -94,8 +94,8 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
             p.add_(0.05 * torch.randn_like(p))
     twin = copy.deepcopy(phase)  # same state, same generators: replays the same batch and views
     _run(phase, 1)
-    x = twin.data.pretext_x[twin.lower_sampler.next_batch()]
-    v1, v2 = twin.two_view(x, twin.lower_gen)
+    x = twin.data.pretext_x[twin.batches.lower_sampler.next_batch()]
+    v1, v2 = twin.batches.two_view(x, twin.batches.lower_gen)
     twin.theta_net.train()
     twin.pretext.train()
     loss = twin.pretext.loss(twin.theta_net, v1, v2)
@@ -120,8 +120,8 @@ def test_upper_step_gradients_first_order(tiny_config, data, gamma):
     phi_stats = {k: v.clone() for k, v in phase.phi_net.state_dict().items() if "running" in k}
     rows = _run(phase, 1)
     assert rows[0]["part"] == "upper" and rows[0]["cg_iters"] == 0
-    idx = twin.upper_sampler.next_batch()
-    x = twin.down_aug(twin.data.train_x[idx], twin.upper_gen)
+    idx = twin.batches.upper_sampler.next_batch()
+    x = twin.batches.down_aug(twin.data.train_x[idx], twin.batches.upper_gen)
     y = twin.data.train_y[idx]
     for m in (twin.theta_net, twin.phi_net, twin.head):
         m.train()
@@ -146,12 +146,12 @@ def test_upper_step_gradients_first_order(tiny_config, data, gamma):
 
 def test_hvp_batch_is_drawn_once_per_stage(tiny_config, data):
     phase = _bissl(tiny_config("bissl.head_warmup_epochs=0"), data)
-    a1, _ = phase._hvp_batch(0)
-    b1, _ = phase._hvp_batch(0)
-    c1, _ = phase._hvp_batch(1)
+    a1, _ = phase.batches.hvp_views(0)
+    b1, _ = phase.batches.hvp_views(0)
+    c1, _ = phase.batches.hvp_views(1)
     assert a1 is b1 and a1.shape[0] == 32 and not torch.equal(a1, c1)
-    phase._hvp_views = None  # as after a resume: redrawn identically
-    assert torch.equal(phase._hvp_batch(0)[0], a1)
+    phase.batches._hvp = None  # as after a resume: redrawn identically
+    assert torch.equal(phase.batches.hvp_views(0)[0], a1)
 
 
 def test_cg_diagnostics_logged_and_strict_raises(tiny_config, data):

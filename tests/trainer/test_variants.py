@@ -52,9 +52,9 @@ def _upper_terms(twin: BisslPhase, lam: float):
     """Independent pieces of one upper step on ``twin``: the CG solution x of the step's system,
     ∇_θ L_D(θ) and ∇_ψ L_D(θ), ∇_φ L_D(φ) and ∇_ψ L_D(φ), θ and φ as flat-per-tensor lists."""
     b = twin.cfg.bissl
-    views = twin._hvp_batch(0)
-    idx = twin.upper_sampler.next_batch()
-    x, y = twin.down_aug(twin.data.train_x[idx], twin.upper_gen), twin.data.train_y[idx]
+    views = twin.batches.hvp_views(0)
+    idx = twin.batches.upper_sampler.next_batch()
+    x, y = twin.batches.down_aug(twin.data.train_x[idx], twin.batches.upper_gen), twin.data.train_y[idx]
     for m in (twin.theta_net, twin.pretext, twin.phi_net, twin.head):
         m.train()
     theta = {n: p.detach() for n, p in twin.theta_net.named_parameters()}
@@ -239,3 +239,16 @@ def test_adaptive_lam_resumes_exactly(tmp_path, tiny_config):
     lams = [[r["lam"] for r in read_metrics(d / "seed_0/metrics.csv") if r["part"] == "upper"]
             for d in (full, cut)]
     assert lams[0] == lams[1] and len(set(lams[0])) > 1  # same λ trajectory, and it moved
+
+
+def test_hvp_mode_auto_picks_a_working_mode(tiny_config, data):
+    """hvp_mode auto probes the lower loss once (fwdrev works through the CNN) and the step
+    equals the explicit-mode step."""
+    grads = {}
+    for mode in ("auto", "fwdrev"):
+        phase, _ = _after_lower_step(tiny_config, data, f"bissl.hvp_mode={mode}")
+        (row,) = _steps(phase, 1)
+        assert row["part"] == "upper"
+        grads[mode] = [p.grad.clone() for p in phase.phi_params]
+    for a, b in zip(grads["auto"], grads["fwdrev"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -1,7 +1,9 @@
 """Pretext (self-supervised) tasks: ``build_pretext(name, backbone=..., feat_dim=...)``.
 
-Every pretext module exposes ``loss(encode, v1, v2) -> scalar`` (``encode`` maps images to
-backbone features, e.g. ``lambda x: torch.func.functional_call(backbone, theta, (x,))``),
+Every pretext module exposes ``loss(encode, *views) -> scalar`` (``encode`` maps images to
+backbone features, e.g. ``lambda x: torch.func.functional_call(backbone, theta, (x,))``; SimCLR
+and BYOL take two views, GPT one batch of token rows and calls ``encode(tokens,
+return_sequence=True)``),
 ``update_target(backbone_params, momentum=None)`` and ``reset_target(backbone)`` (no-ops for
 SimCLR) and ``online_parameters()`` (the trainable head parameters).
 """
@@ -14,10 +16,11 @@ from typing import Any
 from torch import nn
 
 from bissl.tasks.pretext.byol import BYOL, byol_loss
+from bissl.tasks.pretext.gpt import GPTPretext, next_token_loss
 from bissl.tasks.pretext.heads import mlp_head
 from bissl.tasks.pretext.simclr import SimCLR, nt_xent
 
-_CLASSES: dict[str, type[nn.Module]] = {"byol": BYOL, "simclr": SimCLR}
+_CLASSES: dict[str, type[nn.Module]] = {"byol": BYOL, "gpt": GPTPretext, "simclr": SimCLR}
 #: Names accepted by :func:`build_pretext`.
 PRETEXTS: tuple[str, ...] = tuple(sorted(_CLASSES))
 
@@ -26,9 +29,10 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
     """Build a pretext task by name.
 
     Args:
-        name: ``"simclr"`` (kwargs: ``proj_dims``, ``temperature``) or ``"byol"`` (kwargs:
-            ``proj_dims``, ``pred_hidden``, ``momentum``).
-        backbone: the online backbone (BYOL copies it into its target; SimCLR ignores it).
+        name: ``"simclr"`` (kwargs: ``proj_dims``, ``temperature``), ``"byol"`` (kwargs:
+            ``proj_dims``, ``pred_hidden``, ``momentum``) or ``"gpt"`` (kwargs: ``vocab_size``,
+            ``pad_id``).
+        backbone: the online backbone (BYOL copies it into its target; SimCLR and GPT ignore it).
         feat_dim: backbone output features (``backbone.out_dim``).
 
     Raises:
@@ -44,7 +48,10 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
         )
     if name == "byol":
         return BYOL(backbone, feat_dim, **kwargs)
+    if name == "gpt":
+        return GPTPretext(feat_dim, **kwargs)
     return SimCLR(feat_dim, **kwargs)
 
 
-__all__ = ["BYOL", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head", "nt_xent"]
+__all__ = ["BYOL", "GPTPretext", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head",
+           "next_token_loss", "nt_xent"]

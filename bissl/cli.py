@@ -30,11 +30,12 @@ EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 #: The configs each ``bissl demo --task`` runs, one comparison (and one table) per config.
 DEMO_CONFIGS = {
     "vision": ("demo_digits.yaml",),
-    "text": ("demo_text_polarity.yaml", "demo_text_newsgroups.yaml"),
+    "text": ("demo_text_polarity.yaml", "demo_text_newsgroups.yaml", "demo_text_genre.yaml"),
 }
 DEMO_DESCRIPTIONS = {
     "vision": "scikit-learn digits (small CNN, SimCLR)",
-    "text": "gensim's sentence polarity and newsgroup topics (small GPT, next-token pretext)",
+    "text": "gensim's sentence polarity and newsgroup topics and Shakespeare genres (small GPT, "
+            "next-token pretext)",
 }
 
 
@@ -209,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="baseline vs BiSSL on built-in data (CPU, minutes)",
                           description="The whole comparison on built-in data, ending in a table of "
                                       "test accuracies: scikit-learn's 8x8 digits with a small CNN "
-                                      "(--task vision), or two labelled text sets shipped with "
-                                      "gensim with a small GPT (--task text).")
+                                      "(--task vision), or three labelled text sets (gensim's "
+                                      "test data, Shakespeare's plays) with a small GPT "
+                                      "(--task text).")
     demo.add_argument("--task", choices=sorted(DEMO_CONFIGS), default="vision",
-                      help="'vision' (digits, default) or 'text' (two text classification tasks, "
-                           "one table each)")
+                      help="'vision' (digits, default) or 'text' (three text classification "
+                           "tasks, one table each)")
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
     demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>; "
                                                    "with several configs: DIR/<config name>)")

@@ -13,7 +13,7 @@ from bissl.data.tokenizer import load_tokenizer
 
 
 def test_labelled_tasks_sizes_and_labels():
-    assert TEXT_DATASETS == ("newsgroups", "polarity")
+    assert TEXT_DATASETS == ("newsgroups", "polarity", "shakespeare_genre")
     pol = read_labelled_task("polarity")
     assert pol.class_names == ["neg", "pos"] and len(pol.texts) == 200
     assert np.bincount(pol.labels).tolist() == [100, 100]

@@ -2,7 +2,10 @@
 
 Run: ``pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/<machine>.json``.
 Each suite records its medians in :data:`MEDIANS`; ratios between two entries of the *same run*
-are written to ``extra_info`` and to ``benchmarks/results/ratios-<suite>.json`` at session end.
+are written to ``extra_info`` and to ``benchmarks/results/ratios-<suite>.json`` at session end,
+and printed in the terminal summary. Suites that compare implementations (hypergradient, HVP vs
+gradient) time them *interleaved* in one process, round by round, so machine load hits both alike;
+each result carries the load average around it (:func:`load_info`).
 """
 from __future__ import annotations
 
@@ -49,14 +52,34 @@ def _threads():
     yield
 
 
+def load_info() -> dict:
+    """1-minute load average and CPU count: timings taken while the load exceeds the cores are
+    slowed by other processes (ratios from interleaved rounds much less than absolute times)."""
+    return {"loadavg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+
+
 class Medians(dict):
-    """``{(suite, key): median seconds}`` filled by benchmarks, read for ratios."""
+    """``{(suite, key): median seconds}`` filled by benchmarks, read for ratios; ``ratios`` holds
+    ``{(suite, key): ratio}`` of the same run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ratios: dict[tuple[str, str], float] = {}
 
     def record(self, suite: str, key: str, benchmark) -> float:
         median = float(benchmark.stats.stats.median)
         self[(suite, key)] = median
         benchmark.extra_info.update(machine())
         return median
+
+    def record_value(self, suite: str, key: str, seconds: float) -> float:
+        """Record a median measured outside pytest-benchmark's own timer (interleaved rounds)."""
+        self[(suite, key)] = float(seconds)
+        return float(seconds)
+
+    def record_ratio(self, suite: str, key: str, ratio: float) -> float:
+        self.ratios[(suite, key)] = float(ratio)
+        return float(ratio)
 
 
 MEDIANS = Medians()
@@ -65,13 +88,26 @@ MEDIANS = Medians()
 @pytest.fixture(scope="session")
 def medians():
     yield MEDIANS
-    by_suite: dict[str, dict[str, float]] = {}
+    by_suite: dict[str, dict[str, dict[str, float]]] = {}
     for (suite, key), value in MEDIANS.items():
-        by_suite.setdefault(suite, {})[key] = value
+        by_suite.setdefault(suite, {"median_seconds": {}, "ratios": {}})["median_seconds"][key] = value
+    for (suite, key), value in MEDIANS.ratios.items():
+        by_suite.setdefault(suite, {"median_seconds": {}, "ratios": {}})["ratios"][key] = value
     RESULTS.mkdir(exist_ok=True)
     for suite, values in by_suite.items():
         path = RESULTS / f"ratios-{suite}.json"
-        path.write_text(json.dumps({"machine": machine(), "median_seconds": values}, indent=2))
+        path.write_text(json.dumps({"machine": machine(), **load_info(), **values}, indent=2))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print every recorded median and ratio, so a run's verdict is readable without the JSON."""
+    if not MEDIANS:
+        return
+    terminalreporter.section("bissl medians and ratios (same run)")
+    for (suite, key), value in sorted(MEDIANS.items()):
+        terminalreporter.write_line(f"{suite:10s} {key:40s} {value * 1e3:12.2f} ms")
+    for (suite, key), value in sorted(MEDIANS.ratios.items()):
+        terminalreporter.write_line(f"{suite:10s} {key:40s} {value:12.3f}")
 
 
 def peak_rss_delta_mb(module: str, func: str, *args: str) -> float:

@@ -178,7 +178,7 @@ def implicit_hypergrad(
         reduce_rhs(v)
     matvec = None
     if solver != "identity":
-        matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode).matvec
+        matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False).matvec
         if wrap_matvec is not None:
             matvec = wrap_matvec(matvec)
 

@@ -16,8 +16,18 @@ three kernels a convolution already has, with other arguments:
 are identical up to float rounding; only plain autograd (not ``torch.func``) sees it, so it is used
 by the linearize-once ``revrev`` HVP, which is the only path that differentiates a backward pass
 with ``torch.autograd``. Third derivatives are not supported (they are never needed for an HVP).
+
+Graph-only weight gradients. A linearised HVP differentiates the first-order weight gradients
+again but never reads their values. Inside :meth:`WeightGradPolicy.graph_only` (entered by
+:class:`bissl.ops.hvp.LinearizedHVP` around its ``create_graph`` backward only, so a loss that
+takes gradients of its own is unaffected) the grad-weight kernel is skipped and the
+weight (and bias) gradient is a zero tensor that still carries the node's double backward: a third
+of a convolution's first backward saved, the HVP unchanged.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +42,11 @@ def _pair(v) -> list[int]:
 
 
 class _ConvConf:
-    __slots__ = ("stride", "padding", "dilation", "groups", "has_bias")
+    __slots__ = ("stride", "padding", "dilation", "groups", "has_bias", "policy")
 
-    def __init__(self, stride, padding, dilation, groups, has_bias):
+    def __init__(self, stride, padding, dilation, groups, has_bias, policy: "WeightGradPolicy"):
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.groups, self.has_bias = groups, has_bias
+        self.groups, self.has_bias, self.policy = groups, has_bias, policy
 
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -53,10 +63,17 @@ class _Conv2dBackward(torch.autograd.Function):
     """``(grad_out, x, w) -> (grad_x, grad_w, grad_b)``, differentiable once."""
 
     @staticmethod
-    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool):
+    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool,
+                gw_values: bool):
         ctx.save_for_backward(go, x, w)
         ctx.conf = conf
         # Skip the kernels nobody needs (e.g. the input gradient of the first layer's images).
+        if need_gw and not gw_values:
+            # Graph-only weight gradient (module docstring): a fresh zero tensor, not a view, so
+            # autograd attaches it to this node.
+            gx = conf.backward(go, x, w, [True, False, False])[0] if need_gx else None
+            gb = w.new_zeros(w.shape[0]) if conf.has_bias else None
+            return gx, torch.zeros_like(w), gb
         gx, gw, gb = conf.backward(go, x, w, [need_gx, need_gw, conf.has_bias])
         return gx, gw, gb
 
@@ -79,7 +96,7 @@ class _Conv2dBackward(torch.autograd.Function):
             d_x = conf.backward(go, x, ggw, [True, False, False])[0]
         if need_w and ggx is not None:
             d_w = conf.backward(go, ggx, w, [False, True, False])[1]
-        return d_go, d_x, d_w, None, None, None
+        return d_go, d_x, d_w, None, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
@@ -93,26 +110,64 @@ class _Conv2d(torch.autograd.Function):
     def backward(ctx, go: Tensor):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = _Conv2dBackward.apply(go.contiguous(), x, w, ctx.conf, need_x, need_w)
+        # Only a backward that builds a graph (``create_graph``) may leave out the values.
+        gw_values = ctx.conf.policy.weight_grad_values or not torch.is_grad_enabled()
+        gx, gw, gb = _Conv2dBackward.apply(go.contiguous(), x, w, ctx.conf, need_x, need_w, gw_values)
         return gx, gw, (gb if need_b else None), None
+
+
+class WeightGradPolicy:
+    """Whether ``create_graph`` backwards through rerouted convolutions compute weight-gradient
+    values; shared by a mode and the graph nodes it creates."""
+
+    __slots__ = ("weight_grad_values",)
+
+    def __init__(self) -> None:
+        self.weight_grad_values = True
+
+    @contextlib.contextmanager
+    def graph_only(self) -> Iterator[None]:
+        """While active, ``create_graph`` backwards through convolutions rerouted with this policy
+        return zero weight/bias gradients that still carry the exact double backward (module
+        docstring). For a caller that differentiates those gradients but never reads them."""
+        previous = self.weight_grad_values
+        self.weight_grad_values = False
+        try:
+            yield
+        finally:
+            self.weight_grad_values = previous
+
+
+def reroute_conv2d(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tensor | None:
+    """``F.conv2d(*args, **kwargs)`` through the faster double backward, or ``None`` where it does
+    not apply (grad disabled, non-4D input, string padding such as ``"same"``)."""
+    if not torch.is_grad_enabled():
+        return None
+    a = dict(zip(_CONV_ARGS, args))
+    a.update(kwargs)
+    x, padding = a["input"], a.get("padding", 0)
+    if x.dim() != 4 or isinstance(padding, str):
+        return None
+    conf = _ConvConf(a.get("stride", 1), padding, a.get("dilation", 1), a.get("groups", 1),
+                     a.get("bias") is not None, policy)
+    return _Conv2d.apply(x, a["weight"], a.get("bias"), conf)
 
 
 class ConvFastDoubleBackward(TorchFunctionMode):
     """Route ``F.conv2d`` (hence ``nn.Conv2d``) through the faster double backward while active.
 
     Only string-free padding (ints/tuples) is rerouted; ``padding="same"`` and non-4D inputs fall
-    back to the stock op.
+    back to the stock op. ``policy.graph_only()`` skips weight-gradient values (module docstring).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = WeightGradPolicy()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and torch.is_grad_enabled():
-            a = dict(zip(_CONV_ARGS, args))
-            a.update(kwargs)
-            x, w = a["input"], a["weight"]
-            padding = a.get("padding", 0)
-            if x.dim() == 4 and not isinstance(padding, str):
-                conf = _ConvConf(a.get("stride", 1), padding, a.get("dilation", 1),
-                                 a.get("groups", 1), a.get("bias") is not None)
-                return _Conv2d.apply(x, w, a.get("bias"), conf)
+        if func is F.conv2d:
+            out = reroute_conv2d(args, kwargs, self.policy)
+            if out is not None:
+                return out
         return func(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""The closed-form double backwards of conv2d and train-mode BatchNorm vs numerical 2nd derivatives."""
+"""The closed-form second derivatives of conv2d, train-mode BatchNorm, gelu and layer_norm vs\nnumerical second derivatives and stock autograd (float64)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +8,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from bissl.ops.batchnorm_double_backward import batch_norm_train
 from bissl.ops.conv_double_backward import ConvFastDoubleBackward
+from bissl.ops.gelu_double_backward import gelu
+from bissl.ops.layernorm_double_backward import layer_norm
 
 F64 = torch.float64
 
@@ -55,3 +57,67 @@ def test_first_layer_input_gradient_is_skipped_not_wrong():
         return torch.autograd.grad(g, w, v)[0]
 
     torch.testing.assert_close(hv(True), hv(False), rtol=1e-12, atol=1e-12)
+
+
+
+def _hvps(ours, stock, inputs):
+    """HVPs of ``sum(c·tanh(op(*inputs)))`` at ``inputs`` along random tangents: ours by forward
+    over reverse (``forward_ad``) and by reverse over reverse, and the stock op's by ``torch.func``."""
+    import torch.autograd.forward_ad as fwAD
+
+    c = torch.randn(stock(*inputs).shape, dtype=F64)
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    argnums = tuple(range(len(inputs)))
+    expected = torch.func.jvp(torch.func.grad(lambda *a: (c * torch.tanh(stock(*a))).sum(), argnums),
+                              inputs, tangents)[1]
+    loss = lambda *a: (c * torch.tanh(ours(*a))).sum()  # noqa: E731
+    with fwAD.dual_level():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        grads = torch.autograd.grad(loss(*[fwAD.make_dual(p, t) for p, t in zip(leaves, tangents)]), leaves)
+        fwdrev = [fwAD.unpack_dual(g).tangent for g in grads]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
+    revrev = torch.autograd.grad(grads, leaves, tangents)
+    return expected, fwdrev, revrev
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_second_derivatives(approximate):
+    x = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    ours = lambda t: gelu(t, approximate)  # noqa: E731
+    stock = lambda t: F.gelu(t, approximate=approximate)  # noqa: E731
+    assert torch.equal(ours(x), stock(x))  # the same kernel: bit-identical values
+    assert gradcheck(ours, (x,))
+    assert gradgradcheck(ours, (x,))
+    (expected,), fwdrev, revrev = _hvps(ours, stock, (x.detach(),))
+    torch.testing.assert_close(fwdrev[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(revrev[0], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,normalized,affine", [((3, 4, 5), (5,), True), ((3, 2, 3), (2, 3), True),
+                                                     ((4, 5), (5,), False)], ids=["row", "two-dims", "plain"])
+def test_layer_norm_second_derivatives(shape, normalized, affine):
+    x = torch.randn(*shape, dtype=F64)
+    w = torch.rand(normalized, dtype=F64) + 0.5
+    b = torch.randn(normalized, dtype=F64)
+    inputs = (x, w, b) if affine else (x,)
+    ours = lambda *a: layer_norm(a[0], normalized, *(a[1:] if affine else (None, None)), eps=1e-5)  # noqa: E731
+    stock = lambda *a: F.layer_norm(a[0], normalized, *(a[1:] if affine else (None, None)), eps=1e-5)  # noqa: E731
+    assert torch.equal(ours(*inputs), stock(*inputs))
+    grad_inputs = tuple(t.clone().requires_grad_() for t in inputs)
+    assert gradcheck(ours, grad_inputs)
+    assert gradgradcheck(ours, grad_inputs)
+    expected, fwdrev, revrev = _hvps(ours, stock, inputs)
+    for got in (fwdrev, revrev):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+def test_gelu_and_layer_norm_refuse_a_third_derivative():
+    """The double backward uses constants of the linearisation point: differentiating it again
+    would be silently wrong, so it raises."""
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    for op in (lambda t: gelu(t), lambda t: layer_norm(t, (5,))):
+        g, = torch.autograd.grad(op(x).pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="third derivatives"):
+            torch.autograd.grad((g * g).sum(), x, create_graph=True)

@@ -122,3 +122,74 @@ def test_unused_parameter_has_zero_hessian_rows():
         torch.testing.assert_close(out["unused"], torch.zeros(2, dtype=torch.float64))
         lin = linearize_hvp(loss, params, mode=mode).matvec_dict(v)
         torch.testing.assert_close(lin["unused"], torch.zeros(2, dtype=torch.float64))
+
+
+def _central_difference_hvp(loss_fn, params, v, eps=1e-5):
+    from bissl.hypergrad import upper_gradient
+
+    spec = flat_spec(params)
+    theta, d = flatten(params), flatten(v)
+    scale = d.norm()
+    grad = lambda t: upper_gradient(loss_fn, unflatten(t, spec))[1]  # noqa: E731
+    return scale * (grad(theta + eps * d / scale) - grad(theta - eps * d / scale)) / (2 * eps)
+
+
+def test_transformer_hvp_every_mode_and_the_fast_gelu_layernorm_path():
+    """LayerNorm, GELU, softmax attention: every HVP mode and the linearised operator with and
+    without the closed-form gelu/layer_norm second derivatives agree, and match central differences."""
+    from bissl.testing import transformer_problem
+
+    prob = transformer_problem(batch=3, seq=6, vocab=7, dim=8, layers=1, dtype=torch.float64)
+    v = _random_like(prob.params)
+    fd = _central_difference_hvp(prob.lower_loss, prob.params, v)
+    results = {mode: flatten(hvp(prob.lower_loss, prob.params, v, mode=mode)) for mode in HVP_MODES}
+    for fast in (True, False):
+        results[f"linearized-fast={fast}"] = linearize_hvp(prob.lower_loss, prob.params,
+                                                           fast_gelu_layernorm=fast)(flatten(v))
+    ref = results["autograd"]
+    assert _rel(ref, fd) <= 1e-7
+    for name, got in results.items():
+        assert _rel(got, ref) <= 1e-11, name
+
+
+def test_need_grad_false_skips_gradient_values_but_not_the_hessian():
+    prob = cnn_problem()
+    v = flatten(_random_like(prob.params))
+    full = linearize_hvp(prob.lower_loss, prob.params)
+    lean = linearize_hvp(prob.lower_loss, prob.params, need_grad=False)
+    assert full.grad is not None and lean.grad is None
+    assert _rel(lean(v), full(v)) <= 1e-13
+    assert _rel(lean(v), linearize_hvp(prob.lower_loss, prob.params, fast_conv=False)(v)) <= 1e-12
+
+
+def test_graph_only_weight_gradients_do_not_leak_into_a_loss_that_takes_gradients():
+    """A loss may call autograd itself (here: the norm of a conv weight gradient scales it); only
+    the HVP's own create_graph backward skips weight-gradient values."""
+    prob = cnn_problem()
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+
+    def loss_fn(p):
+        inner = torch.nn.functional.conv2d(x, p["net.0.weight"], padding=1).tanh().sum()
+        g_w, = torch.autograd.grad(inner, p["net.0.weight"], create_graph=True)
+        return prob.lower_loss(p) * g_w.detach().norm()
+
+    v = flatten(_random_like(prob.params))
+    lean = linearize_hvp(loss_fn, prob.params, need_grad=False)(v)
+    stock = linearize_hvp(loss_fn, prob.params, fast_conv=False)(v)
+    assert _rel(lean, stock) <= 1e-12
+
+
+def test_fwdrev_refuses_saved_tensor_hooks():
+    """Activation checkpointing recomputes inside the backward: forward-over-reverse refuses it
+    (as torch.func does) and names the mode that works; revrev handles it."""
+    from torch.utils.checkpoint import checkpoint
+
+    prob = mlp_problem()
+    loss_fn = lambda p: checkpoint(prob.lower_loss, p, use_reentrant=False)  # noqa: E731
+    v = _random_like(prob.params)
+    with pytest.raises(RuntimeError, match="revrev"):
+        hvp(loss_fn, prob.params, v, mode="fwdrev")
+    expected = hvp(prob.lower_loss, prob.params, v, mode="revrev")
+    got = linearize_hvp(loss_fn, prob.params).matvec_dict(v)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-10, atol=1e-12)

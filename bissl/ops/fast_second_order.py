@@ -1,0 +1,101 @@
+"""One ``TorchFunctionMode`` for the HVPs: BatchNorm policy plus ops with cheaper second derivatives.
+
+Inside an HVP a loss is differentiated twice. Autograd's generic second derivatives of a few ops
+dominate its cost (measured; see each module's docstring), so while the loss runs this mode
+reroutes them to ops with the same values (same kernels, bit-identical) and first derivatives but a
+short closed-form second derivative:
+
+* reverse over reverse (``direction="reverse"``: the ``revrev``/``autograd`` HVPs and the
+  linearised operator): ``conv2d`` (:mod:`bissl.ops.conv_double_backward`), train-mode
+  ``batch_norm`` (:mod:`bissl.ops.batchnorm_double_backward`), ``gelu`` and ``layer_norm``
+  (:mod:`bissl.ops.gelu_double_backward`, :mod:`bissl.ops.layernorm_double_backward`, their
+  coefficients stored once per linearisation point);
+* forward over reverse (``direction="forward"``, ``torch.autograd.forward_ad``: the ``fwdrev``
+  HVP): ``gelu``, ``layer_norm`` (:mod:`bissl.ops.layernorm_double_backward`), division by a
+  Python number and ``cross_entropy`` (:mod:`bissl.ops.fwdrev_rules`), whose jvp rules replace
+  forward-mode AD's decomposition of their backward.
+
+It also applies the BatchNorm policy of :mod:`bissl.ops.batchnorm`, so a loss op passes one Python
+hook, not two (a few µs per op: it matters for small models). The rerouted ops are plain
+``torch.autograd.Function`` s, not for ``torch.func`` transforms (the batched HVP keeps ``vmap``
+and the stock ops).
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from bissl.ops.batchnorm import FrozenBatchNormStats
+from bissl.ops.conv_double_backward import WeightGradPolicy, reroute_conv2d
+from bissl.ops.fwdrev_rules import div_by_number, is_plain_number, reroute_cross_entropy
+from bissl.ops.gelu_double_backward import gelu
+from bissl.ops.layernorm_double_backward import layer_norm
+
+_LN_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
+def _gelu(args: tuple, kwargs: dict):
+    a = dict(zip(("input", "approximate"), args))
+    a.update(kwargs)
+    return gelu(a["input"], a.get("approximate", "none"))
+
+
+def _layer_norm(args: tuple, kwargs: dict):
+    a = dict(zip(_LN_ARGS, args))
+    a.update(kwargs)
+    return layer_norm(a["input"], a["normalized_shape"], a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
+
+
+def _true_divide(args: tuple, kwargs: dict):
+    if len(args) == 2 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
+            and is_plain_number(args[1]):
+        return div_by_number(args[0], args[1])
+    return None
+
+
+class FastSecondOrder(FrozenBatchNormStats):
+    """BatchNorm policy + rerouting to cheaper second derivatives (module docstring).
+
+    Args:
+        direction: ``"reverse"`` (reverse over reverse) or ``"forward"`` (forward over reverse).
+        conv: reroute ``conv2d`` (reverse only).
+        batchnorm: closed-form BatchNorm double backward (reverse only).
+        gelu: reroute ``gelu`` (either direction).
+        layernorm: reroute ``layer_norm`` (either direction).
+        division_and_cross_entropy: reroute ``tensor / number`` and ``cross_entropy`` (forward only).
+
+    Attributes:
+        conv_policy: the :class:`~bissl.ops.conv_double_backward.WeightGradPolicy` of the
+            rerouted convolutions (``conv_policy.graph_only()`` skips weight-gradient values).
+    """
+
+    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, batchnorm: bool = True,
+                 gelu: bool = True, layernorm: bool = True, division_and_cross_entropy: bool = True):
+        if direction not in ("reverse", "forward"):
+            raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")
+        reverse = direction == "reverse"
+        super().__init__(fast_double_backward=batchnorm and reverse)
+        self.conv_policy = WeightGradPolicy()
+        routes: dict[Callable, Callable] = {}
+        if conv and reverse:
+            routes[F.conv2d] = lambda args, kwargs: reroute_conv2d(args, kwargs, self.conv_policy)
+        if gelu:
+            routes[F.gelu] = _gelu
+        if layernorm:
+            routes[F.layer_norm] = _layer_norm
+        if division_and_cross_entropy and not reverse:
+            routes[F.cross_entropy] = reroute_cross_entropy
+            for div in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide):
+                routes[div] = _true_divide
+        self._routes = routes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = self._routes.get(func)
+        if route is not None and torch.is_grad_enabled():
+            out = route(args, kwargs)
+            if out is not None:
+                return out
+        return super().__torch_function__(func, types, args, kwargs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 from bissl.config import ConfigError
 
@@ -104,24 +104,3 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"{result.summary_path.name})", file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A ``bissl`` parser with only the ``sweep`` command (tests, and use without bissl.cli)."""
-    parser = argparse.ArgumentParser(prog="bissl")
-    sub = parser.add_subparsers(dest="command", metavar="command")
-    sub.required = True
-    register_sweep_command(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bissl sweep ...`` through :func:`build_parser`; a ConfigError prints one line, exit 2."""
-    from bissl.cli import EXIT_CONFIG
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(str(err), file=sys.stderr)
-        return EXIT_CONFIG

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import bissl.sweep.runner as runner
-from bissl.sweep.cli import build_parser, cmd_sweep, main
+from bissl.cli import build_parser, main
+from bissl.sweep.cli import cmd_sweep
 from bissl.trainer import NonFiniteLossError, RunInterrupted
 
 TINY = Path(__file__).resolve().parents[1] / "trainer" / "tiny.yaml"

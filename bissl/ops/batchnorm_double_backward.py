@@ -14,9 +14,11 @@ and the projector ``P(g) = g − ⟨g⟩ − x̂⟨g x̂⟩`` (self-adjoint):
   - ``∂/∂x  = s P(u) − (w s² A / N) x̂`` with ``A = Σ ĝ P(gy)`` and
     ``u = −w s (ĝ⟨gy x̂⟩ + gy⟨ĝ x̂⟩) + g_w gy``.
 
-Tested against autograd's own double backward in float64 (``tests/ops/test_hvp.py``). Only plain
-autograd sees it (custom Functions carry no forward-mode rule), so it serves the linearize-once
-``revrev`` HVP. Third derivatives are not supported.
+Both Functions also carry forward-mode (jvp) rules, so the forward-over-reverse ``fwdrev`` HVP
+(``torch.autograd.forward_ad``) uses them too instead of forward-mode AD's formula for
+``native_batch_norm_backward`` (which recomputes the batch statistics). Tested against autograd and
+``torch.func`` in float64 (``tests/ops/test_double_backward.py``, ``tests/ops/test_hvp.py``).
+Third derivatives are not supported.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class _BatchNormBackward(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             gy, x, w, None, None, mean, invstd, True, eps, [True, w is not None, True])
         ctx.save_for_backward(gy, x, w, mean, invstd, dw if w is not None else db, db)
+        ctx.save_for_forward(gy, x, w, mean, invstd, dx, dw, db)
         ctx.has_weight = w is not None
         return dx, dw, db
 
@@ -81,6 +84,36 @@ class _BatchNormBackward(torch.autograd.Function):
                    .addcmul_(_c(s * a2, x), gy).addcmul_(_c(-s * m_ux - ws * s * a / n, x), xhat))
         return d_gy, d_x, d_w, None, None, None
 
+    @staticmethod
+    def jvp(ctx, gy_t, x_t, w_t, _mean_t, _invstd_t, _eps):
+        # Forward over reverse (module docstring's notation, ṡ/s = −s⟨x̂ẋ⟩, ẋ̂ = s P(ẋ)):
+        # ġx = −s⟨x̂ẋ⟩ gx + w s (P(ġy) − ẋ̂⟨gy x̂⟩ − x̂⟨gy ẋ̂⟩) + ẇ s P(gy).
+        gy, x, w, mean, s, gx, dw, db = ctx.saved_tensors
+        dims, n = _dims(x), x.numel() // x.shape[1]
+        ws = s * w if w is not None else s
+        xhat = torch.addcmul(_c(-mean * s, x), x, _c(s, x))
+        m_gyx = ((gy * xhat).sum(dims) if dw is None else dw) / n
+        out = torch.zeros_like(x)
+        if gy_t is not None:  # w s P(ġy)
+            out = out.addcmul_(_c(ws, x), gy_t).add_(_c(-ws * gy_t.sum(dims) / n, x))
+            out = out.addcmul_(xhat, _c(-ws * (gy_t * xhat).sum(dims) / n, x))
+        xh_t = None
+        if x_t is not None:
+            m_x, m_xx = x_t.sum(dims) / n, (x_t * xhat).sum(dims) / n
+            xh_t = torch.addcmul(_c(-s * m_x, x), _c(s, x), x_t).addcmul_(xhat, _c(-s * m_xx, x))
+            out = out.addcmul_(gx, _c(-s * m_xx, x)).addcmul_(xh_t, _c(-ws * m_gyx, x))
+            out = out.addcmul_(xhat, _c(-ws * (gy * xh_t).sum(dims) / n, x))
+        if w_t is not None and w is not None:  # ẇ s P(gy)
+            out = out.addcmul_(_c(w_t * s, x), gy).add_(_c(-w_t * s * db / n, x))
+            out = out.addcmul_(xhat, _c(-w_t * s * m_gyx, x))
+        gw_t = None
+        if dw is not None:
+            gw_t = (gy_t * xhat).sum(dims) if gy_t is not None else torch.zeros_like(dw)
+            if xh_t is not None:
+                gw_t = gw_t + (gy * xh_t).sum(dims)
+        gb_t = gy_t.sum(dims) if gy_t is not None else torch.zeros_like(db)
+        return out, gw_t, gb_t
+
 
 class _BatchNormTrain(torch.autograd.Function):
     """Train-mode batch norm with batch statistics and no running buffers."""
@@ -89,8 +122,26 @@ class _BatchNormTrain(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float):
         out, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
         ctx.save_for_backward(x, w, mean, invstd)
+        ctx.save_for_forward(x, w, mean, invstd)
         ctx.has_bias = b is not None
         ctx.eps = eps
+        return out
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, _eps):
+        # ẏ = w s P(ẋ) + ẇ x̂ + ḃ
+        x, w, mean, s = ctx.saved_tensors
+        dims, n = _dims(x), x.numel() // x.shape[1]
+        xhat = torch.addcmul(_c(-mean * s, x), x, _c(s, x))
+        out = torch.zeros_like(x)
+        if x_t is not None:
+            ws = s * w if w is not None else s
+            out = out.addcmul_(_c(ws, x), x_t).add_(_c(-ws * x_t.sum(dims) / n, x))
+            out = out.addcmul_(xhat, _c(-ws * (x_t * xhat).sum(dims) / n, x))
+        if w_t is not None:
+            out = out.addcmul_(xhat, _c(w_t, x))
+        if b_t is not None:
+            out = out.add_(_c(b_t, x))
         return out
 
     @staticmethod

@@ -11,9 +11,9 @@ short closed-form second derivative:
   (:mod:`bissl.ops.gelu_double_backward`, :mod:`bissl.ops.layernorm_double_backward`, their
   coefficients stored once per linearisation point);
 * forward over reverse (``direction="forward"``, ``torch.autograd.forward_ad``: the ``fwdrev``
-  HVP): ``gelu``, ``layer_norm`` (:mod:`bissl.ops.layernorm_double_backward`), division by a
-  Python number and ``cross_entropy`` (:mod:`bissl.ops.fwdrev_rules`), whose jvp rules replace
-  forward-mode AD's decomposition of their backward.
+  HVP): train-mode ``batch_norm``, ``gelu``, ``layer_norm``, division by a Python number and
+  ``cross_entropy`` (:mod:`bissl.ops.fwdrev_rules`), whose jvp rules replace forward-mode AD's
+  formulas (or decompositions) for their backward.
 
 It also applies the BatchNorm policy of :mod:`bissl.ops.batchnorm`, so a loss op passes one Python
 hook, not two (a few µs per op: it matters for small models). The rerouted ops are plain
@@ -61,7 +61,8 @@ class FastSecondOrder(FrozenBatchNormStats):
     Args:
         direction: ``"reverse"`` (reverse over reverse) or ``"forward"`` (forward over reverse).
         conv: reroute ``conv2d`` (reverse only).
-        batchnorm: closed-form BatchNorm double backward (reverse only).
+        batchnorm: train-mode BatchNorm through :func:`~bissl.ops.batchnorm_double_backward.batch_norm_train`
+            (closed-form double backward and jvp rules; either direction).
         gelu: reroute ``gelu`` (either direction).
         layernorm: reroute ``layer_norm`` (either direction).
         division_and_cross_entropy: reroute ``tensor / number`` and ``cross_entropy`` (forward only).
@@ -76,7 +77,7 @@ class FastSecondOrder(FrozenBatchNormStats):
         if direction not in ("reverse", "forward"):
             raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")
         reverse = direction == "reverse"
-        super().__init__(fast_double_backward=batchnorm and reverse)
+        super().__init__(fast_double_backward=batchnorm)
         self.conv_policy = WeightGradPolicy()
         routes: dict[Callable, Callable] = {}
         if conv and reverse:

@@ -8,8 +8,8 @@ each other, against the dense Hessian and against finite differences:
   ``H v``. One forward, one backward, each carrying a tangent: the cheapest single HVP and the one
   with the least memory. Plain autograd rather than ``torch.func.jvp(torch.func.grad(...))``:
   same formulas, less per-op overhead (measured ~20% less CPU time on the benchmark transformer),
-  and ``gelu``, ``layer_norm``, ``cross_entropy`` and division by a number get explicit jvp rules
-  (:mod:`bissl.ops.fast_second_order`).
+  and train-mode BatchNorm, ``gelu``, ``layer_norm``, ``cross_entropy`` and division by a number
+  get explicit jvp rules (:mod:`bissl.ops.fast_second_order`).
   Saved-tensor hooks (activation checkpointing) are refused, as ``torch.func`` does.
 * ``"revrev"``: reverse over reverse. Its strength is *reuse*: :func:`linearize_hvp` builds the
   first-order graph once and every matvec is one double-backward pass over it, with cheaper

@@ -121,3 +121,18 @@ def test_gelu_and_layer_norm_refuse_a_third_derivative():
         g, = torch.autograd.grad(op(x).pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="third derivatives"):
             torch.autograd.grad((g * g).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_train_forward_over_reverse(affine):
+    x = torch.randn(4, 3, 3, 2, dtype=F64)
+    w = torch.rand(3, dtype=F64) + 0.5
+    b = torch.randn(3, dtype=F64)
+    inputs = (x, w, b) if affine else (x,)
+    ours = lambda *a: batch_norm_train(a[0], *(a[1:] if affine else (None, None)), 1e-5)  # noqa: E731
+    stock = lambda *a: F.batch_norm(a[0], None, None, *(a[1:] if affine else (None, None)), True, 0.0, 1e-5)  # noqa: E731
+    assert torch.equal(ours(*inputs), stock(*inputs))
+    expected, fwdrev, revrev = _hvps(ours, stock, inputs)
+    for got in (fwdrev, revrev):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from bissl.ops._backends import cg_vector_ops
+from bissl.ops.reference import dot_ref
 from bissl.solvers._problem import flat_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import lanczos_tridiagonal
@@ -84,7 +85,7 @@ def minres_solve(
     prob = flat_problem(matvec, b, scale, damping, "minres_solve")
     ops = cg_vector_ops(backend, prob.b.device)
     use_tol = rtol is not None or atol > 0.0
-    bb = torch.dot(prob.b, prob.b)
+    bb = dot_ref(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
     guard = tiny(prob.b.dtype)
 

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from bissl.ops.reference import dot_ref
 from bissl.solvers._problem import flat_problem
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.result import SolveResult
@@ -48,8 +49,8 @@ def neumann_solve(
         if k > 0:
             r = prob.b - (prob.matvec(x) * prob.scale + prob.shift * x)
         x.add_(r, alpha=eta)
-    rr = torch.dot(r, r)
-    bb = torch.dot(prob.b, prob.b)
+    rr = dot_ref(r, r)
+    bb = dot_ref(prob.b, prob.b)
     nonfinite = ~torch.isfinite(x).all() | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(

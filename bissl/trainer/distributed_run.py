@@ -54,12 +54,12 @@ from bissl.distributed.sharding import check_shardable
 from bissl.solvers import SolverError
 from bissl.trainer.builders import PipelineData
 from bissl.trainer.checkpoint import load_checkpoint, save_atomic
-# run_phase's own row conversion and checked loss columns, so both loops log and check alike.
+# run_phase's own restore and stepping loop, so both loops log, check and checkpoint alike.
 from bissl.trainer.loop import (
-    _LOSS_COLUMNS, CHECKPOINT_FORMAT, NonFiniteLossError, Phase, RunContext, RunInterrupted, _to_python,
+    CHECKPOINT_FORMAT, NonFiniteLossError, RunContext, RunInterrupted, restore_phase, step_until_done,
 )
-from bissl.trainer.metrics import is_finite, progress_bar, progress_enabled
-from bissl.trainer.rng import capture_global_rng, derive_seed, restore_global_rng, seed_everything
+from bissl.trainer.metrics import progress_enabled
+from bissl.trainer.rng import capture_global_rng, derive_seed, seed_everything
 from bissl.trainer.zero_bissl_phase import ZeroBisslPhase
 
 #: Per-job bookkeeping under the run directory: the rank config, error reports, the end marker.
@@ -300,30 +300,6 @@ def _save(phase: ZeroBisslPhase, ctx: RunContext, ckpt_path: Path) -> None:
         _prune_engine_tags(phase.engine_dir, phase.engine_tag)
 
 
-def _log_rows(phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_saved: int,
-              start: float, bar: Any) -> None:
-    """:func:`~bissl.trainer.loop.run_phase`'s logging: every rank checks (the values are
-    rank-averaged, so all ranks raise together), rank 0 writes."""
-    step = phase.step_idx
-    periodic = step % ctx.log_every == 0 or step == phase.total_steps
-    for row in rows:
-        if not (periodic or row.pop("always_log", False)):
-            continue
-        row.pop("always_log", None)
-        row = {k: _to_python(v) for k, v in row.items()}
-        for col in _LOSS_COLUMNS:
-            if not is_finite(row.get(col)):
-                raise NonFiniteLossError(
-                    f"non-finite {col} ({row[col]}) in phase '{phase.name}' at "
-                    f"{phase.describe_step(step)} (seed {ctx.seed}); its last checkpoint is at step "
-                    f"{last_saved}. Lower the learning rate or raise the damping, and start a new "
-                    "run directory")
-        ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
-                         "wall_s": round(time.perf_counter() - start, 3), **row})
-        if row.get("loss") is not None:
-            bar.set_postfix_str(f"{row['part']} loss {row['loss']:.4g}", refresh=False)
-
-
 def run_zero_phase(name: str, build: Callable[[Path], ZeroBisslPhase], ctx: RunContext) -> dict[str, Any]:
     """:func:`~bissl.trainer.loop.run_phase` for a phase under DeepSpeed engines (all ranks call it).
 
@@ -361,29 +337,10 @@ def run_zero_phase(name: str, build: Callable[[Path], ZeroBisslPhase], ctx: RunC
             raise ValueError(f"{ckpt_path} is not a multi-rank checkpoint of phase {name!r} (format "
                              f"{state.get('format')}, phase {state.get('phase')!r}, engine "
                              f"{state.get('engine')!r})")
-        phase.load_state_dict(state["state"])
-        phase.step_idx = state["step_idx"]
-        restore_global_rng(state["rng"])
-        ctx.metrics.truncate(state["metrics_offset"])
+        restore_phase(phase, state, ctx)
     else:
         _save(phase, ctx, ckpt_path)
-
-    last_saved = phase.step_idx
-    start = time.perf_counter()
-    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
-                       ctx.progress, ctx.bar_position)
-    try:
-        while phase.step_idx < phase.total_steps:
-            rows = phase.step()
-            _log_rows(phase, rows, ctx, last_saved, start, bar)
-            bar.update(1)
-            step = phase.step_idx
-            if step % ctx.checkpoint_every == 0 and step < phase.total_steps:
-                _save(phase, ctx, ckpt_path)
-                last_saved = step
-            ctx.budget.count()
-    finally:
-        bar.close()
+    step_until_done(phase, ctx, lambda: _save(phase, ctx, ckpt_path))
     result = phase.result()
     if is_zero:
         save_atomic({"format": CHECKPOINT_FORMAT, "phase": phase.name, "result": result,

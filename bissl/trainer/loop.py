@@ -129,6 +129,66 @@ def _save_checkpoint(phase: Phase, ctx: RunContext, path: Path) -> None:
     }, path)
 
 
+def restore_phase(phase: Phase, state: dict[str, Any], ctx: RunContext) -> None:
+    """Put ``phase`` back where checkpoint ``state`` left it: its state, step counter, the global
+    RNG and the metrics file (rows logged after the checkpoint are dropped: they will be redone)."""
+    phase.load_state_dict(state["state"])
+    phase.step_idx = state["step_idx"]
+    restore_global_rng(state["rng"])
+    ctx.metrics.truncate(state["metrics_offset"])
+
+
+def log_rows(phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_saved: int,
+             start: float, bar: Any) -> None:
+    """Log what one step returned (every ``log_every`` steps, or rows marked ``always_log``).
+
+    Raises:
+        NonFiniteLossError: a logged loss is NaN or Inf (the message names the phase, the step
+            and the last checkpoint).
+    """
+    step = phase.step_idx
+    periodic = step % ctx.log_every == 0 or step == phase.total_steps
+    for row in rows:
+        if not (periodic or row.pop("always_log", False)):
+            continue
+        row.pop("always_log", None)
+        row = {k: _to_python(v) for k, v in row.items()}
+        for col in _LOSS_COLUMNS:
+            if not is_finite(row.get(col)):
+                raise NonFiniteLossError(
+                    f"non-finite {col} ({row[col]}) in phase '{phase.name}' at "
+                    f"{phase.describe_step(step)} (seed {ctx.seed}); its last checkpoint "
+                    f"is at step {last_saved}. Lower the learning rate or raise the "
+                    f"damping, and start a new run directory"
+                )
+        ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
+                         "wall_s": round(time.perf_counter() - start, 3), **row})
+        if row.get("loss") is not None:
+            bar.set_postfix_str(f"{row['part']} loss {row['loss']:.4g}", refresh=False)
+
+
+def step_until_done(phase: Phase, ctx: RunContext, save: Callable[[], None]) -> None:
+    """Step ``phase`` to its last step with a progress bar: rows logged by :func:`log_rows`,
+    ``save()`` every ``checkpoint_every`` steps (not after the last: the caller saves the result),
+    the debug step budget counted after each step."""
+    last_saved = phase.step_idx
+    start = time.perf_counter()
+    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
+                       ctx.progress, ctx.bar_position)
+    try:
+        while phase.step_idx < phase.total_steps:
+            rows = phase.step()
+            log_rows(phase, rows, ctx, last_saved, start, bar)
+            bar.update(1)
+            step = phase.step_idx
+            if step % ctx.checkpoint_every == 0 and step < phase.total_steps:
+                save()
+                last_saved = step
+            ctx.budget.count()
+    finally:
+        bar.close()
+
+
 def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[str, Any]:
     """Run (or resume, or skip) a phase and return its :meth:`Phase.result`.
 
@@ -156,47 +216,11 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
         if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
             raise ValueError(f"{ckpt_path} is not a checkpoint of phase {phase.name!r} "
                              f"(format {state.get('format')}, phase {state.get('phase')!r})")
-        phase.load_state_dict(state["state"])
-        phase.step_idx = state["step_idx"]
-        restore_global_rng(state["rng"])
-        ctx.metrics.truncate(state["metrics_offset"])
+        restore_phase(phase, state, ctx)
     else:
         # A checkpoint before any row is logged: whatever this phase logs can always be rolled back.
         _save_checkpoint(phase, ctx, ckpt_path)
-
-    last_saved = phase.step_idx
-    start = time.perf_counter()
-    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
-                       ctx.progress, ctx.bar_position)
-    try:
-        while phase.step_idx < phase.total_steps:
-            rows = phase.step()
-            step = phase.step_idx
-            periodic = step % ctx.log_every == 0 or step == phase.total_steps
-            for row in rows:
-                if not (periodic or row.pop("always_log", False)):
-                    continue
-                row.pop("always_log", None)
-                row = {k: _to_python(v) for k, v in row.items()}
-                for col in _LOSS_COLUMNS:
-                    if not is_finite(row.get(col)):
-                        raise NonFiniteLossError(
-                            f"non-finite {col} ({row[col]}) in phase '{phase.name}' at "
-                            f"{phase.describe_step(step)} (seed {ctx.seed}); its last checkpoint "
-                            f"is at step {last_saved}. Lower the learning rate or raise the "
-                            f"damping, and start a new run directory"
-                        )
-                ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
-                                 "wall_s": round(time.perf_counter() - start, 3), **row})
-                if row.get("loss") is not None:
-                    bar.set_postfix_str(f"{row['part']} loss {row['loss']:.4g}", refresh=False)
-            bar.update(1)
-            if step % ctx.checkpoint_every == 0 and step < phase.total_steps:
-                _save_checkpoint(phase, ctx, ckpt_path)
-                last_saved = step
-            ctx.budget.count()
-    finally:
-        bar.close()
+    step_until_done(phase, ctx, lambda: _save_checkpoint(phase, ctx, ckpt_path))
     result = phase.result()
     save_atomic({"format": CHECKPOINT_FORMAT, "phase": phase.name, "result": result,
                  "metrics_offset": ctx.metrics.offset()}, done_path)

@@ -142,6 +142,9 @@ def log_rows(phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_sav
              start: float, bar: Any) -> None:
     """Log what one step returned (every ``log_every`` steps, or rows marked ``always_log``).
 
+    Under several ranks every rank runs this: the logged values are rank-averaged, so all ranks
+    raise together; ranks > 0 hold a metrics log that writes nothing.
+
     Raises:
         NonFiniteLossError: a logged loss is NaN or Inf (the message names the phase, the step
             and the last checkpoint).

@@ -331,13 +331,7 @@ def run_zero_phase(name: str, build: Callable[[Path], ZeroBisslPhase], ctx: RunC
     if phase.name != name:
         raise ValueError(f"run_zero_phase: built phase is named {phase.name!r}, expected {name!r}")
     if decision == "resume":
-        state = load_checkpoint(ckpt_path)
-        if (state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != name
-                or state.get("engine") != "deepspeed"):
-            raise ValueError(f"{ckpt_path} is not a multi-rank checkpoint of phase {name!r} (format "
-                             f"{state.get('format')}, phase {state.get('phase')!r}, engine "
-                             f"{state.get('engine')!r})")
-        restore_phase(phase, state, ctx)
+        restore_phase(phase, ckpt_path, ctx, engine="deepspeed")
     else:
         _save(phase, ctx, ckpt_path)
     step_until_done(phase, ctx, lambda: _save(phase, ctx, ckpt_path))

@@ -129,9 +129,25 @@ def _save_checkpoint(phase: Phase, ctx: RunContext, path: Path) -> None:
     }, path)
 
 
-def restore_phase(phase: Phase, state: dict[str, Any], ctx: RunContext) -> None:
-    """Put ``phase`` back where checkpoint ``state`` left it: its state, step counter, the global
-    RNG and the metrics file (rows logged after the checkpoint are dropped: they will be redone)."""
+def restore_phase(phase: Phase, path: Path, ctx: RunContext, *, engine: str | None = None) -> None:
+    """Put ``phase`` back where the checkpoint at ``path`` left it: its state, step counter, the
+    global RNG and the metrics file (rows logged after the checkpoint are dropped: they are redone).
+
+    Args:
+        engine: ``"deepspeed"`` for a multi-rank checkpoint (its file must say so); ``None`` for a
+            single-process one.
+
+    Raises:
+        ValueError: the file is not a checkpoint of this phase (format, phase or engine differ).
+    """
+    state = load_checkpoint(path)
+    if (state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name
+            or state.get("engine") != engine):
+        kind = "multi-rank checkpoint" if engine else "checkpoint"
+        found = f"format {state.get('format')}, phase {state.get('phase')!r}"
+        if engine:
+            found += f", engine {state.get('engine')!r}"
+        raise ValueError(f"{path} is not a {kind} of phase {phase.name!r} ({found})")
     phase.load_state_dict(state["state"])
     phase.step_idx = state["step_idx"]
     restore_global_rng(state["rng"])
@@ -215,11 +231,7 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
     if phase.name != name:
         raise ValueError(f"run_phase: built phase is named {phase.name!r}, expected {name!r}")
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
-            raise ValueError(f"{ckpt_path} is not a checkpoint of phase {phase.name!r} "
-                             f"(format {state.get('format')}, phase {state.get('phase')!r})")
-        restore_phase(phase, state, ctx)
+        restore_phase(phase, ckpt_path, ctx)
     else:
         # A checkpoint before any row is logged: whatever this phase logs can always be rolled back.
         _save_checkpoint(phase, ctx, ckpt_path)

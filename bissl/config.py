@@ -1,7 +1,11 @@
 """Experiment configuration: YAML/JSON file + dotted overrides -> validated nested dataclasses.
 
-Every hyperparameter of the BiSSL pipeline (see ``/work/shared/REFERENCE.md``) is a key here, with
-the published ImageNet-scale default (ResNet-50, 96 px). A file only needs the keys it changes.
+Every hyperparameter of the BiSSL pipeline (``docs/method.md``) is a key here, with the published
+ImageNet-scale default (ResNet-50, 96 px). A file only needs the keys it changes.
+
+This module is a leaf: it imports nothing from the rest of ``bissl`` (and no torch), so validating
+a config file never loads the compute stack. Checks that need the stack (a user λ-schedule factory,
+DeepSpeed being installed, the data) run when a run starts (:mod:`bissl.trainer.preflight`).
 
 Validation is strict so that a typo can never silently fall back to a default:
 
@@ -36,6 +40,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DebugConfig",
+    "DeepSpeedConfig",
     "FinetuneConfig",
     "TextConfig",
     "LowerConfig",
@@ -97,6 +102,10 @@ def _length(n: int, check: Check | None = None) -> Check:
     return length
 
 
+def _one_of(*allowed: Any) -> Check:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}"
+
+
 def _nonempty(values: list) -> str | None:
     return None if len(values) > 0 else "must not be empty"
 
@@ -134,9 +143,12 @@ class RunConfig:
                                         "not bit-reproducible across runs)")
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
     quiet: bool = _opt(False, "no progress bars")
-    nproc: int = _opt(1, "ranks of the run (`bissl run --nproc N`): > 1 runs the BiSSL stage "
-                         "data-parallel under DeepSpeed (gloo on CPU, NCCL on GPUs; see the "
-                         "'deepspeed' section)", _ge(1))
+    nproc: int = _opt(1, "ranks of the run (`bissl run --nproc N`): every phase runs data-parallel "
+                         "on N processes (gloo on CPU, NCCL on GPUs), each rank taking its shard "
+                         "of every global batch; ZeRO stage per the 'deepspeed' section", _ge(1))
+    dtype: Literal["float32", "float64"] = _opt(
+        "float32", "floating-point type of models and batches (float64: exactness checks; "
+                   "ZeRO stages >= 1 keep float32 master weights and refuse it)")
 
 
 @dataclass
@@ -164,6 +176,9 @@ class ModelConfig:
     backbone: str = _opt("resnet50", "'small_cnn', 'resnet18', 'resnet50' or 'gpt' (text)")
     options: dict[str, Any] = _opt({}, "extra keyword arguments of bissl.models.build_backbone")
     channels_last: bool = _opt(False, "use channels_last memory format (faster convs on GPU)")
+    sync_bn: bool = _opt(True, "with run.nproc > 1, BatchNorm layers normalise with the statistics "
+                               "of the global batch (all ranks), as a single process would; false: "
+                               "each rank normalises with its own shard")
 
 
 @dataclass
@@ -193,6 +208,10 @@ class PretextConfig:
     warmup_epochs: float = _opt(10, "linear warm-up epochs of the cosine schedule", _ge(0))
     final_lr_factor: float = _opt(1e-3, "cosine ends at this fraction of the base lr", _in01())
     temperature: float = _opt(0.5, "SimCLR NT-Xent temperature", _gt(0))
+    gather_negatives: bool = _opt(True, "SimCLR with run.nproc > 1: score each rank's queries "
+                                        "against the embeddings of all ranks (the global batch), "
+                                        "gradients flowing through the gather; false: negatives "
+                                        "from the rank's own shard only")
     projector_dims: list[int] = _opt([256, 256, 256], "projector widths (hidden, hidden, output); "
                                      "the BYOL predictor has the same shape",
                                      lambda v: _nonempty(v) or _each(_ge(1))(v))
@@ -212,8 +231,7 @@ class LowerConfig:
     final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
     batch_size: int = _opt(1024, "pretext batch size of lower steps", _ge(2))
     optimizer: Literal["lars", "sgd"] = _opt(
-        "lars", "'lars' (the reference) or 'sgd' (momentum, same lr/wd; needed under ZeRO >= 1, "
-                "whose flat partitions have no per-layer norms for LARS)")
+        "lars", "'lars' (the reference) or 'sgd' (momentum, same lr/wd)")
 
 
 @dataclass
@@ -243,9 +261,10 @@ class BisslConfig:
         "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code; 'minres' "
               "handles indefinite systems)")
     on_indefinite: Literal["raise", "warn", "fallback", "adaptive_damping"] = _opt(
-        "raise", "what an upper step does when the solver flags I + H/(λ+λ_damp) indefinite: "
-                 "'raise' (with strict false: log only), 'warn', 'fallback' (re-solve with "
-                 "fallback_solver) or 'adaptive_damping' (re-solve with a larger damping)")
+        "fallback", "what an upper step does when the solver flags I + H/(λ+λ_damp) indefinite: "
+                    "'fallback' (default: re-solve the same system with fallback_solver; MINRES "
+                    "solves symmetric indefinite systems), 'adaptive_damping' (re-solve with a "
+                    "larger damping), 'warn' (keep the flagged answer) or 'raise' (stop)")
     fallback_solver: Literal["minres", "identity", "cg", "cg_layerwise", "neumann"] = _opt(
         "minres", "solver of on_indefinite: fallback")
     hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd", "auto"]] = _opt(
@@ -254,9 +273,10 @@ class BisslConfig:
     hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
                                                "(default: lower.batch_size)", _ge(2))
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
-    strict: bool = _opt(False, "raise when the solver reports non-finite values or an indefinite "
-                               "system the on_indefinite policy did not resolve (otherwise they "
-                               "are logged)")
+    on_nonfinite: Literal["skip", "raise"] = _opt(
+        "skip", "an upper step whose hypergradient has NaN/Inf entries: 'skip' it (no update of φ "
+                "and ψ_D; counted in the metrics column 'skipped' and warned every time) or "
+                "'raise' (stop, naming the step); it is never zeroed")
     backend: Optional[str] = _opt(None, "kernel backend of bissl.ops (default: automatic)")
     lam_schedule: str = _opt(
         "constant", "lower-level regularisation scale over training: 'constant' (λ = lam), "
@@ -322,6 +342,81 @@ class TextConfig:
     max_length: int = _opt(64, "downstream texts are truncated/padded to this many tokens", _ge(2))
 
 
+#: DeepSpeed JSON sections that would fight the BiSSL step, and why (refused in ``deepspeed.config``).
+_DS_REFUSED_TOP = {
+    "optimizer": "the optimizers are torch optimizers built from the config",
+    "scheduler": "the LR schedules are built from the config",
+    "fp16": "the HVP/CG path runs in float32",
+    "bf16": "the HVP/CG path runs in float32",
+    "amp": "the HVP/CG path runs in float32",
+}
+_DS_REFUSED_ZERO = {
+    "offload_optimizer": "ZeRO offload needs DeepSpeed's JIT-built CPU Adam op",
+    "offload_param": "ZeRO offload needs DeepSpeed's JIT-built CPU Adam op",
+}
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Data-parallel memory layout of multi-rank runs (``run.nproc > 1``).
+
+    Stage 0 is plain data parallelism (gradients averaged with flat bucketed all-reduces; no
+    DeepSpeed needed); stages 1-3 wrap every model in a DeepSpeed engine with that ZeRO stage
+    (optimizer states, + gradients, + parameters sharded). Bucket sizes are element counts;
+    DeepSpeed allocates whole buckets up front, so they are part of every rank's memory.
+    """
+
+    zero_stage: int = _opt(0, "0 (plain data parallel), 1, 2 or 3 (DeepSpeed ZeRO)", _one_of(0, 1, 2, 3))
+    reduce_bucket_size: int = _opt(5_000_000, "elements per gradient reduce bucket (ZeRO)", _ge(1))
+    allgather_bucket_size: int = _opt(5_000_000, "elements per all-gather bucket (ZeRO 1-2)", _ge(1))
+    overlap_comm: bool = _opt(False, "overlap gradient reduction with backward (ZeRO)")
+    contiguous_gradients: bool = _opt(True, "copy gradients into a contiguous buffer (ZeRO)")
+    stage3_prefetch_bucket_size: int = _opt(5_000_000, "ZeRO-3 parameter prefetch bucket", _ge(1))
+    stage3_param_persistence_threshold: int = _opt(
+        100_000, "ZeRO-3 keeps parameters smaller than this unpartitioned", _ge(1))
+    stage3_max_live_parameters: int = _opt(1_000_000_000, "ZeRO-3 live parameter budget", _ge(1))
+    stage3_max_reuse_distance: int = _opt(1_000_000_000, "ZeRO-3 parameter reuse distance", _ge(1))
+    hypergrad_bucket_numel: Optional[int] = _opt(
+        None, "elements per all-reduce bucket of the hypergradient's vectors (null: one "
+              "collective per vector)", _ge(1))
+    shard_hypergrad: Optional[bool] = _opt(
+        None, "each rank keeps only its partition of CG's vectors and right-hand side (HVPs "
+              "reduce-scattered, dots all-reduced); null: on at ZeRO-3, off below")
+    config: Optional[str] = _opt(None, "a DeepSpeed JSON file used as the base of the engines' "
+                                       "config (the keys above override it)")
+
+    def validate(self) -> None:
+        """Check the JSON base file, when given (sections that would fight the BiSSL step)."""
+        if self.config is None:
+            return
+        path = Path(self.config)
+        try:
+            base = json.loads(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"'deepspeed.config': cannot read {path}: {err.strerror}") from None
+        except ValueError as err:
+            raise ConfigError(f"'deepspeed.config': {path} is not JSON ({err})") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"'deepspeed.config': {path} must hold a JSON object")
+        for key, why in _DS_REFUSED_TOP.items():
+            section = base.get(key)
+            if section is not None and (not isinstance(section, dict) or section.get("enabled", True)):
+                raise ConfigError(f"'deepspeed.config': {key!r} is not supported ({why})")
+        if base.get("gradient_accumulation_steps", 1) != 1:
+            raise ConfigError("'deepspeed.config': gradient_accumulation_steps must be 1 (one "
+                              "engine step per optimizer step of the pipeline)")
+        zero = base.get("zero_optimization", {})
+        for key, why in _DS_REFUSED_ZERO.items():
+            section = zero.get(key)
+            if section and (not isinstance(section, dict) or section.get("device", "none") != "none"):
+                raise ConfigError(f"'deepspeed.config': zero_optimization.{key} is not supported ({why})")
+
+    @property
+    def sharded_hypergrad(self) -> bool:
+        """Whether CG's vectors are partitioned across ranks (``shard_hypergrad``, default: ZeRO-3)."""
+        return self.zero_stage == 3 if self.shard_hypergrad is None else self.shard_hypergrad
+
+
 @dataclass
 class Config:
     """The whole experiment. ``config_from_dict`` builds it from nested dicts with validation."""
@@ -335,9 +430,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    deepspeed: dict[str, Any] = _opt({}, "DeepSpeed/ZeRO settings of multi-rank runs "
-                                         "(bissl.distributed.zero_config: zero_stage, bucket "
-                                         "sizes, config: a DeepSpeed JSON)")
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
@@ -350,27 +443,34 @@ class Config:
         if self.bissl.on_indefinite == "fallback" and self.bissl.fallback_solver == self.bissl.solver:
             raise ConfigError("'bissl.fallback_solver' must differ from 'bissl.solver' when "
                               "'bissl.on_indefinite' is 'fallback'")
-        from bissl.distributed.zero_config import DeepSpeedSettings  # stdlib-only module
-
-        try:
-            zero = DeepSpeedSettings.from_dict(self.deepspeed)
-        except ValueError as err:
-            raise ConfigError(f"'deepspeed': {err}") from None
-        if self.run.nproc > 1 and zero.zero_stage >= 1 and self.bissl.lower.optimizer == "lars":
-            raise ConfigError("'bissl.lower.optimizer' is 'lars' but ZeRO stage "
-                              f"{zero.zero_stage} hands the optimizer flat partitions without "
-                              "per-layer norms; use 'sgd' or deepspeed.zero_stage 0")
-        from bissl.hypergrad.lam_schedules import build_lam_schedule
-
-        try:
-            build_lam_schedule(self.bissl.lam_schedule, self.bissl.lam, self.bissl.lam_options)
-        except ValueError as err:
-            raise ConfigError(f"'bissl.lam_schedule': {err}") from None
+        self.deepspeed.validate()
+        if self.run.dtype == "float64" and self.run.nproc > 1 and self.deepspeed.zero_stage >= 1:
+            raise ConfigError("'run.dtype' is 'float64' but ZeRO stages >= 1 keep float32 master "
+                              "weights; use deepspeed.zero_stage 0 for float64")
+        if self.run.nproc > 1:
+            self._validate_ranks()
         text_pretext = self.pretext.method == "gpt"
         if (self.task == "text") != text_pretext:
             raise ConfigError(f"'task' is {self.task!r} but 'pretext.method' is "
                               f"{self.pretext.method!r}; text runs use 'gpt', image runs "
                               "'simclr' or 'byol'")
+
+    def _validate_ranks(self) -> None:
+        """What ``run.nproc > 1`` needs: global batches that split into equal shards, one device
+        per rank. (Batch sizes capped at a dataset's size are checked again when a phase starts.)"""
+        n = self.run.nproc
+        batches = {"pretext.batch_size": self.pretext.batch_size,
+                   "bissl.lower.batch_size": self.bissl.lower.batch_size,
+                   "bissl.upper.batch_size": self.bissl.upper.batch_size,
+                   "bissl.hvp_batch_size": self.bissl.hvp_batch_size,
+                   "finetune.batch_size": self.finetune.batch_size}
+        for key, size in batches.items():
+            if size is not None and size % n:
+                raise ConfigError(f"'{key}' is {size}, not a multiple of run.nproc {n} (each rank "
+                                  "takes an equal shard of every global batch)")
+        if re.fullmatch(r"cuda:\d+", self.run.device):
+            raise ConfigError(f"'run.device' is {self.run.device!r}; with run.nproc > 1 use 'auto', "
+                              "'cpu' or 'cuda' (rank r computes on cuda:r)")
 
 
 # --------------------------------------------------------------------------- building and checking

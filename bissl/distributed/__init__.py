@@ -1,7 +1,8 @@
-"""Data-parallel BiSSL: process groups, bucketed collectives, the rank-averaged hypergradient,
-DeepSpeed ZeRO engines for both copies, and a torchrun launcher.
+"""Data-parallel BiSSL: process groups, bucketed collectives, models under training on N ranks
+(plain torch or DeepSpeed ZeRO 1-3), the rank-averaged (optionally sharded) hypergradient, and a
+torchrun launcher.
 
-Importing this package does not import DeepSpeed; :func:`build_bilevel_engines` does, on first use.
+Importing this package does not import DeepSpeed; building a ZeRO engine does, on first use.
 See ``docs/distributed.md``.
 """
 from __future__ import annotations
@@ -14,18 +15,10 @@ from bissl.distributed.collectives import (
     tensor_digest,
     world_size,
 )
-from bissl.distributed.engines import (
-    ELEMENTWISE_OPTIMIZERS,
-    BilevelEngines,
-    build_bilevel_engines,
-    import_deepspeed,
-    load_checkpoint,
-    save_checkpoint,
-)
 from bissl.distributed.hypergrad import distributed_implicit_hypergrad
 from bissl.distributed.launcher import TIMEOUT_EXIT_CODE, launch
 from bissl.distributed.matvec import DistributedMatVec
-from bissl.distributed.objectives import LowerObjective, UpperObjective, gathered
+from bissl.distributed.objectives import LowerObjective, UpperObjective
 from bissl.distributed.process_group import (
     DistInfo,
     exit_rank,
@@ -33,14 +26,21 @@ from bissl.distributed.process_group import (
     shutdown,
 )
 from bissl.distributed.sharding import check_shardable, shard_of
-from bissl.distributed.step import HypergradSettings, average_buffers_, bissl_step
-from bissl.distributed.zero_config import DeepSpeedSettings
+from bissl.distributed.trainable import (
+    DataParallel,
+    EngineTrainable,
+    NonFiniteGradientError,
+    OptimizerSpec,
+    PlainTrainable,
+    Trainable,
+)
+from bissl.distributed.zero3 import full_state_dict, gathered, modifiable
 
 __all__ = sorted([
-    "BilevelEngines", "DeepSpeedSettings", "DistInfo", "DistributedMatVec", "ELEMENTWISE_OPTIMIZERS",
-    "HypergradSettings", "LowerObjective", "TIMEOUT_EXIT_CODE", "UpperObjective", "allreduce_mean_",
-    "allreduce_mean_tensors_", "average_buffers_", "bissl_step", "build_bilevel_engines", "check_shardable",
-    "distributed_implicit_hypergrad", "exit_rank", "gather_objects", "gathered", "import_deepspeed",
-    "init_process_group_from_env", "launch", "load_checkpoint", "rank", "save_checkpoint",
-    "shard_of", "shutdown", "tensor_digest", "world_size",
+    "DataParallel", "DistInfo", "DistributedMatVec", "EngineTrainable", "LowerObjective",
+    "NonFiniteGradientError", "OptimizerSpec", "PlainTrainable", "TIMEOUT_EXIT_CODE", "Trainable",
+    "UpperObjective", "allreduce_mean_", "allreduce_mean_tensors_", "check_shardable",
+    "distributed_implicit_hypergrad", "exit_rank", "full_state_dict", "gather_objects", "gathered",
+    "init_process_group_from_env", "launch", "modifiable", "rank", "shard_of", "shutdown",
+    "tensor_digest", "world_size",
 ])

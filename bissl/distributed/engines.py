@@ -1,16 +1,15 @@
-"""DeepSpeed engines for BiSSL's two copies, and their checkpoints.
+"""DeepSpeed engines (ZeRO stages 1-3) for the models of a multi-rank run, and their checkpoints.
 
-:func:`build_bilevel_engines` wraps a :class:`~bissl.distributed.objectives.LowerObjective`
-(θ + ψ_P) and an :class:`~bissl.distributed.objectives.UpperObjective` (φ + ψ_D) in one DeepSpeed
-engine each, with the same ZeRO stage (0-3), the caller's **torch** optimizers (DeepSpeed's
-"client optimizer") and optional torch LR schedulers. Gradient averaging across ranks, total-norm
-clipping and the sharding of optimizer states (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3)
-are DeepSpeed's; the hypergradient is computed outside the engines (:mod:`bissl.distributed.step`).
+:func:`build_engine` wraps one module in a DeepSpeed engine with the caller's **torch** optimizer
+(DeepSpeed's "client optimizer") and optional torch LR scheduler. Gradient averaging across ranks
+and the sharding of optimizer states (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) are
+DeepSpeed's; :class:`bissl.distributed.trainable.EngineTrainable` puts the engine behind the same
+interface as a plain torch model.
 
-For that outside computation each copy also gets a **shadow**: the same module structure on the
-``meta`` device (no storage, no ZeRO hooks), evaluated with ``torch.func.functional_call`` on full
-parameter tensors. Under ZeRO-3 the live modules carry DeepSpeed's gather/release hooks, which
-must not run inside an HVP; the shadow sidesteps them.
+For computations outside the engine's own forward (HVPs, the hypergradient) a ZeRO-3 model also
+gets a **shadow**: the same module structure on the ``meta`` device (no storage, no ZeRO hooks),
+evaluated with ``torch.func.functional_call`` on gathered parameters. The live module carries
+DeepSpeed's gather/release hooks, which must not run inside an HVP; the shadow sidesteps them.
 
 CPU: ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported and DeepSpeed's JIT-compiled ops
 are marked unavailable (its shared-memory all-reduce would otherwise be compiled on first use),
@@ -20,29 +19,26 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from bissl.distributed.objectives import LowerObjective, UpperObjective
-from bissl.distributed.process_group import init_process_group_from_env
-from bissl.distributed.zero_config import DeepSpeedSettings
+from bissl.distributed.zero_config import ds_config
 
 #: Torch optimizers whose update is elementwise, hence unchanged when ZeRO-1/2/3 hands them flat
-#: partitions instead of the parameter tensors. Layer-wise rules (LARS, LAMB) compute per-tensor
-#: norms that are not defined on a partition, so they are refused for stages >= 1.
+#: partitions instead of the parameter tensors. Layer-wise rules (LARS) compute per-tensor norms
+#: that are not defined on a partition: :class:`bissl.distributed.trainable.EngineTrainable` runs
+#: LARS as SGD plus a partition-aware trust-ratio transform of the gradients instead.
 ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop,
     torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
 )
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-INSTALL_HINT = ("pip install --no-deps --no-build-isolation deepspeed==0.19.8 && pip install einops "
-                "hjson msgpack psutil 'pydantic>=2' py-cpuinfo  (never let pip pick a torch; see "
-                "docs/distributed.md)")
+INSTALL_HINT = ("pip install -e '.[distributed]' (DeepSpeed; install torch first so pip never "
+                "replaces it, see docs/distributed.md)")
 
 
 def import_deepspeed():
@@ -71,7 +67,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
+def meta_copy(module: nn.Module) -> nn.Module:
     """The module's structure with every parameter and buffer on ``meta`` (nothing allocated)."""
     memo: dict[int, Any] = {}
     for p in module.parameters():
@@ -81,144 +77,67 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _check_pair(lower: LowerObjective, upper: UpperObjective) -> list[str]:
-    if not isinstance(lower, LowerObjective) or not isinstance(upper, UpperObjective):
-        raise TypeError("build_bilevel_engines: expected a LowerObjective and an UpperObjective, got "
-                        f"{type(lower).__name__} and {type(upper).__name__}")
-    theta = {k: p.shape for k, p in lower.backbone.named_parameters()}
-    phi = {k: p.shape for k, p in upper.backbone.named_parameters()}
-    if theta != phi:
-        diff = sorted(set(theta.items()) ^ set(phi.items()))[:3]
-        raise ValueError(f"build_bilevel_engines: the lower and upper backbones differ (e.g. {diff}); "
-                         "θ and φ are paired by parameter name and shape")
-    return list(theta)
-
-
-def _check_optimizer(opt: torch.optim.Optimizer, module: nn.Module, which: str, stage: int) -> None:
+def check_optimizer(opt: torch.optim.Optimizer, module: nn.Module, stage: int) -> None:
+    """The optimizer must hold exactly the module's trainable parameters, and be elementwise when
+    ZeRO hands it flat partitions."""
     if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"{which}_optimizer must be a torch.optim.Optimizer, got {type(opt).__name__}")
+        raise TypeError(f"the optimizer must be a torch.optim.Optimizer, got {type(opt).__name__}")
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     if in_opt != trainable:
-        raise ValueError(f"{which}_optimizer must hold exactly the trainable parameters of the {which} "
-                         f"objective ({len(in_opt & trainable)} of {len(trainable)} shared, "
-                         f"{len(in_opt - trainable)} foreign)")
+        raise ValueError(f"the optimizer must hold exactly the trainable parameters of "
+                         f"{type(module).__name__} ({len(in_opt & trainable)} of {len(trainable)} "
+                         f"shared, {len(in_opt - trainable)} foreign)")
     if stage >= 1 and not isinstance(opt, ELEMENTWISE_OPTIMIZERS):
-        raise ValueError(f"{which}_optimizer {type(opt).__name__} is not elementwise: ZeRO stage {stage} "
-                         "gives the optimizer flat partitions of the parameters, on which per-tensor "
-                         "rules such as LARS' trust ratio are not defined. Use zero_stage 0 for it, or "
-                         f"one of {[c.__name__ for c in ELEMENTWISE_OPTIMIZERS]}")
+        raise ValueError(f"{type(opt).__name__} is not elementwise: ZeRO stage {stage} gives the "
+                         "optimizer flat partitions of the parameters, on which per-tensor rules "
+                         f"are not defined. Use one of {[c.__name__ for c in ELEMENTWISE_OPTIMIZERS]}")
 
 
-@dataclass
-class BilevelEngines:
-    """The two DeepSpeed engines of a BiSSL run and what the hypergradient needs besides them.
-
-    Attributes:
-        lower, upper: ``DeepSpeedEngine`` of the lower (θ, ψ_P) and upper (φ, ψ_D) objectives.
-        lower_shadow, upper_shadow: meta-device copies for ``functional_call`` (see module doc).
-        backbone_names: θ/φ parameter names in backbone order.
-        settings: the validated ``deepspeed:`` section.
-    """
-
-    lower: Any
-    upper: Any
-    lower_shadow: LowerObjective
-    upper_shadow: UpperObjective
-    backbone_names: list[str]
-    settings: DeepSpeedSettings
-
-    @property
-    def lower_module(self) -> LowerObjective:
-        return self.lower.module
-
-    @property
-    def upper_module(self) -> UpperObjective:
-        return self.upper.module
-
-    @property
-    def zero_stage(self) -> int:
-        return self.settings.zero_stage
-
-
-def build_bilevel_engines(
-    lower: LowerObjective,
-    upper: UpperObjective,
-    *,
-    lower_optimizer: torch.optim.Optimizer,
-    upper_optimizer: torch.optim.Optimizer,
-    settings: DeepSpeedSettings | Mapping[str, Any] | None = None,
-    lower_clip_norm: float | None = 10.0,
-    upper_clip_norm: float | None = 10.0,
-    lower_scheduler: SchedulerFactory | None = None,
-    upper_scheduler: SchedulerFactory | None = None,
-) -> BilevelEngines:
-    """Wrap both BiSSL copies in DeepSpeed engines (same ZeRO stage for both).
-
-    Call on every rank with identically initialised modules (e.g. same seed); the process group
-    is initialised from the launcher environment if it is not yet.
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, *, settings: Any,
+                 clip_norm: float | None, scheduler: SchedulerFactory | None = None) -> Any:
+    """Wrap ``module`` in a DeepSpeed engine (call on every rank with identical modules).
 
     Args:
-        lower, upper: the two objectives; their backbones must have equal parameter names/shapes.
-        lower_optimizer, upper_optimizer: torch optimizers over exactly the trainable parameters of
-            each objective (BiSSL: LARS below — stage 0 only, see :data:`ELEMENTWISE_OPTIMIZERS` —
-            and SGD with momentum above).
-        settings: :class:`DeepSpeedSettings` or the raw ``deepspeed:`` mapping (default: stage 0).
-        lower_clip_norm, upper_clip_norm: total gradient-norm clipping per engine (BiSSL: 10).
-        lower_scheduler, upper_scheduler: ``optimizer -> LR scheduler`` factories; the engine
-            steps them once per engine step and saves them in checkpoints.
+        module: the model; its forward returns the training loss or whatever the caller needs.
+        optimizer: a torch optimizer over exactly the module's trainable parameters (elementwise).
+        settings: the ``deepspeed`` config section (:class:`bissl.config.DeepSpeedConfig`),
+            ``zero_stage`` >= 1.
+        clip_norm: DeepSpeed's total gradient-norm clipping (None or 0: none).
+        scheduler: ``optimizer -> LR scheduler``; the engine steps it once per engine step and
+            saves it in checkpoints.
 
     Returns:
-        :class:`BilevelEngines`.
+        The ``DeepSpeedEngine``; the process group must already be initialised.
     """
-    if not isinstance(settings, DeepSpeedSettings):
-        settings = DeepSpeedSettings.from_dict(settings)
-    names = _check_pair(lower, upper)
-    _check_optimizer(lower_optimizer, lower, "lower", settings.zero_stage)
-    _check_optimizer(upper_optimizer, upper, "upper", settings.zero_stage)
+    check_optimizer(optimizer, module, settings.zero_stage)
     deepspeed = import_deepspeed()
-    info = init_process_group_from_env()
-    deepspeed.init_distributed(dist_backend=info.backend, auto_mpi_discovery=False)
-    # Shadows before the engines: ZeRO-3 replaces parameter storage at initialisation.
-    lower_shadow, upper_shadow = _meta_copy(lower), _meta_copy(upper)
-    engines = []
-    for module, opt, clip, sched in ((lower, lower_optimizer, lower_clip_norm, lower_scheduler),
-                                     (upper, upper_optimizer, upper_clip_norm, upper_scheduler)):
-        engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=opt, lr_scheduler=sched,
-            config=settings.to_ds_config(clip_norm=clip), dist_init_required=False)
-        engines.append(engine)
-    return BilevelEngines(engines[0], engines[1], lower_shadow, upper_shadow, names, settings)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("build_engine: initialise the process group first "
+                           "(bissl.distributed.init_process_group_from_env)")
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=ds_config(settings, clip_norm=clip_norm), dist_init_required=False)
+    return engine
 
 
-def save_checkpoint(engines: BilevelEngines, directory: str | Path, tag: str,
-                    client_state: Mapping[str, Any] | None = None) -> None:
-    """Save both engines (modules, ZeRO-partitioned optimizer states, schedulers) on every rank.
-
-    Layout: ``directory/lower/<tag>/...`` and ``directory/upper/<tag>/...`` (DeepSpeed's own format,
-    one optimizer-state file per rank under ZeRO). ``client_state`` (samplers, RNG, counters) is
-    stored with the lower engine. Must be called by all ranks.
-    """
-    directory = Path(directory)
-    engines.lower.save_checkpoint(str(directory / "lower"), tag=tag, client_state=dict(client_state or {}))
-    engines.upper.save_checkpoint(str(directory / "upper"), tag=tag)
+def save_engine(engine: Any, directory: str | Path, tag: str) -> None:
+    """Save an engine (module, ZeRO-partitioned optimizer state, scheduler) under
+    ``directory/<tag>`` in DeepSpeed's format (one optimizer-state file per rank). All ranks."""
+    engine.save_checkpoint(str(directory), tag=tag)
 
 
-def load_checkpoint(engines: BilevelEngines, directory: str | Path, tag: str) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote (same world size and ZeRO stage); returns the
-    ``client_state``. Must be called by all ranks.
+def load_engine(engine: Any, directory: str | Path, tag: str) -> None:
+    """Restore what :func:`save_engine` wrote (same world size and ZeRO stage). All ranks.
 
     Raises:
         FileNotFoundError: no checkpoint ``tag`` under ``directory``.
     """
-    directory = Path(directory)
-    for part in ("lower", "upper"):
-        if not (directory / part / tag).is_dir():
-            raise FileNotFoundError(f"load_checkpoint: no {part} checkpoint {tag!r} under {str(directory)!r}")
-    path, client = engines.lower.load_checkpoint(str(directory / "lower"), tag=tag)
+    if not (Path(directory) / tag).is_dir():
+        raise FileNotFoundError(f"load_engine: no checkpoint {tag!r} under {str(directory)!r}")
+    path, _ = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
-        raise FileNotFoundError(f"load_checkpoint: DeepSpeed could not load the lower engine from {str(directory)!r}")
-    path, _ = engines.upper.load_checkpoint(str(directory / "upper"), tag=tag)
-    if path is None:
-        raise FileNotFoundError(f"load_checkpoint: DeepSpeed could not load the upper engine from {str(directory)!r}")
-    return dict(client or {})
+        raise FileNotFoundError(f"load_engine: DeepSpeed could not load {tag!r} from {str(directory)!r}")

@@ -1,21 +1,32 @@
-"""The IFT term of BiSSL's hypergradient, data-parallel.
+"""The IFT term of BiSSL's hypergradient, data-parallel (and optionally sharded).
 
-Each rank evaluates the lower and upper losses on its own batch shard. The right-hand side
-``v = ∇_θ L_D(θ)`` and every HVP are averaged across ranks with one flat collective each, so the
-solver sees the operator and right-hand side of the shard-averaged losses. Its scalars (α, β, the
+Each rank evaluates the lower and upper losses on its own batch shard (with SyncBatchNorm or
+gathered negatives, the losses themselves contain collectives; every rank then runs the same
+graphs). The right-hand side ``v = ∇_θ L_D(θ)`` and every HVP are averaged across ranks, so the
+solver sees the operator and right-hand side of the rank-averaged loss. Its scalars (α, β, the
 stopping test, the indefiniteness flags and Ritz values) come from averaged vectors only and are
 therefore bit-identical on every rank, as is the answer ``x``: every rank takes the same branch of
 the ``on_indefinite`` policy and issues the same collectives.
 
-Only the two reductions are new here: they are hooks of the core's :func:`implicit_hypergrad`,
-which does everything else (upper gradient, linearisation, solve, indefiniteness policy).
+Unsharded (default), every rank holds the full vectors and averages each HVP with one flat
+all-reduce. Sharded (``shard=True``; the trainer's default under ZeRO-3), each rank keeps only its
+partition of CG's vectors and of the right-hand side (:class:`bissl.distributed.shard.ShardLayout`):
+the HVP runs on the full (gathered) θ, its result is reduce-scattered into the partition, and each
+dot product is one all-reduce of partial sums. The answer is all-gathered once at the end.
+
+Only these reductions are new here: they are hooks of the core's :func:`implicit_hypergrad`, which
+does everything else (upper gradient, linearisation, solve, indefiniteness policy).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import Tensor
+
 from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
-from bissl.hypergrad.implicit import IndefinitePolicy, SolverName, implicit_hypergrad
-from bissl.ops.hvp import HVPMode
+from bissl.hypergrad.implicit import implicit_hypergrad
+from bissl.hypergrad.settings import HypergradSettings
 from bissl.solvers.result import SolveResult
 from bissl.typing import LossFn, Params, ParamsLike
 
@@ -26,50 +37,55 @@ def distributed_implicit_hypergrad(
     lower_params: ParamsLike,
     *,
     lam: float,
-    iters: int = 5,
-    damping: float = 0.0,
-    solver: SolverName = "cg",
-    hvp_mode: HVPMode = "revrev",
-    backend: str | None = None,
-    strict: bool = True,
-    on_indefinite: IndefinitePolicy = "raise",
-    fallback: SolverName = "minres",
-    rtol: float | None = None,
+    settings: HypergradSettings | None = None,
+    shard: bool = False,
     return_info: bool = False,
     group: ProcessGroup | None = None,
     bucket_numel: int | None = None,
     on_matvec: MatVecHook | None = None,
+    on_rhs: Callable[[Tensor], None] | None = None,
 ) -> Params | tuple[Params, SolveResult]:
     """``x = (I + H/(λ + damping))⁻¹ v`` with ``H`` and ``v`` averaged over the ranks of ``group``.
 
-    Arguments as :func:`bissl.hypergrad.implicit_hypergrad`, where ``lower_loss`` and
-    ``upper_loss`` are this rank's shard losses and ``lower_params`` is the full ``θ``, identical on
-    every rank (under ZeRO-3, gathered). Extra arguments:
-
     Args:
+        lower_loss, upper_loss: this rank's losses (see :func:`bissl.hypergrad.implicit_hypergrad`).
+        lower_params: the full ``θ``, identical on every rank (under ZeRO-3, gathered).
+        lam: proximal weight λ > 0.
+        settings: how to solve (default: :class:`HypergradSettings()`).
+        shard: keep only this rank's partition of the solver's vectors (see module docstring).
+        return_info: also return the :class:`~bissl.solvers.SolveResult`.
         group: process group (default: the world; without torch.distributed, a single rank).
         bucket_numel: bucket size of the flat all-reduces (default: one collective per vector).
-        on_matvec: hook ``(p, Hp_averaged) -> None`` after every averaged HVP (tracing, tests).
+        on_matvec: hook ``(p, Hp_averaged) -> None`` after every averaged HVP (unsharded; tracing).
+        on_rhs: hook called once with the full rank-averaged right-hand side ``v`` (flat ``(P,)``).
 
     Returns:
         ``x`` as a dict keyed like ``lower_params``, bit-identical on every rank; with
         ``return_info`` also the :class:`~bissl.solvers.SolveResult`, with an extra attribute
-        ``num_collectives`` (1 for ``v`` plus 1 per HVP without buckets).
+        ``num_collectives`` (unsharded: 1 for ``v`` plus 1 per HVP without buckets).
     """
+    settings = settings or HypergradSettings()
+    if shard:
+        from bissl.distributed.shard import sharded_implicit_hypergrad
+
+        x, result = sharded_implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam,
+                                               settings=settings, group=group, on_rhs=on_rhs)
+        return (x, result) if return_info else x
     counts = {"rhs": 0}
     wrapped: list[DistributedMatVec] = []
 
-    def reduce_rhs(v):
+    def reduce_rhs(v: Tensor) -> None:
         counts["rhs"] += allreduce_mean_(v, group=group, bucket_numel=bucket_numel)
+        if on_rhs is not None:
+            on_rhs(v.clone())
 
-    def wrap_matvec(matvec):
+    def wrap_matvec(matvec: Callable[[Tensor], Tensor]) -> DistributedMatVec:
         wrapped.append(DistributedMatVec(matvec, group=group, bucket_numel=bucket_numel, on_matvec=on_matvec))
         return wrapped[-1]
 
     # The flags come from averaged vectors, so every rank takes the same branch of the policy.
     x, result = implicit_hypergrad(
-        lower_loss, upper_loss, lower_params, lam=lam, iters=iters, damping=damping, solver=solver,
-        hvp_mode=hvp_mode, backend=backend, strict=strict, on_indefinite=on_indefinite,
-        fallback=fallback, rtol=rtol, return_info=True, reduce_rhs=reduce_rhs, wrap_matvec=wrap_matvec)
+        lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True,
+        reduce_rhs=reduce_rhs, wrap_matvec=wrap_matvec)
     result.num_collectives = counts["rhs"] + sum(m.num_collectives for m in wrapped)
     return (x, result) if return_info else x

@@ -1,53 +1,35 @@
-"""The two copies of BiSSL as modules whose ``forward`` returns the training loss.
+"""The models of the pipeline as modules whose ``forward`` returns the training loss.
 
-A DeepSpeed engine wraps one module and optimises whatever scalar its forward returns, so each
-copy is a module holding a backbone and a head plus the loss that ties them to a batch:
+A DeepSpeed engine (like any :class:`~bissl.distributed.trainable.Trainable`) wraps one module and
+optimises whatever scalar its forward returns, so each model is a module holding a backbone and a
+head plus the loss that ties them to a batch:
 
-* :class:`LowerObjective` — θ and the pretext head ψ_P; ``forward(batch, phi)`` is
-  ``L_P(θ, ψ_P) + (λ/2)‖θ − φ‖²`` (φ a constant snapshot of the upper backbone);
+* :class:`LowerObjective` — θ and the pretext head ψ_P; ``forward(batch)`` is ``L_P(θ, ψ_P)``
+  (pretext pretraining, and BiSSL's lower level, whose proximal gradient ``λ(θ − φ)`` the step adds
+  to the averaged gradient directly, see :mod:`bissl.trainer.bissl_step`);
 * :class:`UpperObjective` — φ and the downstream head ψ_D; ``forward(batch)`` is ``L_D(φ, ψ_D)``
-  and ``forward(batch, injected)`` the *surrogate* ``γ·L_D(φ, ψ_D) + Σ_i ⟨w_i, g_i⟩`` over its
-  parameters ``w_i``, with the ``g_i`` constants. Its gradient is ``g + γ∇L_D``: with ``g`` the IFT
-  term ``x`` on φ and ``∇_ψ L_D(θ, ψ_D)`` on ψ_D, this is exactly BiSSL's upper gradient, so the
-  engine's own backward, data-parallel averaging, clipping and optimizer apply it unchanged.
+  (fine-tuning) and ``forward(batch, injected)`` the *surrogate* ``γ·L_D(φ, ψ_D) + Σ_i ⟨w_i, g_i⟩``
+  over its parameters ``w_i``, with the ``g_i`` constants (``batch=None``: the injection alone).
+  Its gradient is ``g + γ∇L_D``: with ``g`` the IFT term on φ and ``∇_ψ L_D(θ, ψ_D)`` on ψ_D, this
+  is exactly BiSSL's upper gradient, so the engine's own backward, data-parallel averaging,
+  clipping and optimizer apply it unchanged.
 
-Under ZeRO-3 the parameters are partitioned outside the submodule that owns them; the two terms
-that touch them directly (the proximal term, the injection) gather them for that moment with
-``deepspeed.zero.GatheredParameters``. Their backward needs only ``θ − φ`` resp. ``g``, never the
-parameter values, so nothing has to stay gathered for the backward pass. Without ZeRO-3 (or
-without DeepSpeed) the gather is a no-op.
+Under ZeRO-3 the parameters are partitioned outside the submodule that owns them; the injection
+gathers them for that moment. Its backward needs only ``g``, never the parameter values, so
+nothing has to stay gathered for the backward pass.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bissl.typing import Params
+from bissl.distributed.zero3 import gathered, modifiable
 
 #: ``loss_fn(backbone, head, batch) -> scalar Tensor``; the modules are called like any module.
 ObjectiveLoss = Callable[[nn.Module, nn.Module, Any], Tensor]
-
-
-def _is_zero3_param(p: Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def gathered(params: Iterable[nn.Parameter]) -> AbstractContextManager[None]:
-    """Context in which ZeRO-3-partitioned ``params`` hold their full values (read-only).
-
-    A no-op when none of them is partitioned (ZeRO 0-2, plain torch), so callers need no branch.
-    """
-    params = list(params)
-    if not any(_is_zero3_param(p) for p in params):
-        return contextlib.nullcontext()
-    import deepspeed  # only reachable when DeepSpeed partitioned these parameters
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class BilevelObjective(nn.Module):
@@ -64,7 +46,7 @@ class BilevelObjective(nn.Module):
         self.backbone = backbone
         self.head = head
         self.loss_fn = loss_fn
-        #: Detached terms of the last forward, for logging: {"loss": ..., "prox": ...}.
+        #: Detached terms of the last forward, for logging: {"loss": ...}.
         self.last_terms: dict[str, Tensor] = {}
 
     def objective(self, batch: Any) -> Tensor:
@@ -74,46 +56,26 @@ class BilevelObjective(nn.Module):
                              f"{getattr(loss, 'shape', type(loss).__name__)}")
         return loss
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters())
-
 
 class LowerObjective(BilevelObjective):
-    """θ + ψ_P. ``forward(batch, phi=None)``: ``L_P`` plus, given ``phi``, ``(lam/2)‖θ − φ‖²``.
+    """θ + ψ_P; ``forward(batch)`` is the pretext loss ``L_P``."""
 
-    Args:
-        backbone, head, loss_fn: see :class:`BilevelObjective` (``loss_fn`` is the pretext loss).
-        lam: proximal weight λ > 0 (reference: 0.001). The proximal term touches backbone
-            parameters only (BatchNorm affine weights included, buffers not), as in BiSSL.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, loss_fn: ObjectiveLoss, *, lam: float) -> None:
-        super().__init__(backbone, head, loss_fn)
-        if not lam > 0:
-            raise ValueError(f"LowerObjective: lam must be > 0, got {lam}")
-        self.lam = float(lam)
-
-    def forward(self, batch: Any, phi: Params | None = None) -> Tensor:
-        """Scalar loss. ``phi``: ``{name: Tensor}`` of the upper backbone, full, detached."""
+    def forward(self, batch: Any) -> Tensor:
         loss = self.objective(batch)
         self.last_terms = {"loss": loss.detach()}
-        if phi is None:
-            return loss
-        prox = proximal_term(self.backbone, phi, self.lam)
-        self.last_terms["prox"] = prox.detach()
-        return loss + prox
+        return loss
 
-
-def proximal_term(backbone: nn.Module, phi: Params, lam: float) -> Tensor:
-    """``(lam/2) Σ_i ‖θ_i − φ_i‖²`` over the backbone's parameters, paired with ``phi`` by name."""
-    named = dict(backbone.named_parameters())
-    if set(named) != set(phi):
-        missing, extra = sorted(set(named) - set(phi)), sorted(set(phi) - set(named))
-        raise ValueError(f"proximal_term: phi must have the backbone's parameter names "
-                         f"(missing {missing[:3]}, extra {extra[:3]})")
-    with gathered(named.values()):
-        total = sum(((p - phi[k].detach()) ** 2).sum() for k, p in named.items())
-    return 0.5 * lam * total
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Move a pretext head's EMA target toward the online network (BYOL; after optimizer
+        steps only, never inside an HVP). A no-op for heads without a target (SimCLR, GPT).
+        Under ZeRO-3 the online weights are gathered and the target re-partitioned."""
+        targets = list(getattr(self.head, "target_parameters", lambda: [])())
+        if not targets:
+            return
+        online = list(self.backbone.parameters()) + list(self.head.online_parameters())
+        with gathered(online), modifiable(targets):
+            self.head.update_target(self.backbone)
 
 
 class UpperObjective(BilevelObjective):
@@ -131,17 +93,27 @@ class UpperObjective(BilevelObjective):
         self.gamma = float(gamma)
 
     def forward(self, batch: Any, injected: Sequence[Tensor] | None = None) -> Tensor:
-        """``L_D(φ, ψ_D)``, or with ``injected`` (one constant per parameter, in
-        ``self.parameters()`` order, full shapes) ``γ·L_D(φ, ψ_D) + Σ_i ⟨w_i, injected_i⟩``."""
-        loss = self.objective(batch)
-        self.last_terms = {"loss": loss.detach()}
+        """``L_D(φ, ψ_D)``; with ``injected`` (one constant per parameter, in ``self.parameters()``
+        order, full shapes) ``γ·L_D(φ, ψ_D) + Σ_i ⟨w_i, injected_i⟩``, or with ``batch=None`` the
+        injection alone."""
         if injected is None:
+            if batch is None:
+                raise ValueError("UpperObjective: give a batch, injected gradients, or both")
+            loss = self.objective(batch)
+            self.last_terms = {"loss": loss.detach()}
             return loss
         params = list(self.parameters())
         if len(injected) != len(params):
             raise ValueError(f"UpperObjective: injected has {len(injected)} tensors, the module "
                              f"has {len(params)} parameters")
-        return self.gamma * loss + injection_term(params, injected)
+        direct = None
+        if batch is not None:
+            # The direct term's forward first: ZeRO-3's hooks fetch and release the parameters
+            # module by module; the injection then gathers them all for a moment.
+            direct = self.objective(batch)
+            self.last_terms = {"loss": direct.detach()}
+        total = injection_term(params, injected)
+        return total if direct is None else self.gamma * direct + total
 
 
 def injection_term(params: Sequence[nn.Parameter], grads: Sequence[Tensor]) -> Tensor:

@@ -3,5 +3,7 @@ from __future__ import annotations
 
 from bissl.hypergrad.implicit import ON_INDEFINITE, implicit_hypergrad, upper_gradient
 from bissl.hypergrad.reference import reference_hypergrad
+from bissl.hypergrad.settings import HypergradSettings
 
-__all__ = sorted(["ON_INDEFINITE", "implicit_hypergrad", "reference_hypergrad", "upper_gradient"])
+__all__ = sorted(["HypergradSettings", "ON_INDEFINITE", "implicit_hypergrad", "reference_hypergrad",
+                  "upper_gradient"])

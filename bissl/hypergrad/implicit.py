@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
+from bissl.hypergrad.settings import IndefinitePolicy, SolverName
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
 from bissl.ops.hvp import HVPMode, linearize_hvp
@@ -25,8 +26,6 @@ from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
 from bissl.typing import LossFn, Params, ParamsLike
 
-SolverName = Literal["cg", "cg_layerwise", "minres", "neumann", "identity"]
-IndefinitePolicy = Literal["raise", "warn", "fallback", "adaptive_damping"]
 #: Values of ``implicit_hypergrad(on_indefinite=...)``.
 ON_INDEFINITE: tuple[str, ...] = ("raise", "warn", "fallback", "adaptive_damping")
 #: Re-solves ``on_indefinite="adaptive_damping"`` may make; each at least doubles ``λ + damping``.
@@ -204,7 +203,8 @@ def _apply_policy(result: SolveResult, policy: str, fallback: str, solver: str, 
     """What ``on_indefinite`` does with a solve flagged indefinite; returns the result to use."""
     if policy == "raise":  # only reached with strict=True (report-only mode skips the policy)
         problems = result.problems()
-        raise SolverError("; ".join(problems) if problems else f"{solver}: indefinite system")
+        raise SolverError("; ".join(problems) if problems else f"{solver}: indefinite system",
+                          result=result)
     if policy == "warn":
         warnings.warn(
             f"implicit_hypergrad: the system I + H/(λ+damping) is indefinite (smallest Ritz value "

@@ -23,6 +23,13 @@ import torch
 from torch import Tensor
 
 
+def lars_trust(w_norm: Tensor, d_norm: Tensor, eta: float) -> Tensor:
+    """LARS' trust ratio ``eta·‖w‖/‖d‖`` of one tensor, 1 when either norm is 0 (0-dim tensors in,
+    0-dim tensor out; no host sync). The one definition, shared by :class:`LARS` and the
+    partition-aware LARS of multi-rank runs (:mod:`bissl.distributed.trainable`)."""
+    return torch.where((w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm))
+
+
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling (see module docstring for the exact update).
 
@@ -85,12 +92,8 @@ class LARS(torch.optim.Optimizer):
                 if not self.is_excluded(p, group):
                     if wd != 0:
                         d = d.add(p, alpha=wd)
-                    w_norm = torch.linalg.vector_norm(p)
-                    d_norm = torch.linalg.vector_norm(d)
                     # Computed on device (no .item()): no host sync per tensor.
-                    trust = torch.where(
-                        (w_norm > 0) & (d_norm > 0), eta * w_norm / d_norm, torch.ones_like(w_norm)
-                    )
+                    trust = lars_trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(d), eta)
                     d = d * trust
                 state = self.state[p]
                 buf = state.get("momentum_buffer")

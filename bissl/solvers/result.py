@@ -12,7 +12,16 @@ from bissl.typing import Vector
 
 class SolverError(RuntimeError):
     """A linear solve whose answer cannot be trusted (breakdown, negative curvature, NaN/Inf,
-    or no convergence when a tolerance was asked for)."""
+    or no convergence when a tolerance was asked for).
+
+    Attributes:
+        result: the :class:`SolveResult` that was refused (None when raised before a solve), so a
+            caller can tell what went wrong (e.g. ``result.nonfinite``) without parsing the message.
+    """
+
+    def __init__(self, message: str, result: "SolveResult | None" = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class IndefiniteSystemWarning(RuntimeWarning):
@@ -155,7 +164,7 @@ class SolveResult:
         """Raise :class:`SolverError` naming the problem if the answer cannot be trusted; else self."""
         problems = self.problems(ignore_indefinite)
         if problems:
-            raise SolverError("; ".join(problems))
+            raise SolverError("; ".join(problems), result=self)
         return self
 
     def summary(self) -> dict[str, float | int | bool | str]:

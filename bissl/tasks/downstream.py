@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 Backbone = Union[nn.Module, Callable[[Tensor], Tensor]]
 
@@ -74,42 +74,61 @@ def eval_mode(*objs: object) -> Iterator[None]:
             m.training = flag
 
 
-def evaluate(
-    backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256
-) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy of ``head(backbone(x))`` over ``dataset``.
+def predict(
+    backbone: Backbone, head: Backbone, x: Tensor, y: Tensor, batch_size: int = 256,
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-example cross-entropy and predicted class of ``head(backbone(x))``.
 
     Runs under ``no_grad`` with every module in eval mode (BatchNorm uses running statistics),
     restoring each module's train/eval flag afterwards. Inputs are moved to the head's device.
 
     Args:
-        backbone: an ``nn.Module`` or any function images -> features (e.g. a ``functional_call``
+        backbone: an ``nn.Module`` or any function inputs -> features (e.g. a ``functional_call``
             closure; put modules it closes over in eval mode yourself).
-        head: classifier ``(B, F) -> (B, K)``.
-        dataset: yields ``(x, y)`` pairs (e.g. ``DatasetSplits.test``).
+        head: classifier ``(B, F) -> (B, K)`` (a module, or a function like ``backbone``).
+        x, y: inputs ``(N, ...)`` and labels ``(N,)``.
+        batch_size: examples per forward.
+        device: where to compute (default: the head module's device).
+
+    Returns:
+        ``(loss, pred)``: float64 ``(N,)`` losses and int64 ``(N,)`` predictions, on the CPU.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"predict: batch_size must be positive, got {batch_size}")
+    if device is None:
+        if not isinstance(head, nn.Module):
+            raise ValueError("predict: give device= when head is not a module")
+        device = next(head.parameters()).device
+    losses, preds = [], []
+    with torch.no_grad(), eval_mode(backbone, head):
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            logits = head(backbone(xb))
+            losses.append(F.cross_entropy(logits, yb, reduction="none").double().cpu())
+            preds.append(logits.argmax(dim=1).cpu())
+    empty = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+    return (torch.cat(losses), torch.cat(preds)) if losses else empty
+
+
+def evaluate(
+    backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy of ``head(backbone(x))`` over ``dataset``
+    (see :func:`predict`).
+
+    Args:
+        backbone, head: as :func:`predict`.
+        dataset: a ``TensorDataset`` or any dataset yielding ``(x, y)`` pairs.
 
     Returns:
         ``{"loss": mean cross-entropy, "acc": top-1 accuracy in [0, 1]}``.
     """
-    if batch_size <= 0:
-        raise ValueError(f"evaluate: batch_size must be positive, got {batch_size}")
-    device = next(head.parameters()).device
     if isinstance(dataset, TensorDataset):
-        # Slicing the stored tensors avoids collating B single samples per batch.
         xs, ys = dataset.tensors[:2]
-        batches = (
-            (xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)
-        )
     else:
-        batches = iter(DataLoader(dataset, batch_size=batch_size, shuffle=False))
-    total_loss, correct, count = 0.0, 0, 0
-    with torch.no_grad(), eval_mode(backbone, head):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = head(backbone(x))
-            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == y).sum())
-            count += y.numel()
-    if count == 0:
+        xs, ys = (torch.stack(t) for t in zip(*dataset)) if len(dataset) else (torch.zeros(0), torch.zeros(0))
+    if len(ys) == 0:
         raise ValueError("evaluate: the dataset is empty")
-    return {"loss": total_loss / count, "acc": correct / count}
+    loss, pred = predict(backbone, head, xs, ys, batch_size)
+    return {"loss": float(loss.mean()), "acc": float((pred == ys.cpu()).double().mean())}

@@ -1,8 +1,7 @@
-"""Pieces of the BiSSL stage shared by every implementation of it.
+"""The BiSSL stage's schedule, start, data and optimizers (the phase is :mod:`bissl.trainer.bissl_phase`).
 
-The single-process :class:`~bissl.trainer.bissl_phase.BisslPhase` and the data-parallel
-:class:`~bissl.trainer.zero_bissl_phase.ZeroBisslPhase` (DeepSpeed engines, several ranks) must
-run the same schedule on the same data from the same start; this module is the one place for:
+One place for what every run of the stage — one process or N ranks, plain torch or DeepSpeed —
+must do identically:
 
 * :class:`StageSchedule` — head warm-up steps, then ``stages`` × (lower steps, upper steps);
 * :func:`start_models` — θ + ψ_P from the pretext result, φ a copy of θ with a new head ψ_D (built in
@@ -10,23 +9,23 @@ run the same schedule on the same data from the same start; this module is the o
 * :class:`StageBatches` — the *global* batches of the stage (data order, augmentation, the HVP batch
   of each stage) as a function of the seed and the position only; a data-parallel rank takes its
   shard of each global batch, so N ranks see exactly the samples one process would;
-* the optimizers and LR schedules of the stage, the head warm-up loss, the two objectives
-  (:func:`pretext_objective`, :func:`downstream_objective`) and the solver columns of a metrics row.
+* the optimizers and LR schedules of the stage, the head warm-up loss and the two objectives
+  (:func:`pretext_objective`, :func:`downstream_objective`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from bissl.config import Config
-from bissl.tasks.downstream import build_head, classification_loss
+from bissl.config import Config, ConfigError
+from bissl.distributed.trainable import DataParallel, OptimizerSpec
+from bissl.tasks.downstream import classification_loss
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_pretext_from, build_two_view,
-    cosine, epochs_to_steps, lars, sgd,
+    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, build_pretext_from,
+    build_two_view, cosine, epochs_to_steps, shard,
 )
 from bissl.trainer.rng import derive_seed, make_generator
 from bissl.trainer.sampler import EpochSampler, gather
@@ -109,7 +108,7 @@ def start_models(cfg: Config, data: PipelineData, device: torch.device,
     pretext.reset_target(theta_net)  # BYOL: target := online (SimCLR: no-op)
     phi_net = build_backbone_from(cfg, data, device)
     phi_net.load_state_dict(pretext_result["backbone"])
-    head = build_head(phi_net.out_dim, data.num_classes, cfg.finetune.head).to(device)
+    head = build_head_from(cfg, phi_net, data, device)
     return StageModels(theta_net, pretext, phi_net, head)
 
 
@@ -121,15 +120,20 @@ class StageBatches:
     ``upper_gen`` when ``finetune.augment`` is on); each stage's HVP batch is a function of
     ``(seed, stage)`` only, so a run resumed in the middle of a stage's upper steps redraws it.
 
+    Every rank draws the same global batches and keeps its shard (:func:`bissl.trainer.builders.shard`).
+
     Args:
         cfg, data: experiment config and tensors.
         seed: the training seed.
         device: where batches go.
+        dp: the data-parallel layout (default: one process).
     """
 
-    def __init__(self, cfg: Config, data: PipelineData, seed: int, device: torch.device) -> None:
+    def __init__(self, cfg: Config, data: PipelineData, seed: int, device: torch.device,
+                 dp: DataParallel | None = None) -> None:
         b = cfg.bissl
         self.data, self.seed, self.device = data, seed, device
+        self.dp = dp or DataParallel()
         self.lower_sampler = EpochSampler(len(data.pretext_x), b.lower.batch_size,
                                           derive_seed(seed, PHASE, "lower_order"))
         self.upper_sampler = EpochSampler(len(data.train_x), b.upper.batch_size,
@@ -141,27 +145,37 @@ class StageBatches:
         self.hvp_batch_size = min(b.hvp_batch_size or b.lower.batch_size, len(data.pretext_x))
         self._hvp: tuple[int, tuple[Tensor, ...]] | None = None
 
+    def check_shards(self) -> None:
+        """The global batch sizes (after the samplers' cap at the data size) must split evenly."""
+        b = self.dp.world
+        for what, size in (("bissl.upper.batch_size", self.upper_sampler.batch_size),
+                           ("bissl.lower.batch_size", self.lower_sampler.batch_size),
+                           ("bissl.hvp_batch_size (default: bissl.lower.batch_size)", self.hvp_batch_size)):
+            if size % b or (what != "bissl.upper.batch_size" and size // b < 2):
+                raise ConfigError(f"'{what}' is {size} after capping at the dataset size: it must be "
+                                  f"a multiple of run.nproc {b} with at least 2 samples per rank")
+
     def downstream(self) -> tuple[Tensor, Tensor]:
-        """Next warm-up/upper batch ``(x, y)``: ``(B, C, H, W)``, ``(B,)``."""
+        """This rank's shard of the next warm-up/upper batch ``(x, y)``: ``(b, C, H, W)``, ``(b,)``."""
         idx = self.upper_sampler.next_batch()
         x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
         if self.down_aug is not None:
             x = self.down_aug(x, self.upper_gen)
-        return x, y
+        return shard((x, y), self.dp)
 
     def lower_views(self) -> tuple[Tensor, ...]:
-        """Next lower-step batch: the pretext augmentation's views, each ``(B, C, H, W)``."""
+        """This rank's shard of the next lower-step batch: the pretext augmentation's views."""
         x = gather(self.data.pretext_x, self.lower_sampler.next_batch(), self.device)
-        return tuple(self.two_view(x, self.lower_gen))
+        return shard(tuple(self.two_view(x, self.lower_gen)), self.dp)
 
     def hvp_views(self, stage: int) -> tuple[Tensor, ...]:
-        """The views of stage ``stage``'s HVP batch (cached for the stage's upper steps)."""
+        """This rank's shard of the views of stage ``stage``'s HVP batch (cached for the stage)."""
         if self._hvp is None or self._hvp[0] != stage:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, PHASE, "hvp_batch", stage))
             idx = torch.randperm(len(self.data.pretext_x), generator=gen)[: self.hvp_batch_size]
             x = gather(self.data.pretext_x, idx, self.device)
             aug_gen = make_generator(derive_seed(self.seed, PHASE, "hvp_augment", stage), self.device)
-            self._hvp = (stage, tuple(self.two_view(x, aug_gen)))
+            self._hvp = (stage, shard(tuple(self.two_view(x, aug_gen)), self.dp))
         return self._hvp[1]
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,38 +192,42 @@ class StageBatches:
 
 
 # --------------------------------------------------------------------------- optimizers
-def warmup_optimizer(cfg: Config, head_params: Iterable[nn.Parameter],
-                     warmup_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD on ψ_D at the upper lr/wd, cosine over the warm-up."""
+Schedule = Callable[[torch.optim.Optimizer], Any]
+
+
+def warmup_spec(cfg: Config) -> OptimizerSpec:
+    """Head warm-up: SGD on ψ_D at the upper lr/wd (no clipping)."""
     up = cfg.bissl.upper
-    opt = sgd(head_params, up.lr, up.momentum, up.weight_decay)
-    return opt, cosine(opt, warmup_steps, 0, up.final_lr_factor)
+    return OptimizerSpec("sgd", up.lr, up.momentum, up.weight_decay)
 
 
-def lower_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """``bissl.lower.optimizer``: LARS (the reference) or SGD with momentum, same lr/wd."""
-    lo = cfg.bissl.lower
-    if lo.optimizer == "sgd":
-        return sgd(params, lo.lr, lo.momentum, lo.weight_decay)
-    return lars(params, lo.lr, lo.momentum, lo.weight_decay, lo.eta)
+def warmup_schedule(cfg: Config, warmup_steps: int) -> Schedule:
+    """Cosine over the warm-up."""
+    return lambda opt: cosine(opt, warmup_steps, 0, cfg.bissl.upper.final_lr_factor)
 
 
-def lower_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+def lower_spec(cfg: Config) -> OptimizerSpec:
+    """``bissl.lower.optimizer`` (LARS, the reference, or SGD with momentum) on (θ, ψ_P), clipped."""
+    b, lo = cfg.bissl, cfg.bissl.lower
+    return OptimizerSpec(lo.optimizer, lo.lr, lo.momentum, lo.weight_decay, lo.eta, clip_norm=b.clip_norm)
+
+
+def lower_schedule(cfg: Config) -> Schedule:
     """Cosine over ``stages × lower_steps`` steps with ``lower.warmup_steps`` warm-up."""
     b = cfg.bissl
-    return cosine(optimizer, b.stages * b.lower_steps, b.lower.warmup_steps, b.lower.final_lr_factor)
+    return lambda opt: cosine(opt, b.stages * b.lower_steps, b.lower.warmup_steps, b.lower.final_lr_factor)
 
 
-def upper_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD with momentum on (φ, ψ_D)."""
-    up = cfg.bissl.upper
-    return sgd(params, up.lr, up.momentum, up.weight_decay)
+def upper_spec(cfg: Config) -> OptimizerSpec:
+    """SGD with momentum on (φ, ψ_D), clipped."""
+    b, up = cfg.bissl, cfg.bissl.upper
+    return OptimizerSpec("sgd", up.lr, up.momentum, up.weight_decay, clip_norm=b.clip_norm)
 
 
-def upper_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+def upper_schedule(cfg: Config) -> Schedule:
     """Cosine over ``stages × upper_steps`` steps, no warm-up."""
     b = cfg.bissl
-    return cosine(optimizer, b.stages * b.upper_steps, 0, b.upper.final_lr_factor)
+    return lambda opt: cosine(opt, b.stages * b.upper_steps, 0, b.upper.final_lr_factor)
 
 
 # --------------------------------------------------------------------------- losses and rows
@@ -231,16 +249,3 @@ def downstream_objective(backbone: nn.Module, head: nn.Module, batch: tuple[Tens
     """``L_D``: cross-entropy of ``head(backbone(x))`` against ``y``."""
     x, y = batch
     return classification_loss(head(backbone(x)), y)
-
-
-def solver_columns(diag: dict[str, Any]) -> dict[str, Any]:
-    """The ``cg_*`` metrics columns of an upper step from :meth:`bissl.solvers.SolveResult.summary`."""
-    return {
-        "cg_iters": diag["iters"], "cg_residual": diag["residual_norm"],
-        "cg_converged": diag["converged"], "cg_negative_curvature": diag["negative_curvature"],
-        "cg_nonfinite": diag["nonfinite"], "cg_indefinite": diag["indefinite"],
-        # Estimates a solver cannot give are NaN in the summary; logged as empty cells.
-        **{f"cg_{k}": None if math.isnan(diag[k]) else diag[k]
-           for k in ("ritz_min", "ritz_max", "condition", "damping_used")},
-        "cg_action": diag["action"],
-    }

@@ -16,9 +16,12 @@ from torch import Tensor, nn
 from bissl.config import Config, ConfigError
 from bissl.data import DatasetSplits
 from bissl.data.text import TextData
+from bissl.distributed.sharding import shard_of
+from bissl.distributed.trainable import DataParallel
 from bissl.models import build_backbone
-from bissl.optim import LARS, cosine_with_warmup
+from bissl.optim import cosine_with_warmup
 from bissl.tasks.augment import TwoViewAugment, ViewConfig, augment_view, resolve_preset
+from bissl.tasks.downstream import build_head
 from bissl.tasks.pretext import build_pretext
 
 
@@ -79,6 +82,16 @@ class PipelineData:
             in_channels=down.in_channels, image_size=down.image_size,
         )
 
+    def to_dtype(self, dtype: torch.dtype) -> "PipelineData":
+        """The same data with floating-point tensors (images) in ``dtype`` (token ids stay int64)."""
+        if dtype == torch.float32:
+            return self
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in fields.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                fields[name] = value.to(dtype)
+        return PipelineData(**fields)
+
     @classmethod
     def from_text(cls, text: TextData) -> "PipelineData":
         """Token tensors of a text experiment (:func:`bissl.data.text.load_text_data`)."""
@@ -117,10 +130,33 @@ def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -
                                    **cfg.model.options)
     except ValueError as err:
         raise ConfigError(f"'model': {err}") from None
-    model = model.to(device)
+    model = _sync_bn(cfg, model).to(device)
     if cfg.model.channels_last and data.task == "vision":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _sync_bn(cfg: Config, module: nn.Module) -> nn.Module:
+    """``model.sync_bn`` with several ranks: BatchNorm layers normalise with global-batch
+    statistics (:class:`bissl.distributed.syncbn.SyncBatchNorm`; same state-dict keys)."""
+    if cfg.run.nproc > 1 and cfg.model.sync_bn:
+        from bissl.distributed.syncbn import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module)
+    return module
+
+
+def build_head_from(cfg: Config, backbone: nn.Module, data: PipelineData, device: torch.device) -> nn.Module:
+    """A fresh downstream head (``finetune.head``) for ``backbone``'s features on ``device``."""
+    return _sync_bn(cfg, build_head(backbone.out_dim, data.num_classes, cfg.finetune.head)).to(device)
+
+
+def shard(batch: tuple[Tensor, ...], dp: DataParallel) -> tuple[Tensor, ...]:
+    """This rank's contiguous shard of every tensor of a global batch (the batch itself on one
+    process): rank ``r`` of ``N`` keeps rows ``[r·B/N, (r+1)·B/N)``."""
+    if dp.world == 1:
+        return tuple(batch)
+    return shard_of(batch, dp.rank, dp.world)
 
 
 def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -> nn.Module:
@@ -138,7 +174,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
         # "same-shape predictor": its hidden width is the projector's.
         kwargs.update(pred_hidden=p.projector_dims[0], momentum=p.byol_ema)
     module = build_pretext(p.method, backbone=backbone, feat_dim=backbone.out_dim, **kwargs)
-    return module.to(device)
+    return _sync_bn(cfg, module).to(device)
 
 
 def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> ViewConfig:
@@ -208,15 +244,6 @@ def build_downstream_augment(cfg: Config, data: PipelineData) -> CropFlip | None
     return CropFlip(cfg, data)
 
 
-def lars(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float,
-         eta: float) -> LARS:
-    """LARS (biases and norm affine parameters excluded from weight decay and adaptation)."""
-    return LARS(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
-
-
-def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with heavy-ball momentum."""
-    return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -229,12 +256,3 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Whole optimizer steps in ``epochs`` epochs (fractional epochs round up)."""
     return int(math.ceil(epochs * steps_per_epoch - 1e-9))
-
-
-def clip_(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
-    """Clip the gradients of ``params`` to total norm ``max_norm``; returns the norm before."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    return float(optimizer.param_groups[0]["lr"])

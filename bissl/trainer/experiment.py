@@ -1,4 +1,6 @@
-"""The whole comparison for every seed: pretext -> BiSSL -> fine-tune, and the baseline arm.
+"""The whole comparison for every seed: pretext -> BiSSL -> fine-tune, and the baseline arm,
+in this process: a single-process run, or one rank of a multi-rank run (every rank runs every
+phase on its shards; rank 0 writes the outputs).
 
 Run directory layout::
 
@@ -11,7 +13,8 @@ Run directory layout::
 Per seed the phases are ``pretext``, ``bissl``, ``finetune_bissl``, then (baseline enabled)
 ``pretext_matched`` (only with ``baseline.compute_matched``) and ``finetune_baseline``. The pretext
 checkpoint is shared by both arms. Running the same command again on the same run directory
-resumes from the last checkpoint (or just re-reports a finished run).
+resumes from the last checkpoint (or just re-reports a finished run). :func:`run_experiment`
+(``bissl.trainer.runner``) starts N rank processes first when ``run.nproc > 1``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -30,17 +33,17 @@ from bissl.config import (
     Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
 )
 from bissl.data import load_dataset
+from bissl.distributed.trainable import DataParallel
 from bissl.trainer.bissl_phase import BisslPhase
+from bissl.trainer.bissl_stage import lower_spec
 from bissl.trainer.builders import PipelineData
+from bissl.trainer.checkpoint import load_checkpoint
 from bissl.trainer.finetune_phase import FinetunePhase
 from bissl.trainer.loop import RunContext, StepBudget, run_phase
-from bissl.trainer.metrics import MetricsLog, progress_enabled
+from bissl.trainer.metrics import MetricsLog, NullMetrics, progress_enabled
 from bissl.trainer.plots import plot_run_dir
-from bissl.trainer.pretext_phase import LarsSchedule, PretextPhase
+from bissl.trainer.pretext_phase import PretextPhase
 from bissl.trainer.report import METRICS, summarize, write_json_atomic
-
-#: ``(cfg, data, ctx, pretext_result) -> result`` of the BiSSL stage (see :func:`run_seed`).
-BisslRunner = Callable[[Config, PipelineData, RunContext, dict[str, Any]], dict[str, Any]]
 
 #: Keys that may change between a run and its resumption (they do not change the results).
 RESUMABLE_CHANGES = ("run.name", "run.out_dir", "run.quiet", "run.seeds", "run.checkpoint_every",
@@ -68,10 +71,11 @@ def threads_per_process(cfg: Config) -> int | None:
 
 
 def configure_torch(cfg: Config) -> None:
-    """Threads, cuDNN autotuning and deterministic algorithms, as configured."""
+    """Threads, default dtype, cuDNN autotuning and deterministic algorithms, as configured."""
     threads = threads_per_process(cfg)
     if threads is not None:
         torch.set_num_threads(threads)
+    torch.set_default_dtype(getattr(torch, cfg.run.dtype))
     torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
@@ -106,7 +110,7 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
             pretext = load_dataset(d.pretext_name, root=d.pretext_root, val_fraction=0.0,
                                    test_fraction=0.0, seed=d.split_seed,
                                    image_size=d.image_size or down.image_size)
-        return PipelineData.from_splits(down, pretext)
+        return PipelineData.from_splits(down, pretext).to_dtype(getattr(torch, cfg.run.dtype))
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"'data': {err}") from None
 
@@ -140,30 +144,31 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     return resuming
 
 
-def _arm_metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {k: float(result[k]) for k in METRICS}
+def _arm_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """An arm's final metrics and its per-example test predictions (for paired statistics)."""
+    out: dict[str, Any] = {k: float(result[k]) for k in METRICS}
+    if "test_pred" in result:
+        out["test_pred"] = [int(v) for v in result["test_pred"]]
+    return out
 
 
 def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device: torch.device,
              budget: StepBudget, bar_position: int = 0,
-             bissl_runner: BisslRunner | None = None) -> dict[str, dict[str, float] | None]:
+             dp: DataParallel | None = None) -> dict[str, dict[str, Any] | None]:
     """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``.
 
-    ``bissl_runner(cfg, data, ctx, pretext_result) -> result`` runs the BiSSL stage instead of
-    :class:`BisslPhase` in this process (multi-rank runs: :mod:`bissl.trainer.distributed_run`).
+    Every rank of a multi-rank run calls it (``dp``); only rank 0 writes the metrics file.
     """
-    metrics = MetricsLog(seed_dir / "metrics.csv")
+    dp = dp or DataParallel()
+    metrics = MetricsLog(seed_dir / "metrics.csv") if dp.rank == 0 else NullMetrics()
     ctx = RunContext(seed=seed, device=device, ckpt_dir=seed_dir / "checkpoints", metrics=metrics,
                      checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
-                     progress=progress_enabled(cfg.run.quiet), budget=budget,
-                     bar_position=bar_position)
+                     progress=progress_enabled(cfg.run.quiet) and dp.rank == 0, budget=budget,
+                     bar_position=bar_position, dp=dp)
     try:
         pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
-        if bissl_runner is None:
-            bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre), ctx)
-        else:
-            bissl = bissl_runner(cfg, data, ctx, pre)
-        out: dict[str, dict[str, float] | None] = {"bissl": _arm_metrics(run_phase(
+        bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre, dp), ctx)
+        out: dict[str, dict[str, Any] | None] = {"bissl": _arm_metrics(run_phase(
             "finetune_bissl",
             lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]), ctx))}
         out["baseline"] = None
@@ -171,11 +176,10 @@ def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device:
             base = pre
             if cfg.baseline.compute_matched:
                 b, lo = cfg.bissl, cfg.bissl.lower
-                opt = LarsSchedule(lo.lr, lo.momentum, lo.weight_decay, lo.eta, lo.warmup_steps,
-                                   lo.final_lr_factor, lo.batch_size)
                 base = run_phase("pretext_matched", lambda: PretextPhase(
                     "pretext_matched", cfg, data, ctx, total_steps=b.stages * b.lower_steps,
-                    opt=opt, init=pre), ctx)
+                    opt=lower_spec(cfg), warmup_steps=lo.warmup_steps,
+                    final_lr_factor=lo.final_lr_factor, batch_size=lo.batch_size, init=pre), ctx)
             out["baseline"] = _arm_metrics(run_phase(
                 "finetune_baseline",
                 lambda: FinetunePhase("finetune_baseline", cfg, data, ctx, base["backbone"]), ctx))
@@ -185,7 +189,7 @@ def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device:
 
 
 def _seed_worker(raw_cfg: dict[str, Any], run_dir: str, seed: int,
-                 bar_position: int) -> dict[str, dict[str, float] | None]:
+                 bar_position: int) -> dict[str, dict[str, Any] | None]:
     """One seed in a worker process (spawned: nothing is inherited but the arguments)."""
     cfg = config_from_dict(raw_cfg)
     configure_torch(cfg)
@@ -204,50 +208,81 @@ def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int,
         return {seed: future.result() for seed, future in futures.items()}
 
 
-def run_experiment(cfg: Config, run_dir: str | Path, *,
-                   bissl_runner: BisslRunner | None = None) -> dict[str, Any]:
-    """Run (or resume) every seed of ``cfg`` in ``run_dir``; write results.json and curves.png.
-
-    Seeds run one after another in this process, or in ``run.workers`` parallel processes. A seed's
-    results do not depend on which process ran it (only on the threads per process, which change
-    floating-point summation order). With ``run.nproc > 1`` the run is handed to
-    :func:`bissl.trainer.distributed_run.run_distributed` (N ranks; the BiSSL stage under DeepSpeed).
-
-    Args:
-        cfg: the experiment config.
-        run_dir: the run directory.
-        bissl_runner: internal: rank 0 of a multi-rank run passes its BiSSL-stage runner (see
-            :func:`run_seed`).
-
-    Returns:
-        The ``results.json`` content (see :func:`bissl.trainer.report.summarize`).
-    """
-    if cfg.run.nproc > 1 and bissl_runner is None:
-        from bissl.trainer.distributed_run import run_distributed
-
-        return run_distributed(cfg, run_dir)
-    run_dir = Path(run_dir)
-    start = time.perf_counter()
-    device = resolve_device(cfg.run.device)
-    configure_torch(cfg)
-    prepare_run_dir(cfg, run_dir)
-    workers = min(cfg.run.workers, len(cfg.run.seeds))
-    if workers > 1:
-        load_pipeline_data(cfg, run_dir)  # fail here, once, on a data error (saves the tokenizer)
-        per_seed = _run_seeds_in_workers(cfg, run_dir, workers)
-    else:
-        data = load_pipeline_data(cfg, run_dir)
-        budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
-        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget,
-                                   bissl_runner=bissl_runner)
-                    for seed in cfg.run.seeds}
-    meta = {
-        "dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
-        "device": str(device), "threads": torch.get_num_threads(), "workers": workers,
-        "nproc": cfg.run.nproc,
-        "wall_s_this_process": round(time.perf_counter() - start, 1),
-    }
+def _write_outputs(cfg: Config, run_dir: Path, per_seed: dict[int, Any], meta: dict[str, Any]) -> dict[str, Any]:
     results = summarize(per_seed, meta=meta)
     write_json_atomic(results, run_dir / "results.json")
     plot_run_dir(run_dir, cfg.run.seeds)
     return results
+
+
+def summarize_done(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """results.json and curves.png of a run whose seeds have all finished (e.g. by several
+    concurrent jobs), from the fine-tuning phases' ``.done.pt`` files; returns the results."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(cfg, run_dir)
+    per_seed: dict[int, Any] = {}
+    for seed in cfg.run.seeds:
+        ckpts = run_dir / f"seed_{seed}" / "checkpoints"
+        arms: dict[str, Any] = {"bissl": None, "baseline": None}
+        for arm in arms:
+            done = ckpts / f"finetune_{arm}.done.pt"
+            if done.exists():
+                arms[arm] = _arm_metrics(load_checkpoint(done)["result"])
+        if arms["bissl"] is None:
+            raise RuntimeError(f"seed {seed} of {run_dir} has not finished (no finetune_bissl.done.pt)")
+        per_seed[seed] = arms
+    meta = {"dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
+            "device": cfg.run.device, "threads": None, "workers": cfg.run.workers,
+            "nproc": cfg.run.nproc, "zero_stage": cfg.deepspeed.zero_stage if cfg.run.nproc > 1 else None}
+    return _write_outputs(cfg, run_dir, per_seed, meta)
+
+
+def run_here(cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None,
+             device: torch.device | None = None) -> dict[str, Any]:
+    """Run (or resume) every seed of ``cfg`` in this process; write results.json and curves.png.
+
+    Seeds run one after another, or (single process only) in ``run.workers`` parallel processes.
+    A seed's results do not depend on which process ran it (only on the threads per process,
+    which change floating-point summation order).
+
+    Args:
+        cfg: the experiment config.
+        run_dir: the run directory.
+        dp: this process's place in a multi-rank run (default: a single process); rank 0 writes
+            every output, the other ranks compute with it.
+        device: this rank's device (default: ``run.device``).
+
+    Returns:
+        The ``results.json`` content (see :func:`bissl.trainer.report.summarize`).
+    """
+    dp = dp or DataParallel()
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    device = device or resolve_device(cfg.run.device)
+    configure_torch(cfg)
+    if dp.rank == 0:
+        prepare_run_dir(cfg, run_dir)
+    workers = min(cfg.run.workers, len(cfg.run.seeds)) if dp.world == 1 else 1
+    if workers > 1:
+        load_pipeline_data(cfg, run_dir)  # fail here, once, on a data error (saves the tokenizer)
+        per_seed = _run_seeds_in_workers(cfg, run_dir, workers)
+    else:
+        # Rank 0 trains (and saves) a text run's tokenizer first; the others then read it.
+        data = load_pipeline_data(cfg, run_dir) if dp.rank == 0 else None
+        if dp.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            data = data or load_pipeline_data(cfg, run_dir)
+        budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
+        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget, dp=dp)
+                    for seed in cfg.run.seeds}
+    meta = {
+        "dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
+        "device": str(device), "threads": torch.get_num_threads(), "workers": workers,
+        "nproc": dp.world, "zero_stage": cfg.deepspeed.zero_stage if dp.world > 1 else None,
+        "wall_s_this_process": round(time.perf_counter() - start, 1),
+    }
+    if dp.rank == 0:
+        return _write_outputs(cfg, run_dir, per_seed, meta)
+    return summarize(per_seed, meta=meta)

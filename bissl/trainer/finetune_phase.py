@@ -4,19 +4,28 @@ Both arms (BiSSL: the lower backbone θ; baseline: the pretext backbone) use the
 and the identical random streams (head initialisation, data order, augmentation) derived from the
 seed only, so the comparison is paired: the backbone is the only difference. Validation accuracy is
 logged during training; the test split is evaluated once, after the last epoch (no model selection
-on test).
+on test). On N ranks each trains on its shard of every global batch and evaluates its contiguous
+share of the evaluation sets; per-example losses and predictions are gathered in order.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from torch import Tensor
+from torch.func import functional_call
 
-from bissl.config import Config
-from bissl.tasks.downstream import build_head, classification_loss, evaluate
+from bissl.config import Config, ConfigError
+from bissl.distributed.collectives import gather_objects
+from bissl.distributed.objectives import UpperObjective
+from bissl.distributed.trainable import OptimizerSpec, Trainable
+from bissl.distributed.zero3 import full_state_dict
+from bissl.tasks.downstream import eval_mode, predict
+from bissl.trainer.bissl_stage import downstream_objective
+from bissl.trainer.bissl_step import rank_mean
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, cosine, current_lr, sgd,
+    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, cosine, shard,
 )
 from bissl.trainer.loop import Phase, RunContext
 from bissl.trainer.rng import derive_seed, make_generator
@@ -28,7 +37,7 @@ class FinetunePhase(Phase):
 
     Args:
         name: ``"finetune_bissl"`` or ``"finetune_baseline"``.
-        cfg, data, ctx: experiment config, tensors, run context.
+        cfg, data, ctx: experiment config, tensors, run context (``ctx.dp``: the ranks).
         backbone_state: the backbone to start from (a ``state_dict``).
     """
 
@@ -36,70 +45,95 @@ class FinetunePhase(Phase):
                  backbone_state: dict[str, Any]) -> None:
         f = cfg.finetune
         self.name = name
-        self.cfg, self.data, self.device = cfg, data, ctx.device
+        self.cfg, self.data, self.device, self.dp = cfg, data, ctx.device, ctx.dp
         self.sampler = EpochSampler(len(data.train_x), f.batch_size,
                                     derive_seed(ctx.seed, "finetune", "order"))
+        if self.sampler.batch_size % self.dp.world:
+            raise ConfigError(f"the fine-tuning batch is {self.sampler.batch_size} after capping at "
+                              f"the dataset size: not a multiple of run.nproc {self.dp.world}")
         self.steps_per_epoch = self.sampler.steps_per_epoch
         super().__init__(f.epochs * self.steps_per_epoch)
-        self.backbone = build_backbone_from(cfg, data, ctx.device)
-        self.backbone.load_state_dict(backbone_state)
+        backbone = build_backbone_from(cfg, data, ctx.device)
+        backbone.load_state_dict(backbone_state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(ctx.seed, "finetune", "head"))  # same head for both arms
-            self.head = build_head(self.backbone.out_dim, data.num_classes, f.head).to(ctx.device)
-        self.params = list(self.backbone.parameters()) + list(self.head.parameters())
-        self.optimizer = sgd(self.params, f.lr, f.momentum, f.weight_decay)
-        self.scheduler = cosine(self.optimizer, self.total_steps, 0, f.final_lr_factor)
+            head = build_head_from(cfg, backbone, data, ctx.device)
+        total = self.total_steps
+        self.model: Trainable = self.dp.trainable(
+            UpperObjective(backbone, head, downstream_objective),
+            OptimizerSpec("sgd", f.lr, f.momentum, f.weight_decay),
+            lambda o: cosine(o, total, 0, f.final_lr_factor))
         self.augment = build_downstream_augment(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, "finetune", "augment"), ctx.device)
-        self.val = TensorDataset(data.val_x, data.val_y)
-        self.test = TensorDataset(data.test_x, data.test_y)
 
     def step(self) -> list[dict[str, Any]]:
-        self.backbone.train()
-        self.head.train()
+        self.model.module.train()
         idx = self.sampler.next_batch()
         x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
         if self.augment is not None:
             x = self.augment(x, self.aug_gen)
-        lr = current_lr(self.optimizer)
-        loss = classification_loss(self.head(self.backbone(x)), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        batch = shard((x, y), self.dp)
+        lr = self.model.lr
+        loss = self.model(batch)
+        self.model.backward(loss)
+        self.model.step()
         self.step_idx += 1
         epoch = self.sampler.epoch + 1
-        rows: list[dict[str, Any]] = [{"part": "train", "round": epoch, "loss": loss.detach(), "lr": lr}]
+        (mean_loss,) = rank_mean(loss)
+        rows: list[dict[str, Any]] = [{"part": "train", "round": epoch, "loss": mean_loss, "lr": lr}]
         if self.step_idx % self.steps_per_epoch == 0 and (
                 epoch % self.cfg.finetune.eval_every_epochs == 0 or self.step_idx == self.total_steps):
-            ev = self.evaluate(self.val)
+            ev = self.evaluate(self.data.val_x, self.data.val_y)
             rows.append({"part": "eval", "round": epoch, "val_loss": ev["loss"], "val_acc": ev["acc"],
                          "always_log": True})
         return rows
 
-    def evaluate(self, dataset: TensorDataset) -> dict[str, float]:
-        return evaluate(self.backbone, self.head, dataset, batch_size=max(256, self.cfg.finetune.batch_size))
+    def _predict(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example losses and predictions over ``(x, y)``, each rank computing its contiguous
+        share (gathered under ZeRO-3) and all ranks receiving the whole, in order."""
+        share = torch.tensor_split(torch.arange(len(y)), self.dp.world)[self.dp.rank]
+        batch_size = max(256, self.cfg.finetune.batch_size)
+        with self.model.full_state() as state:
+            fm = self.model.functional
+            parts = {p: {k.removeprefix(f"{p}."): v for k, v in state.items() if k.startswith(f"{p}.")}
+                     for p in ("backbone", "head")}
+            with eval_mode(fm):
+                loss, pred = predict(lambda xb: functional_call(fm.backbone, parts["backbone"], (xb,)),
+                                     lambda h: functional_call(fm.head, parts["head"], (h,)),
+                                     x[share], y[share], batch_size, device=self.device)
+        pieces = gather_objects((loss, pred))
+        return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+    def evaluate(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """``{"loss", "acc", "pred"}`` on ``(x, y)`` (identical on every rank)."""
+        loss, pred = self._predict(x, y)
+        return {"loss": float(loss.mean()), "acc": float((pred == y.cpu()).double().mean()), "pred": pred}
+
+    def save_engines(self, directory: Path, tag: str) -> bool:
+        if self.dp.zero_stage < 1:
+            return False
+        self.model.save(directory, tag)
+        return True
+
+    def load_engines(self, directory: Path, tag: str) -> None:
+        self.model.load(directory, tag)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.state_dict(),
-            "head": self.head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "aug_gen": self.aug_gen.get_state(),
-        }
+        return {"model": self.model.state_dict(), "sampler": self.sampler.state_dict(),
+                "aug_gen": self.aug_gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("backbone", "head", "optimizer", "scheduler", "sampler"):
-            getattr(self, key).load_state_dict(state[key])
+        self.model.load_state_dict(state["model"])
+        self.sampler.load_state_dict(state["sampler"])
         self.aug_gen.set_state(state["aug_gen"])
 
     def result(self) -> dict[str, Any]:
-        val, test = self.evaluate(self.val), self.evaluate(self.test)
+        val = self.evaluate(self.data.val_x, self.data.val_y)
+        test = self.evaluate(self.data.test_x, self.data.test_y)
+        module = self.model.module
         return {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-                "test_loss": test["loss"], "backbone": self.backbone.state_dict(),
-                "head": self.head.state_dict()}
+                "test_loss": test["loss"], "test_pred": test["pred"],
+                "backbone": full_state_dict(module.backbone), "head": full_state_dict(module.head)}
 
     def describe_step(self, step: int) -> str:
         epoch = (step - 1) // self.steps_per_epoch + 1

@@ -10,6 +10,9 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
   ``bissl.direct_term: theta`` upper rows hold L_D(θ, ψ_D)), L_D (fine-tuning).
 * ``loss_theta``: upper steps: L_D(θ, ψ_D), the downstream loss at the lower backbone.
 * ``prox``: lower steps: (λ/2)‖θ − φ‖².
+* ``pretext_grad_norm, prox_grad_norm, distance``: lower steps: ‖∇_θ L_P‖ (averaged over ranks,
+  before the proximal term and clipping), the proximal gradient's norm λ‖θ − φ‖, and ‖θ − φ‖.
+* ``skipped``: upper steps: 1 when the step was skipped for a non-finite hypergradient.
 * ``lam``: lower and upper steps: the λ the step used (``bissl.lam_schedule``; constant by default).
 * ``lr``, ``grad_norm`` (before clipping).
 * ``cg_iters, cg_residual, cg_converged, cg_negative_curvature, cg_nonfinite``: the inverse-HVP
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 
 COLUMNS = (
     "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lam", "lr", "grad_norm",
+    "pretext_grad_norm", "prox_grad_norm", "distance", "skipped",
     "cg_iters", "cg_residual", "cg_converged", "cg_negative_curvature", "cg_nonfinite",
     "cg_indefinite", "cg_ritz_min", "cg_ritz_max", "cg_condition", "cg_action", "cg_damping_used",
     "val_loss", "val_acc", "wall_s",
@@ -95,6 +99,22 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class NullMetrics:
+    """The metrics log of ranks > 0 of a multi-rank run: rank 0 writes the rows."""
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        return None
+
+    def offset(self) -> int:
+        return 0
+
+    def truncate(self, offset: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

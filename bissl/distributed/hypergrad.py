@@ -27,6 +27,7 @@ from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
 from bissl.hypergrad.implicit import implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
+from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
 from bissl.typing import LossFn, Params, ParamsLike
 
@@ -71,21 +72,45 @@ def distributed_implicit_hypergrad(
         x, result = sharded_implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam,
                                                settings=settings, group=group, on_rhs=on_rhs)
         return (x, result) if return_info else x
-    counts = {"rhs": 0}
-    wrapped: list[DistributedMatVec] = []
-
-    def reduce_rhs(v: Tensor) -> None:
-        counts["rhs"] += allreduce_mean_(v, group=group, bucket_numel=bucket_numel)
-        if on_rhs is not None:
-            on_rhs(v.clone())
-
-    def wrap_matvec(matvec: Callable[[Tensor], Tensor]) -> DistributedMatVec:
-        wrapped.append(DistributedMatVec(matvec, group=group, bucket_numel=bucket_numel, on_matvec=on_matvec))
-        return wrapped[-1]
-
+    space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
     # The flags come from averaged vectors, so every rank takes the same branch of the policy.
-    x, result = implicit_hypergrad(
-        lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True,
-        reduce_rhs=reduce_rhs, wrap_matvec=wrap_matvec)
-    result.num_collectives = counts["rhs"] + sum(m.num_collectives for m in wrapped)
+    x, result = implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
+                                   return_info=True, space=space)
+    result.num_collectives = space.num_collectives
     return (x, result) if return_info else x
+
+
+class RankAveraged:
+    """Whole vectors on every rank, the right-hand side and each HVP averaged across ranks (one
+    flat, optionally bucketed, all-reduce each): the :class:`~bissl.hypergrad.implicit.VectorSpace`
+    of the unsharded data-parallel solve."""
+
+    allreduce = None  # the vectors are whole: dots need no reduction
+
+    def __init__(self, *, group: ProcessGroup | None = None, bucket_numel: int | None = None,
+                 on_matvec: MatVecHook | None = None, on_rhs: Callable[[Tensor], None] | None = None) -> None:
+        self.group, self.bucket_numel, self.on_matvec, self.on_rhs = group, bucket_numel, on_matvec, on_rhs
+        self._rhs_collectives = 0
+        self._matvecs: list[DistributedMatVec] = []
+
+    @property
+    def num_collectives(self) -> int:
+        """Collectives issued so far (1 for ``v`` plus 1 per HVP without buckets)."""
+        return self._rhs_collectives + sum(m.num_collectives for m in self._matvecs)
+
+    def rhs(self, v: Tensor) -> Tensor:
+        self._rhs_collectives += allreduce_mean_(v, group=self.group, bucket_numel=self.bucket_numel)
+        if self.on_rhs is not None:
+            self.on_rhs(v.clone())
+        return v
+
+    def operator(self, matvec: Callable[[Tensor], Tensor]) -> DistributedMatVec:
+        self._matvecs.append(DistributedMatVec(matvec, group=self.group, bucket_numel=self.bucket_numel,
+                                               on_matvec=self.on_matvec))
+        return self._matvecs[-1]
+
+    def solution(self, x: Tensor) -> Tensor:
+        return x
+
+    def segments(self, spec: FlatSpec) -> Tensor:
+        return spec.segment_ids()

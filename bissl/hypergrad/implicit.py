@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -48,17 +48,43 @@ def upper_gradient(upper_loss: LossFn, params: ParamsLike) -> tuple[torch.Tensor
     return loss.detach(), flatten(grads)
 
 
+class VectorSpace(Protocol):
+    """Where the solver's vectors live when θ's data-parallel copies span several ranks.
+
+    :func:`implicit_hypergrad` computes this rank's ``v = ∇_θ L_D`` and HVP on whole ``(P,)``
+    vectors; a space turns them into the solver's problem and the answer back: averaged across
+    ranks (:class:`bissl.distributed.hypergrad.RankAveraged`), or partitioned so that each rank
+    keeps only its share of the solver's vectors (:class:`bissl.distributed.shard.ShardedSpace`).
+    """
+
+    #: Sums a tensor of partial dot products across partitions (None: the vectors are whole).
+    allreduce: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def rhs(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's ``(P,)`` right-hand side -> the solver's ``b``."""
+
+    def operator(self, matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This rank's ``(P,) -> (P,)`` HVP -> the solver's operator."""
+
+    def solution(self, x: torch.Tensor) -> torch.Tensor:
+        """The solver's ``x`` -> the whole ``(P,)`` answer."""
+
+    def segments(self, spec: FlatSpec) -> torch.Tensor:
+        """Parameter-tensor index of each entry of the solver's vectors (layer-wise CG)."""
+
+
 def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: torch.Tensor,
            spec: FlatSpec, *, lam: float, damping: float, iters: int, backend: str | None,
-           rtol: float | None) -> SolveResult:
+           rtol: float | None, space: VectorSpace | None = None) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver (flat ``v``)."""
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
-    kwargs = {"iters": iters, "scale": 1.0 / (lam + damping), "damping": 1.0, "strict": False}
+    kwargs = {"iters": iters, "scale": 1.0 / (lam + damping), "damping": 1.0, "strict": False,
+              "allreduce": None if space is None else space.allreduce}
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
     if name == "cg_layerwise":
-        kwargs["segments"] = spec.segment_ids()
+        kwargs["segments"] = spec.segment_ids() if space is None else space.segments(spec)
     result = solve(None if name == "identity" else matvec, v, **kwargs)
     result.damping_used = float(damping)
     return result
@@ -93,8 +119,7 @@ def implicit_hypergrad(
     fallback: SolverName = "minres",
     rtol: float | None = None,
     return_info: bool = False,
-    reduce_rhs: Callable[[torch.Tensor], object] | None = None,
-    wrap_matvec: Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    space: VectorSpace | None = None,
 ) -> Params | tuple[Params, SolveResult]:
     """The IFT term ``x = (I + H/(λ + damping))⁻¹ ∇_θ L_D(θ)``, ``H = ∇²_θ L_P(θ)``.
 
@@ -147,10 +172,9 @@ def implicit_hypergrad(
         rtol: optional relative tolerance for early stopping (one host sync per iteration).
         return_info: also return the :class:`~bissl.solvers.SolveResult` of the solve whose ``x`` is
             returned, with ``action``, ``damping_used`` and ``initial`` set.
-        reduce_rhs: optional in-place reduction of the flat right-hand side ``v`` before the solve
-            (data parallelism: average it across ranks).
-        wrap_matvec: optional ``matvec ↦ matvec'`` applied to the flat HVP (e.g. rank averaging,
-            tracing). The solver's scalars then come from the wrapped operator only.
+        space: where the solver's vectors live across ranks (:class:`VectorSpace`; data
+            parallelism: averaged, or partitioned). The solver's scalars then come from the
+            space's operator and dot products only. Default: one process, whole vectors.
 
     Returns:
         ``x`` as a dict keyed like ``lower_params`` (and the solve info if ``return_info``).
@@ -173,18 +197,17 @@ def implicit_hypergrad(
         raise ValueError(f"implicit_hypergrad: fallback solver must differ from solver ({solver!r})")
     spec = flat_spec(lower_params)
     _, v = upper_gradient(upper_loss, lower_params)
-    if reduce_rhs is not None:
-        reduce_rhs(v)
+    if space is not None:
+        v = space.rhs(v)
     matvec = None
-    if solver != "identity":
+    if solver != "identity":  # identity is never flagged indefinite, so never falls back
         matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False).matvec
-        if wrap_matvec is not None:
-            matvec = wrap_matvec(matvec)
+        if space is not None:
+            matvec = space.operator(matvec)
 
     def solve(name: str, damp: float) -> SolveResult:
-        if matvec is None and name != "identity":
-            raise ValueError(f"implicit_hypergrad: no Hessian for solver {name!r}")
-        return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend, rtol=rtol)
+        return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend,
+                      rtol=rtol, space=space)
 
     result = solve(solver, damping)
     # Report-only mode never reads a flag, so it stays free of host synchronisation.
@@ -193,7 +216,7 @@ def implicit_hypergrad(
         result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve)
     if strict:
         result.check(ignore_indefinite=result.action == "warned")
-    x = unflatten(result.x, spec)
+    x = unflatten(result.x if space is None else space.solution(result.x), spec)
     result.x = x
     return (x, result) if return_info else x
 

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
+from bissl.ops.reference import dot_ref
 from bissl.typing import Vector
+
+#: Sums a tensor of partial dot products over the partitions of a vector (an all-reduce across
+#: ranks when each rank holds one partition; see :mod:`bissl.distributed.shard`).
+AllReduce = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -20,6 +25,7 @@ class FlatProblem:
         b: flat right-hand side.
         spec: layout when ``b`` came as a dict, else None.
         scale, shift: of the damped operator.
+        allreduce: sums partial dots when the vectors are partitions (None: they are whole).
     """
 
     matvec: Callable[[Tensor], Tensor]
@@ -27,6 +33,26 @@ class FlatProblem:
     spec: FlatSpec | None
     scale: float
     shift: float
+    allreduce: AllReduce | None = None
+
+    def reduce(self, partial: Tensor) -> Tensor:
+        """A dot product (or a tensor of them) from this partition's share."""
+        return partial if self.allreduce is None else self.allreduce(partial)
+
+    def dot(self, u: Tensor, v: Tensor) -> Tensor:
+        """``uᵀv`` of the whole vectors (float64-accumulated, :func:`bissl.ops.reference.dot_ref`)."""
+        return self.reduce(dot_ref(u, v))
+
+    def any_nonfinite(self, u: Tensor) -> Tensor:
+        """Whether any entry of the whole vector is NaN or Inf (0-dim bool)."""
+        bad = ~torch.isfinite(u).all()
+        return bad if self.allreduce is None else self.allreduce(bad.to(u.dtype)) > 0
+
+    def norm(self, u: Tensor) -> Tensor:
+        """``‖u‖`` of the whole vector."""
+        if self.allreduce is None:
+            return torch.linalg.vector_norm(u)
+        return self.dot(u, u).clamp_min(0).sqrt()
 
     def to_user(self, x: Tensor) -> Vector:
         """Return ``x`` in the caller's form (dict of views if ``b`` was a dict)."""
@@ -42,8 +68,12 @@ class FlatProblem:
         return flatten(v, self.spec)
 
 
-def flat_problem(matvec: Callable, b: Vector, scale: float, shift: float, where: str) -> FlatProblem:
-    """Validate and flatten. ``matvec`` takes and returns the kind of ``b`` (dict or flat)."""
+def flat_problem(matvec: Callable, b: Vector, scale: float, shift: float, where: str,
+                 allreduce: AllReduce | None = None) -> FlatProblem:
+    """Validate and flatten. ``matvec`` takes and returns the kind of ``b`` (dict or flat);
+    ``allreduce``: see :class:`FlatProblem` (flat partitions only)."""
+    if allreduce is not None and not isinstance(b, Tensor):
+        raise ValueError(f"{where}: allreduce needs a flat partition b, not a dict")
     if not (isinstance(scale, (int, float)) and isinstance(shift, (int, float))):
         raise TypeError(f"{where}: scale and damping must be Python numbers")
     if isinstance(b, Tensor):
@@ -59,7 +89,7 @@ def flat_problem(matvec: Callable, b: Vector, scale: float, shift: float, where:
                 raise ValueError(f"{where}: matvec returned {getattr(out, 'shape', type(out))}, expected {tuple(v.shape)}")
             return out.detach()
 
-        return FlatProblem(mv, bf, None, float(scale), float(shift))
+        return FlatProblem(mv, bf, None, float(scale), float(shift), allreduce)
     spec = flat_spec(b)
     if not spec.dtype.is_floating_point:
         raise TypeError(f"{where}: b must be floating point, got {spec.dtype}")

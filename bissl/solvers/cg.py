@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from bissl.ops._backends import cg_vector_ops
-from bissl.ops.reference import dot_ref
 from bissl.solvers._problem import flat_problem, tiny
 from bissl.solvers.lanczos import cg_tridiagonal
 from bissl.solvers.result import SolveResult
@@ -64,6 +63,7 @@ def cg_solve(
     x0: Vector | None = None,
     strict: bool = False,
     backend: str | None = None,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
     """Solve ``(scale·A + damping·I) x = b`` by conjugate gradients.
 
@@ -82,6 +82,10 @@ def cg_solve(
             tolerance was given) non-convergence (default: False — read ``result.problems()``).
         backend: vector-op backend (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``;
             default: ``BISSL_BACKEND`` or auto).
+        allreduce: for a flat ``b`` that is one rank's partition of the vector (sharded CG):
+            sums a tensor of partial dot products across ranks (one all-reduce per dot; the
+            matvec maps partitions to partitions). Every scalar, hence every branch, is then
+            identical on all ranks. Default: the vectors are whole.
 
     Returns:
         :class:`~bissl.solvers.SolveResult` with ``x`` like ``b`` and the Lanczos tridiagonal of
@@ -95,10 +99,10 @@ def cg_solve(
         tensor([0.0909, 0.6364], dtype=torch.float64)
     """
     _check_iters(iters, "cg_solve")
-    prob = flat_problem(matvec, b, scale, damping, "cg_solve")
+    prob = flat_problem(matvec, b, scale, damping, "cg_solve", allreduce)
     ops = cg_vector_ops(backend, prob.b.device)
     use_tol = rtol is not None or atol > 0.0
-    bb = dot_ref(prob.b, prob.b)
+    bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
 
     if x0 is None:
@@ -109,7 +113,7 @@ def cg_solve(
         ax, _ = ops.damped_matvec(prob.matvec(x), x, prob.scale, prob.shift)
         r = prob.b - ax
     p = r.clone()
-    rr = dot_ref(r, r)
+    rr = prob.dot(r, r)
 
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     active = torch.ones((), dtype=torch.bool, device=x.device)
@@ -123,6 +127,7 @@ def cg_solve(
             break
         hv = prob.matvec(p)
         ap, pap = ops.damped_matvec(hv, p, prob.scale, prob.shift)
+        pap = prob.reduce(pap)
         done = rr <= tol2
         bad_value = ~(torch.isfinite(pap) & torch.isfinite(rr))
         bad_curv = (pap <= 0) & ~done & ~bad_value
@@ -132,7 +137,7 @@ def cg_solve(
         negative |= breaking
         active = active & ~done & ~bad_value & ~bad_curv
         alpha = torch.where(active, rr / torch.where(active, pap, 1), 0)
-        rr_new = ops.cg_step_(x, r, p, ap, alpha)
+        rr_new = prob.reduce(ops.cg_step_(x, r, p, ap, alpha))
         bad_new = ~torch.isfinite(rr_new) & active
         nonfinite |= bad_new
         active = active & ~bad_new
@@ -163,6 +168,7 @@ def cg_layerwise_solve(
     scale: float = 1.0,
     segments: Tensor | None = None,
     strict: bool = False,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
     """Layer-wise CG, the BiSSL reference's default: per-tensor α, β; one joint matvec per iteration.
 
@@ -175,6 +181,8 @@ def cg_layerwise_solve(
         matvec, b, iters, damping, scale, strict: as :func:`cg_solve` (fixed iterations only).
         segments: ``(P,)`` int64 block index of each scalar when ``b`` is flat (default: a single
             block, i.e. global CG); ignored for a dict ``b`` (one block per tensor).
+        allreduce: as :func:`cg_solve` (``b`` and ``segments`` are this rank's partition; the
+            per-block dots are all-reduced as one vector).
 
     Returns:
         :class:`~bissl.solvers.SolveResult`; ``alphas``/``betas`` are ``(iters, n_blocks)``.
@@ -182,7 +190,7 @@ def cg_layerwise_solve(
         commute with the coupled ``A`` it is *not* ``‖b − A x‖`` (compute that if you need it).
     """
     _check_iters(iters, "cg_layerwise_solve")
-    prob = flat_problem(matvec, b, scale, damping, "cg_layerwise_solve")
+    prob = flat_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce)
     if prob.spec is not None:
         seg = prob.spec.segment_ids()
     elif segments is not None:
@@ -194,7 +202,7 @@ def cg_layerwise_solve(
     n_blocks = int(seg.max()) + 1 if seg.numel() else 1
 
     def block_dot(u: Tensor, v: Tensor) -> Tensor:
-        return torch.zeros(n_blocks, dtype=u.dtype, device=u.device).index_add_(0, seg, u * v)
+        return prob.reduce(torch.zeros(n_blocks, dtype=u.dtype, device=u.device).index_add_(0, seg, u * v))
 
     x = torch.zeros_like(prob.b)
     r = prob.b.clone()

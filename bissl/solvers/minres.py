@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from bissl.ops._backends import cg_vector_ops
-from bissl.ops.reference import dot_ref
 from bissl.solvers._problem import flat_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import lanczos_tridiagonal
@@ -53,6 +52,7 @@ def minres_solve(
     x0: Vector | None = None,
     strict: bool = False,
     backend: str | None = None,
+    allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
     """Solve the symmetric (possibly indefinite) ``(scale·A + damping·I) x = b`` by MINRES.
 
@@ -69,6 +69,7 @@ def minres_solve(
         strict: raise :class:`~bissl.solvers.SolverError` on NaN/Inf or (with a tolerance)
             non-convergence (default: False). Indefiniteness is never an error for MINRES.
         backend: vector-op backend for the damped matvec (default: ``BISSL_BACKEND`` or auto).
+        allreduce: ``b`` is this rank's partition (see :func:`~bissl.solvers.cg_solve`).
 
     Returns:
         :class:`~bissl.solvers.SolveResult` with ``x`` like ``b``; ``alphas``/``betas`` are the
@@ -82,10 +83,10 @@ def minres_solve(
         tensor([0.4286, 0.2857], dtype=torch.float64)
     """
     _check_iters(iters, "minres_solve")
-    prob = flat_problem(matvec, b, scale, damping, "minres_solve")
+    prob = flat_problem(matvec, b, scale, damping, "minres_solve", allreduce)
     ops = cg_vector_ops(backend, prob.b.device)
     use_tol = rtol is not None or atol > 0.0
-    bb = dot_ref(prob.b, prob.b)
+    bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
     guard = tiny(prob.b.dtype)
 
@@ -96,7 +97,7 @@ def minres_solve(
         x = prob.from_user(x0, "minres_solve: x0").detach().clone()
         mx, _ = ops.damped_matvec(prob.matvec(x), x, prob.scale, prob.shift)
         r0 = prob.b - mx
-    beta1 = torch.linalg.vector_norm(r0)
+    beta1 = prob.norm(r0)
     phibar = beta1.clone()  # |φ̄| is the current residual norm
     active = (beta1**2 > tol2) & torch.isfinite(beta1)
     nonfinite = ~torch.isfinite(beta1)
@@ -114,8 +115,9 @@ def minres_solve(
         if use_tol and not bool(active):
             break
         mv, alpha = ops.damped_matvec(prob.matvec(v), v, prob.scale, prob.shift)
+        alpha = prob.reduce(alpha)
         p = mv - alpha * v - beta * v_prev
-        beta_next = torch.linalg.vector_norm(p)
+        beta_next = prob.norm(p)
         eps = s2 * beta
         delta_tmp = c2 * beta
         delta = c1 * delta_tmp + s1 * alpha

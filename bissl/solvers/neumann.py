@@ -5,7 +5,6 @@ from typing import Callable
 
 import torch
 
-from bissl.ops.reference import dot_ref
 from bissl.solvers._problem import flat_problem
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.result import SolveResult
@@ -21,6 +20,7 @@ def neumann_solve(
     scale: float = 1.0,
     step: float | None = None,
     strict: bool = False,
+    allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SolveResult:
     """Truncated Neumann series for ``(scale·A + damping·I)⁻¹ b``.
 
@@ -31,7 +31,8 @@ def neumann_solve(
 
     Args:
         step: η (default: ``1/damping`` if ``damping > 0`` else 1).
-        others: as :func:`~bissl.solvers.cg_solve` (fixed number of terms, no host sync).
+        others: as :func:`~bissl.solvers.cg_solve` (fixed number of terms, no host sync;
+            ``allreduce`` for a partitioned ``b``).
 
     Returns:
         :class:`~bissl.solvers.SolveResult`. ``residual_norm`` is ``‖b − M x‖`` of the iterate
@@ -39,7 +40,7 @@ def neumann_solve(
         NaN/Inf; divergence shows as a growing residual (``converged`` stays False).
     """
     _check_iters(iters, "neumann_solve")
-    prob = flat_problem(matvec, b, scale, damping, "neumann_solve")
+    prob = flat_problem(matvec, b, scale, damping, "neumann_solve", allreduce)
     eta = step if step is not None else (1.0 / prob.shift if prob.shift > 0 else 1.0)
     if eta <= 0:
         raise ValueError(f"neumann_solve: step must be positive, got {eta}")
@@ -49,9 +50,9 @@ def neumann_solve(
         if k > 0:
             r = prob.b - (prob.matvec(x) * prob.scale + prob.shift * x)
         x.add_(r, alpha=eta)
-    rr = dot_ref(r, r)
-    bb = dot_ref(prob.b, prob.b)
-    nonfinite = ~torch.isfinite(x).all() | ~torch.isfinite(rr)
+    rr = prob.dot(r, r)
+    bb = prob.dot(prob.b, prob.b)
+    nonfinite = prob.any_nonfinite(x) | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(
         x=prob.to_user(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
@@ -69,6 +70,7 @@ def identity_solve(
     damping: float = 0.0,
     scale: float = 1.0,
     strict: bool = False,
+    allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SolveResult:
     """First-order approximation: ignore ``A``, ``x = b / damping`` (``x = b`` when ``damping`` is 0).
 
@@ -76,14 +78,14 @@ def identity_solve(
     No matvec is made; ``matvec`` and ``iters`` are accepted for a uniform solver signature.
     ``residual_norm`` is not computed (NaN) because that would need a matvec.
     """
-    prob = flat_problem(matvec or (lambda v: v), b, scale, damping, "identity_solve")
+    prob = flat_problem(matvec or (lambda v: v), b, scale, damping, "identity_solve", allreduce)
     x = prob.b / prob.shift if prob.shift > 0 else prob.b.clone()
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
-    nonfinite = ~torch.isfinite(x).all()
+    nonfinite = prob.any_nonfinite(x)
     result = SolveResult(
         x=prob.to_user(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
         residual_norm=torch.full((), float("nan"), dtype=x.dtype, device=x.device),
-        b_norm=prob.b.norm(), converged=zero, negative_curvature=zero, nonfinite=nonfinite,
+        b_norm=prob.norm(prob.b), converged=zero, negative_curvature=zero, nonfinite=nonfinite,
         method="identity", needs_positive_definite=False,
     )
     return result.check() if strict else result

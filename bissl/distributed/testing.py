@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bissl.distributed.objectives import LowerObjective, UpperObjective, gathered
+from bissl.distributed.objectives import LowerObjective, UpperObjective
+from bissl.distributed.zero3 import gathered
 from bissl.models import SmallCNN
 from bissl.tasks.pretext.simclr import SimCLR
 
@@ -32,24 +33,25 @@ def classification_objective(backbone: nn.Module, head: nn.Module, batch: tuple[
 
 
 def bilevel_objectives(backbone: nn.Module, feat_dim: int, *, classes: int, proj_dims: Sequence[int],
-                       lam: float, gamma: float, seed: int) -> tuple[LowerObjective, UpperObjective]:
-    """θ = ``backbone`` with a SimCLR head; φ = a copy of it with a linear head (BiSSL's start)."""
+                       gamma: float, seed: int, **simclr: object) -> tuple[LowerObjective, UpperObjective]:
+    """θ = ``backbone`` with a SimCLR head (``simclr``: its extra options); φ = a copy of it with a
+    linear head (BiSSL's start)."""
     torch.manual_seed(seed)
-    pretext = SimCLR(feat_dim, proj_dims=tuple(proj_dims))
+    pretext = SimCLR(feat_dim, proj_dims=tuple(proj_dims), **simclr)
     head = nn.Linear(feat_dim, classes)
-    lower = LowerObjective(backbone, pretext, simclr_objective, lam=lam)
+    lower = LowerObjective(backbone, pretext, simclr_objective)
     upper = UpperObjective(copy.deepcopy(backbone), head, classification_objective, gamma=gamma)
     return lower, upper
 
 
-def toy_objectives(*, seed: int = 0, width: int = 4, classes: int = 3, lam: float = 0.5,
-                   gamma: float = 1.0) -> tuple[LowerObjective, UpperObjective]:
+def toy_objectives(*, seed: int = 0, width: int = 4, classes: int = 3,
+                   gamma: float = 1.0, **simclr: object) -> tuple[LowerObjective, UpperObjective]:
     """A :class:`~bissl.models.SmallCNN` (1 input channel, BatchNorm) BiSSL pair, a few thousand
     parameters per copy."""
     torch.manual_seed(seed)
     backbone = SmallCNN(1, width)
     return bilevel_objectives(backbone, backbone.out_dim, classes=classes, proj_dims=(8,),
-                              lam=lam, gamma=gamma, seed=seed + 1)
+                              gamma=gamma, seed=seed + 1, **simclr)
 
 
 @dataclass

@@ -6,7 +6,10 @@ Measures, on rank-specific data:
 * ``distributed_implicit_hypergrad`` against (a) the single-process ``implicit_hypergrad`` of the
   shard-averaged losses and (b) a dense solve with the shard-averaged dense Hessian, in float64;
 * digests of every CG direction, averaged HVP, α, β and ``x`` on every rank (must be identical),
-  and, as a control, the digests of the *un-reduced* per-rank solve (must differ).
+  and, as a control, the digests of the *un-reduced* per-rank solve (must differ);
+* the sharded solve (each rank keeps its partition of the solver's vectors) against the unsharded
+  one for every solver, in float64, with the partition sizes, the collectives it issued and —
+  in fixed-iteration, report-only mode — no host synchronisation during the solve.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from bissl.distributed import (
     tensor_digest,
 )
 from bissl.distributed.testing import bilevel_objectives, step_data
-from bissl.hypergrad import implicit_hypergrad
+from bissl.distributed.shard import ShardLayout
+from bissl.hypergrad import HypergradSettings, implicit_hypergrad
 from bissl.ops.flat import flatten
 from bissl.testing import dense_hessian
 
@@ -71,7 +75,7 @@ def check_allreduce(rank: int, world: int) -> dict:
 def _mlp_problem(world: int, seed: int):
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
-    lower, upper = bilevel_objectives(backbone, 6, classes=3, proj_dims=(4,), lam=0.5, gamma=1.0, seed=seed)
+    lower, upper = bilevel_objectives(backbone, 6, classes=3, proj_dims=(4,), gamma=1.0, seed=seed)
     lower, upper = lower.double(), upper.double()
     data = step_data(seed, 0, world=world, batch=8 * world, image=(5,))
     to64 = lambda b: tuple(t.double() if t.is_floating_point() else t for t in b)
@@ -91,8 +95,9 @@ def check_hypergrad(rank: int, world: int, seed: int, damping: float, iters: int
     lam = 0.5
     lower_r, upper_r = shards[rank]
     trace: list[tuple[str, str]] = []
+    settings = HypergradSettings(iters=iters, damping=damping)
     (x, info), counted = _count(lambda: distributed_implicit_hypergrad(
-        lower_r, upper_r, theta, lam=lam, iters=iters, damping=damping, return_info=True,
+        lower_r, upper_r, theta, lam=lam, settings=settings, return_info=True,
         bucket_numel=bucket, on_matvec=lambda p, hp: trace.append((tensor_digest(p), tensor_digest(hp)))))
     x_flat = flatten(x)
 
@@ -129,6 +134,50 @@ def check_hypergrad(rank: int, world: int, seed: int, damping: float, iters: int
     }
 
 
+class _HostSync(RuntimeError):
+    pass
+
+
+def _trap_host_syncs():
+    """Make every tensor-to-host read raise (``bool``, ``item``, ``tolist``); returns an undo."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
+
+    def trap(self, *args, **kwargs):
+        raise _HostSync("host synchronisation during the solve")
+
+    for name in saved:
+        setattr(torch.Tensor, name, trap)
+    return lambda: [setattr(torch.Tensor, n, f) for n, f in saved.items()]
+
+
+def check_sharded(rank: int, world: int) -> dict:
+    """Sharded vs unsharded solves of the same data-parallel system, every solver."""
+    theta, shards = _mlp_problem(world, seed=0)
+    lower_r, upper_r = shards[rank]
+    out: dict = {"numel": sum(t.numel() for t in theta.values()),
+                 "local_numel": ShardLayout([t.numel() for t in theta.values()], world, rank).local_numel}
+    for solver in ("cg", "cg_layerwise", "minres", "neumann", "identity"):
+        s = HypergradSettings(iters=7, damping=20.0, solver=solver)
+        whole = flatten(distributed_implicit_hypergrad(lower_r, upper_r, theta, lam=0.5, settings=s))
+        (x, info), counted = _count(lambda s=s: distributed_implicit_hypergrad(
+            lower_r, upper_r, theta, lam=0.5, settings=s, shard=True, return_info=True))
+        part = flatten(x)
+        digests = gather_objects((tensor_digest(part), tensor_digest(info.alphas), tensor_digest(info.betas)))
+        out[solver] = {"rel_err": ((part - whole).norm() / whole.norm()).item(),
+                       "identical_on_ranks": len(set(digests)) == 1, "collectives": counted}
+    # Fixed iterations, report-only (strict=False): no host sync between the start and the end.
+    s = HypergradSettings(iters=5, damping=20.0, strict=False)
+    undo = _trap_host_syncs()
+    try:
+        distributed_implicit_hypergrad(lower_r, upper_r, theta, lam=0.5, settings=s, shard=True)
+        out["host_sync"] = None
+    except _HostSync as err:
+        out["host_sync"] = str(err)
+    finally:
+        undo()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -138,7 +187,8 @@ def main() -> None:
     result = {"world_size": info.world_size, "allreduce": check_allreduce(info.rank, info.world_size),
               "hypergrad": [check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=None),
                             check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=100, bucket=None),
-                            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=17)]}
+                            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=17)],
+              "sharded": check_sharded(info.rank, info.world_size)}
     dist.all_reduce = _real_all_reduce
     if info.rank == 0:
         torch.save(result, args.out / "result.pt")

@@ -10,7 +10,8 @@ import torch
 from _dist_launch import run_ranks
 
 from bissl.distributed import DistributedMatVec, allreduce_mean_, distributed_implicit_hypergrad
-from bissl.hypergrad import implicit_hypergrad
+from bissl.distributed.shard import ShardLayout
+from bissl.hypergrad import HypergradSettings, implicit_hypergrad
 from bissl.testing import cnn_problem
 
 
@@ -46,10 +47,11 @@ def test_distributed_matvec_checks_and_never_writes_into_v():
 def test_distributed_hypergrad_equals_core_on_one_rank():
     """Without a process group the reductions vanish: bit-identical to implicit_hypergrad."""
     prob = cnn_problem(norm="group")
-    kw = {"lam": 1.0, "iters": 4, "damping": 30.0}
-    want, info_want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, return_info=True, **kw)
-    got, info = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params,
-                                               return_info=True, **kw)
+    settings = HypergradSettings(iters=4, damping=30.0)
+    want, info_want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
+                                         return_info=True, **settings.kwargs())
+    got, info = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
+                                               settings=settings, return_info=True)
     for k in want:
         assert torch.equal(got[k], want[k])
     assert torch.equal(info.alphas, info_want.alphas) and info.num_collectives == 0
@@ -61,7 +63,33 @@ def test_distributed_hypergrad_validates_like_the_core():
         distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=0.0)
     with pytest.raises(ValueError, match="on_indefinite"):
         distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
-                                       on_indefinite="ignore")
+                                       settings=HypergradSettings(on_indefinite="ignore"))
+
+
+def test_sharded_hypergrad_equals_core_on_one_rank():
+    """One process: the partition is the whole vector (no padding), same answer as the core."""
+    prob = cnn_problem(norm="group")
+    settings = HypergradSettings(iters=4, damping=30.0)
+    want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, **settings.kwargs())
+    got = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
+                                         settings=settings, shard=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+
+
+def test_shard_layout_partitions_like_zero3():
+    """Tensor i of n_i entries: ⌈n_i/N⌉-entry chunks, rank r holds chunk r of each tensor,
+    zero-padded; gathering the partitions restores the vector."""
+    numels = [5, 1, 8, 3]
+    full = torch.arange(1.0, 18.0)
+    layouts = [ShardLayout(numels, 3, r) for r in range(3)]
+    assert [lay.local_numel for lay in layouts] == [2 + 1 + 3 + 1] * 3
+    parts = [lay.local(full) for lay in layouts]
+    assert parts[0].tolist() == [1, 2, 6, 7, 8, 9, 15]
+    assert parts[2].tolist() == [5, 0, 0, 13, 14, 0, 17]  # padding is zero
+    assert torch.equal(layouts[0]._scatter(torch.stack(parts)), full)
+    assert layouts[1].local_segments.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert sum(lay.local_numel for lay in layouts) < full.numel() + 3 * len(numels)
 
 
 # ---------------------------------------------------------------- two ranks (gloo, 127.0.0.1)
@@ -109,3 +137,17 @@ def test_one_collective_per_matvec(two_rank_result):
     per_vector = math.ceil(bucketed["numel"] / bucketed["bucket"])
     assert bucketed["num_collectives_counted"] == (1 + bucketed["num_matvecs"]) * per_vector
     assert bucketed["num_collectives_reported"] == bucketed["num_collectives_counted"]
+
+
+@pytest.mark.slow
+def test_sharded_solve_matches_unsharded(two_rank_result):
+    r = two_rank_result["sharded"]
+    # Each rank keeps ~P/N entries of every solver vector (ceil per tensor).
+    assert r["local_numel"] < r["numel"] / 2 + 8 and r["local_numel"] >= r["numel"] / 2
+    for solver in ("cg", "cg_layerwise", "minres", "neumann", "identity"):
+        assert r[solver]["rel_err"] < 1e-12, (solver, r[solver])
+        assert r[solver]["identical_on_ranks"], solver
+    # CG (7 iterations): rhs reduce-scatter (gloo: 1 all-reduce), 7 HVP reductions, and one
+    # all-reduce per dot: bᵀb, r₀ᵀr₀, and pᵀAp, rᵀr per iteration.
+    assert r["cg"]["collectives"] == 1 + 7 + 2 + 2 * 7
+    assert r["host_sync"] is None, r["host_sync"]

@@ -1,12 +1,13 @@
-"""The two BiSSL objectives in plain torch: the proximal term and the upper surrogate give exactly
-the gradients the single-process trainer assembles by hand."""
+"""The model modules of the pipeline in plain torch: the upper surrogate gives exactly BiSSL's upper
+gradient, and the lower module's EMA target update is BYOL's."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bissl.distributed.objectives import injection_term, proximal_term
+from bissl.distributed.objectives import LowerObjective, injection_term
 from bissl.distributed.testing import step_data, toy_objectives
+from bissl.tasks.pretext import BYOL
 
 
 def _double(seed=0):
@@ -18,28 +19,12 @@ def _batch64(b):
     return tuple(t.double() if t.is_floating_point() else t for t in b)
 
 
-def test_lower_forward_adds_the_proximal_gradient():
-    lower, upper = _double()
-    with torch.no_grad():
-        for p in upper.backbone.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    phi = {k: p.detach() for k, p in upper.backbone.named_parameters()}
+def test_lower_forward_is_the_pretext_loss():
+    lower, _ = _double()
     batch = _batch64(step_data(0, 0, world=1).lower[0][0])
-    g_plain = torch.autograd.grad(lower(batch), list(lower.backbone.parameters()))
-    g_prox = torch.autograd.grad(lower(batch, phi), list(lower.backbone.parameters()))
-    for (k, p), a, b in zip(lower.backbone.named_parameters(), g_plain, g_prox):
-        torch.testing.assert_close(b - a, lower.lam * (p.detach() - phi[k]), rtol=1e-12, atol=1e-12)
-    assert float(lower.last_terms["prox"]) > 0
-
-
-def test_proximal_term_value_and_name_check():
-    lower, upper = _double()
-    phi = {k: torch.zeros_like(p) for k, p in upper.backbone.named_parameters()}
-    want = 0.5 * lower.lam * sum((p.detach() ** 2).sum() for p in lower.backbone.parameters())
-    torch.testing.assert_close(proximal_term(lower.backbone, phi, lower.lam), want)
-    phi.pop(next(iter(phi)))
-    with pytest.raises(ValueError, match="missing"):
-        proximal_term(lower.backbone, phi, lower.lam)
+    loss = lower(batch)
+    torch.testing.assert_close(loss, lower.head.loss(lower.backbone, *batch))
+    assert torch.equal(lower.last_terms["loss"], loss.detach())
 
 
 def test_upper_surrogate_gradient_is_injection_plus_gamma_direct():
@@ -52,8 +37,13 @@ def test_upper_surrogate_gradient_is_injection_plus_gamma_direct():
     surrogate = torch.autograd.grad(upper(batch, injected), params)
     for s, d, g in zip(surrogate, direct, injected):
         torch.testing.assert_close(s, g + 0.3 * d, rtol=1e-12, atol=1e-12)
+    injection_only = torch.autograd.grad(upper(None, injected), params)
+    for s, g in zip(injection_only, injected):
+        torch.testing.assert_close(s, g, rtol=0, atol=0)
     with pytest.raises(ValueError, match="injected has"):
         upper(batch, injected[:-1])
+    with pytest.raises(ValueError, match="give a batch"):
+        upper(None)
 
 
 def test_injection_term_checks_shapes():
@@ -62,11 +52,27 @@ def test_injection_term_checks_shapes():
         injection_term([w], [torch.ones(4)])
 
 
+def test_update_target_is_byols_ema_and_a_no_op_for_simclr():
+    lower, _ = _double()
+    before = [p.clone() for p in lower.parameters()]
+    lower.update_target()  # SimCLR: no target
+    assert all(torch.equal(a, b) for a, b in zip(before, lower.parameters()))
+    backbone = lower.backbone
+    byol = BYOL(backbone, backbone.out_dim, proj_dims=(8, 4), pred_hidden=8, momentum=0.75).double()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(1.0)
+    target_before = [t.clone() for t in byol.target_backbone.parameters()]
+    LowerObjective(backbone, byol, lambda b, h, x: h.loss(b, *x)).update_target()
+    for t0, t, o in zip(target_before, byol.target_backbone.parameters(), backbone.parameters()):
+        torch.testing.assert_close(t, 0.75 * t0 + 0.25 * o.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_objectives_validate_hyperparameters():
-    lower, upper = toy_objectives()
-    with pytest.raises(ValueError, match="lam"):
-        type(lower)(lower.backbone, lower.head, lower.loss_fn, lam=0.0)
+    _, upper = toy_objectives()
     with pytest.raises(ValueError, match="gamma"):
         type(upper)(upper.backbone, upper.head, upper.loss_fn, gamma=-1.0)
     with pytest.raises(ValueError, match="scalar"):
         type(upper)(upper.backbone, upper.head, lambda b, h, x: h(b(x[0])))(step_data(0, 0, world=1).upper[0])
+    with pytest.raises(TypeError, match="callable"):
+        type(upper)(upper.backbone, upper.head, None)

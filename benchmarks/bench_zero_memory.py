@@ -1,33 +1,38 @@
-"""Per-rank memory of a BiSSL step under DeepSpeed ZeRO 0-3 at 1 and 2 ranks (CPU, gloo).
+"""Per-rank memory and time of one BiSSL step at 1, 2 and 4 ranks under ZeRO 0-3 (CPU, gloo).
 
 Run standalone (not a pytest benchmark: every configuration is its own torchrun job)::
 
-    python benchmarks/bench_zero_memory.py                   # ResNet-18, ranks 1 2, stages 0-3
-    python benchmarks/bench_zero_memory.py --ranks 2 --stages 3 --backbone small
+    python benchmarks/bench_zero_memory.py                          # ResNet-50, ranks 1 2 4, stages 0-3
+    python benchmarks/bench_zero_memory.py --ranks 2 --stages 3 --backbone small   # a quick check
 
-Model: two ResNet-18 copies (θ with a SimCLR projector 512-512-128, φ with a 10-way linear head;
-11.2 M backbone parameters per copy), SGD with momentum in both engines, CG with 5 iterations.
-Each rank runs one warm-up BiSSL step (optimizer states are created lazily by the first step),
-then one measured step (1 lower step + 1 upper step).
+Model: two ResNet-50 copies (θ with a SimCLR projector 2048-512-128, φ with a 10-way linear head;
+23.5 M backbone parameters per copy, random weights: memory does not depend on them), LARS below
+and SGD with momentum above (as the pipeline), CG with 5 iterations, the hypergradient sharded at
+ZeRO-3 (the default). Each configuration runs the step of :mod:`bissl.trainer.bissl_step` — the one
+the pipeline runs — once to warm up (optimizer states are created lazily), then one measured
+lower step + upper step, each rank on its shard of the same global batch.
 
 What is measured, per rank (MiB):
 
-* ``persistent_tensors``: bytes of all live tensor storages right before the measured step (found
-  with ``gc``, deduplicated by storage): parameters, optimizer states, gradients DeepSpeed keeps,
-  and DeepSpeed's flat buffers and buckets, of both copies. Exact; this is the part ZeRO shards.
-* ``step_transient_rss``: peak resident set size during the measured step (``VmHWM``, reset through
-  ``/proc/self/clear_refs`` before each phase: φ snapshot, lower step, hypergradient, upper engine
-  step; ``phase_transient_rss`` has each) minus the RSS right before the step: what the step adds at
-  its worst moment — gathered θ and the φ snapshot (ZeRO-3), v and the CG vectors, the HVP's
-  first-order graph, activations, gradients, communication buffers — plus allocator slack.
-  glibc's mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_=131072``) so freed large blocks go
-  back to the OS and RSS follows live memory; treat it as an upper bound with a few MiB of noise.
-* ``step_peak`` = ``persistent_tensors + step_transient_rss``.
+* ``model_and_optimizer``: bytes of all live tensor storages right before the measured step (found
+  with ``gc``, deduplicated by storage): parameters, optimizer states, the gradients DeepSpeed
+  keeps and its flat buffers and buckets, of both copies. Exact; this is what ZeRO shards.
+* ``cg_state``: the solver's vectors (``b, x, r, p, Ap``: 5 vectors of the length the solve
+  actually worked on, recorded from the run — ``P`` unsharded, the rank's partition ``≈ P/N``
+  sharded) times the element size.
+* ``persistent`` = ``model_and_optimizer + cg_state`` (the target: ≈ 1/N of the 1-rank figure
+  at ZeRO-3).
+* ``step_transient_rss``: peak resident set size during the measured step (``VmHWM``, reset
+  through ``/proc/self/clear_refs``) minus the RSS right before it: what the step adds at its worst
+  moment — the gathered θ and activations of the HVP's graph, the CG vectors, gradients,
+  communication buffers — plus allocator slack (glibc's mmap threshold is pinned so freed large
+  blocks go back to the OS and RSS follows live memory). ``step_peak`` = ``model_and_optimizer +
+  step_transient_rss``.
+* ``step_seconds``: wall time of the measured lower + upper step (ranks share the 2 cores here,
+  so times at N > 2 ranks mostly show oversubscription, not scaling).
 
-Not included: what Python, torch and DeepSpeed themselves occupy (``library_baseline_rss``, a few
-hundred MiB per process). This is CPU memory; on GPUs the same accounting applies to device
-memory, plus NCCL's buffers.
-Results: ``benchmarks/results/zero_memory-cpu.json``.
+Not included: what Python, torch and DeepSpeed themselves occupy (``library_baseline_rss``).
+Results: ``benchmarks/results/zero_memory-cpu.json``; README table: ``benchmarks/make_tables.py``.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MIB = 2.0**20
+CG_VECTORS = 5  # b, x, r, p, Ap
 
 
 def _rss_kib(field: str) -> int:
@@ -61,98 +67,93 @@ def live_tensor_bytes() -> int:
     """Bytes of all live, non-meta tensor storages reachable from Python objects (deduplicated)."""
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            if storage.nbytes():
-                seen[storage.data_ptr()] = storage.nbytes()
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                if storage.nbytes():
+                    seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, ReferenceError):
+            continue
     return sum(seen.values())
 
 
-def _build(backbone: str, stage: int):
-    from bissl.distributed import DeepSpeedSettings, build_bilevel_engines
-    from bissl.distributed.testing import bilevel_objectives, sgd_factory, toy_objectives
-    from bissl.models import resnet18
+def _objectives(backbone: str):
+    from bissl.distributed.testing import bilevel_objectives, toy_objectives
+    from bissl.models import resnet50
 
-    if backbone == "resnet18":
+    if backbone == "resnet50":
         torch.manual_seed(0)
-        net = resnet18(small_input=True)
-        lower, upper = bilevel_objectives(net, net.out_dim, classes=10, proj_dims=(512, 128), lam=1e-3,
-                                          gamma=1.0, seed=1)
-    else:
-        lower, upper = toy_objectives(seed=0)
-    sgd = sgd_factory(lr=0.01)
-    settings = DeepSpeedSettings(zero_stage=stage)
-    engines = build_bilevel_engines(lower, upper, lower_optimizer=sgd(lower), upper_optimizer=sgd(upper),
-                                    settings=settings)
-    del lower, upper
-    return engines
+        net = resnet50(small_input=True)
+        return bilevel_objectives(net, net.out_dim, classes=10, proj_dims=(512, 128), gamma=1.0, seed=1)
+    return toy_objectives(seed=0)
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, warm up, measure one step, write this rank's numbers."""
-    from bissl.distributed import (
-        HypergradSettings,
-        average_buffers_,
-        bissl_step,
-        exit_rank,
-        import_deepspeed,
-        init_process_group_from_env,
-    )
-    from bissl.distributed.step import hypergradient, lower_step, phi_snapshot, upper_step
+    import bissl.hypergrad.implicit as implicit
+    from bissl.config import config_from_dict
+    from bissl.distributed import DataParallel, OptimizerSpec, exit_rank, init_process_group_from_env
     from bissl.distributed.testing import step_data
+    from bissl.hypergrad import HypergradSettings
+    from bissl.hypergrad.lam_schedules import ConstantLam
+    from bissl.trainer.bissl_step import BisslSettings, BisslStep
 
-    info = init_process_group_from_env(timeout_s=900)
-    import_deepspeed()
+    info = init_process_group_from_env(timeout_s=1800)
+    torch.set_num_threads(1)
     gc.collect()
     baseline = _rss_kib("VmRSS")
-    engines = _build(args.backbone, args.stage)
-    image = (3, args.image, args.image) if args.backbone == "resnet18" else (1, 8, 8)
-    classes = 10 if args.backbone == "resnet18" else 3
-    # on_indefinite="warn": the memory does not depend on the answer (see REFERENCE.md on the
-    # indefinite Hessians of contrastive losses at initialisation).
-    hyper = HypergradSettings(damping=args.damping, iters=5, on_indefinite="warn")
+    section = config_from_dict({"deepspeed": {"zero_stage": args.stage}}).deepspeed
+    dp = DataParallel(info.world_size, info.rank, section if args.stage >= 1 else None)
+    lower, upper = _objectives(args.backbone)
+    lo = dp.trainable(lower, OptimizerSpec("lars", 0.1, weight_decay=1e-6, clip_norm=10.0))
+    up = dp.trainable(upper, OptimizerSpec("sgd", 0.01, weight_decay=1e-4, clip_norm=10.0))
+    del lower, upper
+    # on_indefinite="warn": the memory does not depend on the answer (a contrastive loss's Hessian
+    # at a random initialisation is often indefinite, docs/method.md).
+    hyper = HypergradSettings(iters=5, damping=args.damping, on_indefinite="warn", strict=False)
+    settings = BisslSettings(hyper=hyper, shard=info.world_size > 1 and section.sharded_hypergrad)
+    step = BisslStep(lo, up, settings, ConstantLam(1e-3), lambda: "benchmark step")
+    solved: list[tuple[int, int]] = []
+    real_solve = implicit._solve
 
-    def batches(step: int):
-        data = step_data(0, step, world=info.world_size, lower_steps=1,
-                         batch=args.batch * info.world_size, image=image, classes=classes)
-        return data.for_rank(info.rank)
+    def recording_solve(name, matvec, v, *a, **kw):
+        solved.append((v.numel(), v.element_size()))
+        return real_solve(name, matvec, v, *a, **kw)
 
-    bissl_step(engines, *batches(0), hyper)  # warm-up: creates the optimizer states
-    lower_b, hvp_b, upper_b = batches(1)
+    implicit._solve = recording_solve
+    image = (3, args.image, args.image) if args.backbone == "resnet50" else (1, 8, 8)
+    classes = 10 if args.backbone == "resnet50" else 3
+
+    def run(k: int) -> None:
+        data = step_data(0, k, world=info.world_size, lower_steps=1, batch=args.batch * info.world_size,
+                         image=image, classes=classes)
+        step.lower_step(data.lower[0][info.rank])
+        step.upper_step(data.hvp[info.rank], data.upper[info.rank])
+
+    run(0)  # warm-up: creates the optimizer states
     gc.collect()
-    persistent = live_tensor_bytes()
+    model_bytes = live_tensor_bytes()
     before = _rss_kib("VmRSS")
-    peaks: dict[str, float] = {}
-
-    def phase(name: str, fn, *args):
-        _reset_peak_rss()
-        out = fn(*args)
-        peaks[name] = (_rss_kib("VmHWM") - before) / 1024
-        return out
-
-    # bissl_step, split at its phases so each one's peak is visible.
+    _reset_peak_rss()
     t0 = time.perf_counter()
-    phi = phase("phi_snapshot", phi_snapshot, engines)
-    phase("lower_step", lower_step, engines, lower_b[0], phi)
-    phi = None  # as bissl_step: the snapshot is dropped before the upper step
-    injected, _ = phase("hypergradient", hypergradient, engines, hvp_b, upper_b, hyper)
-    phase("upper_step", upper_step, engines, upper_b, injected)
-    injected = None
-    average_buffers_(engines.lower_module)
-    average_buffers_(engines.upper_module)
+    run(1)
     seconds = time.perf_counter() - t0
-    gc.collect()
+    transient = (_rss_kib("VmHWM") - before) / 1024
+    numel, itemsize = solved[-1]
+    cg_bytes = CG_VECTORS * numel * itemsize
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                   for m in (engines.lower_module, engines.upper_module) for p in m.parameters())
-    transient = max(peaks.values())
+                   for t in (lo, up) for p in t.module.parameters())
     row = {
         "rank": info.rank, "world_size": info.world_size, "zero_stage": args.stage,
-        "params_both_copies": n_params,
-        "persistent_tensors_mib": persistent / MIB,
-        "persistent_tensors_after_mib": live_tensor_bytes() / MIB,
+        "sharded_hypergrad": settings.shard, "params_both_copies": n_params,
+        "backbone_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                               for p in lo.module.backbone.parameters()),
+        "cg_vector_numel": numel,
+        "model_and_optimizer_mib": model_bytes / MIB,
+        "cg_state_mib": cg_bytes / MIB,
+        "persistent_mib": (model_bytes + cg_bytes) / MIB,
         "step_transient_rss_mib": transient,
-        "phase_transient_rss_mib": peaks,
-        "step_peak_mib": persistent / MIB + transient,
+        "step_peak_mib": model_bytes / MIB + transient,
         "rss_before_step_mib": before / 1024,
         "library_baseline_rss_mib": baseline / 1024,
         "step_seconds": seconds,
@@ -178,13 +179,13 @@ def run_config(script: Path, ranks: int, stage: int, args: argparse.Namespace) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--backbone", choices=("resnet18", "small"), default="resnet18")
+    parser.add_argument("--backbone", choices=("resnet50", "small"), default="resnet50")
     parser.add_argument("--batch", type=int, default=2, help="images per rank per batch")
-    parser.add_argument("--image", type=int, default=8, help="image side (ResNet-18, small-input stem)")
+    parser.add_argument("--image", type=int, default=16, help="image side (ResNet-50, small-input stem)")
     parser.add_argument("--damping", type=float, default=10.0)
-    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", default=None, help="worker: result folder; driver: JSON path")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -201,10 +202,9 @@ def main() -> None:
             got = run_config(Path(__file__).resolve(), ranks, stage, args)
             rows += got
             r0 = got[0]
-            phases = "  ".join(f"{k} {v:.0f}" for k, v in r0["phase_transient_rss_mib"].items())
-            print(f"stage {stage} ranks {ranks}: persistent {r0['persistent_tensors_mib']:6.1f} MiB + "
-                  f"transient {r0['step_transient_rss_mib']:6.1f} MiB = peak {r0['step_peak_mib']:6.1f} MiB"
-                  f"  [rank 0; {phases}]", flush=True)
+            print(f"stage {stage} ranks {ranks}: model+opt {r0['model_and_optimizer_mib']:7.1f} + CG "
+                  f"{r0['cg_state_mib']:6.1f} = persistent {r0['persistent_mib']:7.1f} MiB; step peak "
+                  f"{r0['step_peak_mib']:7.1f} MiB; {r0['step_seconds']:.1f} s  [rank 0]", flush=True)
     out = Path(args.out) if args.out else RESULTS / "zero_memory-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "backbone": args.backbone, "batch_per_rank": args.batch,

@@ -23,10 +23,9 @@ from typing import Sequence
 import yaml
 
 from bissl.config import ConfigError, config_to_dict, load_config
+from bissl.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
 from bissl.sweep.cli import register_sweep_command
 
-#: Exit statuses: bad usage/config (argparse's convention), a failed run, an interruption.
-EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 #: The configs each ``bissl demo --task`` runs, one comparison (and one table) per config.
 DEMO_CONFIGS = {
     "vision": ("demo_digits.yaml",),

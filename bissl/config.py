@@ -328,6 +328,9 @@ class DebugConfig:
                                                  "steps (counted in this process)", _ge(1))
     stop_mode: Literal["raise", "exit"] = _opt("raise", "'raise' RunInterrupted, or 'exit': "
                                                         "os._exit(75) like a kill")
+    stop_rank: Optional[int] = _opt(None, "with run.nproc > 1: only this rank stops (the launcher "
+                                          "then stops the others), like one killed rank; default: "
+                                          "every rank", _ge(0))
 
 
 @dataclass

@@ -160,7 +160,7 @@ class Trainable(ABC):
 
     @abstractmethod
     def step(self) -> Tensor:
-        """Clip, optimizer step, LR-schedule step, zero the gradients, average the buffers.
+        """Clip, optimizer step, LR-schedule step, average the buffers across ranks.
 
         Returns:
             The total gradient norm before clipping (identical on every rank).
@@ -239,6 +239,8 @@ class PlainTrainable(Trainable):
         return self.module(*args, **kwargs)
 
     def backward(self, loss: Tensor) -> None:
+        # Gradients are cleared here, not after the step, so the applied gradient stays readable.
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.dp.world > 1:
             # Every rank ran the same graph, so the same parameters have gradients everywhere.
@@ -254,13 +256,11 @@ class PlainTrainable(Trainable):
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.dp.world > 1:
             self.dp.average_buffers_(self.module)
         return norm
 
     def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
 

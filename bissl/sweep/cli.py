@@ -62,7 +62,7 @@ def register_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run ``bissl sweep``; returns the exit status (0, or bissl.cli's failed/interrupted codes)."""
-    from bissl.cli import EXIT_FAILED, EXIT_INTERRUPTED
+    from bissl.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED
     from bissl.sweep.grid import parse_grid_args
     from bissl.sweep.runner import default_out, resume_sweep, run_sweep
     from bissl.trainer import RunInterrupted

@@ -68,7 +68,34 @@ class BisslPhase(Phase):
         self.lam_schedule = build_lam_schedule(b.lam_schedule, b.lam, b.lam_options)
         self.step_fn: BisslStep | None = None  # built after the warm-up
 
+    # ------------------------------------------------------------------ the models, by their names
+    theta_net = property(lambda self: self.models.theta_net, doc="θ, the lower backbone")
+    pretext = property(lambda self: self.models.pretext, doc="ψ_P, the pretext head")
+    phi_net = property(lambda self: self.models.phi_net, doc="φ, the upper backbone")
+    head = property(lambda self: self.models.head, doc="ψ_D, the downstream head")
+
+    @property
+    def lower_params(self) -> list[torch.nn.Parameter]:
+        """The trained parameters of the lower copy: θ, then ψ_P's."""
+        return [p for m in (self.theta_net, self.pretext) for p in m.parameters() if p.requires_grad]
+
+    @property
+    def phi_params(self) -> list[torch.nn.Parameter]:
+        return list(self.phi_net.parameters())
+
+    @property
+    def head_params(self) -> list[torch.nn.Parameter]:
+        return list(self.head.parameters())
+
     # ------------------------------------------------------------------ schedule
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.warmup_steps
+
+    def locate(self, step: int) -> tuple[str, int, int]:
+        """``(part, stage, k)`` of 0-based step ``step`` (see :meth:`StageSchedule.locate`)."""
+        return self.schedule.locate(step)
+
     def describe_step(self, step: int) -> str:
         return self.schedule.describe(step)
 

@@ -44,7 +44,7 @@ def test_pretext_phase_trains_backbone_and_head(tiny_config, data, method):
     seed_everything(0)
     phase = PretextPhase("pretext", cfg, data, _ctx())
     assert phase.total_steps == len(data.pretext_x) // 256  # 1 epoch, drop_last
-    before = _params(phase.backbone)
+    before = _params(phase.model.module.backbone)
     rows = _run(phase)
     assert phase.step_idx == phase.total_steps and len(rows) == phase.total_steps
     assert all(torch.isfinite(r["loss"]) for r in rows)
@@ -52,7 +52,7 @@ def test_pretext_phase_trains_backbone_and_head(tiny_config, data, method):
     after = phase.result()["backbone"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
     if method == "byol":  # EMA: the target moved, but only a little (m = 0.9995)
-        t = phase.pretext.target_backbone.state_dict()
+        t = phase.model.module.head.target_backbone.state_dict()
         moved = [k for k in before if before[k].is_floating_point() and "running" not in k
                  and not torch.equal(t[k], before[k])]
         assert moved
@@ -93,17 +93,23 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
         for p in phase.phi_net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     twin = copy.deepcopy(phase)  # same state, same generators: replays the same batch and views
-    _run(phase, 1)
-    x = twin.data.pretext_x[twin.batches.lower_sampler.next_batch()]
+    (row,) = _run(phase, 1)
+    x = twin.batches.data.pretext_x[twin.batches.lower_sampler.next_batch()]
     v1, v2 = twin.batches.two_view(x, twin.batches.lower_gen)
     twin.theta_net.train()
     twin.pretext.train()
     loss = twin.pretext.loss(twin.theta_net, v1, v2)
     prox = 0.5 * lam * sum(((t - p.detach()) ** 2).sum()
                            for t, p in zip(twin.theta_net.parameters(), twin.phi_net.parameters()))
-    expected = torch.autograd.grad(loss + prox, twin.lower_params)
+    expected = torch.autograd.grad(loss + prox, twin.lower_params, retain_graph=True)
     for got, want in zip([p.grad for p in phase.lower_params], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The row's diagnostics: ‖∇_θ L_P‖ (before the proximal term), ‖θ − φ‖ and λ‖θ − φ‖.
+    g_pretext = torch.autograd.grad(loss, list(twin.theta_net.parameters()))
+    dist = torch.sqrt(sum(((t - p) ** 2).sum() for t, p in zip(twin.theta_net.parameters(), twin.phi_net.parameters()))).detach()
+    assert float(row["pretext_grad_norm"]) == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in g_pretext))), rel=1e-5)
+    assert float(row["distance"]) == pytest.approx(float(dist), rel=1e-6)
+    assert float(row["prox_grad_norm"]) == pytest.approx(lam * float(dist), rel=1e-6)
     assert all(p.grad is None for p in phase.phi_params)  # φ is a constant of the lower problem
 
 
@@ -121,8 +127,8 @@ def test_upper_step_gradients_first_order(tiny_config, data, gamma):
     rows = _run(phase, 1)
     assert rows[0]["part"] == "upper" and rows[0]["cg_iters"] == 0
     idx = twin.batches.upper_sampler.next_batch()
-    x = twin.batches.down_aug(twin.data.train_x[idx], twin.batches.upper_gen)
-    y = twin.data.train_y[idx]
+    x = twin.batches.down_aug(twin.batches.data.train_x[idx], twin.batches.upper_gen)
+    y = twin.batches.data.train_y[idx]
     for m in (twin.theta_net, twin.phi_net, twin.head):
         m.train()
     theta = dict(twin.theta_net.named_parameters())
@@ -154,18 +160,25 @@ def test_hvp_batch_is_drawn_once_per_stage(tiny_config, data):
     assert torch.equal(phase.batches.hvp_views(0)[0], a1)
 
 
-def test_cg_diagnostics_logged_and_strict_raises(tiny_config, data):
+def test_cg_diagnostics_logged_and_indefinite_policies(tiny_config, data):
     from bissl.solvers import SolverError
 
     # Undamped with a tiny λ, the system I + H/λ of a random-init contrastive loss is indefinite.
     indefinite = ("bissl.damping=0.0", "bissl.lam=1e-6", "bissl.head_warmup_epochs=0")
-    phase = _bissl(tiny_config(*indefinite), data)
-    rows = _run(phase, 4)
+    phase = _bissl(tiny_config(*indefinite, "bissl.on_indefinite=warn"), data)
+    with pytest.warns(RuntimeWarning, match="indefinite"):
+        rows = _run(phase, 4)
     upper = [r for r in rows if r["part"] == "upper"]
     assert len(upper) == 2 and all(r["always_log"] for r in upper)
     assert all(isinstance(r["cg_negative_curvature"], bool) for r in upper)
     assert any(r["cg_negative_curvature"] for r in upper)
-    strict = _bissl(tiny_config(*indefinite, "bissl.strict=true"), data)
+    assert {r["cg_action"] for r in upper if r["cg_indefinite"]} == {"warned"}
+    # The default policy re-solves the flagged system with MINRES: a solution, never a zeroed one.
+    default = _bissl(tiny_config(*indefinite), data)
+    rows = _run(default, 4)
+    actions = [r["cg_action"] for r in rows if r["part"] == "upper"]
+    assert "fallback:minres" in actions
+    strict = _bissl(tiny_config(*indefinite, "bissl.on_indefinite=raise"), data)
     _run(strict, 2)
     with pytest.raises(SolverError, match="upper step 1 of 2 in training stage 1"):
         _run(strict, 2)
@@ -178,7 +191,7 @@ def test_finetune_is_paired_and_evaluates_val(tiny_config, data):
     a = FinetunePhase("finetune_bissl", cfg, data, _ctx(), pre.result()["backbone"])
     seed_everything(123)  # a different global RNG state must not change the arm's randomness
     b = FinetunePhase("finetune_baseline", cfg, data, _ctx(), pre.result()["backbone"])
-    assert torch.equal(a.head.weight, b.head.weight)
+    assert torch.equal(a.model.module.head.weight, b.model.module.head.weight)
     rows_a, rows_b = _run(a), _run(b)
     evals = [r for r in rows_a if r["part"] == "eval"]
     assert [r["round"] for r in evals] == [1, 2] and 0.0 <= evals[-1]["val_acc"] <= 1.0

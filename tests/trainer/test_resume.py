@@ -17,6 +17,8 @@ def _assert_same_results(reference: dict, other: dict) -> None:
                 assert value.keys() == b[key].keys()
                 for name, t in value.items():
                     assert torch.equal(t, b[key][name]), f"{phase}.{key}.{name}"
+            elif isinstance(value, torch.Tensor):  # the test predictions
+                assert torch.equal(value, b[key]), f"{phase}.{key}"
             else:
                 assert value == b[key], f"{phase}.{key}"
     assert reference["rows"] == other["rows"]  # no duplicated or missing rows after the resume

@@ -51,10 +51,10 @@ def _bissl(cfg, data) -> BisslPhase:
 def _upper_terms(twin: BisslPhase, lam: float):
     """Independent pieces of one upper step on ``twin``: the CG solution x of the step's system,
     ∇_θ L_D(θ) and ∇_ψ L_D(θ), ∇_φ L_D(φ) and ∇_ψ L_D(φ), θ and φ as flat-per-tensor lists."""
-    b = twin.cfg.bissl
     views = twin.batches.hvp_views(0)
     idx = twin.batches.upper_sampler.next_batch()
-    x, y = twin.batches.down_aug(twin.data.train_x[idx], twin.batches.upper_gen), twin.data.train_y[idx]
+    data = twin.batches.data
+    x, y = twin.batches.down_aug(data.train_x[idx], twin.batches.upper_gen), data.train_y[idx]
     for m in (twin.theta_net, twin.pretext, twin.phi_net, twin.head):
         m.train()
     theta = {n: p.detach() for n, p in twin.theta_net.named_parameters()}
@@ -67,8 +67,9 @@ def _upper_terms(twin: BisslPhase, lam: float):
         with batchnorm_stats_frozen():
             return classification_loss(twin.head(functional_call(twin.theta_net, t, (x,))), y)
 
-    xs = implicit_hypergrad(lower_loss, upper_loss, theta, lam=lam, iters=b.cg_iters,
-                            damping=b.damping, solver=b.solver, strict=False)
+    # The step's own solver settings (built once from the config): same solver, damping and
+    # indefiniteness policy (default: MINRES re-solves a flagged system).
+    xs = implicit_hypergrad(lower_loss, upper_loss, theta, lam=lam, **twin.settings.hyper.kwargs())
     t_req = {n: p.detach().requires_grad_() for n, p in theta.items()}
     g_theta = torch.autograd.grad(upper_loss(t_req), list(t_req.values()) + heads)
     l_phi = classification_loss(twin.head(twin.phi_net(x)), y)
@@ -134,11 +135,11 @@ def test_grad_ratio_lam_drives_lower_and_upper_steps(tiny_config, data):
                                  "bissl.lam_options={ratio: 0.5, ema: 0.5}", "bissl.lower_steps=2")
     # Recompute the rule from the step's own statistics.
     twin = copy.deepcopy(phase)
-    theta = torch.cat([p.detach().flatten() for p in twin.theta_params])
+    theta = torch.cat([p.detach().flatten() for p in twin.theta_net.parameters()])
     phi = torch.cat([p.detach().flatten() for p in twin.phi_params])
     (row,) = _steps(phase, 1)
     assert row["part"] == "lower" and row["lam"] == twin.lam_schedule.value
-    g_pretext = torch.cat([p.grad.flatten() for p in phase.theta_params]) - row["lam"] * (theta - phi)
+    g_pretext = torch.cat([p.grad.flatten() for p in phase.theta_net.parameters()]) - row["lam"] * (theta - phi)
     target = 0.5 * float(g_pretext.norm()) / float((theta - phi).norm())
     target = min(50.0, max(0.005, target))
     lam = 0.5 * row["lam"] + 0.5 * target
@@ -213,8 +214,11 @@ def test_custom_lam_schedule_plugs_in(tiny_config, data):
     (["bissl.prox_pull=-1"], "prox_pull"),
 ])
 def test_bad_variant_config(tiny_config, overrides, match):
+    """Caught before any work: by the config's validation or the run's preflight."""
+    from bissl.trainer.preflight import preflight
+
     with pytest.raises(ConfigError, match=match):
-        tiny_config(*overrides)
+        preflight(tiny_config(*overrides))
 
 
 def test_adaptive_lam_resumes_exactly(tmp_path, tiny_config):

@@ -56,8 +56,8 @@ def test_malformed_grid_arguments(items, message):
     ({"debug.stop_after_steps": [1, 2]}, (), "cannot sweep 'debug.stop_after_steps'"),
     ({}, (), "the grid is empty"),
     # Each value is valid alone; one combination is not (cross-field check of the config).
-    ({"bissl.on_indefinite": ["raise", "fallback"], "bissl.solver": ["cg", "minres"]}, (),
-     "cell on_indefinite=fallback__solver=minres: 'bissl.fallback_solver' must differ"),
+    ({"data.val_fraction": [0.1, 0.5], "data.test_fraction": [0.2, 0.6]}, (),
+     "cell val_fraction=0.5__test_fraction=0.6: 'data.val_fraction' + 'data.test_fraction' must be < 1"),
 ])
 def test_every_key_value_and_cell_is_validated_with_one_line(grid, overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -168,6 +169,20 @@ def check_unequal(rank: int, world: int) -> dict:
         out[f"step {step} weight 2nd"] = (all_reduce_sum(got2[1]) - want2[1]).abs().max().item()
     out["running stats"] = _max_err(_buffers(sync), _buffers(bn))
     out["num_batches_tracked"] = int(sync.num_batches_tracked)
+    # eval mode is BatchNorm's own forward (local rows): bit-identical given the same buffers
+    bn.load_state_dict(sync.state_dict())
+    bn.eval(), sync.eval()
+    out["eval bit-identical"] = torch.equal(sync(x[rows]), bn(x[rows]))
+    # one row per rank: a local batch of 1 is fine when the global batch has more
+    bn.train(), sync.train()
+    one = slice(rank, rank + 1)
+    out["one row per rank output"] = (sync(x[one]) - bn(x[:world])[one]).abs().max().item()
+    # half precision: statistics in float32, output in the input's dtype
+    xb = x[rows].bfloat16()
+    yb = sync.float()(xb)
+    want_b = bn.float()(torch.cat([x[sum(sizes[:r]):sum(sizes[:r + 1])] for r in range(world)]).bfloat16().float())
+    out["bfloat16 dtype"] = str(yb.dtype)
+    out["bfloat16 output"] = (yb.float() - want_b[rows]).abs().max().item()
     return out
 
 
@@ -190,6 +205,11 @@ def check_errors(rank: int, world: int) -> dict:
         messages["simclr shards"] = None
     except ValueError as err:
         messages["simclr shards"] = str(err)
+    try:  # a global batch of one row (rank 0: one row, rank 1: none)
+        SyncBatchNorm(2)(torch.zeros(1 - rank, 2))
+        messages["global batch of 1"] = None
+    except ValueError as err:
+        messages["global batch of 1"] = str(err)
     # the group still works after the refused calls
     messages["after"] = all_gather_cat(torch.full((1, 2), float(rank)), 1).tolist()
     return messages
@@ -200,10 +220,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     info = init_process_group_from_env(timeout_s=60)
-    result = {"world_size": info.world_size,
-              "model": check_model(info.rank, info.world_size),
-              "unequal": check_unequal(info.rank, info.world_size),
-              "errors": check_errors(info.rank, info.world_size)}
+    result: dict = {"world_size": info.world_size, "seconds": {}}
+    for name, check in (("model", check_model), ("unequal", check_unequal), ("errors", check_errors)):
+        start = time.perf_counter()
+        result[name] = check(info.rank, info.world_size)
+        result["seconds"][name] = time.perf_counter() - start
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, result["errors"])
     result["errors_per_rank"] = gathered

@@ -102,8 +102,9 @@ def nt_xent_across_ranks(
         ValueError: shapes differ or are not 2-D, the global ``B < 2``, ``temperature <= 0``, or
             the ranks' shapes differ (raised on every rank).
 
-    Every rank must call it the same number of times, in the same order (one all-gather forward,
-    one all-reduce backward).
+    Every rank must call it the same number of times, in the same order. Each call issues two
+    all-gathers (the shape check of :func:`~bissl.distributed.autograd.all_gather_cat`, which
+    reads its small result on the host, then the embeddings); its backward one all-reduce.
     """
     n = world_size(group)
     if n == 1:

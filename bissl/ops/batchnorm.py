@@ -27,6 +27,13 @@ from torch.overrides import TorchFunctionMode
 from bissl.ops.batchnorm_double_backward import batch_norm_train
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+#: Active FrozenBatchNormStats contexts; read by BatchNorm layers that do not go through F.batch_norm.
+_frozen_depth = 0
+
+
+def stats_frozen() -> bool:
+    """Whether the policy is active: train-mode BatchNorm must leave its running buffers alone."""
+    return _frozen_depth > 0
 
 
 class FrozenBatchNormStats(TorchFunctionMode):
@@ -41,6 +48,17 @@ class FrozenBatchNormStats(TorchFunctionMode):
     def __init__(self, fast_double_backward: bool = False):
         super().__init__()
         self.fast_double_backward = fast_double_backward
+
+    def __enter__(self):
+        global _frozen_depth
+        entered = super().__enter__()
+        _frozen_depth += 1
+        return entered
+
+    def __exit__(self, *exc):
+        global _frozen_depth
+        _frozen_depth -= 1
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from bissl.models import build_backbone
 from bissl.tasks.pretext import PRETEXTS, SimCLR, build_pretext, nt_xent
+from bissl.tasks.pretext.simclr import _nt_xent_of_rows, nt_xent_across_ranks
 
 
 def _nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
@@ -64,6 +66,54 @@ def test_nt_xent_errors():
         nt_xent(torch.randn(1, 4), torch.randn(1, 4))
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(torch.randn(3, 4), torch.randn(3, 4), temperature=0.0)
+
+
+def _nt_xent_whole_matrix(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent as written before the row-subset core existed (one (2B, 2B) similarity matrix)."""
+    b = z1.shape[0]
+    z = torch.nn.functional.normalize(torch.cat((z1, z2)), dim=1)
+    sim = (z @ z.T) / tau
+    logits = sim[~torch.eye(2 * b, dtype=torch.bool)].view(2 * b, 2 * b - 1)
+    rows = torch.arange(2 * b)
+    positive = (rows + b) % (2 * b)
+    return torch.nn.functional.cross_entropy(logits, positive - (positive > rows).long())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nt_xent_and_its_one_process_gather_are_bit_identical_to_the_whole_matrix_form(dtype):
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randn(5, 4, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    want = _nt_xent_whole_matrix(z1, z2, 0.3)
+    want_grad = torch.autograd.grad(want, (z1, z2))
+    for fn in (nt_xent, nt_xent_across_ranks):  # no process group: the gather is the identity
+        got = fn(z1, z2, 0.3)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, (z1, z2)), want_grad))
+
+
+def test_row_blocks_of_the_core_average_to_nt_xent():
+    """The sharded form in one process: rank r's queries are its rows of view 1 and of view 2,
+    scored against all 2B rows; the mean over ranks is the global NT-Xent."""
+    g = torch.Generator().manual_seed(4)
+    world, b = 3, 2
+    z1, z2 = (torch.randn(world * b, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    keys = torch.nn.functional.normalize(torch.cat((z1, z2)), dim=1)
+    per_rank = []
+    for r in range(world):
+        own = torch.arange(r * b, (r + 1) * b)
+        rows = torch.cat((own, own + world * b))
+        per_rank.append(_nt_xent_of_rows(keys[rows], keys, rows, 0.5))
+    assert torch.stack(per_rank).mean().item() == pytest.approx(nt_xent(z1, z2).item(), rel=1e-14)
+    assert max(abs(p.item() - nt_xent(z1, z2).item()) for p in per_rank) > 1e-3
+
+
+def test_simclr_gather_flag_changes_nothing_in_one_process():
+    torch.manual_seed(0)
+    heads = [SimCLR(6, proj_dims=(5, 4), gather_negatives=flag) for flag in (True, False)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    v1, v2 = torch.rand(3, 6), torch.rand(3, 6)
+    assert torch.equal(heads[0].loss(nn.Identity(), v1, v2), heads[1].loss(nn.Identity(), v1, v2))
+    assert heads[0].gather_negatives and not heads[1].gather_negatives
 
 
 def test_simclr_loss_is_nt_xent_of_projected_features():

@@ -7,6 +7,7 @@ See ``docs/distributed.md``.
 """
 from __future__ import annotations
 
+from bissl.distributed.autograd import all_gather_cat, all_reduce_sum
 from bissl.distributed.collectives import (
     allreduce_mean_,
     allreduce_mean_tensors_,
@@ -26,6 +27,7 @@ from bissl.distributed.process_group import (
     shutdown,
 )
 from bissl.distributed.sharding import check_shardable, shard_of
+from bissl.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm
 from bissl.distributed.trainable import (
     DataParallel,
     EngineTrainable,
@@ -37,7 +39,7 @@ from bissl.distributed.trainable import (
 from bissl.distributed.zero3 import full_state_dict, gathered, modifiable
 
 __all__ = sorted([
-    "DataParallel", "DistInfo", "DistributedMatVec", "EngineTrainable", "LowerObjective",
+    "SyncBatchNorm", "all_gather_cat", "all_reduce_sum", "convert_sync_batchnorm", "DataParallel", "DistInfo", "DistributedMatVec", "EngineTrainable", "LowerObjective",
     "NonFiniteGradientError", "OptimizerSpec", "PlainTrainable", "TIMEOUT_EXIT_CODE", "Trainable",
     "UpperObjective", "allreduce_mean_", "allreduce_mean_tensors_", "check_shardable",
     "distributed_implicit_hypergrad", "exit_rank", "full_state_dict", "gather_objects", "gathered",

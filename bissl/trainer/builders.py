@@ -169,7 +169,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
         return module.to(device)
     kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
     if p.method == "simclr":
-        kwargs["temperature"] = p.temperature
+        kwargs.update(temperature=p.temperature, gather_negatives=p.gather_negatives)
     else:
         # "same-shape predictor": its hidden width is the projector's.
         kwargs.update(pred_hidden=p.projector_dims[0], momentum=p.byol_ema)

@@ -18,7 +18,7 @@ from torch import nn
 from bissl.tasks.pretext.byol import BYOL, byol_loss
 from bissl.tasks.pretext.gpt import GPTPretext, next_token_loss
 from bissl.tasks.pretext.heads import mlp_head
-from bissl.tasks.pretext.simclr import SimCLR, nt_xent
+from bissl.tasks.pretext.simclr import SimCLR, nt_xent, nt_xent_across_ranks
 
 _CLASSES: dict[str, type[nn.Module]] = {"byol": BYOL, "gpt": GPTPretext, "simclr": SimCLR}
 #: Names accepted by :func:`build_pretext`.
@@ -29,7 +29,8 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
     """Build a pretext task by name.
 
     Args:
-        name: ``"simclr"`` (kwargs: ``proj_dims``, ``temperature``), ``"byol"`` (kwargs:
+        name: ``"simclr"`` (kwargs: ``proj_dims``, ``temperature``, ``gather_negatives``),
+            ``"byol"`` (kwargs:
             ``proj_dims``, ``pred_hidden``, ``momentum``) or ``"gpt"`` (kwargs: ``vocab_size``,
             ``pad_id``).
         backbone: the online backbone (BYOL copies it into its target; SimCLR and GPT ignore it).
@@ -54,4 +55,4 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
 
 
 __all__ = ["BYOL", "GPTPretext", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head",
-           "next_token_loss", "nt_xent"]
+           "next_token_loss", "nt_xent", "nt_xent_across_ranks"]

@@ -170,6 +170,10 @@ class Trainable(ABC):
     def skip_step(self) -> None:
         """Advance the LR schedule without changing the parameters (a skipped update)."""
 
+    def zero_grad(self) -> None:
+        """Drop the gradients a plain model keeps after its step (before another optimizer — e.g.
+        a DeepSpeed engine, whose backward would add to them — takes over its parameters)."""
+
     @property
     @abstractmethod
     def lr(self) -> float:
@@ -263,6 +267,9 @@ class PlainTrainable(Trainable):
     def skip_step(self) -> None:
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:

@@ -131,7 +131,9 @@ class BisslPhase(Phase):
         """The two trained copies and the BiSSL step, built at the first lower/upper step."""
         if self.step_fn is None:
             cfg, m = self.cfg, self.models
-            # The last warm-up gradient is gone (zeroed by its step); the head moves into the upper copy.
+            # The head moves into the upper copy; its last warm-up gradient must not be added to
+            # the first upper step's (an engine's backward accumulates into it).
+            self.warmup.zero_grad()
             lower = self.dp.trainable(LowerObjective(m.theta_net, m.pretext, pretext_objective),
                                       lower_spec(cfg), lower_schedule(cfg))
             upper = self.dp.trainable(

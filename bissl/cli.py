@@ -4,11 +4,12 @@ Examples::
 
     bissl demo                                   # baseline vs BiSSL on digits, 3 seeds, CPU
     bissl demo --task text                       # the same on two text tasks with a small GPT
-    bissl run configs/demo_digits.yaml --nproc 2 # BiSSL stage on 2 ranks (DeepSpeed, gloo)
-    bissl run configs/demo_digits.yaml --set bissl.lam=0.01 --out runs/lam0.01
+    bissl run demo_digits --nproc 2              # BiSSL stage on 2 ranks (DeepSpeed, gloo)
+    bissl run demo_digits --set bissl.lam=0.01 --out runs/lam0.01
+    bissl run my_config.yaml                     # any YAML/JSON file; bare names are packaged configs
     bissl run --resume runs/lam0.01              # continue a killed run from its last checkpoint
-    bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2 --seeds 3   # sensitivity
-    bissl config configs/reference_imagenet_resnet50.yaml   # print the resolved config
+    bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2 --seeds 3   # sensitivity
+    bissl config reference_imagenet_resnet50     # print the resolved config
     bissl env                                    # versions, threads, kernel backends
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 
 from bissl.config import ConfigError, config_to_dict, load_config
 from bissl.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
+from bissl.configs import CONFIG_DIR, packaged_configs, resolve_config
 from bissl.sweep.cli import register_sweep_command
 
 #: The configs each ``bissl demo --task`` runs, one comparison (and one table) per config.
@@ -38,16 +40,11 @@ DEMO_DESCRIPTIONS = {
 }
 
 
-def _configs_dir() -> Path:
-    """The repository's ``configs/`` folder (next to the ``bissl`` package in a source checkout)."""
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def _demo_config_path(name: str) -> Path:
-    path = _configs_dir() / name
+    path = CONFIG_DIR / name
     if not path.exists():
-        raise ConfigError(f"the demo config {path} is missing (it ships with the source checkout); "
-                          f"run 'bissl run <config>' with a config file instead")
+        raise ConfigError(f"the demo config {path} is missing from this install (bissl ships it as "
+                          f"package data); run 'bissl run <config>' with a config file instead")
     return path
 
 
@@ -102,7 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         overrides.append(f"run.nproc={args.nproc}")
     resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
-    config_path = Path(args.config) if args.config else None
+    config_path = resolve_config(args.config) if args.config else None
     if config_path is None:
         if resume_dir is None:
             raise ConfigError("give a CONFIG file, or --resume RUN_DIR to continue a run")
@@ -138,7 +135,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(Path(args.config) if args.config else None, args.set)
+    cfg = load_config(resolve_config(args.config) if args.config else None, args.set)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None), end="")
     return 0
 
@@ -173,6 +170,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
         print()
     else:
         print("backends: bissl.ops.backend_report() is not available in this build")
+    from bissl.extras import EXTRAS, describe_missing
+
+    print("extras:")
+    for extra in sorted(EXTRAS):
+        print(f"  {extra:<12} {describe_missing(extra) or 'installed'}")
     return 0
 
 
@@ -194,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run pretext pretraining, the BiSSL stage and fine-tuning of "
                                      "both arms for every seed; resumes automatically when the run "
                                      "directory already holds checkpoints.")
-    run.add_argument("config", nargs="?", help="YAML/JSON config (optional with --resume RUN_DIR)")
+    run.add_argument("config", nargs="?", help="YAML/JSON config file, or the name of a packaged config "
+                                               f"({', '.join(packaged_configs())}); optional with "
+                                               "--resume RUN_DIR")
     add_set(run)
     run.add_argument("--out", metavar="DIR", help="run directory (default: run.out_dir/<config name>)")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     config = sub.add_parser("config", help="print the fully resolved config (validates it)")
-    config.add_argument("config", nargs="?", help="YAML/JSON config (default: the built-in defaults)")
+    config.add_argument("config", nargs="?", help="YAML/JSON config file or packaged config name "
+                                                  "(default: the built-in defaults)")
     add_set(config)
     config.set_defaults(func=_cmd_config)
 

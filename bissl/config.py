@@ -13,7 +13,7 @@ Validation is strict so that a typo can never silently fall back to a default:
 * a value of the wrong type or out of range raises a one-line ``ConfigError`` naming the dotted key.
 
 Example:
-    >>> cfg = load_config("configs/demo_digits.yaml", overrides=["bissl.lam=0.01"])
+    >>> cfg = load_config("bissl/configs/demo_digits.yaml", overrides=["bissl.lam=0.01"])
     >>> cfg.bissl.lam
     0.01
 """

@@ -195,7 +195,7 @@ def transformer_problem(*, batch: int = 8, seq: int = 32, vocab: int = 64, dim: 
 
 
 def reference_cnn(width: int = 32) -> nn.Module:
-    """The ~1 M-parameter conv-BN-ReLU CNN of ``shared/REFERENCE.md``'s CPU measurements."""
+    """The ~1 M-parameter conv-BN-ReLU CNN of the CPU measurements in ``docs/method.md`` §5."""
     chans = [3, width, 2 * width, 4 * width, 4 * width, 8 * width]
     strides = [1, 2, 2, 1, 2]
     layers: list[nn.Module] = []

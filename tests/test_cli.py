@@ -45,9 +45,18 @@ def test_config_prints_resolved_defaults():
     assert "lam: 0.01" in out.stdout and "damping: 10.0" in out.stdout
 
 
+def test_packaged_config_by_name_from_any_directory(tmp_path):
+    """The demo configs are package data: found by bare name wherever the command runs."""
+    out = bissl("config", "reference_imagenet_resnet50", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "backbone: resnet50" in out.stdout
+    assert "demo_digits" in bissl("run", "--help").stdout
+
+
 def test_env_reports_versions():
     out = bissl("env")
     assert out.returncode == 0 and "torch" in out.stdout and "threads" in out.stdout
+    assert "extras:" in out.stdout and "  distributed " in out.stdout
 
 
 @pytest.mark.slow

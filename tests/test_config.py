@@ -11,8 +11,9 @@ from bissl.config import (
     Config, ConfigError, config_from_dict, config_to_dict, diff_configs, dump_config, load_config,
     parse_override,
 )
+from bissl.configs import CONFIG_DIR, packaged_configs, resolve_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def _error(raw=None, overrides=(), path=None) -> str:
@@ -27,7 +28,7 @@ def _error(raw=None, overrides=(), path=None) -> str:
 
 
 def test_defaults_are_the_reference_tables():
-    """REFERENCE.md's ImageNet-scale values (pretext, BiSSL stage, fine-tuning)."""
+    """docs/method.md §4: the ImageNet-scale values (pretext, BiSSL stage, fine-tuning)."""
     c = Config()
     p, b, f = c.pretext, c.bissl, c.finetune
     assert (p.method, p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.eta) == \
@@ -122,13 +123,16 @@ def test_diff_configs_lists_dotted_keys():
     assert diff_configs(a, b) == ["bissl.lower.lr", "run.seeds"]
 
 
-@pytest.mark.parametrize("name", ["demo_digits.yaml", "reference_imagenet_resnet50.yaml"])
+@pytest.mark.parametrize("name", packaged_configs())
 def test_shipped_configs_validate(name):
-    cfg = load_config(CONFIGS / name)
-    raw = yaml.safe_load((CONFIGS / name).read_text())
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     # every key the file sets is applied (spot check: each section's keys)
     resolved = config_to_dict(cfg)
     for section, values in raw.items():
+        if not isinstance(values, dict):  # a top-level key such as `task: text`
+            assert resolved[section] == values, section
+            continue
         for key, value in values.items():
             if not isinstance(value, dict):
                 assert resolved[section][key] == value, f"{section}.{key}"
@@ -141,3 +145,16 @@ def test_reference_config_is_the_reference_at_scale():
     changed = diff_configs({k: default[k] for k in ("pretext", "bissl")},
                            {k: config_to_dict(cfg)[k] for k in ("pretext", "bissl")})
     assert changed == ["pretext.augment.preset"]  # 'byol' spelled out instead of 'auto'
+
+
+def test_packaged_configs_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
+    assert {"demo_digits", "demo_text_genre", "reference_imagenet_resnet50"} <= set(packaged_configs())
+    assert resolve_config("demo_digits") == CONFIG_DIR / "demo_digits.yaml"
+    assert resolve_config("demo_digits.yaml") == CONFIG_DIR / "demo_digits.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo_digits.yaml").write_text("run: {seeds: [7]}\n")
+    assert resolve_config("demo_digits.yaml") == Path("demo_digits.yaml")  # an existing file wins
+    assert resolve_config("sub/demo_digits.yaml") == Path("sub/demo_digits.yaml")  # a path stays a path
+    assert resolve_config("no_such_config") == Path("no_such_config")
+    with pytest.raises(ConfigError, match="cannot read no_such_config"):
+        load_config(resolve_config("no_such_config"))

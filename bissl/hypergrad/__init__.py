@@ -1,9 +1,11 @@
-"""Hypergradients: BiSSL's implicit (IFT) term and the reference-style loop used as a baseline."""
+"""Hypergradients: BiSSL's implicit (IFT) term, a differentiable solution map, and the
+reference-style loop used as a baseline."""
 from __future__ import annotations
 
-from bissl.hypergrad.implicit import ON_INDEFINITE, implicit_hypergrad, upper_gradient
+from bissl.hypergrad.implicit import ON_INDEFINITE, implicit_hypergrad, solve_ift_system, upper_gradient
 from bissl.hypergrad.reference import reference_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
+from bissl.hypergrad.solution_map import argmin, custom_argmin
 
-__all__ = sorted(["HypergradSettings", "ON_INDEFINITE", "implicit_hypergrad", "reference_hypergrad",
-                  "upper_gradient"])
+__all__ = sorted(["HypergradSettings", "ON_INDEFINITE", "argmin", "custom_argmin", "implicit_hypergrad",
+                  "reference_hypergrad", "solve_ift_system", "upper_gradient"])

@@ -76,10 +76,13 @@ class VectorSpace(Protocol):
 def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: torch.Tensor,
            spec: FlatSpec, *, lam: float, damping: float, iters: int, backend: str | None,
            rtol: float | None, space: VectorSpace | None = None) -> SolveResult:
-    """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver (flat ``v``)."""
+    """One solve of ``(I + H/(λ + damping)) x = v`` (``H x = v`` when ``λ + damping = 0``) by the
+    named solver (flat ``v``)."""
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
-    kwargs = {"iters": iters, "scale": 1.0 / (lam + damping), "damping": 1.0, "strict": False,
+    c = lam + damping
+    scale, shift = (1.0 / c, 1.0) if c > 0 else (1.0, 0.0)
+    kwargs = {"iters": iters, "scale": scale, "damping": shift, "strict": False,
               "allreduce": None if space is None else space.allreduce}
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
@@ -186,15 +189,8 @@ def implicit_hypergrad(
     """
     if not lam > 0:
         raise ValueError(f"implicit_hypergrad: lam must be > 0, got {lam}")
-    if damping < 0:
-        raise ValueError(f"implicit_hypergrad: damping must be >= 0, got {damping}")
-    if on_indefinite not in ON_INDEFINITE:
-        raise ValueError(f"implicit_hypergrad: unknown on_indefinite {on_indefinite!r}; "
-                         f"choose one of {ON_INDEFINITE}")
-    get_solver(solver)
-    get_solver(fallback)
-    if on_indefinite == "fallback" and fallback == solver:
-        raise ValueError(f"implicit_hypergrad: fallback solver must differ from solver ({solver!r})")
+    check_solve_options("implicit_hypergrad", lam=lam, damping=damping, solver=solver,
+                        on_indefinite=on_indefinite, fallback=fallback)
     spec = flat_spec(lower_params)
     _, v = upper_gradient(upper_loss, lower_params)
     if space is not None:
@@ -204,8 +200,75 @@ def implicit_hypergrad(
         matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False).matvec
         if space is not None:
             matvec = space.operator(matvec)
+    result = solve_ift_system(matvec, v, spec, lam=lam, damping=damping, solver=solver, iters=iters,
+                              backend=backend, strict=strict, on_indefinite=on_indefinite,
+                              fallback=fallback, rtol=rtol, space=space)
+    x = unflatten(result.x if space is None else space.solution(result.x), spec)
+    result.x = x
+    return (x, result) if return_info else x
+
+
+def check_solve_options(where: str, *, lam: float, damping: float, solver: str, on_indefinite: str,
+                        fallback: str) -> None:
+    """Validate the options of :func:`solve_ift_system` up front (``where`` names the caller).
+
+    Raises:
+        ValueError: a negative ``lam`` or ``damping``, an unknown solver or policy, a fallback equal
+            to the solver, or ``adaptive_damping`` with ``λ + damping = 0`` (it scales that sum).
+    """
+    if lam < 0 or damping < 0:
+        raise ValueError(f"{where}: lam and damping must be >= 0, got lam={lam}, damping={damping}")
+    if on_indefinite not in ON_INDEFINITE:
+        raise ValueError(f"{where}: unknown on_indefinite {on_indefinite!r}; choose one of {ON_INDEFINITE}")
+    get_solver(solver)
+    get_solver(fallback)
+    if on_indefinite == "fallback" and fallback == solver:
+        raise ValueError(f"{where}: fallback solver must differ from solver ({solver!r})")
+    if on_indefinite == "adaptive_damping" and not lam + damping > 0:
+        raise ValueError(f"{where}: on_indefinite='adaptive_damping' needs a positive damping to "
+                         f"start from (it at least doubles λ + damping), got {lam + damping}")
+
+
+def solve_ift_system(
+    matvec: Callable[[torch.Tensor], torch.Tensor] | None,
+    v: torch.Tensor,
+    spec: FlatSpec,
+    *,
+    lam: float,
+    damping: float,
+    solver: str,
+    iters: int,
+    backend: str | None = None,
+    strict: bool = True,
+    on_indefinite: str = "raise",
+    fallback: str = "minres",
+    rtol: float | None = None,
+    space: VectorSpace | None = None,
+) -> SolveResult:
+    """Solve ``(I + A/(λ + damping)) x = v`` (``A x = v`` when ``λ + damping = 0``) with a policy.
+
+    The one solve behind :func:`implicit_hypergrad` (``A = ∇²L_P``) and
+    :func:`bissl.hypergrad.argmin` (``A = ∇²_θθ F``, ``λ = 0``): the named solver, then the
+    ``on_indefinite`` policy and ``strict`` check described in :func:`implicit_hypergrad`.
+    Options are validated by :func:`check_solve_options` (call it first for an early error).
+
+    Args:
+        matvec: flat ``(P,) -> (P,)`` operator ``A`` (``None`` only for ``solver="identity"``).
+        v: flat ``(P,)`` right-hand side.
+        spec: layout of the flat vectors (layer-wise CG solves per tensor of it).
+        space: where the solver's vectors live (see :func:`implicit_hypergrad`); ``matvec`` and
+            ``v`` are then already in it.
+
+    Returns:
+        The :class:`~bissl.solvers.SolveResult` whose flat ``x`` is the answer, with ``action``,
+        ``damping_used`` and ``initial`` set.
+    """
+    check_solve_options("solve_ift_system", lam=lam, damping=damping, solver=solver,
+                        on_indefinite=on_indefinite, fallback=fallback)
 
     def solve(name: str, damp: float) -> SolveResult:
+        if matvec is None and name != "identity":
+            raise ValueError(f"solve_ift_system: no Hessian for solver {name!r}")
         return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend,
                       rtol=rtol, space=space)
 
@@ -216,9 +279,7 @@ def implicit_hypergrad(
         result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve)
     if strict:
         result.check(ignore_indefinite=result.action == "warned")
-    x = unflatten(result.x if space is None else space.solution(result.x), spec)
-    result.x = x
-    return (x, result) if return_info else x
+    return result
 
 
 def _apply_policy(result: SolveResult, policy: str, fallback: str, solver: str, lam: float,
@@ -232,7 +293,7 @@ def _apply_policy(result: SolveResult, policy: str, fallback: str, solver: str, 
         warnings.warn(
             f"implicit_hypergrad: the system I + H/(λ+damping) is indefinite (smallest Ritz value "
             f"{float(result.ritz_min):.3e}); keeping the {solver} answer as on_indefinite='warn' asks",
-            IndefiniteSystemWarning, stacklevel=3)
+            IndefiniteSystemWarning, stacklevel=4)
         result.action = "warned"
         return result
     if policy == "fallback":

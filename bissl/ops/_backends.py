@@ -30,8 +30,10 @@ skip a loaded kernel that failed its smoke test.
 Rules: ``auto`` picks, per device type, the first available of ``cpp, torch`` (CPU) or
 ``cuda, triton, torch`` (CUDA); when that is not the first preference it warns once per device
 type and falls back (never raises). A *named* backend that is unavailable, or does not run on the
-tensors' device, raises :class:`BackendUnavailableError` naming it and the reason. Availability
-is probed once per process (import, registration and a smoke test against the reference);
+tensors' device, raises :class:`BackendUnavailableError` naming it and the reason. A missing or
+unusable Triton makes the ``triton`` backend unavailable; a module of ``bissl.kernels`` that does
+not import while Triton does raises :class:`KernelModuleError` (our bug, never a fallback).
+Availability is probed once per process (import, registration and a smoke test against the reference);
 :func:`backend_report` prints every diagnosis (for ``bissl env``).
 
 Environment: ``BISSL_BACKEND`` (auto|torch|cpp|triton|cuda), ``BISSL_NO_EXT=1`` (do not load
@@ -193,20 +195,39 @@ def _probe_cpp() -> BackendStatus:
     )
 
 
+class KernelModuleError(RuntimeError):
+    """A module of ``bissl.kernels`` fails to import although Triton itself imports: a bug in our
+    kernels, raised rather than read as "Triton unavailable" (which would turn every Triton test
+    into a skip)."""
+
+
+def _import_kernels() -> dict[str, object]:
+    """Our Triton kernel modules by op; only called once ``triton`` and ``triton.language`` import."""
+    kernels = {}
+    for op in _library.OP_NAMES:
+        name = f"bissl.kernels.{op.rstrip('_')}"
+        try:
+            kernels[op] = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is ours: re-raised with the module named
+            raise KernelModuleError(
+                f"{name} does not import although triton does ({type(exc).__name__}: {exc}); "
+                "this is a bug in bissl's Triton kernels, not a missing dependency"
+            ) from exc
+    return kernels
+
+
 def _probe_triton() -> BackendStatus:
     try:
         triton = importlib.import_module("triton")
-        kernels = {
-            op: importlib.import_module(f"bissl.kernels.{op.rstrip('_')}")
-            for op in _library.OP_NAMES
-        }
+        importlib.import_module("triton.language")  # all our kernels need beyond triton itself
     except Exception as exc:  # noqa: BLE001 - triton import errors are varied (missing driver, ABI, ...)
         return BackendStatus(
             "triton",
             False,
             (),
-            f"cannot import triton or bissl.kernels ({type(exc).__name__}: {exc})",
+            f"triton is not installed or not usable ({type(exc).__name__}: {exc})",
         )
+    kernels = _import_kernels()
     impls = {op: getattr(mod, f"{op.rstrip('_')}_triton") for op, mod in kernels.items()}
     # What the kernels were decorated under (triton reads TRITON_INTERPRET at decoration time).
     if importlib.import_module("bissl.kernels._common").INTERPRET:

@@ -3,7 +3,7 @@
 Autograd differentiates a convolution's backward with ``_convolution_double_backward``, which
 computes the weight-gradient terms as a convolution with batch and channels swapped. On CPU that
 runs through oneDNN at about half the GFLOP/s of a forward convolution and dominates the HVP
-(measured in ``shared/REFERENCE.md``). Every term of the double backward is, however, one of the
+(measured, ``docs/method.md`` §5). Every term of the double backward is, however, one of the
 three kernels a convolution already has, with other arguments:
 
 * ``∂/∂ grad_out``: ``conv(ggx, w) + conv(x, ggw) + ggb`` — forward convolutions;

@@ -97,6 +97,15 @@ def clear_hvp_mode_cache() -> None:
     _cache.clear()
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (``torch.OutOfMemoryError``, or a ``RuntimeError``
+    whose message says "out of memory", as CPU allocators and older CUDA paths raise)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
 def probe_hvp_mode(loss_fn: LossFn, params: ParamsLike, mode: str) -> None:
     """Run ``mode`` once as the hypergradient would (linearize, one matvec); raise if it fails.
 
@@ -128,6 +137,9 @@ def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,
     Raises:
         ValueError: empty or unknown candidates.
         HVPModeError: no candidate works (the message lists each failure).
+        torch.OutOfMemoryError / RuntimeError: a probe ran out of memory. That is re-raised as is,
+            never read as "mode unsupported": falling through to a slower mode (or reporting that
+            none works) would hide that the batch is too large.
     """
     candidates = tuple(candidates)
     if not candidates:
@@ -144,6 +156,8 @@ def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,
         try:
             probe_hvp_mode(loss_fn, params, mode)
         except (RuntimeError, NotImplementedError) as err:
+            if is_out_of_memory(err):
+                raise  # the mode works, the batch does not fit: the next mode would hide that
             text = str(err).strip()
             first_line = text.splitlines()[0] if text else type(err).__name__
             failures.append(f"{mode}: {type(err).__name__}: {first_line}")

@@ -7,7 +7,7 @@ register the ``sweep`` command, and that must not pull the trainer and matplotli
 
 Example:
     >>> from bissl.sweep import run_sweep
-    >>> result = run_sweep("configs/demo_digits.yaml", {"bissl.lam": [1e-3, 1e-2]},
+    >>> result = run_sweep("bissl/configs/demo_digits.yaml", {"bissl.lam": [1e-3, 1e-2]},
     ...                    seeds=3)  # doctest: +SKIP
 """
 from __future__ import annotations

@@ -10,11 +10,12 @@ import sys
 from typing import Any
 
 from bissl.config import ConfigError
+from bissl.configs import resolve_config
 
 EXAMPLES = """\
 examples:
-  bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2,1e-1 --seeds 3
-  bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2 \\
+  bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2,1e-1 --seeds 3
+  bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2 \\
       --grid bissl.solver=cg,identity --set bissl.stages=10 --out runs/lam_solver
   bissl sweep --resume runs/lam_solver       # continue (finished cells are not rerun)
 
@@ -38,7 +39,8 @@ def register_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
                     "skip cells that finished earlier, collect the final metrics into CSVs and\n"
                     "plot test accuracy against each swept key.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML/JSON base config (not with --resume)")
+    p.add_argument("config", nargs="?", help="YAML/JSON base config file or packaged config name "
+                                             "(not with --resume)")
     p.add_argument("--grid", metavar="KEY=V1,V2,...", action="append", default=[],
                    help="a swept key and its values (repeatable: the cells are the Cartesian "
                         "product, the first --grid varying slowest)")
@@ -85,10 +87,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError("give a CONFIG file and at least one --grid KEY=V1,V2,... "
                               "(or --resume SWEEP_DIR)")
         grid = parse_grid_args(args.grid)
-        out = args.out or default_out(args.config, args.set)
+        config = resolve_config(args.config)
+        out = args.out or default_out(config, args.set)
 
         def run() -> Any:
-            return run_sweep(args.config, grid, seeds=args.seeds, out=out,
+            return run_sweep(config, grid, seeds=args.seeds, out=out,
                              overrides=[*args.set, *extra], share=not args.no_share)
     try:
         result = run()

@@ -236,7 +236,7 @@ def run_sweep(config_path: str | Path | None, grid: dict[str, list[Any]], *,
             sweep in ``out``.
 
     Example:
-        >>> result = run_sweep("configs/demo_digits.yaml", {"bissl.lam": [1e-3, 1e-2, 1e-1]},
+        >>> result = run_sweep("bissl/configs/demo_digits.yaml", {"bissl.lam": [1e-3, 1e-2, 1e-1]},
         ...                    seeds=3)  # doctest: +SKIP
         >>> result.summary[0]["bissl_test_acc_mean"]  # doctest: +SKIP
     """

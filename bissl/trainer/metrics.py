@@ -27,12 +27,21 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
 
 A checkpoint records the file size (:meth:`MetricsLog.offset`); resuming truncates the file back
 to it, so rows of steps that are re-run after a crash are not duplicated.
+
+TensorBoard (optional): when the ``tensorboard`` package is installed (the ``[tensorboard]``
+extra) and ``BISSL_TENSORBOARD`` is not ``0``, every numeric cell is also written as a scalar to
+``<seed dir>/tensorboard/`` with tag ``<phase>/<part>/<column>`` at the row's ``step``
+(``tensorboard --logdir runs/<name>``). The CSV stays the record: the event files are a copy,
+rebuilt from it whenever the log is opened on existing rows or truncated, so a resumed run shows no
+duplicated steps.
 """
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +55,63 @@ COLUMNS = (
     "cg_indefinite", "cg_ritz_min", "cg_ritz_max", "cg_condition", "cg_action", "cg_damping_used",
     "val_loss", "val_acc", "wall_s",
 )
+
+
+#: Columns that say where a row comes from; every other numeric cell becomes a TensorBoard scalar.
+_KEY_COLUMNS = ("seed", "phase", "part", "step", "round")
+#: Folder of the TensorBoard copy, next to ``metrics.csv``.
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_enabled() -> bool:
+    """Whether :class:`MetricsLog` writes a TensorBoard copy by default: the ``tensorboard``
+    package is installed and ``BISSL_TENSORBOARD`` is not ``0``."""
+    if os.environ.get("BISSL_TENSORBOARD", "1") == "0":
+        return False
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class _TensorBoardCopy:
+    """The numeric cells of logged rows as TensorBoard scalars in ``log_dir`` (tag
+    ``phase/part/column``, step = the row's ``step``)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._writer: Any = None
+
+    def _open(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        writer = self._open()
+        step = int(row.get("step") or 0)
+        prefix = f"{row.get('phase') or 'run'}/{row.get('part') or 'step'}"
+        for column in COLUMNS:
+            value = row.get(column)
+            if column in _KEY_COLUMNS or isinstance(value, str) or value is None:
+                continue
+            writer.add_scalar(f"{prefix}/{column}", float(value), global_step=step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def rebuild(self, rows: list[dict[str, Any]]) -> None:
+        """Replace every event file with the scalars of ``rows`` (the CSV's rows)."""
+        self.close()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        for row in rows:
+            self.add(row)
+        self.flush()
 
 
 def _cell(value: Any) -> str:
@@ -63,9 +129,11 @@ class MetricsLog:
 
     Args:
         path: the CSV file (created with a header when missing or empty).
+        tensorboard: also write the TensorBoard copy to ``<path's folder>/tensorboard`` (default:
+            :func:`tensorboard_enabled`). ``True`` without the package raises ``ImportError``.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tensorboard: bool | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", newline="")
@@ -73,6 +141,13 @@ class MetricsLog:
             self._file.write(",".join(COLUMNS) + "\n")
             self._file.flush()
         self._writer = csv.writer(self._file, lineterminator="\n")
+        use_tb = tensorboard_enabled() if tensorboard is None else tensorboard
+        if use_tb and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("MetricsLog(tensorboard=True) needs the tensorboard package "
+                              "(pip install 'bissl[tensorboard]')")
+        self._tb = _TensorBoardCopy(self.path.parent / TENSORBOARD_DIR) if use_tb else None
+        if self._tb is not None:
+            self._tb.rebuild(read_metrics(self.path))  # a resumed run: mirror what the CSV holds
 
     def log(self, row: Mapping[str, Any]) -> None:
         """Append one row; keys must be in :data:`COLUMNS`."""
@@ -80,10 +155,14 @@ class MetricsLog:
         if unknown:
             raise KeyError(f"MetricsLog: unknown columns {sorted(unknown)}")
         self._writer.writerow([_cell(row.get(c)) for c in COLUMNS])
+        if self._tb is not None:
+            self._tb.add(row)
 
     def offset(self) -> int:
         """Flush and return the current file size in bytes."""
         self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
         return self._file.tell()
 
     def truncate(self, offset: int) -> None:
@@ -96,9 +175,13 @@ class MetricsLog:
         os.truncate(self.path, offset)
         self._file = open(self.path, "a", newline="")
         self._writer = csv.writer(self._file, lineterminator="\n")
+        if self._tb is not None:
+            self._tb.rebuild(read_metrics(self.path))
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 class NullMetrics:

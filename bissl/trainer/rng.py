@@ -39,11 +39,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def capture_global_rng() -> dict[str, Any]:
-    """The global RNG states (torch CPU, every CUDA device, numpy, python) as a picklable dict."""
+    """The global RNG states (torch CPU, every CUDA device, numpy, python) as a dict of tensors,
+    strings and numbers only, which ``torch.load(weights_only=True)`` accepts (no numpy arrays)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        # numpy's legacy MT19937 state: its 624 uint32 keys as an int64 tensor (exact).
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),  # (version, tuple of 625 ints, None)
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -53,7 +57,9 @@ def capture_global_rng() -> dict[str, Any]:
 def restore_global_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_global_rng`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -162,7 +162,7 @@ def test_layerwise_cg_matches_the_reference_loop_on_a_model():
 
 
 def test_layerwise_cg_is_not_convergent_unlike_global_cg():
-    """REFERENCE.md: layer-wise CG stays far from the solution where global CG converges."""
+    """docs/method.md §3: layer-wise CG stays far from the solution where global CG converges."""
     prob = mlp_problem()
     H = dense_hessian(prob.lower_loss, prob.params)
     lam = float(torch.linalg.eigvalsh(H).min().abs()) + 0.05

@@ -38,6 +38,10 @@ def test_cg_solves_spd_system_like_a_dense_solve(backend):
 
 
 def test_every_backend_takes_the_same_iterates():
+    kernels = [n for n in _backends.available_backends("cpu") if n != "torch"]
+    if not kernels:  # torch against torch would prove nothing
+        why = "; ".join(f"{n}: {_backends.backend_status(n).detail}" for n in ("cpp", "triton"))
+        pytest.skip(f"no compiled or Triton backend runs on CPU here ({why})")
     a, b = _spd_system(257, cond=1e3)
     runs = {
         name: cg_solve(lambda v: a @ v, b, iters=5, backend=name)

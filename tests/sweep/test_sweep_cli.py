@@ -20,7 +20,7 @@ def test_help_has_options_and_examples(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for word in ("--grid", "--set", "--seeds", "--out", "--resume", "--no-share", "examples:",
-                 "bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2,1e-1 --seeds 3"):
+                 "bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2,1e-1 --seeds 3"):
         assert word in text
     args = build_parser().parse_args(["sweep", "c.yaml", "--grid", "a.b=1,2", "--grid", "c.d=x"])
     assert args.grid == ["a.b=1,2", "c.d=x"] and args.func is cmd_sweep

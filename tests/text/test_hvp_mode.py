@@ -97,3 +97,33 @@ def test_cached_per_model_not_per_closure(monkeypatch):
     make_other, theta_other = _problem(attention="recompute")
     assert select_hvp_mode(make_other(), theta_other) == "revrev"
     assert calls == ["fwdrev", "fwdrev", "revrev"]
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+                 " -- out of memory"),
+], ids=["OutOfMemoryError", "RuntimeError-message"])
+def test_out_of_memory_is_reraised_not_read_as_unsupported(monkeypatch, error):
+    """Running out of memory says nothing about whether a mode is supported: falling through to
+    the next candidate would hide it (the old behaviour chose 'revrev' here)."""
+    clear_hvp_mode_cache()
+    calls = []
+
+    def probe(f, p, mode, fail=error):
+        calls.append(mode)
+        if mode == "fwdrev":
+            raise fail
+
+    monkeypatch.setattr(hm, "probe_hvp_mode", probe)
+    make_loss, theta = _problem()
+    with pytest.raises(type(error), match="out of memory"):
+        select_hvp_mode(make_loss(), theta)
+    assert calls == ["fwdrev"]
+    # A missing derivative still moves on to the next candidate.
+    calls.clear()
+    clear_hvp_mode_cache()
+    missing = RuntimeError("derivative for foo is not implemented")
+    monkeypatch.setattr(hm, "probe_hvp_mode", lambda f, p, m: probe(f, p, m, missing))
+    assert select_hvp_mode(make_loss(), theta) == "revrev"

@@ -155,6 +155,20 @@ class DataConfig:
     split_seed: int = _opt(0, "seed of the train/val/test split (fixed across training seeds)", _ge(0))
     image_size: Optional[int] = _opt(None, "resize images to this side (default: the dataset's)",
                                      _ge(1))
+    labels_per_class: Optional[int] = _opt(
+        None, "labelled training images per class: required by 'digits_lowlabel' (drawn from the "
+              "images left after the val/test split, which are all its pretext images), optional "
+              "for 'digits_transfer' (default: its whole training split)", _ge(1))
+    pretext_classes: Optional[list[int]] = _opt(
+        None, "'digits_transfer': digit classes whose images are the pretext set (default 0-4)")
+    downstream_classes: Optional[list[int]] = _opt(
+        None, "'digits_transfer': digit classes of the downstream task, relabelled 0..k-1 in "
+              "this order (default 5-9)")
+    folds: Optional[int] = _opt(
+        None, "text tasks: stratified k-fold (by play for 'shakespeare_genre'): fold 'fold' is "
+              "the test split, val is val_fraction of the other folds, test_fraction is not "
+              "used; repeats are values of split_seed (null: the fixed val/test split)", _ge(2))
+    fold: int = _opt(0, "with 'folds': the test fold, 0..folds-1", _ge(0))
 
 
 @dataclass

@@ -30,6 +30,7 @@ from bissl.config import (
     Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
 )
 from bissl.data import load_dataset
+from bissl.data.options import image_task_options, text_task_options
 from bissl.trainer.bissl_phase import BisslPhase
 from bissl.trainer.builders import PipelineData
 from bissl.trainer.finetune_phase import FinetunePhase
@@ -95,11 +96,11 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
             text = load_text_data(
                 d.name, pretext_name=d.pretext_name, tokenizer=t.tokenizer, vocab_size=t.vocab_size,
                 seq_len=t.seq_len, max_length=t.max_length, val_fraction=d.val_fraction,
-                test_fraction=d.test_fraction, split_seed=d.split_seed,
+                test_fraction=d.test_fraction, split_seed=d.split_seed, **text_task_options(d),
                 tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json")
             return PipelineData.from_text(text)
         down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
-                            test_fraction=d.test_fraction, seed=d.split_seed)
+                            test_fraction=d.test_fraction, seed=d.split_seed, **image_task_options(d))
         pretext = None
         if d.pretext_name is not None:
             # A separate pretext set is unlabelled training data: nothing is held out of it.

@@ -212,6 +212,11 @@ class PretextConfig:
                                      lambda v: _nonempty(v) or _each(_ge(1))(v))
     byol_ema: float = _opt(0.9995, "BYOL target EMA momentum", _in01())
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: Literal["lars", "adamw"] = _opt(
+        "lars", "'lars' (the reference; lr, momentum, weight_decay, eta) or 'adamw' (lr, "
+                "weight_decay on weight matrices only, betas; the usual choice for GPT "
+                "pretraining); same cosine schedule")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass
@@ -303,6 +308,14 @@ class FinetuneConfig:
         "none", "fine-tuning (and upper-step) augmentation: 'none', or 'crop': the pretext "
                 "preset's random resized crop and flip, no colour changes")
     eval_every_epochs: int = _opt(1, "evaluate on val every N epochs (and after the last)", _ge(1))
+    mode: Literal["full", "linear_probe"] = _opt(
+        "full", "'full' (backbone and head trained) or 'linear_probe' (backbone frozen with "
+                "BatchNorm in eval mode, only the head trained: the read-out that sees the "
+                "backbone most directly)")
+    optimizer: Literal["sgd", "adamw"] = _opt(
+        "sgd", "'sgd' (momentum; lr, momentum, weight_decay) or 'adamw' (lr, weight_decay on "
+               "weight matrices only, betas)")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass

@@ -225,6 +225,32 @@ def sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_decay
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float,
+          betas: Sequence[float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices and kernels only (``dim ≥ 2``); biases, norm
+    affine parameters and other vectors are not decayed (as LARS here excludes them)."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+
+
+def pretext_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The pretext phase's optimizer per ``pretext.optimizer`` (``lars`` or ``adamw``)."""
+    p = cfg.pretext
+    if p.optimizer == "adamw":
+        return adamw(params, p.lr, p.weight_decay, p.betas)
+    return lars(params, p.lr, p.momentum, p.weight_decay, p.eta)
+
+
+def finetune_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The fine-tuning optimizer per ``finetune.optimizer`` (``sgd`` or ``adamw``)."""
+    f = cfg.finetune
+    if f.optimizer == "adamw":
+        return adamw(params, f.lr, f.weight_decay, f.betas)
+    return sgd(params, f.lr, f.momentum, f.weight_decay)
+
+
 def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
            final_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine schedule with linear warm-up; warm-up is capped at ``total_steps`` (tiny budgets)."""

@@ -1,5 +1,8 @@
 """Pipeline step 3: fine-tuning a backbone with a fresh head, for both arms of the comparison.
 
+``finetune.mode: linear_probe`` freezes the backbone (no gradient, BatchNorm in eval mode: its
+running statistics stay those of the arm's backbone) and trains the head only.
+
 Both arms (BiSSL: the lower backbone θ; baseline: the pretext backbone) use the identical protocol
 and the identical random streams (head initialisation, data order, augmentation) derived from the
 seed only, so the comparison is paired: the backbone is the only difference. Validation accuracy is
@@ -16,7 +19,8 @@ from torch.utils.data import TensorDataset
 from bissl.config import Config
 from bissl.tasks.downstream import build_head, classification_loss, evaluate
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, cosine, current_lr, sgd,
+    PipelineData, build_backbone_from, build_downstream_augment, cosine, current_lr,
+    finetune_optimizer,
 )
 from bissl.trainer.loop import Phase, RunContext
 from bissl.trainer.rng import derive_seed, make_generator
@@ -24,7 +28,8 @@ from bissl.trainer.sampler import EpochSampler, gather
 
 
 class FinetunePhase(Phase):
-    """SGD (momentum, cosine) on backbone + fresh head for ``finetune.epochs`` epochs.
+    """SGD (momentum) or AdamW, cosine, on backbone + fresh head (or the head alone, for a linear
+    probe) for ``finetune.epochs`` epochs.
 
     Args:
         name: ``"finetune_bissl"`` or ``"finetune_baseline"``.
@@ -46,8 +51,11 @@ class FinetunePhase(Phase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(ctx.seed, "finetune", "head"))  # same head for both arms
             self.head = build_head(self.backbone.out_dim, data.num_classes, f.head).to(ctx.device)
-        self.params = list(self.backbone.parameters()) + list(self.head.parameters())
-        self.optimizer = sgd(self.params, f.lr, f.momentum, f.weight_decay)
+        self.probe = f.mode == "linear_probe"
+        if self.probe:
+            self.backbone.requires_grad_(False)
+        self.params = ([] if self.probe else list(self.backbone.parameters())) + list(self.head.parameters())
+        self.optimizer = finetune_optimizer(cfg, self.params)
         self.scheduler = cosine(self.optimizer, self.total_steps, 0, f.final_lr_factor)
         self.augment = build_downstream_augment(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, "finetune", "augment"), ctx.device)
@@ -55,14 +63,16 @@ class FinetunePhase(Phase):
         self.test = TensorDataset(data.test_x, data.test_y)
 
     def step(self) -> list[dict[str, Any]]:
-        self.backbone.train()
+        self.backbone.train(not self.probe)
         self.head.train()
         idx = self.sampler.next_batch()
         x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
         if self.augment is not None:
             x = self.augment(x, self.aug_gen)
         lr = current_lr(self.optimizer)
-        loss = classification_loss(self.head(self.backbone(x)), y)
+        with torch.set_grad_enabled(not self.probe):
+            features = self.backbone(x)
+        loss = classification_loss(self.head(features), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -13,6 +13,7 @@ import torch
 from bissl.config import Config
 from bissl.trainer.builders import (
     PipelineData, build_backbone_from, build_pretext_from, build_two_view, cosine, current_lr, lars,
+    pretext_optimizer,
 )
 from bissl.trainer.loop import Phase, RunContext
 from bissl.trainer.rng import derive_seed, make_generator
@@ -52,6 +53,7 @@ class PretextPhase(Phase):
         batch = opt.batch_size if opt is not None else p.batch_size
         self.sampler = EpochSampler(len(data.pretext_x), batch, derive_seed(ctx.seed, name, "order"))
         spe = self.sampler.steps_per_epoch
+        own_optimizer = opt is None  # the pretext section's optimizer, else LARS with `opt`
         if opt is None:
             opt = LarsSchedule(p.lr, p.momentum, p.weight_decay, p.eta,
                                int(round(p.warmup_epochs * spe)), p.final_lr_factor, batch)
@@ -62,7 +64,8 @@ class PretextPhase(Phase):
             self.backbone.load_state_dict(init["backbone"])
             self.pretext.load_state_dict(init["pretext"])
         self.params = list(self.backbone.parameters()) + list(self.pretext.online_parameters())
-        self.optimizer = lars(self.params, opt.lr, opt.momentum, opt.weight_decay, opt.eta)
+        self.optimizer = (pretext_optimizer(cfg, self.params) if own_optimizer
+                          else lars(self.params, opt.lr, opt.momentum, opt.weight_decay, opt.eta))
         self.scheduler = cosine(self.optimizer, self.total_steps, opt.warmup_steps, opt.final_lr_factor)
         self.augment = build_two_view(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, name, "augment"), ctx.device)

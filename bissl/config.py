@@ -216,7 +216,8 @@ class PretextConfig:
         "lars", "'lars' (the reference; lr, momentum, weight_decay, eta) or 'adamw' (lr, "
                 "weight_decay on weight matrices only, betas; the usual choice for GPT "
                 "pretraining); same cosine schedule")
-    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
+                              _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass
@@ -315,7 +316,8 @@ class FinetuneConfig:
     optimizer: Literal["sgd", "adamw"] = _opt(
         "sgd", "'sgd' (momentum; lr, momentum, weight_decay) or 'adamw' (lr, weight_decay on "
                "weight matrices only, betas)")
-    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
+                              _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass

@@ -77,7 +77,8 @@ def write_provenance(directory: str | Path, device: str | None = None) -> dict[s
     return record
 
 
-def read_provenance(directory: str | Path, results: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def read_provenance(directory: str | Path,
+                    results: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The provenance of a run or sweep directory: ``results["provenance"]`` when the results carry
     one, else ``directory/provenance.json``, else None (runs made before it was recorded)."""
     if results is not None and isinstance(results.get("provenance"), dict):

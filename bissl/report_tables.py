@@ -233,7 +233,8 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
     except (AttributeError, ValueError) as err:
         raise TableError(f"{run_dir}/results.json: malformed per_seed ({err})") from None
     arms = _arm_order(sorted({a for entry in per_seed.values() for a in entry}))
-    missing = [a for a in arms for entry in per_seed.values() if a in entry and metric not in entry[a]]
+    missing = [a for a in arms for entry in per_seed.values()
+               if a in entry and metric not in entry[a]]
     if missing:
         raise TableError(f"{run_dir}/results.json: arm {missing[0]!r} has no {metric!r}")
     pairs = _pairs(arms, compare)
@@ -256,7 +257,8 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
     lines += _table(["arm", "mean ± std", "min – max", "seeds"], arm_rows)
     comparisons = [c for c in (compare_arms(per_seed, a, b, metric) for a, b in pairs) if c]
     if comparisons:
-        lines += [""] + _table(_COMPARISON_HEADER, [_comparison_row(c, metric) for c in comparisons])
+        rows = [_comparison_row(c, metric) for c in comparisons]
+        lines += [""] + _table(_COMPARISON_HEADER, rows)
     if show_seeds:
         header = ["seed", *(_arm_name(a) for a in arms), *(c.label for c in comparisons)]
         with_mc = [c for c in comparisons if c.mcnemar is not None]
@@ -317,7 +319,8 @@ def render_sweep_table(sweep_dir: str | Path, *, label: str | None = None,
         if isinstance(err, TableError):
             raise
         raise TableError(f"{sweep_dir}/sweep.csv: malformed row ({err})") from None
-    arms = _arm_order(sorted({a for c in cells.values() for s in c["per_seed"].values() for a in s}))
+    arms = _arm_order(sorted({a for c in cells.values() for s in c["per_seed"].values()
+                              for a in s}))
     pairs = _pairs(arms, compare)
     for arm in {x for pair in pairs for x in pair}:
         if arm not in arms:

@@ -77,7 +77,8 @@ __all__ = [
 #: Decimals kept when deciding ties and zeros among differences (accuracies are fractions k/N with
 #: N < 10^6, so distinct values differ in the 7th decimal at the latest).
 TIE_DECIMALS = 12
-#: Up to this many nonzero differences the Wilcoxon p-value is exact (all 2^m sign patterns counted).
+#: Up to this many nonzero differences the Wilcoxon p-value is exact (all 2^m sign patterns
+#: counted).
 WILCOXON_EXACT_MAX_N = 50
 #: Bootstrap resamples of the default interval.
 BOOTSTRAP_RESAMPLES = 10_000
@@ -94,7 +95,8 @@ def _as_vector(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def paired_differences(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> np.ndarray:
+def paired_differences(a: Sequence[float] | np.ndarray,
+                       b: Sequence[float] | np.ndarray) -> np.ndarray:
     """``a − b`` elementwise, float64 ``(n,)``, after checking that the inputs pair up.
 
     Raises:
@@ -312,7 +314,8 @@ def _exact_binomial_half(k: int, n: int) -> float:
     return 1.0 if n == 0 else float(binomtest(k, n, 0.5, alternative="two-sided").pvalue)
 
 
-def mcnemar(correct_a: Sequence[Any] | np.ndarray, correct_b: Sequence[Any] | np.ndarray) -> McNemarResult:
+def mcnemar(correct_a: Sequence[Any] | np.ndarray,
+            correct_b: Sequence[Any] | np.ndarray) -> McNemarResult:
     """McNemar's exact test for one seed: are the two arms' errors on the same test examples
     equally likely to go either way?
 
@@ -341,7 +344,7 @@ def mcnemar(correct_a: Sequence[Any] | np.ndarray, correct_b: Sequence[Any] | np
 
 
 def mcnemar_pooled(per_seed: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> McNemarResult:
-    """McNemar's exact test pooled over seeds: discordant counts summed over seeds, one binomial test.
+    """McNemar's exact test pooled over seeds: discordant counts summed, one binomial test.
 
     Each seed contributes its ``(correct_a, correct_b)`` pair. The counts ``only_a = Σ_s only_a_s``
     and ``only_b = Σ_s only_b_s`` are tested as in :func:`mcnemar`; this is also the

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from bissl.data.datasets import DATASETS, TASK_OPTIONS, load_dataset
 from bissl.data.splits import (
-    DatasetSplits, channel_stats, kfold_assignment, per_class_subset, resize_images, stratified_split,
+    DatasetSplits, channel_stats, kfold_assignment, per_class_subset, resize_images,
+    stratified_split,
 )
 
 __all__ = [

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bissl.data.splits import DatasetSplits, build_splits, per_class_subset, resize_images, stratified_split
+from bissl.data.splits import (
+    DatasetSplits, build_splits, per_class_subset, resize_images, stratified_split,
+)
 
 #: Digit classes of the transfer task's two sides, by default.
 TRANSFER_PRETEXT_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -40,7 +42,8 @@ _LABELLED_STREAM = 1
 
 
 def read_digits(image_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """All 1,797 digits: images float32 ``(N, 1, S, S)`` on ``[0, 1]`` (counts / 16), labels int64 ``(N,)``."""
+    """All 1,797 digits: float32 images ``(N, 1, S, S)`` on ``[0, 1]`` (counts / 16) and int64
+    labels ``(N,)``."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -79,17 +82,19 @@ def lowlabel_split(labels: np.ndarray, val_fraction: float, test_fraction: float
 
 
 def load_digits_lowlabel(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-                         image_size: int | None, *, labels_per_class: int | None = None) -> DatasetSplits:
+                         image_size: int | None, *,
+                         labels_per_class: int | None = None) -> DatasetSplits:
     """``digits_lowlabel`` (see the module docstring).
 
     Raises:
         ValueError: a root path, ``labels_per_class`` missing or larger than a class's pool.
     """
     if root is not None:
-        raise ValueError("dataset 'digits_lowlabel' is built into scikit-learn and takes no root path")
+        raise ValueError("dataset 'digits_lowlabel' is built into scikit-learn and takes no root "
+                         "path")
     if labels_per_class is None:
-        raise ValueError("dataset 'digits_lowlabel' needs labels_per_class (data.labels_per_class), "
-                         "the labelled training images per class")
+        raise ValueError("dataset 'digits_lowlabel' needs labels_per_class "
+                         "(data.labels_per_class), the labelled training images per class")
     x, y = read_digits(image_size)
     try:
         train, val, test, pool = lowlabel_split(y.numpy(), val_fraction, test_fraction,
@@ -98,7 +103,8 @@ def load_digits_lowlabel(root: str | None, val_fraction: float, test_fraction: f
         raise ValueError(f"dataset 'digits_lowlabel': {err}") from None
     return build_splits("digits_lowlabel", *_take(x, y, train), *_take(x, y, val),
                         *_take(x, y, test), num_classes=10,
-                        class_names=[str(d) for d in range(10)], unlabelled=x[torch.from_numpy(pool)])
+                        class_names=[str(d) for d in range(10)],
+                        unlabelled=x[torch.from_numpy(pool)])
 
 
 def _check_classes(classes: Sequence[int], key: str) -> list[int]:
@@ -136,11 +142,12 @@ def transfer_split(labels: np.ndarray, pretext_classes: Sequence[int],
         raise ValueError(f"downstream_classes needs at least two classes, got {down}")
     labels = np.asarray(labels)
     keep = np.flatnonzero(np.isin(labels, down))
-    train, val, test = (keep[i] for i in stratified_split(labels[keep], (val_fraction, test_fraction),
-                                                           seed=seed))
+    parts = stratified_split(labels[keep], (val_fraction, test_fraction), seed=seed)
+    train, val, test = (keep[i] for i in parts)
     if labels_per_class is not None:
         try:
-            train = train[per_class_subset(labels[train], labels_per_class, (seed, _LABELLED_STREAM))]
+            train = train[per_class_subset(labels[train], labels_per_class,
+                                           (seed, _LABELLED_STREAM))]
         except ValueError as err:
             raise ValueError(f"labels_per_class {labels_per_class}: {err} in the training split") \
                 from None
@@ -157,7 +164,8 @@ def load_digits_transfer(root: str | None, val_fraction: float, test_fraction: f
         ValueError: a root path, or the errors of :func:`transfer_split`.
     """
     if root is not None:
-        raise ValueError("dataset 'digits_transfer' is built into scikit-learn and takes no root path")
+        raise ValueError("dataset 'digits_transfer' is built into scikit-learn and takes no root "
+                         "path")
     pre = list(TRANSFER_PRETEXT_CLASSES if pretext_classes is None else pretext_classes)
     down = list(TRANSFER_DOWNSTREAM_CLASSES if downstream_classes is None else downstream_classes)
     x, y = read_digits(image_size)

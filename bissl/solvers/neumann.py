@@ -77,7 +77,8 @@ def neumann_solve(
     """Truncated Neumann series for ``(scale·A + damping·I)⁻¹ b``, with a step that converges.
 
     ``x_K = η Σ_{k<K} (I − η M)^k b`` with ``M = scale·A + damping·I`` and ``K = iters`` terms: the
-    Richardson iteration ``x ← x + η (b − M x)`` from ``x = 0``. For symmetric ``M`` it converges iff
+    Richardson iteration ``x ← x + η (b − M x)`` from ``x = 0``. For symmetric ``M`` it converges
+    iff
     every eigenvalue ``μ`` of ``M`` that ``b`` touches has ``0 < η μ < 2``. The classic choice
     ``η = 1`` for BiSSL's ``I + H/(λ+damp)`` therefore needs ``‖H‖ < λ + damp``; above that the top
     direction grows like ``(‖H‖/(λ+damp))^K`` (at ``λ_max(H) ≈ 80``, ``λ + damp ≈ 10``: ``7^K``).
@@ -119,7 +120,8 @@ def neumann_solve(
     """
     _check_iters(iters, "neumann_solve")
     if not isinstance(lanczos_steps, int) or lanczos_steps < 0:
-        raise ValueError(f"neumann_solve: lanczos_steps must be a non-negative int, got {lanczos_steps!r}")
+        raise ValueError("neumann_solve: lanczos_steps must be a non-negative int, got "
+                         f"{lanczos_steps!r}")
     if step is not None and not step > 0:
         raise ValueError(f"neumann_solve: step must be positive, got {step}")
     prob = flat_problem(matvec, b, scale, damping, "neumann_solve")
@@ -155,15 +157,17 @@ def neumann_solve(
     result = SolveResult(
         x=prob.to_user(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
         b_norm=bb.sqrt(), converged=(rr <= _tolerance2(bb, None, 0.0)) & ~nonfinite,
-        negative_curvature=zero, nonfinite=nonfinite, method="neumann", tridiagonal=tri if m else None,
+        negative_curvature=zero, nonfinite=nonfinite, method="neumann",
+        tridiagonal=tri if m else None,
     )
     if strict:
         result.check()
-        if step is not None and m > 0 and bool(eta * result.ritz_max.to(torch.float64) >= 2):
+        top = float(result.ritz_max) if m > 0 else float("nan")
+        if step is not None and m > 0 and step * top >= 2:
             raise SolverError(
-                f"neumann: step {float(step):.4g} times the largest Ritz value "
-                f"{float(result.ritz_max):.4g} of the damped operator is >= 2, so the series "
-                f"diverges; use step=None (η = 1/ritz_max) or a step below {2 / float(result.ritz_max):.4g}")
+                f"neumann: step {float(step):.4g} times the largest Ritz value {top:.4g} of the "
+                f"damped operator is >= 2, so the series diverges; use step=None "
+                f"(η = 1/ritz_max) or a step below {2 / top:.4g}")
     return result
 
 

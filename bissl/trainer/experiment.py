@@ -100,7 +100,8 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
                 tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json")
             return PipelineData.from_text(text)
         down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
-                            test_fraction=d.test_fraction, seed=d.split_seed, **image_task_options(d))
+                            test_fraction=d.test_fraction, seed=d.split_seed,
+                            **image_task_options(d))
         pretext = None
         if d.pretext_name is not None:
             # A separate pretext set is unlabelled training data: nothing is held out of it.

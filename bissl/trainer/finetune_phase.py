@@ -54,7 +54,8 @@ class FinetunePhase(Phase):
         self.probe = f.mode == "linear_probe"
         if self.probe:
             self.backbone.requires_grad_(False)
-        self.params = ([] if self.probe else list(self.backbone.parameters())) + list(self.head.parameters())
+        backbone_params = [] if self.probe else list(self.backbone.parameters())
+        self.params = backbone_params + list(self.head.parameters())
         self.optimizer = finetune_optimizer(cfg, self.params)
         self.scheduler = cosine(self.optimizer, self.total_steps, 0, f.final_lr_factor)
         self.augment = build_downstream_augment(cfg, data)

@@ -62,7 +62,8 @@ def test_lowlabel_dataset_images_match_the_indices(labels):
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "needs labels_per_class"),
     ({"labels_per_class": 200}, "fewer than the 200"),
-    ({"labels_per_class": 5, "pretext_classes": [0]}, "pretext_classes is an option of digits_transfer"),
+    ({"labels_per_class": 5, "pretext_classes": [0]},
+     "pretext_classes is an option of digits_transfer"),
     ({"labels_per_class": 5, "root": "x"}, "takes no root"),
 ])
 def test_lowlabel_errors(kwargs, match):
@@ -96,7 +97,8 @@ def test_transfer_dataset(labels):
     data = load_dataset("digits_transfer", labels_per_class=7, seed=2)
     assert data.num_classes == 5 and data.class_names == ["5", "6", "7", "8", "9"]
     assert torch.bincount(data.train.tensors[1]).tolist() == [7] * 5
-    pretext, train, val, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2, 7, 2)
+    pretext, train, val, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2,
+                                               7, 2)
     x, y = read_digits()
     # Images and relabelled targets are those of the indices (label 5 -> 0, ..., 9 -> 4).
     raw = _pixels(data.test.tensors[0], data)
@@ -110,7 +112,8 @@ def test_transfer_custom_classes_and_errors(labels):
     data = load_dataset("digits_transfer", pretext_classes=[1, 7], downstream_classes=[9, 3])
     assert data.class_names == ["9", "3"]
     assert set(data.train.tensors[1].tolist()) == {0, 1}
-    for kwargs, match in [({"pretext_classes": [0, 5], "downstream_classes": [5, 6]}, "share \\[5\\]"),
+    for kwargs, match in [({"pretext_classes": [0, 5], "downstream_classes": [5, 6]},
+                           "share \\[5\\]"),
                           ({"downstream_classes": [5]}, "at least two"),
                           ({"pretext_classes": [10]}, "digits 0-9"),
                           ({"pretext_classes": [1, 1]}, "repeats")]:

@@ -26,7 +26,8 @@ def _system(n: int = 30, top: float = 80.0, seed: int = 0):
 
 
 def _solve(H, b, iters, **kw):
-    return neumann_solve(lambda v: H @ v, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0, **kw)
+    return neumann_solve(lambda v: H @ v, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0,
+                         **kw)
 
 
 def _series(M: torch.Tensor, b: torch.Tensor, eta: float, terms: int) -> torch.Tensor:

@@ -79,7 +79,8 @@ def test_loader_uses_the_fold(polarity):
     kw = dict(tokenizer="bytes", seq_len=32, max_length=40, val_fraction=0.2)
     data = load_text_data("polarity", folds=5, fold=2, **kw)
     train, val, test = kfold_split(polarity.labels, None, 5, 2, 0.2, 0)
-    assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (len(train), len(val), len(test))
+    sizes = (len(data.train_y), len(data.val_y), len(data.test_y))
+    assert sizes == (len(train), len(val), len(test))
     assert torch.equal(data.test_y, torch.from_numpy(polarity.labels[test]))
     first = data.tokenizer.decode([t for t in data.test_x[0].tolist() if t != data.pad_id])
     assert first == clean_text(polarity.texts[test[0]])[:40]

@@ -120,3 +120,17 @@ def test_bad_arguments(kw, match):
     args = {"iters": 3, **kw}
     with pytest.raises(ValueError, match=match):
         _solve(H, b, **args)
+
+
+@pytest.mark.parametrize("iters, lanczos_steps", [(1, 10), (5, 10), (30, 4)])
+def test_matvec_count_is_that_of_the_plain_series(iters, lanczos_steps):
+    H, _, b = _system(n=12)
+    calls = []
+
+    def mv(v):
+        calls.append(1)
+        return H @ v
+
+    neumann_solve(mv, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0,
+                  lanczos_steps=lanczos_steps)
+    assert len(calls) == iters - 1

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.bissl-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench cuda-check clean
+.PHONY: install demo test test-fast bench tables cuda-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: install
 
 test-fast: install
 	BISSL_REQUIRE_ALL=1 $(PY) -m pytest -q -m "not slow" tests
+
+# Every results table of the README and docs/, regenerated from the run directories' results.json /
+# sweep.csv committed under docs/ (blocks between <!-- table:KIND PATH --> and <!-- /table -->).
+tables: install
+	$(PY) -m bissl report --update README.md docs/*.md
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-$$(hostname).json

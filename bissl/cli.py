@@ -1,4 +1,4 @@
-"""Command line: ``bissl run | demo | config | env | sweep`` (also ``python -m bissl``).
+"""Command line: ``bissl run | demo | config | env | sweep | report`` (also ``python -m bissl``).
 
 Examples::
 
@@ -11,6 +11,8 @@ Examples::
     bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2 --seeds 3   # sensitivity
     bissl config reference_imagenet_resnet50     # print the resolved config
     bissl env                                    # versions, threads, kernel backends
+    bissl report runs/demo_digits --per-seed     # markdown table with paired statistics
+    bissl report --update README.md docs/*.md    # regenerate the docs' tables (make tables)
 """
 from __future__ import annotations
 
@@ -140,6 +142,50 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bissl.report_tables import (
+        TableError, check_files, count_blocks, kind_of, render, update_files,
+    )
+
+    try:
+        if args.update or args.check:
+            files = args.update or args.check
+            if args.run_dirs or args.out:
+                raise ConfigError("--update/--check take markdown files; give run directories "
+                                  "without them")
+            if args.check:
+                stale = check_files(files)
+                for path in stale:
+                    print(f"{path}: a generated table differs from its data; run 'make tables'",
+                          file=sys.stderr)
+                print(f"{count_blocks(files)} table(s) in {len(files)} file(s) checked, "
+                      f"{len(stale)} file(s) stale")
+                return EXIT_FAILED if stale else 0
+            changed = update_files(files)
+            print(f"{count_blocks(files)} table(s) in {len(files)} file(s); rewrote: "
+                  f"{', '.join(changed) if changed else 'nothing (all up to date)'}")
+            return 0
+        if not args.run_dirs:
+            raise ConfigError("give RUN_DIR(s), or --update/--check FILE(s)")
+        options = {k: v for k, v in (("metric", args.metric), ("compare", args.compare)) if v}
+        tables = []
+        for run_dir in args.run_dirs:
+            kind = kind_of(run_dir)
+            if kind == "run" and args.per_seed:
+                options["per_seed"] = "yes"
+            tables.append(render(kind, run_dir, options={
+                k: v for k, v in options.items() if kind == "run" or k != "per_seed"}))
+    except TableError as err:
+        raise ConfigError(str(err)) from None
+    text = "\n\n".join(tables) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import torch
 
@@ -231,6 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the built-in defaults)")
     add_set(config)
     config.set_defaults(func=_cmd_config)
+
+    report = sub.add_parser(
+        "report", help="results tables (markdown) from run/sweep directories; rewrite the docs' "
+                       "marked tables",
+        description="Print the markdown table of each RUN_DIR (results.json of 'bissl run', or "
+                    "sweep.csv of 'bissl sweep'): mean ± std per arm, paired differences with "
+                    "bootstrap intervals, t / Wilcoxon / McNemar p-values, Holm across sweep "
+                    "cells. --update rewrites every '<!-- table:KIND PATH -->' block of the given "
+                    "markdown files ('make tables'); --check only reports stale ones.")
+    report.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run or sweep directories")
+    report.add_argument("--out", metavar="FILE", help="write the tables to FILE instead of stdout")
+    report.add_argument("--metric", choices=("test_acc", "val_acc", "test_loss", "val_loss"),
+                        help="metric to tabulate (default: test_acc)")
+    report.add_argument("--per-seed", action="store_true", help="run tables: one row per seed too")
+    report.add_argument("--compare", metavar="A-B,...",
+                        help="arm pairs to compare (default: bissl against every other arm)")
+    report.add_argument("--update", nargs="+", metavar="FILE",
+                        help="rewrite the marked tables of these markdown files")
+    report.add_argument("--check", nargs="+", metavar="FILE",
+                        help="exit 1 if a marked table of these files differs from its data")
+    report.set_defaults(func=_cmd_report)
 
     env = sub.add_parser("env", help="print versions, threads and the kernel backends")
     env.set_defaults(func=_cmd_env)

@@ -167,6 +167,20 @@ class DataConfig:
     split_seed: int = _opt(0, "seed of the train/val/test split (fixed across training seeds)", _ge(0))
     image_size: Optional[int] = _opt(None, "resize images to this side (default: the dataset's)",
                                      _ge(1))
+    labels_per_class: Optional[int] = _opt(
+        None, "labelled training images per class: required by 'digits_lowlabel' (drawn from the "
+              "images left after the val/test split, which are all its pretext images), optional "
+              "for 'digits_transfer' (default: its whole training split)", _ge(1))
+    pretext_classes: Optional[list[int]] = _opt(
+        None, "'digits_transfer': digit classes whose images are the pretext set (default 0-4)")
+    downstream_classes: Optional[list[int]] = _opt(
+        None, "'digits_transfer': digit classes of the downstream task, relabelled 0..k-1 in "
+              "this order (default 5-9)")
+    folds: Optional[int] = _opt(
+        None, "text tasks: stratified k-fold (by play for 'shakespeare_genre'): fold 'fold' is "
+              "the test split, val is val_fraction of the other folds, test_fraction is not "
+              "used; repeats are values of split_seed (null: the fixed val/test split)", _ge(2))
+    fold: int = _opt(0, "with 'folds': the test fold, 0..folds-1", _ge(0))
 
 
 @dataclass
@@ -217,6 +231,12 @@ class PretextConfig:
                                      lambda v: _nonempty(v) or _each(_ge(1))(v))
     byol_ema: float = _opt(0.9995, "BYOL target EMA momentum", _in01())
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: Literal["lars", "adamw"] = _opt(
+        "lars", "'lars' (the reference; lr, momentum, weight_decay, eta) or 'adamw' (lr, "
+                "weight_decay on weight matrices only, betas; the usual choice for GPT "
+                "pretraining); same cosine schedule")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
+                              _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass
@@ -309,6 +329,15 @@ class FinetuneConfig:
         "none", "fine-tuning (and upper-step) augmentation: 'none', or 'crop': the pretext "
                 "preset's random resized crop and flip, no colour changes")
     eval_every_epochs: int = _opt(1, "evaluate on val every N epochs (and after the last)", _ge(1))
+    mode: Literal["full", "linear_probe"] = _opt(
+        "full", "'full' (backbone and head trained) or 'linear_probe' (backbone frozen with "
+                "BatchNorm in eval mode, only the head trained: the read-out that sees the "
+                "backbone most directly)")
+    optimizer: Literal["sgd", "adamw"] = _opt(
+        "sgd", "'sgd' (momentum; lr, momentum, weight_decay) or 'adamw' (lr, weight_decay on "
+               "weight matrices only, betas)")
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
+                              _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass

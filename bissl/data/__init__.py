@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from bissl.data.datasets import DATASETS, load_dataset
-from bissl.data.splits import DatasetSplits, channel_stats, resize_images, stratified_split
+from bissl.data.datasets import DATASETS, TASK_OPTIONS, load_dataset
+from bissl.data.splits import (
+    DatasetSplits, channel_stats, kfold_assignment, per_class_subset, resize_images,
+    stratified_split,
+)
 
 __all__ = [
     "DATASETS",
     "DatasetSplits",
+    "TASK_OPTIONS",
     "channel_stats",
+    "kfold_assignment",
     "load_dataset",
+    "per_class_subset",
     "resize_images",
     "stratified_split",
 ]

@@ -9,6 +9,9 @@ Provenance (nothing is ever downloaded):
   written by 13 people. We scale counts to ``[0, 1]`` by dividing by 16. With the default fractions
   (val 0.1, test 0.2) the stratified split has exactly **1,258 train / 180 val / 359 test** images
   for every seed (the seed changes which images, not how many).
+* ``"digits_lowlabel"``, ``"digits_transfer"``: few labels, or a class split, cut from the same
+  digits (:mod:`bissl.data.digits_tasks`); they bring their own pretext images
+  (``DatasetSplits.unlabelled``) and take the task options of :func:`load_dataset`.
 * ``"npz"``: a user-provided ``.npz`` file (``root``) with ``x_train, y_train, x_test, y_test`` and
   optionally ``x_val, y_val`` and ``class_names`` — e.g. CIFAR-10 or STL-10 arrays saved with
   ``numpy.savez``. Images are ``uint8`` ``(N, H, W, C)`` or ``(N, H, W)`` (divided by 255), or float
@@ -26,12 +29,13 @@ and ``.std`` keep them). See :mod:`bissl.data.splits` for the exact split rule.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from bissl.data.digits_tasks import load_digits_lowlabel, load_digits_transfer, read_digits
 from bissl.data.splits import DatasetSplits, build_splits, resize_images, stratified_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -112,13 +116,7 @@ def _load_digits(
 ) -> DatasetSplits:
     if root is not None:
         raise ValueError("dataset 'digits' is built into scikit-learn and takes no root path")
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images).to(torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    if image_size is not None:
-        x = resize_images(x, image_size)
+    x, y = read_digits(image_size)
     splits = _fill_missing_splits(x, y, None, None, val_fraction, test_fraction, seed)
     return build_splits("digits", *splits, num_classes=10, class_names=[str(d) for d in range(10)])
 
@@ -262,11 +260,18 @@ def _load_imagefolder(
 
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "digits": _load_digits,
+    "digits_lowlabel": load_digits_lowlabel,
+    "digits_transfer": load_digits_transfer,
     "imagefolder": _load_imagefolder,
     "npz": _load_npz,
 }
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = tuple(sorted(_LOADERS))
+#: The task options of :func:`load_dataset` each dataset takes (config keys ``data.<option>``).
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits_lowlabel": ("labels_per_class",),
+    "digits_transfer": ("labels_per_class", "pretext_classes", "downstream_classes"),
+}
 
 
 def load_dataset(
@@ -277,11 +282,15 @@ def load_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
     image_size: int | None = None,
+    labels_per_class: int | None = None,
+    pretext_classes: Sequence[int] | None = None,
+    downstream_classes: Sequence[int] | None = None,
 ) -> DatasetSplits:
     """Load a labelled image dataset as normalised train/val/test tensors.
 
     Args:
-        name: ``"digits"`` (built in, default choice), ``"npz"`` or ``"imagefolder"``.
+        name: ``"digits"`` (built in, default choice), ``"digits_lowlabel"``,
+            ``"digits_transfer"``, ``"npz"`` or ``"imagefolder"``.
         root: ``.npz`` path (``"npz"``) or directory (``"imagefolder"``); must be None for digits.
         val_fraction: fraction of the split pool carved out for validation when the source has no
             validation split (digits: of all 1,797 images; npz/imagefolder: of the training set).
@@ -289,13 +298,17 @@ def load_dataset(
         seed: which samples go where (sizes do not depend on it).
         image_size: resize to ``image_size x image_size`` (bilinear); None keeps the native size
             (8 for digits), which must then be square.
+        labels_per_class: labelled training images per class (``digits_lowlabel``: required;
+            ``digits_transfer``: optional, default every training image).
+        pretext_classes, downstream_classes: the two sides of ``digits_transfer`` (default 0-4
+            and 5-9).
 
     Returns:
         :class:`DatasetSplits`; ``x`` float32 ``(N, C, S, S)``, ``y`` int64 ``(N,)``.
 
     Raises:
         ValueError: unknown name (the message lists valid names), bad fractions, missing or
-            malformed arrays, mismatched shapes.
+            malformed arrays, mismatched shapes, a task option the dataset does not take.
         FileNotFoundError: ``root`` does not exist.
 
     Example:
@@ -310,4 +323,13 @@ def load_dataset(
             raise ValueError(f"{label} must lie in [0, 1), got {frac}")
     if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-    return _LOADERS[name](root, val_fraction, test_fraction, seed, image_size)
+    given = {k: v for k, v in (("labels_per_class", labels_per_class),
+                               ("pretext_classes", pretext_classes),
+                               ("downstream_classes", downstream_classes)) if v is not None}
+    accepted = TASK_OPTIONS.get(name, ())
+    for key in given:
+        if key not in accepted:
+            users = sorted(n for n, opts in TASK_OPTIONS.items() if key in opts)
+            raise ValueError(f"{key} is an option of {', '.join(users)}; dataset {name!r} does not "
+                             f"take it")
+    return _LOADERS[name](root, val_fraction, test_fraction, seed, image_size, **given)

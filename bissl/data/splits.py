@@ -34,6 +34,10 @@ class DatasetSplits:
         class_names: class names in label order, when the source has them.
         mean, std: the per-channel statistics used for normalisation, on the ``[0, 1]`` pixel scale
             (``x_raw = x * std + mean``); augmentations that assume ``[0, 1]`` pixels need them.
+        unlabelled: ``(N_u, C, H, W)`` pretext images that come with the task (normalised like the
+            splits, with the same statistics), or None: the pretext set is then the train split
+            (or a separately named pretext dataset). Tasks that set it never include val or test
+            images in it.
     """
 
     train: TensorDataset
@@ -46,6 +50,7 @@ class DatasetSplits:
     class_names: list[str] | None = None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    unlabelled: Tensor | None = None
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -113,6 +118,61 @@ def stratified_split(
     return [rest, *parts]
 
 
+def _rng(seed: int | Sequence[int]) -> np.random.Generator:
+    return np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
+
+
+def per_class_subset(labels: np.ndarray | Tensor, per_class: int,
+                     seed: int | Sequence[int] = 0) -> np.ndarray:
+    """Indices of ``per_class`` samples of every class, drawn without replacement.
+
+    Within a class the samples are shuffled with ``numpy.random.default_rng(seed)`` (classes in
+    ascending label order) and the first ``per_class`` kept.
+
+    Returns:
+        sorted int64 indices into ``labels``, ``per_class × (number of classes)`` of them.
+
+    Raises:
+        ValueError: ``per_class < 1`` or a class with fewer than ``per_class`` samples.
+    """
+    y = np.asarray(labels).reshape(-1)
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    rng = _rng(seed)
+    chosen = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        if members.size < per_class:
+            raise ValueError(f"class {int(c)} has {members.size} samples, fewer than the "
+                             f"{per_class} asked for")
+        chosen.append(rng.permutation(members)[:per_class])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def kfold_assignment(labels: np.ndarray | Tensor, folds: int,
+                     seed: int | Sequence[int] = 0) -> np.ndarray:
+    """Stratified k-fold: the fold ``0..folds-1`` of every sample.
+
+    The samples of each class are shuffled with ``numpy.random.default_rng(seed)``, the classes
+    are concatenated in ascending label order and position ``i`` of that list goes to fold
+    ``i mod folds``. So each fold holds ``⌊n_c/k⌋`` or ``⌈n_c/k⌉`` samples of every class ``c`` and
+    fold sizes differ by at most one; every sample is in exactly one fold.
+
+    Raises:
+        ValueError: ``folds < 2`` or more folds than samples.
+    """
+    y = np.asarray(labels).reshape(-1)
+    if folds < 2:
+        raise ValueError(f"k-fold needs folds >= 2, got {folds}")
+    if folds > y.size:
+        raise ValueError(f"{folds} folds for {y.size} samples: a fold would be empty")
+    rng = _rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)])
+    fold_of = np.empty(y.size, dtype=np.int64)
+    fold_of[order] = np.arange(y.size) % folds
+    return fold_of
+
+
 def resize_images(x: Tensor, image_size: int) -> Tensor:
     """Bilinear resize of ``(N, C, H, W)`` float images to ``(N, C, image_size, image_size)``."""
     if image_size <= 0:
@@ -149,14 +209,18 @@ def build_splits(
     *,
     num_classes: int,
     class_names: list[str] | None = None,
+    unlabelled: Tensor | None = None,
 ) -> DatasetSplits:
     """Normalise ``[0, 1]``-scaled images with train statistics; pack them as ``DatasetSplits``.
 
     Args:
         x_*: float ``(N, C, S, S)`` images on the ``[0, 1]`` scale.
         y_*: integer ``(N,)`` labels in ``[0, num_classes)``.
+        unlabelled: optional ``(N_u, C, S, S)`` pretext images on the ``[0, 1]`` scale. When given,
+            the statistics come from them (the larger set, and the input distribution the backbone
+            is pretrained on) and every split is normalised with those.
     """
-    mean, std = channel_stats(x_train)
+    mean, std = channel_stats(x_train if unlabelled is None else unlabelled)
     shape = (1, -1, 1, 1)
 
     def norm(x: Tensor) -> Tensor:
@@ -180,4 +244,5 @@ def build_splits(
         class_names=class_names,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        unlabelled=None if unlabelled is None else norm(unlabelled),
     )

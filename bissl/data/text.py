@@ -12,6 +12,9 @@ Pipeline (all deterministic):
    never change the split). Tasks whose texts are passages of larger works (``shakespeare_genre``:
    plays) are split by work with :func:`group_split`, so val and test hold only unseen works;
    their default pretext corpus is the full text of the training works.
+   Or, with ``folds = k``, stratified k-fold (:func:`kfold_split`): fold ``fold`` is the test
+   split and validation is carved from the other folds, so running ``fold = 0..k-1`` tests every
+   labelled text exactly once; each ``split_seed`` is one repeat (another partition).
 4. Tokenizer: loaded from ``tokenizer_path`` when that file exists (a resumed run keeps its
    tokenizer), else trained on the cleaned pretext documents (:mod:`bissl.data.tokenizer`) and
    saved there.
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bissl.data.splits import stratified_split
+from bissl.data.splits import kfold_assignment, stratified_split
 from bissl.data.text_sources import LABELLED_TASKS, read_labelled_task, read_pretext_corpus
 from bissl.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -153,6 +156,46 @@ def group_split(groups: Sequence[str], labels: np.ndarray, fractions: tuple[floa
     return tuple(np.flatnonzero(parts == k).astype(np.int64) for k in range(3))
 
 
+def kfold_split(labels: np.ndarray, groups: Sequence[str] | None, folds: int, fold: int,
+                val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/val/test indices of fold ``fold`` of a stratified k-fold partition.
+
+    Without groups, texts are assigned to folds by :func:`bissl.data.splits.kfold_assignment`
+    (stratified, sizes within one of each other) and validation is
+    :func:`~bissl.data.splits.stratified_split` of the other folds (``round(n·val_fraction)`` of
+    their ``n`` texts). With groups (plays), whole groups are assigned to folds, stratified by the
+    groups' labels, and validation takes whole groups of the other folds (:func:`group_split`).
+    The partition depends on ``seed`` only, so the folds of one seed are disjoint and cover
+    every text; validation never contains a test text.
+
+    Returns:
+        ``(train_idx, val_idx, test_idx)``, int64, ascending.
+
+    Raises:
+        ValueError: ``fold`` outside ``0..folds-1``, too few texts or groups for ``folds``.
+    """
+    labels = np.asarray(labels)
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1} for {folds} folds, got {fold}")
+    if groups is None:
+        fold_of = kfold_assignment(labels, folds, seed)
+        rest = np.flatnonzero(fold_of != fold)
+        train_rel, val_rel = stratified_split(labels[rest], (val_fraction,), seed=seed)
+        train, val = rest[train_rel], rest[val_rel]
+    else:
+        names = sorted(set(groups))
+        group_label = {g: int(y) for g, y in zip(groups, labels.tolist())}
+        group_fold = kfold_assignment(np.asarray([group_label[g] for g in names]), folds, seed)
+        fold_by_name = dict(zip(names, group_fold.tolist()))
+        fold_of = np.asarray([fold_by_name[g] for g in groups])
+        rest = np.flatnonzero(fold_of != fold)
+        train_rel, val_rel, _ = group_split([groups[i] for i in rest], labels[rest],
+                                            (val_fraction, 0.0), seed)
+        train, val = rest[train_rel], rest[val_rel]
+    test = np.flatnonzero(fold_of == fold)
+    return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64), test.astype(np.int64)
+
+
 def _tokenizer_for(kind: str, vocab_size: int, docs: list[str], path: Path | None) -> Tokenizer:
     if path is not None and path.exists():
         tok = load_tokenizer(path)
@@ -170,6 +213,7 @@ def _tokenizer_for(kind: str, vocab_size: int, docs: list[str], path: Path | Non
 def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str = "bpe",
                    vocab_size: int = 2048, seq_len: int = 64, max_length: int = 64,
                    val_fraction: float = 0.1, test_fraction: float = 0.2, split_seed: int = 0,
+                   folds: int | None = None, fold: int = 0,
                    tokenizer_path: str | Path | None = None) -> TextData:
     """Load a labelled text task and a pretext corpus as token tensors (see the module docstring).
 
@@ -184,6 +228,8 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
         seq_len: tokens per pretext row.
         max_length: downstream truncation/padding length.
         val_fraction, test_fraction, split_seed: the fixed split (:func:`stratified_split`).
+        folds, fold: k-fold instead (:func:`kfold_split`): the test split is fold ``fold`` of
+            ``folds``; ``test_fraction`` is not used.
         tokenizer_path: where the tokenizer is read from if it exists, else saved to.
 
     Raises:
@@ -193,9 +239,14 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if folds is None and fold != 0:
+        raise ValueError(f"fold {fold} given without folds (k-fold is off)")
     task = read_labelled_task(name)
     texts = [clean_text(t) for t in task.texts]
-    if task.groups is None:
+    if folds is not None:
+        train_idx, val_idx, test_idx = kfold_split(task.labels, task.groups, folds, fold,
+                                                   val_fraction, split_seed)
+    elif task.groups is None:
         train_idx, val_idx, test_idx = stratified_split(task.labels, (val_fraction, test_fraction),
                                                         seed=split_seed)
     else:

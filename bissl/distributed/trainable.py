@@ -56,9 +56,12 @@ class OptimizerSpec:
 
     Attributes:
         kind: ``sgd`` (momentum), ``lars`` (:class:`bissl.optim.LARS`) or ``adamw``.
-        lr, momentum, weight_decay: as the torch optimizers (``momentum`` unused by AdamW).
+        lr, momentum, weight_decay: as the torch optimizers (``momentum`` unused by AdamW, whose
+            decay applies to weight matrices and kernels only, ``dim >= 2``: biases and norm
+            affine parameters are not decayed, as LARS excludes them).
         eta: LARS trust coefficient.
         clip_norm: total gradient-norm clipping before the step (None: none).
+        betas: AdamW ``(β1, β2)``.
     """
 
     kind: Literal["sgd", "lars", "adamw"]
@@ -67,6 +70,7 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     eta: float = 1e-3
     clip_norm: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
 
     def build(self, params: Sequence[nn.Parameter], *, partitions: bool = False) -> torch.optim.Optimizer:
         """The torch optimizer. ``partitions``: it will see flat ZeRO partitions, so LARS becomes
@@ -81,7 +85,11 @@ class OptimizerSpec:
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                    weight_decay=self.weight_decay)
         if self.kind == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            # Parameter groups survive ZeRO's flattening (one flat partition per group).
+            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+            return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
+                                     betas=tuple(self.betas))
         raise ValueError(f"unknown optimizer kind {self.kind!r}; choose 'sgd', 'lars' or 'adamw'")
 
 

@@ -67,7 +67,12 @@ class PipelineData:
 
     @classmethod
     def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> "PipelineData":
-        """Downstream splits, and the pretext set's train split (default: the downstream train split)."""
+        """Downstream splits, and the pretext images: the downstream set's own ``unlabelled``
+        images when it has them, else the pretext set's train split (default: the downstream
+        train split)."""
+        if pretext is not None and down.unlabelled is not None:
+            raise ValueError(f"dataset {down.name!r} brings its own pretext images; leave "
+                             "data.pretext_name unset")
         src = pretext if pretext is not None else down
         if src.in_channels != down.in_channels:
             raise ValueError(f"the pretext data has {src.in_channels} channels, the downstream data "
@@ -75,8 +80,9 @@ class PipelineData:
         train_x, train_y = down.train.tensors[:2]
         val_x, val_y = down.val.tensors[:2]
         test_x, test_y = down.test.tensors[:2]
+        pretext_x = down.unlabelled if down.unlabelled is not None else src.train.tensors[0]
         return cls(
-            pretext_x=src.train.tensors[0], pretext_mean=tuple(src.mean), pretext_std=tuple(src.std),
+            pretext_x=pretext_x, pretext_mean=tuple(src.mean), pretext_std=tuple(src.std),
             train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
             mean=tuple(down.mean), std=tuple(down.std), num_classes=down.num_classes,
             in_channels=down.in_channels, image_size=down.image_size,

@@ -33,6 +33,7 @@ from bissl.config import (
     Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
 )
 from bissl.data import load_dataset
+from bissl.data.options import image_task_options, text_task_options
 from bissl.distributed.trainable import DataParallel
 from bissl.trainer.bissl_phase import BisslPhase
 from bissl.trainer.bissl_stage import lower_spec
@@ -99,11 +100,12 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
             text = load_text_data(
                 d.name, pretext_name=d.pretext_name, tokenizer=t.tokenizer, vocab_size=t.vocab_size,
                 seq_len=t.seq_len, max_length=t.max_length, val_fraction=d.val_fraction,
-                test_fraction=d.test_fraction, split_seed=d.split_seed,
+                test_fraction=d.test_fraction, split_seed=d.split_seed, **text_task_options(d),
                 tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json")
             return PipelineData.from_text(text)
         down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
-                            test_fraction=d.test_fraction, seed=d.split_seed)
+                            test_fraction=d.test_fraction, seed=d.split_seed,
+                            **image_task_options(d))
         pretext = None
         if d.pretext_name is not None:
             # A separate pretext set is unlabelled training data: nothing is held out of it.
@@ -145,10 +147,12 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
 
 
 def _arm_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """An arm's final metrics and its per-example test predictions (for paired statistics)."""
+    """An arm's final metrics and its per-example test predictions and correctness (0/1, in test
+    order: paired statistics such as McNemar's test read them)."""
     out: dict[str, Any] = {k: float(result[k]) for k in METRICS}
-    if "test_pred" in result:
-        out["test_pred"] = [int(v) for v in result["test_pred"]]
+    for key in ("test_pred", "test_correct"):
+        if key in result:
+            out[key] = [int(v) for v in result[key]]
     return out
 
 

@@ -1,5 +1,8 @@
 """Pipeline step 3: fine-tuning a backbone with a fresh head, for both arms of the comparison.
 
+``finetune.mode: linear_probe`` freezes the backbone (no gradient, BatchNorm in eval mode: its
+running statistics stay those of the arm's backbone) and trains the head only.
+
 Both arms (BiSSL: the lower backbone θ; baseline: the pretext backbone) use the identical protocol
 and the identical random streams (head initialisation, data order, augmentation) derived from the
 seed only, so the comparison is paired: the backbone is the only difference. Validation accuracy is
@@ -33,7 +36,8 @@ from bissl.trainer.sampler import EpochSampler, gather
 
 
 class FinetunePhase(Phase):
-    """SGD (momentum, cosine) on backbone + fresh head for ``finetune.epochs`` epochs.
+    """SGD (momentum) or AdamW, cosine, on backbone + fresh head (or the head alone, for a linear
+    probe) for ``finetune.epochs`` epochs.
 
     Args:
         name: ``"finetune_bissl"`` or ``"finetune_baseline"``.
@@ -58,16 +62,25 @@ class FinetunePhase(Phase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(ctx.seed, "finetune", "head"))  # same head for both arms
             head = build_head_from(cfg, backbone, data, ctx.device)
+        self.probe = f.mode == "linear_probe"
+        if self.probe:
+            backbone.requires_grad_(False)  # the trainable takes the parameters that require grad
         total = self.total_steps
         self.model: Trainable = self.dp.trainable(
             UpperObjective(backbone, head, downstream_objective),
-            OptimizerSpec("sgd", f.lr, f.momentum, f.weight_decay),
+            OptimizerSpec(f.optimizer, f.lr, f.momentum, f.weight_decay, betas=(f.betas[0], f.betas[1])),
             lambda o: cosine(o, total, 0, f.final_lr_factor))
         self.augment = build_downstream_augment(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, "finetune", "augment"), ctx.device)
 
+    def _train_mode(self) -> None:
+        module = self.model.module
+        module.train()
+        if self.probe:
+            module.backbone.eval()  # the arm's BatchNorm statistics are part of what is probed
+
     def step(self) -> list[dict[str, Any]]:
-        self.model.module.train()
+        self._train_mode()
         idx = self.sampler.next_batch()
         x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
         if self.augment is not None:
@@ -133,6 +146,7 @@ class FinetunePhase(Phase):
         module = self.model.module
         return {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                 "test_loss": test["loss"], "test_pred": test["pred"],
+                "test_correct": (test["pred"] == self.data.test_y.cpu()).to(torch.int64),
                 "backbone": full_state_dict(module.backbone), "head": full_state_dict(module.head)}
 
     def describe_step(self, step: int) -> str:

@@ -1,4 +1,4 @@
-"""Pipeline step 1: self-supervised pretraining (SimCLR, BYOL or GPT) with LARS and a cosine schedule.
+"""Pipeline step 1: self-supervised pretraining (SimCLR, BYOL or GPT) with LARS (or AdamW) and a cosine schedule.
 
 On N ranks every rank draws the same global batch and trains on its shard; gradients are averaged
 (plain data parallel, or a DeepSpeed engine under ZeRO 1-3), BatchNorm can use global-batch
@@ -32,8 +32,8 @@ class PretextPhase(Phase):
         name: phase name (``"pretext"``, or ``"pretext_matched"`` for the compute-matched baseline).
         cfg, data, ctx: experiment config, tensors, run context (``ctx.dp``: the ranks).
         total_steps: optimizer steps; ``None`` means ``pretext.epochs`` epochs.
-        opt: optimizer settings and the global batch size; ``None`` means the ``pretext``
-            section's LARS (warm-up in epochs).
+        opt: optimizer settings; ``None`` means the ``pretext`` section's (``pretext.optimizer``,
+            warm-up in epochs).
         warmup_steps: warm-up of the cosine schedule when ``opt`` is given.
         final_lr_factor: end of the cosine when ``opt`` is given.
         batch_size: global batch when ``opt`` is given.
@@ -54,7 +54,8 @@ class PretextPhase(Phase):
                               f"dataset size: not a multiple of run.nproc {self.dp.world}")
         spe = self.sampler.steps_per_epoch
         if opt is None:
-            opt = OptimizerSpec("lars", p.lr, p.momentum, p.weight_decay, p.eta)
+            opt = OptimizerSpec(p.optimizer, p.lr, p.momentum, p.weight_decay, p.eta,
+                                betas=(p.betas[0], p.betas[1]))
             warmup_steps, final_lr_factor = int(round(p.warmup_epochs * spe)), p.final_lr_factor
         super().__init__(p.epochs * spe if total_steps is None else total_steps)
         backbone = build_backbone_from(cfg, data, ctx.device)

@@ -5,8 +5,7 @@ from typing import Callable
 
 import torch
 
-from bissl.ops.reference import dot_ref
-from bissl.solvers._problem import flat_problem
+from bissl.solvers._problem import dot, linear_problem
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.result import SolveResult
 from bissl.typing import Vector
@@ -39,22 +38,24 @@ def neumann_solve(
         NaN/Inf; divergence shows as a growing residual (``converged`` stays False).
     """
     _check_iters(iters, "neumann_solve")
-    prob = flat_problem(matvec, b, scale, damping, "neumann_solve")
+    prob = linear_problem(matvec, b, scale, damping, "neumann_solve")
     eta = step if step is not None else (1.0 / prob.shift if prob.shift > 0 else 1.0)
     if eta <= 0:
         raise ValueError(f"neumann_solve: step must be positive, got {eta}")
     x = torch.zeros_like(prob.b)
     r = prob.b.clone()
+    mx = prob.empty()  # the damped matvec's output, reused every iteration
     for k in range(iters):
         if k > 0:
-            r = prob.b - (prob.matvec(x) * prob.scale + prob.shift * x)
+            mx, _ = prob.apply(x, mx)
+            torch.sub(prob.b, mx, out=r)
         x.add_(r, alpha=eta)
-    rr = dot_ref(r, r)
-    bb = dot_ref(prob.b, prob.b)
+    rr = dot(r, r)
+    bb = dot(prob.b, prob.b)
     nonfinite = ~torch.isfinite(x).all() | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(
-        x=prob.to_user(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
+        x=prob.views(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
         b_norm=bb.sqrt(), converged=(rr <= _tolerance2(bb, None, 0.0)) & ~nonfinite,
         negative_curvature=zero, nonfinite=nonfinite, method="neumann",
     )
@@ -76,14 +77,16 @@ def identity_solve(
     No matvec is made; ``matvec`` and ``iters`` are accepted for a uniform solver signature.
     ``residual_norm`` is not computed (NaN) because that would need a matvec.
     """
-    prob = flat_problem(matvec or (lambda v: v), b, scale, damping, "identity_solve")
-    x = prob.b / prob.shift if prob.shift > 0 else prob.b.clone()
+    prob = linear_problem(matvec, b, scale, damping, "identity_solve")
+    b_norm = dot(prob.b, prob.b).sqrt()
+    # prob.b is the solver's own copy of b: x may take its storage.
+    x = prob.b.div_(prob.shift) if prob.shift > 0 else prob.b
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     nonfinite = ~torch.isfinite(x).all()
     result = SolveResult(
-        x=prob.to_user(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
+        x=prob.views(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
         residual_norm=torch.full((), float("nan"), dtype=x.dtype, device=x.device),
-        b_norm=prob.b.norm(), converged=zero, negative_curvature=zero, nonfinite=nonfinite,
+        b_norm=b_norm, converged=zero, negative_curvature=zero, nonfinite=nonfinite,
         method="identity", needs_positive_definite=False,
     )
     return result.check() if strict else result

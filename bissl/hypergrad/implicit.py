@@ -19,11 +19,11 @@ from typing import Callable, Literal
 import torch
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
-from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
-from bissl.ops.hvp import HVPMode, linearize_hvp
+from bissl.ops.flat import AnyVector, FlatSpec, as_form, one_buffer
+from bissl.ops.hvp import HVPMode, as_named, linearize_hvp
 from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
-from bissl.typing import LossFn, Params, ParamsLike
+from bissl.typing import LossFn
 
 SolverName = Literal["cg", "cg_layerwise", "minres", "neumann", "identity"]
 IndefinitePolicy = Literal["raise", "warn", "fallback", "adaptive_damping"]
@@ -33,34 +33,47 @@ ON_INDEFINITE: tuple[str, ...] = ("raise", "warn", "fallback", "adaptive_damping
 ADAPTIVE_DAMPING_TRIES = 8
 
 
-def upper_gradient(upper_loss: LossFn, params: ParamsLike) -> tuple[torch.Tensor, torch.Tensor]:
+def upper_gradient(upper_loss: LossFn, params: AnyVector) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_D(θ), ∇_θ L_D(θ))`` with the gradient flat ``(P,)``, both detached.
 
-    ``upper_loss`` may close over a head whose parameters require grad; only ``θ`` is differentiated.
-    The HVP BatchNorm policy applies (batch statistics, running buffers untouched).
+    ``params`` may be a dict, a tuple/list of tensors or a flat tensor (``upper_loss`` receives that
+    form). ``upper_loss`` may close over a head whose parameters require grad; only ``θ`` is
+    differentiated. The HVP BatchNorm policy applies (batch statistics, running buffers untouched).
     """
-    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    named_loss, named, _, _ = as_named(upper_loss, params, "implicit_hypergrad")
+    leaves = {k: p.detach().requires_grad_(True) for k, p in named.items()}
     with torch.enable_grad(), batchnorm_stats_frozen():
-        loss = upper_loss(leaves)
+        loss = named_loss(leaves)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("implicit_hypergrad: upper_loss must return a scalar tensor")
         grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True)
-    grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
-    return loss.detach(), flatten(grads)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves.values(), grads)])
+    return loss.detach(), flat
 
 
-def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: torch.Tensor,
-           spec: FlatSpec, *, lam: float, damping: float, iters: int, backend: str | None,
-           rtol: float | None) -> SolveResult:
-    """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver (flat ``v``)."""
+def _solve(name: str, matvec: Callable | None, v: torch.Tensor, spec: FlatSpec, flat_matvec: bool, *,
+           lam: float, damping: float, iters: int, backend: str | None, rtol: float | None) -> SolveResult:
+    """One solve of ``(I + H/(λ + damping)) x = v`` by the named solver.
+
+    ``v`` is flat; with ``flat_matvec`` the matvec maps flat to flat (a ``wrap_matvec`` hook's
+    contract), otherwise it takes and returns one tensor per parameter, so the solver reads the
+    HVP's own outputs where they lie (no concatenated copy) and layer-wise CG sees one block per
+    parameter tensor. Either way ``result.x`` is flat.
+    """
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
     kwargs = {"iters": iters, "scale": 1.0 / (lam + damping), "damping": 1.0, "strict": False}
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
-    if name == "cg_layerwise":
-        kwargs["segments"] = spec.segment_ids()
-    result = solve(None if name == "identity" else matvec, v, **kwargs)
+    rhs = v if flat_matvec else as_form(v, spec, "tuple")
+    if name == "cg_layerwise" and flat_matvec:
+        kwargs["segments"] = spec.numels
+    result = solve(None if name == "identity" else matvec, rhs, **kwargs)
+    if not flat_matvec:
+        # The solver returned views of its own flat buffer, one per tensor, in order: that buffer.
+        parts = [t.reshape(-1) for t in result.x]
+        whole = one_buffer(parts)
+        result.x = whole if whole is not None and whole.numel() == spec.numel else torch.cat(parts)
     result.damping_used = float(damping)
     return result
 
@@ -81,7 +94,7 @@ def _next_damping(result: SolveResult, lam: float, damping: float) -> float:
 def implicit_hypergrad(
     lower_loss: LossFn,
     upper_loss: LossFn,
-    lower_params: ParamsLike,
+    lower_params: AnyVector,
     *,
     lam: float,
     iters: int = 5,
@@ -96,7 +109,7 @@ def implicit_hypergrad(
     return_info: bool = False,
     reduce_rhs: Callable[[torch.Tensor], object] | None = None,
     wrap_matvec: Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]] | None = None,
-) -> Params | tuple[Params, SolveResult]:
+) -> AnyVector | tuple[AnyVector, SolveResult]:
     """The IFT term ``x = (I + H/(λ + damping))⁻¹ ∇_θ L_D(θ)``, ``H = ∇²_θ L_P(θ)``.
 
     With ``damping = 0`` this is exactly ``λ (H + λI)⁻¹ ∇_θ L_D(θ)``; BiSSL's upper φ-gradient is then
@@ -130,7 +143,8 @@ def implicit_hypergrad(
             the backbone dict (may close over a projector/predictor that requires grad).
         upper_loss: ``L_D(θ)`` — the downstream loss evaluated at the lower backbone (closing over
             the downstream head).
-        lower_params: ``θ``, ``{name: Tensor}``.
+        lower_params: ``θ``: a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat ``(P,)``
+            tensor; both losses receive that form.
         lam: proximal weight λ > 0 (reference: 0.001).
         iters: solver iterations (reference: 5).
         damping: extra damping of the linear system (reference ``cg_lam_dampening``: 10).
@@ -154,7 +168,8 @@ def implicit_hypergrad(
             tracing). The solver's scalars then come from the wrapped operator only.
 
     Returns:
-        ``x`` as a dict keyed like ``lower_params`` (and the solve info if ``return_info``).
+        ``x`` in ``lower_params``' form — views of one flat buffer (and the solve info if
+        ``return_info``).
 
     Example:
         >>> x = implicit_hypergrad(pretext_loss, downstream_loss, theta, lam=1e-3, damping=10.0,
@@ -172,20 +187,23 @@ def implicit_hypergrad(
     get_solver(fallback)
     if on_indefinite == "fallback" and fallback == solver:
         raise ValueError(f"implicit_hypergrad: fallback solver must differ from solver ({solver!r})")
-    spec = flat_spec(lower_params)
     _, v = upper_gradient(upper_loss, lower_params)
     if reduce_rhs is not None:
         reduce_rhs(v)
-    matvec = None
+    matvec, spec, form = None, None, None
     if solver != "identity":
-        matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False).matvec
-        if wrap_matvec is not None:
-            matvec = wrap_matvec(matvec)
+        op = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False)
+        spec, form = op.spec, op.form
+        # Without a hook the solver gets the HVP's per-parameter outputs as they are (no copy).
+        matvec = op.hv_pieces if wrap_matvec is None else wrap_matvec(op.matvec)
+    if spec is None:
+        _, _, spec, form = as_named(lower_loss, lower_params, "implicit_hypergrad")
 
     def solve(name: str, damp: float) -> SolveResult:
         if matvec is None and name != "identity":
             raise ValueError(f"implicit_hypergrad: no Hessian for solver {name!r}")
-        return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend, rtol=rtol)
+        return _solve(name, matvec, v, spec, wrap_matvec is not None or matvec is None, lam=lam,
+                      damping=damp, iters=iters, backend=backend, rtol=rtol)
 
     result = solve(solver, damping)
     # Report-only mode never reads a flag, so it stays free of host synchronisation.
@@ -194,7 +212,7 @@ def implicit_hypergrad(
         result = _apply_policy(result, on_indefinite, fallback, solver, lam, damping, solve)
     if strict:
         result.check(ignore_indefinite=result.action == "warned")
-    x = unflatten(result.x, spec)
+    x = as_form(result.x, spec, form)
     result.x = x
     return (x, result) if return_info else x
 

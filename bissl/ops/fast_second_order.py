@@ -89,6 +89,7 @@ class FastSecondOrder(FrozenBatchNormStats):
         gelu: reroute ``gelu`` (either direction).
         layernorm: reroute ``layer_norm`` (either direction).
         activations: reroute ``tanh``, ``relu``, ``silu`` and ``softmax`` (reverse only).
+        channels_last: run the rerouted convolutions on channels-last activations (reverse only).
         division_and_cross_entropy: reroute ``tensor / number`` and ``cross_entropy`` (forward only).
 
     Attributes:
@@ -98,12 +99,12 @@ class FastSecondOrder(FrozenBatchNormStats):
 
     def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, batchnorm: bool = True,
                  gelu: bool = True, layernorm: bool = True, activations: bool = True,
-                 division_and_cross_entropy: bool = True):
+                 channels_last: bool = False, division_and_cross_entropy: bool = True):
         if direction not in ("reverse", "forward"):
             raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")
         reverse = direction == "reverse"
         super().__init__(fast_double_backward=batchnorm)
-        self.conv_policy = WeightGradPolicy()
+        self.conv_policy = WeightGradPolicy(channels_last=channels_last and reverse)
         routes: dict[Callable, Callable] = {}
         if conv and reverse:
             routes[F.conv2d] = lambda args, kwargs: reroute_conv2d(args, kwargs, self.conv_policy)

@@ -252,12 +252,14 @@ def as_form(flat: Tensor, spec: FlatSpec, form: str) -> AnyVector:
     return tuple(seq) if form == "tuple" else seq
 
 
-def pieces(v: AnyVector, spec: FlatSpec, where: str) -> list[Tensor]:
+def pieces(v: AnyVector, spec: FlatSpec, where: str, form: str = "dict") -> list[Tensor]:
     """``v`` (any form) as 1-D tensors whose concatenation is the ``(P,)`` vector of ``spec``.
 
-    Nothing is copied: a flat ``v`` is one piece; a dict (looked up by ``spec``'s names, so its order
-    does not matter) or a sequence gives one ``reshape(-1)`` per tensor (a view when contiguous).
-    Raises ``ValueError`` naming ``where`` when the layout does not match ``spec``.
+    ``form`` is the form ``spec`` describes. Nothing is copied: a flat ``v`` is one piece; a dict or
+    a sequence gives one ``reshape(-1)`` per tensor (a view when contiguous). A dict is looked up by
+    ``spec``'s names when ``form`` is ``"dict"`` (its order does not matter) and read in its own
+    order otherwise; shapes must match ``spec``'s, except for a ``"flat"`` spec, whose pieces only
+    need to add up to ``P`` elements. Raises ``ValueError`` naming ``where`` on any mismatch.
     """
     if isinstance(v, Tensor):
         if v.dim() != 1 or v.numel() != spec.numel:
@@ -267,20 +269,30 @@ def pieces(v: AnyVector, spec: FlatSpec, where: str) -> list[Tensor]:
             raise ValueError(f"{where} returned {v.dtype} on {v.device}, expected {spec.dtype} on {spec.device}")
         return [v]
     if isinstance(v, Mapping):
-        if len(v) != len(spec.names) or any(n not in v for n in spec.names):
-            missing = [n for n in spec.names if n not in v][:3]
-            raise ValueError(f"{where} returned a dict with keys {list(v)[:4]}...; expected the keys "
-                             f"{list(spec.names)[:4]}... (missing {missing})")
-        tensors = [v[n] for n in spec.names]
+        if form == "dict":
+            if len(v) != len(spec.names) or any(n not in v for n in spec.names):
+                missing = [n for n in spec.names if n not in v][:3]
+                raise ValueError(f"{where} returned a dict with keys {list(v)[:4]}...; expected the keys "
+                                 f"{list(spec.names)[:4]}... (missing {missing})")
+            names, tensors = list(spec.names), [v[n] for n in spec.names]
+        else:
+            names, tensors = [str(k) for k in v], list(v.values())
     elif isinstance(v, (tuple, list)):
-        if len(v) != len(spec.names):
-            raise ValueError(f"{where} returned {len(v)} tensors, expected {len(spec.names)}")
-        tensors = list(v)
+        names, tensors = [str(i) for i in range(len(v))], list(v)
     else:
         raise ValueError(f"{where} returned {type(v).__name__}; expected a dict, a tuple/list of tensors "
                          "or a flat tensor")
+    shapes: Sequence = spec.shapes
+    if form == "flat":
+        shapes = [t.shape if isinstance(t, Tensor) else None for t in tensors]
+        total = sum(t.numel() for t in tensors if isinstance(t, Tensor))
+        if total != spec.numel:
+            raise ValueError(f"{where} returned {len(tensors)} tensors of {total} elements in all, "
+                             f"expected {spec.numel}")
+    elif len(tensors) != len(spec.names):
+        raise ValueError(f"{where} returned {len(tensors)} tensors, expected {len(spec.names)}")
     out = []
-    for name, shape, t in zip(spec.names, spec.shapes, tensors):
+    for name, shape, t in zip(names, shapes, tensors):
         if not isinstance(t, Tensor) or t.shape != shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{where} returned {got} for {name!r}, expected shape {tuple(shape)}")

@@ -151,7 +151,9 @@ def hvp(loss_fn: LossFn, params: AnyVector, v: AnyVector, *, mode: HVPMode = "fw
         _check_like(params, v, "hvp")
         parts = [v[k] for k in spec.names]
     else:
-        parts = pieces(v, spec, "hvp: v")
+        parts = pieces(v, spec, "hvp: v", form)
+        if form == "flat":
+            parts = [torch.cat(parts)]
     primals = {k: p.detach() for k, p in named.items()}
     tangents = {k: t.detach().view(shape) for k, shape, t in zip(spec.names, spec.shapes, parts)}
     out = _hvp_named(named_loss, primals, tangents, mode)
@@ -240,7 +242,8 @@ class LinearizedHVP:
     """
 
     def __init__(self, loss_fn: LossFn, params: AnyVector, mode: HVPMode, fast_conv: bool, fast_bn: bool,
-                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = True):
+                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = True,
+                 channels_last: bool = False):
         _check_mode(mode)
         self.mode = mode
         named_loss, named, self.spec, self.form = as_named(loss_fn, params, "linearize_hvp")
@@ -251,7 +254,8 @@ class LinearizedHVP:
         if mode == "revrev":
             # Build the first-order graph once; every matvec is one double backward over it.
             fast = FastSecondOrder("reverse", conv=fast_conv, batchnorm=fast_bn, gelu=fast_gelu_layernorm,
-                                   layernorm=fast_gelu_layernorm, activations=fast_activations)
+                                   layernorm=fast_gelu_layernorm, activations=fast_activations,
+                                   channels_last=channels_last)
             with torch.enable_grad(), fast:
                 self._leaves = _detached_leaves(self._primals)
                 loss = _check_scalar(named_loss(self._leaves), "linearize_hvp")
@@ -285,7 +289,9 @@ class LinearizedHVP:
                                  f"got {tuple(v.shape)}")
             vd = unflatten(v.detach(), self.spec)
         else:
-            parts = pieces(v, self.spec, "LinearizedHVP: v")
+            parts = pieces(v, self.spec, "LinearizedHVP: v", self.form)
+            if self.form == "flat":  # any pieces adding up to P: the one flat parameter
+                parts = [torch.cat(parts)]
             vd = {name: t.detach().view(shape) for name, shape, t in zip(self.spec.names, self.spec.shapes, parts)}
         self.num_matvecs += 1
         if self.mode == "revrev":
@@ -318,7 +324,8 @@ class LinearizedHVP:
 
 def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev",
                   fast_conv: bool = True, fast_bn: bool = True, fast_gelu_layernorm: bool = True,
-                  need_grad: bool = True, fast_activations: bool = True) -> LinearizedHVP:
+                  need_grad: bool = True, fast_activations: bool = True,
+                  channels_last: bool = False) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
     Args:
@@ -335,6 +342,8 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
         fast_gelu_layernorm: on the ``revrev`` path, store ``gelu``'s and ``layer_norm``'s
             second-derivative coefficients once (:mod:`bissl.ops.gelu_double_backward`,
             :mod:`bissl.ops.layernorm_double_backward`).
+        channels_last: on the ``revrev`` path with ``fast_conv``, run the convolutions on
+            channels-last activations (:mod:`bissl.ops.conv_double_backward`).
         fast_activations: on the ``revrev`` path, give ``tanh``, ``relu``, ``silu`` and ``softmax``
             their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`).
         need_grad: also return the gradient at the point as ``.grad`` (default). ``False`` (what
@@ -346,5 +355,6 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
         A :class:`LinearizedHVP`; ``op(v) -> H v`` in ``v``'s form (flat ``(P,)``, dict or
         tuple/list); ``op.hv_pieces(v)`` gives autograd's per-parameter products without a copy.
     """
-    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad, fast_activations)
+    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad, fast_activations,
+                         channels_last)
 

@@ -71,7 +71,7 @@ class LinearProblem:
     def hv_pieces(self, v: Tensor) -> list[Tensor]:
         """The caller's ``H v`` for the flat ``v``, as the flat pieces it returned (validated, detached)."""
         out = self.matvec(self.views(v))
-        parts = [t.detach() for t in pieces(out, self.spec, f"{self.where}: matvec")]
+        parts = [t.detach() for t in pieces(out, self.spec, f"{self.where}: matvec", self.form)]
         whole = one_buffer(parts)
         return parts if whole is None else [whole]
 
@@ -84,7 +84,7 @@ class LinearProblem:
 
     def from_user(self, v: Vector, what: str) -> Tensor:
         """A new ``(P,)`` buffer holding ``v`` (any form laid out like ``b``), e.g. an initial guess."""
-        parts = pieces(v, self.spec, what)
+        parts = pieces(v, self.spec, what, self.form)
         return torch.cat([t.detach() for t in parts]) if len(parts) > 1 else parts[0].detach().clone()
 
     def segment_bounds(self, segments: Tensor | Sequence[int] | None) -> list[tuple[int, int]]:
@@ -129,7 +129,7 @@ def linear_problem(matvec: Callable | None, b: Vector, scale: float, shift: floa
         form, spec = vector_spec(b, where)
     except TypeError as err:
         raise TypeError(f"{where}: b must be floating point ({err})") from None
-    parts = pieces(b, spec, f"{where}: b")
+    parts = pieces(b, spec, f"{where}: b", form)
     flat = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
     # One copy: the solver writes into its vectors and must never alias the caller's storage.
     torch.cat([t.detach() for t in parts], out=flat)

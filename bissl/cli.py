@@ -1,4 +1,4 @@
-"""Command line: ``bissl run | demo | config | env | sweep`` (also ``python -m bissl``).
+"""Command line: ``bissl run | demo | config | env | sweep | bench`` (also ``python -m bissl``).
 
 Examples::
 
@@ -10,6 +10,7 @@ Examples::
     bissl sweep configs/demo_digits.yaml --grid bissl.lam=1e-3,1e-2 --seeds 3   # sensitivity
     bissl config configs/reference_imagenet_resnet50.yaml   # print the resolved config
     bissl env                                    # versions, threads, kernel backends
+    bissl bench --model resnet18 --solver cg     # hypergradient throughput, ours vs the reference
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import yaml
 
+from bissl.bench import register_bench_command
 from bissl.config import ConfigError, config_to_dict, load_config
 from bissl.sweep.cli import register_sweep_command
 
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
 
     register_sweep_command(sub)
+    register_bench_command(sub)
     return parser
 
 

@@ -8,8 +8,8 @@ once per round, the order reversed every other round, so machine load hits all o
   operator (:func:`bissl.ops.linearize_hvp`), each as a ratio to the gradient;
 * the hypergradient, ours (:func:`bissl.hypergrad.implicit_hypergrad`) and the faithful
   re-implementation of the BiSSL authors' loop (:func:`bissl.hypergrad.reference_hypergrad`,
-  without its ``1e-12`` denominator guard so that both compute the same math; the work is the
-  same), with the speed-up ``median(reference) / median(ours)`` and the largest difference of the
+  without its ``1e-12`` denominator guard, ``guard=None``, so that both compute the same math;
+  the work is the same), with the speed-up ``median(reference) / median(ours)`` and the largest difference of the
   answers relative to the reference's largest entry;
 * the peak memory each hypergradient adds (CUDA: ``max_memory_allocated``; CPU: growth of the
   process's peak resident set, reset through ``/proc/self/clear_refs``).
@@ -287,7 +287,7 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
 
     def reference():
         return reference_hypergrad(prob.lower_loss, prob.upper_loss, params, layerwise=layerwise,
-                                   guard=0.0, **kw)
+                                   guard=None, **kw)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     direction = {k: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for k, p in params.items()}

@@ -73,7 +73,6 @@ def test_the_loop_does_the_authors_work_and_no_more(layerwise):
     with _Count() as count:
         reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=0.5, damping=1.0, iters=2)
     assert count.calls.get("div_") == 2 * len(prob.params)  # (H d)ᵢ / c in place, per tensor per HVP
-    assert "div" not in count.calls
 
 
 def test_reference_hypergradient_matches_ours_on_a_cnn_without_the_guard():

@@ -188,13 +188,14 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_rounds(calls: dict[str, Callable[[], Any]], rounds: int, *, device: str | torch.device = "cpu",
-                       on_call: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                       on_call: Callable[[], None] | None = None, first_round: int = 0) -> dict[str, list[float]]:
     """Seconds of every call in every round: each round runs each call once, in the dict's order
-    on even rounds and reversed on odd ones (load and caches hit all alike)."""
+    on even rounds and reversed on odd ones (load and caches hit all alike). ``first_round``
+    numbers the first round (to continue an alternation across calls)."""
     dev = torch.device(device)
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
+    for r in range(first_round, first_round + rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             _sync(dev)
             start = time.perf_counter()

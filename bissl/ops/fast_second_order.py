@@ -6,7 +6,8 @@ reroutes them to ops with the same values (same kernels, bit-identical) and firs
 short closed-form second derivative:
 
 * reverse over reverse (``direction="reverse"``: the ``revrev``/``autograd`` HVPs and the
-  linearised operator): ``conv2d`` (:mod:`bissl.ops.conv_double_backward`), train-mode
+  linearised operator): ``conv2d`` and ``linear`` (:mod:`bissl.ops.conv_double_backward`,
+  :mod:`bissl.ops.linear_double_backward`: graph-only weight gradients), train-mode
   ``batch_norm`` (:mod:`bissl.ops.batchnorm_double_backward`), ``gelu`` and ``layer_norm``
   (:mod:`bissl.ops.gelu_double_backward`, :mod:`bissl.ops.layernorm_double_backward`), ``tanh``,
   ``relu``, ``silu`` and ``softmax`` (:mod:`bissl.ops.activation_double_backward`), their
@@ -34,6 +35,7 @@ from bissl.ops.conv_double_backward import WeightGradPolicy, reroute_conv2d
 from bissl.ops.fwdrev_rules import div_by_number, is_plain_number, reroute_cross_entropy
 from bissl.ops.gelu_double_backward import gelu
 from bissl.ops.layernorm_double_backward import layer_norm
+from bissl.ops.linear_double_backward import reroute_linear
 
 _LN_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 
@@ -84,6 +86,7 @@ class FastSecondOrder(FrozenBatchNormStats):
     Args:
         direction: ``"reverse"`` (reverse over reverse) or ``"forward"`` (forward over reverse).
         conv: reroute ``conv2d`` (reverse only).
+        linear: reroute ``linear`` (reverse only).
         batchnorm: train-mode BatchNorm through :func:`~bissl.ops.batchnorm_double_backward.batch_norm_train`
             (closed-form double backward and jvp rules; either direction).
         gelu: reroute ``gelu`` (either direction).
@@ -94,10 +97,12 @@ class FastSecondOrder(FrozenBatchNormStats):
 
     Attributes:
         conv_policy: the :class:`~bissl.ops.conv_double_backward.WeightGradPolicy` of the
-            rerouted convolutions (``conv_policy.graph_only()`` skips weight-gradient values).
+            rerouted convolutions and linear layers (``conv_policy.graph_only()`` skips
+            weight-gradient values).
     """
 
-    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, batchnorm: bool = True,
+    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, linear: bool = True,
+                 batchnorm: bool = True,
                  gelu: bool = True, layernorm: bool = True, activations: bool = True,
                  channels_last: bool = False, division_and_cross_entropy: bool = True):
         if direction not in ("reverse", "forward"):
@@ -108,6 +113,8 @@ class FastSecondOrder(FrozenBatchNormStats):
         routes: dict[Callable, Callable] = {}
         if conv and reverse:
             routes[F.conv2d] = lambda args, kwargs: reroute_conv2d(args, kwargs, self.conv_policy)
+        if linear and reverse:
+            routes[F.linear] = lambda args, kwargs: reroute_linear(args, kwargs, self.conv_policy)
         if activations and reverse:
             tanh, relu, silu = _unary("tanh"), _unary("relu"), _unary("silu")
             for f in (torch.tanh, torch.Tensor.tanh):

@@ -243,7 +243,7 @@ class LinearizedHVP:
 
     def __init__(self, loss_fn: LossFn, params: AnyVector, mode: HVPMode, fast_conv: bool, fast_bn: bool,
                  fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = True,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fast_linear: bool = True):
         _check_mode(mode)
         self.mode = mode
         named_loss, named, self.spec, self.form = as_named(loss_fn, params, "linearize_hvp")
@@ -253,14 +253,16 @@ class LinearizedHVP:
         self.grad: Tensor | None = None
         if mode == "revrev":
             # Build the first-order graph once; every matvec is one double backward over it.
-            fast = FastSecondOrder("reverse", conv=fast_conv, batchnorm=fast_bn, gelu=fast_gelu_layernorm,
+            fast = FastSecondOrder("reverse", conv=fast_conv, linear=fast_linear, batchnorm=fast_bn,
+                                   gelu=fast_gelu_layernorm,
                                    layernorm=fast_gelu_layernorm, activations=fast_activations,
                                    channels_last=channels_last)
             with torch.enable_grad(), fast:
                 self._leaves = _detached_leaves(self._primals)
                 loss = _check_scalar(named_loss(self._leaves), "linearize_hvp")
                 # The matvecs differentiate the gradient but never read it: unless the caller
-                # wants it, skip computing the convolutions' weight gradients (graph only).
+                # wants it, skip computing the convolutions' and linear layers' weight gradients
+                # (graph only).
                 with contextlib.nullcontext() if need_grad else fast.conv_policy.graph_only():
                     self._grads = _create_graph_grads(loss, self._leaves)
             self.loss = loss.detach()
@@ -325,7 +327,7 @@ class LinearizedHVP:
 def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev",
                   fast_conv: bool = True, fast_bn: bool = True, fast_gelu_layernorm: bool = True,
                   need_grad: bool = True, fast_activations: bool = True,
-                  channels_last: bool = False) -> LinearizedHVP:
+                  channels_last: bool = False, fast_linear: bool = True) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
     Args:
@@ -344,6 +346,9 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
             :mod:`bissl.ops.layernorm_double_backward`).
         channels_last: on the ``revrev`` path with ``fast_conv``, run the convolutions on
             channels-last activations (:mod:`bissl.ops.conv_double_backward`).
+        fast_linear: on the ``revrev`` path, route ``linear`` through
+            :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
+            is False).
         fast_activations: on the ``revrev`` path, give ``tanh``, ``relu``, ``silu`` and ``softmax``
             their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`).
         need_grad: also return the gradient at the point as ``.grad`` (default). ``False`` (what
@@ -356,5 +361,5 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
         tuple/list); ``op.hv_pieces(v)`` gives autograd's per-parameter products without a copy.
     """
     return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad, fast_activations,
-                         channels_last)
+                         channels_last, fast_linear)
 

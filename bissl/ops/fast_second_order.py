@@ -80,6 +80,19 @@ def _true_divide(args: tuple, kwargs: dict):
     return None
 
 
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (e.g. activation checkpointing) are active.
+
+    Checkpointing recomputes the forward inside the backward, where this mode's routes are not
+    taken: the rerouted ops would save other tensors than the recomputation, which checkpointing
+    refuses. Under such hooks the stock ops run (same values and derivatives).
+    """
+    return _top_hooks is not None and _top_hooks(True) is not None
+
+
 class FastSecondOrder(FrozenBatchNormStats):
     """BatchNorm policy + rerouting to cheaper second derivatives (module docstring).
 
@@ -137,7 +150,7 @@ class FastSecondOrder(FrozenBatchNormStats):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = self._routes.get(func)
-        if route is not None and torch.is_grad_enabled():
+        if route is not None and torch.is_grad_enabled() and not _saved_tensor_hooks_active():
             out = route(args, kwargs)
             if out is not None:
                 return out

@@ -11,7 +11,8 @@ Run from the repository root::
 
 How the JSON was produced (the commands are also printed in the section):
 
-    pytest benchmarks/bench_hypergrad.py benchmarks/bench_cg_forms.py benchmarks/bench_hvp.py \\
+    pytest benchmarks/bench_hypergrad.py benchmarks/bench_fast_paths.py benchmarks/bench_cg_forms.py \\
+        benchmarks/bench_hvp.py \\
         --benchmark-only --benchmark-json=benchmarks/results/cpu-perf16-run1.json   # and run2
     bissl bench --model resnet18 --batch 16 --damping 100 --rounds 3 \\
         --out benchmarks/results/bissl-bench-resnet18.json
@@ -114,6 +115,23 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
         rows.append(f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
                     f"| {both('upper_gradient')} | {both('reference_hvp')} | {both('linearize')} | {both('matvec')} "
                     f"| {_join([x['matvec'] / x['reference_hvp'] for x in g], '.2f')} |")
+    return "\n".join(rows)
+
+
+def fast_paths_table(runs: list[dict[str, dict]]) -> str:
+    rows = ["| network | switch flipped (default → flipped) | time with it / with the defaults, run 1 / 2 |",
+            "|---|---|---|"]
+    for problem in PROBLEM_ORDER:
+        key = f"test_fast_path_switches[{problem}]"
+        infos = [run[key] for run in runs if key in run]
+        if not infos:
+            continue
+        for flip in infos[0]["ratio_to_base"]:
+            if flip == "base":
+                continue
+            switch, value = flip.split("=")
+            rows.append(f"| {PROBLEM_LABELS[problem]} | `{switch}`: {infos[0]['defaults'][switch]} → {value} "
+                        f"| {_join([i['ratio_to_base'][flip] for i in infos], '.3f')} |")
     return "\n".join(rows)
 
 
@@ -225,7 +243,8 @@ def section() -> str:
         "Commands:",
         "",
         "```bash",
-        "pytest benchmarks/bench_hypergrad.py benchmarks/bench_cg_forms.py benchmarks/bench_hvp.py \\",
+        "pytest benchmarks/bench_hypergrad.py benchmarks/bench_fast_paths.py benchmarks/bench_cg_forms.py \\",
+        "    benchmarks/bench_hvp.py \\",
         f"    --benchmark-only --benchmark-json=benchmarks/results/{RUNS[0]}   # then again for run 2",
         "bissl bench --model resnet18 --batch 16 --damping 100 --rounds 3 \\",
         f"    --out benchmarks/results/{BENCH_RUN}",
@@ -253,6 +272,12 @@ def section() -> str:
         "elementwise second derivatives). See `docs/performance.md`.",
         "",
         breakdown_table(runs),
+        "",
+        "**The fast paths, one at a time** (`benchmarks/bench_fast_paths.py`: a linearisation plus "
+        "five matvecs with the defaults and with one switch flipped, interleaved; below 1 the "
+        "flipped setting is faster). The defaults of `linearize_hvp` follow from it.",
+        "",
+        fast_paths_table(runs),
         "",
         "**CG on dicts, tuples and flat tensors** (`benchmarks/bench_cg_forms.py`): ResNet-18's "
         f"parameter shapes ({cg_forms_facts(runs)}), a diagonal SPD matvec that allocates its "

@@ -22,8 +22,14 @@ Softmax along ``dim`` (``y = softmax(x)``, ``gx = y ⊙ (gy − s)``, ``s = Σ g
 where ``gx`` is stored once; autograd's ``softmax_double_backward`` forms the ``y``-cotangent and
 then runs it through softmax's backward again.
 
-Values and first derivatives use the stock kernels (bit-identical); second derivatives are the
-same formulas evaluated differently (float rounding). Only plain reverse-mode autograd sees these
+Measured (interleaved A/B, a linearisation plus five matvecs, ``benchmarks/bench_hypergrad.py``
+networks): no gain. Each matvec saves a few activation-sized kernels, but storing the coefficients
+costs as many at linearisation and autograd's C++ nodes are cheap to run; the tanh/ReLU CNN, the
+SiLU MLP and the ViT (softmax) came out 4–5% *slower* with these routes, a two-layer tanh network
+with large activations 3% faster. So :class:`~bissl.ops.fast_second_order.FastSecondOrder` and
+:func:`~bissl.ops.hvp.linearize_hvp` leave them off by default (``fast_activations=True`` turns
+them on). Values and first derivatives use the stock kernels (bit-identical); second derivatives
+are the same formulas evaluated differently (float rounding). Only plain reverse-mode autograd sees these
 Functions (:class:`bissl.ops.fast_second_order.FastSecondOrder` with ``direction="reverse"``);
 third derivatives are not supported. Tested against autograd in float64
 (``tests/ops/test_activation_double_backward.py``).

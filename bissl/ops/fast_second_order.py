@@ -104,7 +104,9 @@ class FastSecondOrder(FrozenBatchNormStats):
             (closed-form double backward and jvp rules; either direction).
         gelu: reroute ``gelu`` (either direction).
         layernorm: reroute ``layer_norm`` (either direction).
-        activations: reroute ``tanh``, ``relu``, ``silu`` and ``softmax`` (reverse only).
+        activations: reroute ``tanh``, ``relu``, ``silu`` and ``softmax`` (reverse only; off by
+            default: measured no faster than autograd's own, see
+            :mod:`bissl.ops.activation_double_backward`).
         channels_last: run the rerouted convolutions on channels-last activations (reverse only).
         division_and_cross_entropy: reroute ``tensor / number`` and ``cross_entropy`` (forward only).
 
@@ -116,7 +118,7 @@ class FastSecondOrder(FrozenBatchNormStats):
 
     def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, linear: bool = True,
                  batchnorm: bool = True,
-                 gelu: bool = True, layernorm: bool = True, activations: bool = True,
+                 gelu: bool = True, layernorm: bool = True, activations: bool = False,
                  channels_last: bool = False, division_and_cross_entropy: bool = True):
         if direction not in ("reverse", "forward"):
             raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")

@@ -242,7 +242,7 @@ class LinearizedHVP:
     """
 
     def __init__(self, loss_fn: LossFn, params: AnyVector, mode: HVPMode, fast_conv: bool, fast_bn: bool,
-                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = True,
+                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = False,
                  channels_last: bool | None = None, fast_linear: bool = True):
         _check_mode(mode)
         self.mode = mode
@@ -328,7 +328,7 @@ class LinearizedHVP:
 
 def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev",
                   fast_conv: bool = True, fast_bn: bool = True, fast_gelu_layernorm: bool = True,
-                  need_grad: bool = True, fast_activations: bool = True,
+                  need_grad: bool = True, fast_activations: bool = False,
                   channels_last: bool | None = None, fast_linear: bool = True) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
@@ -353,7 +353,8 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
             :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
             is False).
         fast_activations: on the ``revrev`` path, give ``tanh``, ``relu``, ``silu`` and ``softmax``
-            their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`).
+            their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`;
+            default off: measured no faster than autograd's own on the benchmark networks).
         need_grad: also return the gradient at the point as ``.grad`` (default). ``False`` (what
             :func:`bissl.hypergrad.implicit_hypergrad` uses) leaves ``.grad`` as ``None`` and lets the
             ``revrev`` set-up skip the convolutions' weight-gradient kernels, whose values the

@@ -78,7 +78,7 @@ def _problem():
 def test_linearized_hvp_with_every_activation_matches_the_dense_hessian():
     loss, params = _problem()
     H = dense_hessian(loss, params)
-    op = linearize_hvp(loss, params)
+    op = linearize_hvp(loss, params, fast_activations=True)
     stock = linearize_hvp(loss, params, fast_activations=False)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -91,6 +91,8 @@ def test_linearized_hvp_with_every_activation_matches_the_dense_hessian():
 def test_routes_only_under_reverse_and_grad():
     x = torch.randn(3, dtype=F64, requires_grad=True)
     with FastSecondOrder("reverse"):
+        assert type(torch.tanh(x).grad_fn).__name__ == "TanhBackward0"  # off by default
+    with FastSecondOrder("reverse", activations=True):
         assert type(torch.tanh(x).grad_fn).__name__ == "_ActivationBackward"
         assert type(F.relu(x, inplace=False).grad_fn).__name__ == "_ActivationBackward"
         assert type(F.silu(x).grad_fn).__name__ == "_ActivationBackward"
@@ -98,5 +100,5 @@ def test_routes_only_under_reverse_and_grad():
         assert type(F.softmax(x, 0, dtype=F64).grad_fn).__name__ == "SoftmaxBackward0"  # dtype: stock
         with torch.no_grad():
             assert torch.relu(x).grad_fn is None  # no graph: the stock op
-    with FastSecondOrder("forward"):
+    with FastSecondOrder("forward", activations=True):
         assert type(torch.tanh(x).grad_fn).__name__ == "TanhBackward0"

@@ -1,96 +1,170 @@
-"""The 5-iteration hypergradient: ours vs the reference BiSSL-style loop, timed interleaved.
+"""The 5-iteration hypergradient on six networks and two solvers: ours vs the authors' loop, interleaved.
 
 Ours: :func:`bissl.hypergrad.implicit_hypergrad` — linearise once (reverse over reverse with the
-closed-form conv/BatchNorm/GELU second derivatives, first-order weight-gradient values skipped),
-five matvecs, fused flat CG. Reference: :func:`bissl.hypergrad.reference_hypergrad` — forward +
-``create_graph`` gradient + double backward on every CG iteration, per-tensor vector ops.
+closed-form conv/BatchNorm/LayerNorm/GELU/tanh/ReLU/SiLU/softmax second derivatives, channels-last
+convolutions, first-order weight-gradient values skipped), five matvecs, fused flat CG (global
+``"cg"`` or per-tensor ``"cg_layerwise"``). Reference: :func:`bissl.hypergrad.reference_hypergrad`,
+the faithful re-implementation of the BiSSL authors' loop (forward + ``create_graph`` gradient +
+double backward on every CG iteration, one op per tensor), run with ``guard=None`` (their ``1e-12``
+denominator guard left out so that both compute the same math; the work is the same).
 
-Same problem, λ = 1e-3, 5 iterations. Damping 10 as the reference code, except on ResNet-18: at
-its random initialisation the Hessian has eigenvalues below −40, so with damping 10 (or 40) the
-system ``I + H/(λ + damping)`` is indefinite, CG breaks down (ours stops, the reference divides by
-``pᵀAp ≤ 0`` and goes on) and the two answers are not comparable. Damping 100 keeps the 5-step
-Krylov space positive definite; the arithmetic timed is the same.
+Networks (``PROBLEMS``): the conv-BN CNN the earlier measurements were made on, ResNet-18 and a
+small GPT-style transformer from :func:`bissl.testing.named_problem`, and three networks we did not
+tune for from ``benchmarks/networks.py``: a no-BatchNorm tanh/ReLU CNN, a SiLU MLP and a
+ViT-Tiny-like transformer. λ = 1e-3, 5 iterations; damping 10 as the reference code, except where a
+network's system is indefinite at its random initialisation (ResNet-18: eigenvalues below −40, so
+damping 100; the ViT: below −100, so damping 300) — CG then breaks down (ours stops, the reference
+divides by ``pᵀAp ≤ 0`` and goes on) and the two answers are not comparable. Every benchmark
+asserts a positive definite system; the damping changes no work.
 
-Timing: each round runs both, alternating which goes first, in this process; the speed-up is
-``median(reference) / median(ours)`` (``extra_info`` also has every round's ratio and the load
-average). The answers must agree: max relative difference ≤ 1e-5 (float32), asserted. Peak memory:
-growth of the high-water RSS while one hypergradient runs, in a fresh process, for each.
-``BISSL_BENCH_ROUNDS`` sets the rounds (default 5).
+Timing: :func:`bissl.bench.interleaved_rounds`, one round = ours and the reference back to back,
+the order alternating; speed-up = ``median(reference) / median(ours)`` (``extra_info`` also has
+every round's ratio and the load average). The answers must agree: max relative difference
+≤ 1e-5 (float32), asserted. Peak memory: growth of the high-water RSS while one hypergradient
+runs, in a fresh process, for each. ``BISSL_BENCH_ROUNDS`` sets the rounds (default 7);
+``BISSL_BENCH_PROBLEMS`` (comma-separated) restricts the networks.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import pytest
 import torch
 
+import networks
+from bissl.bench import interleaved_rounds, load_info, machine_info, max_rel_diff
 from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
 from bissl.ops import flatten
 from bissl.testing import named_problem
 
-from conftest import load_info, machine, peak_rss_delta_mb
+from conftest import peak_rss_delta_mb
 
-PROBLEMS = {"reference_cnn": (32, 10.0), "resnet18": (16, 100.0), "transformer": (16, 10.0)}  # batch, damping
-ROUNDS = int(os.environ.get("BISSL_BENCH_ROUNDS", "5"))
+#: name -> (builder(batch) -> BilevelProblem, batch, damping)
+PROBLEMS = {
+    "reference_cnn": (lambda batch: named_problem("reference_cnn", batch=batch), 32, 10.0),
+    "resnet18": (lambda batch: named_problem("resnet18", batch=batch), 16, 100.0),
+    "transformer": (lambda batch: named_problem("transformer", batch=batch), 16, 10.0),
+    "plain_cnn": (lambda batch: networks.plain_cnn(batch=batch), 32, 10.0),
+    "mlp": (lambda batch: networks.mlp(batch=batch), 64, 10.0),
+    "vit_tiny": (lambda batch: networks.vit_tiny(batch=batch), 8, 300.0),
+}
+SELECTED = [p for p in os.environ.get("BISSL_BENCH_PROBLEMS", ",".join(PROBLEMS)).split(",") if p]
+SOLVERS = ("cg", "cg_layerwise")
+ROUNDS = int(os.environ.get("BISSL_BENCH_ROUNDS", "7"))
 MAX_REL_DIFF = 1e-5
 
 
 def _kwargs(name: str) -> dict:
-    return dict(lam=1e-3, damping=PROBLEMS[name][1], iters=5)
+    return dict(lam=1e-3, damping=PROBLEMS[name][2], iters=5)
 
 
-def make_call(name: str, impl: str):
+def make_call(name: str, impl: str, solver: str = "cg"):
     """Build the problem and return the zero-argument hypergradient call (also used for memory)."""
-    prob = named_problem(name, batch=PROBLEMS[name][0])
+    build, batch, _ = PROBLEMS[name]
+    prob = build(batch)
     kw = _kwargs(name)
     if impl == "ours":
         # strict=False (report only): nothing raises mid-benchmark; the flags are recorded.
-        return lambda: implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, strict=False, **kw)
-    return lambda: reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, **kw)
+        return lambda: implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver=solver,
+                                          strict=False, **kw)
+    return lambda: reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params,
+                                       layerwise=solver == "cg_layerwise", guard=None, **kw)
 
 
-def _max_rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
-
-
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
-def test_hypergradient(benchmark, medians, name):
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("name", SELECTED)
+def test_hypergradient(benchmark, medians, name, solver):
     benchmark.group = "hypergrad"
-    calls = {"ours": make_call(name, "ours"), "reference": make_call(name, "reference")}
+    calls = {"ours": make_call(name, "ours", solver), "reference": make_call(name, "reference", solver)}
     # Warm-up and the equal-result check in one go.
     answers = {impl: flatten(call()) for impl, call in calls.items()}
-    rel = _max_rel_diff(answers["ours"], answers["reference"])
-    prob = named_problem(name, batch=PROBLEMS[name][0])
-    _, info = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, strict=False, return_info=True,
-                                 **_kwargs(name))
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    rounds_done = [0]
+    rel = max_rel_diff(answers["ours"], answers["reference"])
+    build, batch, _ = PROBLEMS[name]
+    prob = build(batch)
+    _, info = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver="cg", strict=False,
+                                 return_info=True, **_kwargs(name))
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    done = [0]
 
     def one_round():
-        order = ("reference", "ours") if rounds_done[0] % 2 == 0 else ("ours", "reference")
-        for impl in order:
-            start = time.perf_counter()
-            calls[impl]()
-            times[impl].append(time.perf_counter() - start)
-        rounds_done[0] += 1
+        for impl, t in interleaved_rounds(calls, 1, first_round=done[0]).items():
+            times[impl].extend(t)
+        done[0] += 1
 
     load_before = load_info()
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
-    ours = medians.record_value("hypergrad", f"{name}/ours", statistics.median(times["ours"]))
-    ref = medians.record_value("hypergrad", f"{name}/reference", statistics.median(times["reference"]))
-    speedup = medians.record_ratio("hypergrad", f"{name}/speedup_vs_reference", ref / ours)
-    per_round = [r / o for o, r in zip(times["ours"], times["reference"])]
-    benchmark.extra_info.update(machine())
+    ours = medians.record_value("hypergrad", f"{name}/{solver}/ours", statistics.median(times["ours"]))
+    ref = medians.record_value("hypergrad", f"{name}/{solver}/reference", statistics.median(times["reference"]))
+    speedup = medians.record_ratio("hypergrad", f"{name}/{solver}/speedup_vs_reference", ref / ours)
+    benchmark.extra_info.update(machine_info())
     benchmark.extra_info.update({
         "timing": "one round = ours + reference, interleaved; see *_median_s",
+        "problem": name, "solver": solver, "params": sum(p.numel() for p in prob.params.values()),
         "ours_median_s": ours, "reference_median_s": ref, "speedup_vs_reference": speedup,
-        "speedup_per_round": per_round, "ours_s": times["ours"], "reference_s": times["reference"],
-        "max_rel_diff_vs_reference": rel, "damping": PROBLEMS[name][1], "batch": PROBLEMS[name][0],
-        "solver_flags": info.summary(), "load_before": load_before, "load_after": load_info(),
-        "peak_rss_delta_mb_ours": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "ours"),
-        "peak_rss_delta_mb_reference": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "reference"),
+        "speedup_per_round": [r / o for o, r in zip(times["ours"], times["reference"])],
+        "ours_s": times["ours"], "reference_s": times["reference"],
+        "max_rel_diff_vs_reference": rel, "damping": PROBLEMS[name][2], "batch": batch,
+        "cg_flags": info.summary(), "load_before": load_before, "load_after": load_info(),
+        "peak_rss_delta_mb_ours": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "ours", solver),
+        "peak_rss_delta_mb_reference": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "reference", solver),
     })
     assert not bool(info.indefinite), f"{name}: the benchmark system must be positive definite ({info.summary()})"
-    assert rel <= MAX_REL_DIFF, f"{name}: ours and the reference differ by {rel:.2e} (max relative)"
+    assert rel <= MAX_REL_DIFF, f"{name}/{solver}: ours and the reference differ by {rel:.2e} (max relative)"
+
+
+@pytest.mark.parametrize("name", SELECTED)
+def test_cost_breakdown(benchmark, medians, name):
+    """Where the time goes, in units of one gradient of the lower loss, interleaved.
+
+    ``gradient``: forward + backward of the lower loss; ``upper_gradient``: of the upper loss (the
+    right-hand side, paid once by both); ``reference_hvp``: one HVP of the authors' loop (forward,
+    ``create_graph`` gradient, double backward); ``linearize``: our set-up (forward + backward that
+    builds the first-order graph, once per hypergradient); ``matvec``: one of our HVPs over it.
+    An exact HVP costs at least twice a gradient's FLOPs in the layers that dominate (each
+    convolution or matrix product of the forward and of the backward is differentiated once more),
+    so ``ceiling = (upper + 5·reference_hvp) / (upper + linearize + 5·2·gradient)`` bounds the
+    speed-up of any exact linearise-once method whose kernels run as fast as the gradient's.
+    """
+    from bissl.hypergrad import upper_gradient
+    from bissl.hypergrad.reference import _authors_matvec
+    from bissl.ops import linearize_hvp
+
+    benchmark.group = "hypergrad_breakdown"
+    build, batch, damping = PROBLEMS[name]
+    prob = build(batch)
+    names = list(prob.params)
+    leaves = [prob.params[n].detach().requires_grad_(True) for n in names]
+    g = torch.Generator().manual_seed(1)
+    direction = tuple(torch.randn(t.shape, generator=g) for t in leaves)
+    op = linearize_hvp(prob.lower_loss, prob.params, need_grad=False)
+    calls = {
+        "gradient": lambda: upper_gradient(prob.lower_loss, prob.params),
+        "upper_gradient": lambda: upper_gradient(prob.upper_loss, prob.params),
+        "reference_hvp": lambda: _authors_matvec(prob.lower_loss, names, leaves, 1e-3 + damping, direction),
+        "linearize": lambda: linearize_hvp(prob.lower_loss, prob.params, need_grad=False),
+        "matvec": lambda: op.hv_pieces(direction),
+    }
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    done = [0]
+
+    def one_round():
+        for k, t in interleaved_rounds(calls, 1, first_round=done[0]).items():
+            times[k].extend(t)
+        done[0] += 1
+
+    load_before = load_info()
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    in_grads = {k: v / med["gradient"] for k, v in med.items()}
+    ceiling = (in_grads["upper_gradient"] + 5 * in_grads["reference_hvp"]) / (
+        in_grads["upper_gradient"] + in_grads["linearize"] + 5 * 2.0)
+    for k, v in med.items():
+        medians.record_value("breakdown", f"{name}/{k}", v)
+    medians.record_ratio("breakdown", f"{name}/ceiling_exact_hvp", ceiling)
+    benchmark.extra_info.update(machine_info())
+    benchmark.extra_info.update({"problem": name, "median_s": med, "in_gradients": in_grads,
+                                 "ceiling_exact_hvp": ceiling, "per_round_s": times,
+                                 "load_before": load_before, "load_after": load_info()})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -24,26 +23,11 @@ THREADS = int(os.environ.get("BISSL_BENCH_THREADS", "2"))
 
 
 def machine() -> dict:
-    """Device, CPU model, cores and library versions to store with every result."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
-    }
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return info
+    """Device, CPU model, cores and library versions to store with every result (one definition:
+    :func:`bissl.bench.machine_info`)."""
+    from bissl.bench import machine_info
+
+    return machine_info()
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +37,10 @@ def _threads():
 
 
 def load_info() -> dict:
-    """1-minute load average and CPU count: timings taken while the load exceeds the cores are
-    slowed by other processes (ratios from interleaved rounds much less than absolute times)."""
-    return {"loadavg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+    """1-minute load average and CPU count (:func:`bissl.bench.load_info`)."""
+    from bissl.bench import load_info as info
+
+    return info()
 
 
 class Medians(dict):

@@ -1,10 +1,10 @@
-"""Command line: ``bissl run | demo | config | env | sweep | report`` (also ``python -m bissl``).
+"""Command line: ``bissl run | demo | config | env | sweep | report | bench`` (also ``python -m bissl``).
 
 Examples::
 
     bissl demo                                   # baseline vs BiSSL on digits, 3 seeds, CPU
     bissl demo --task text                       # the same on two text tasks with a small GPT
-    bissl run demo_digits --nproc 2              # BiSSL stage on 2 ranks (DeepSpeed, gloo)
+    bissl run demo_digits --nproc 2              # every phase on 2 ranks (gloo; DeepSpeed ZeRO)
     bissl run demo_digits --set bissl.lam=0.01 --out runs/lam0.01
     bissl run my_config.yaml                     # any YAML/JSON file; bare names are packaged configs
     bissl run --resume runs/lam0.01              # continue a killed run from its last checkpoint
@@ -13,6 +13,7 @@ Examples::
     bissl env                                    # versions, threads, kernel backends
     bissl report runs/demo_digits --per-seed     # markdown table with paired statistics
     bissl report --update README.md docs/*.md    # regenerate the docs' tables (make tables)
+    bissl bench --model resnet18 --solver cg     # hypergradient throughput, ours vs the reference
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Sequence
 
 import yaml
 
+from bissl.bench_cli import register_bench_command
 from bissl.config import ConfigError, config_to_dict, load_config
 from bissl.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
 from bissl.configs import CONFIG_DIR, packaged_configs, resolve_config
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
 
     register_sweep_command(sub)
+    register_bench_command(sub)
     return parser
 
 

@@ -47,10 +47,12 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
 
 
 def _problem(backbone: nn.Module, feat: int, x1: Tensor, x2: Tensor, y: Tensor, classes: int,
-             proj_dim: int, dtype: torch.dtype) -> BilevelProblem:
-    backbone = backbone.to(dtype)
-    projector = nn.Sequential(nn.Linear(feat, proj_dim), nn.ReLU(), nn.Linear(proj_dim, proj_dim)).to(dtype)
-    head = nn.Linear(feat, classes).to(dtype)
+             proj_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> BilevelProblem:
+    backbone = backbone.to(dtype=dtype, device=device)
+    x1, x2, y = x1.to(device), x2.to(device), y.to(device)
+    projector = nn.Sequential(nn.Linear(feat, proj_dim), nn.ReLU(), nn.Linear(proj_dim, proj_dim)).to(
+        dtype=dtype, device=device)
+    head = nn.Linear(feat, classes).to(dtype=dtype, device=device)
     buffers = dict(backbone.named_buffers())
 
     def encode(params: Params, x: Tensor) -> Tensor:
@@ -110,14 +112,14 @@ def cnn_problem(*, batch: int = 6, size: int = 6, width: int = 3, norm: str = "b
 
 def module_problem(backbone: nn.Module, *, feat: int, batch: int, image: tuple[int, ...],
                    classes: int = 10, proj_dim: int = 128, dtype: torch.dtype = torch.float32,
-                   seed: int = 0) -> BilevelProblem:
-    """A problem around any image backbone (e.g. a ResNet-18 for benchmarks)."""
+                   seed: int = 0, device: torch.device | str = "cpu") -> BilevelProblem:
+    """A problem around any image backbone (e.g. a ResNet-18 for benchmarks), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.randn(batch, *image, generator=g, dtype=dtype)
     x2 = x.flip(-1) + 0.1 * torch.randn(batch, *image, generator=g, dtype=dtype)
     y = torch.randint(0, classes, (batch,), generator=g)
-    return _problem(backbone, feat, x, x2, y, classes, proj_dim, dtype)
+    return _problem(backbone, feat, x, x2, y, classes, proj_dim, dtype, device)
 
 
 def dense_hessian(loss_fn: LossFn, params: Params) -> Tensor:

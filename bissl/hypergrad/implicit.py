@@ -20,11 +20,11 @@ import torch
 
 from bissl.hypergrad.settings import IndefinitePolicy, SolverName
 from bissl.ops.batchnorm import batchnorm_stats_frozen
-from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
-from bissl.ops.hvp import HVPMode, linearize_hvp
+from bissl.ops.flat import AnyVector, FlatSpec, as_form, one_buffer
+from bissl.ops.hvp import HVPMode, as_named, linearize_hvp
 from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
-from bissl.typing import LossFn, Params, ParamsLike
+from bissl.typing import LossFn
 
 #: Values of ``implicit_hypergrad(on_indefinite=...)``.
 ON_INDEFINITE: tuple[str, ...] = ("raise", "warn", "fallback", "adaptive_damping")
@@ -32,20 +32,22 @@ ON_INDEFINITE: tuple[str, ...] = ("raise", "warn", "fallback", "adaptive_damping
 ADAPTIVE_DAMPING_TRIES = 8
 
 
-def upper_gradient(upper_loss: LossFn, params: ParamsLike) -> tuple[torch.Tensor, torch.Tensor]:
+def upper_gradient(upper_loss: LossFn, params: AnyVector) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_D(θ), ∇_θ L_D(θ))`` with the gradient flat ``(P,)``, both detached.
 
-    ``upper_loss`` may close over a head whose parameters require grad; only ``θ`` is differentiated.
-    The HVP BatchNorm policy applies (batch statistics, running buffers untouched).
+    ``params`` may be a dict, a tuple/list of tensors or a flat tensor (``upper_loss`` receives that
+    form). ``upper_loss`` may close over a head whose parameters require grad; only ``θ`` is
+    differentiated. The HVP BatchNorm policy applies (batch statistics, running buffers untouched).
     """
-    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    named_loss, named, _, _ = as_named(upper_loss, params, "implicit_hypergrad")
+    leaves = {k: p.detach().requires_grad_(True) for k, p in named.items()}
     with torch.enable_grad(), batchnorm_stats_frozen():
-        loss = upper_loss(leaves)
+        loss = named_loss(leaves)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("implicit_hypergrad: upper_loss must return a scalar tensor")
         grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True)
-    grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
-    return loss.detach(), flatten(grads)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves.values(), grads)])
+    return loss.detach(), flat
 
 
 class VectorSpace(Protocol):
@@ -73,11 +75,16 @@ class VectorSpace(Protocol):
         """Parameter-tensor index of each entry of the solver's vectors (layer-wise CG)."""
 
 
-def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: torch.Tensor,
-           spec: FlatSpec, *, lam: float, damping: float, iters: int, backend: str | None,
-           rtol: float | None, space: VectorSpace | None = None) -> SolveResult:
+def _solve(name: str, matvec: Callable | None, v: torch.Tensor, spec: FlatSpec, *, lam: float,
+           damping: float, iters: int, backend: str | None, rtol: float | None,
+           space: VectorSpace | None = None, matvec_pieces: bool = False) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` (``H x = v`` when ``λ + damping = 0``) by the
-    named solver (flat ``v``)."""
+    named solver; ``result.x`` is flat.
+
+    ``v`` is flat. With ``matvec_pieces`` the matvec takes and returns one tensor per parameter
+    tensor of ``spec`` (the HVP's own outputs, read by the solver where they lie: no concatenated
+    copy; layer-wise CG then sees one block per tensor); otherwise it maps flat to flat.
+    """
     solve = get_solver(name)
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
     c = lam + damping
@@ -86,9 +93,15 @@ def _solve(name: str, matvec: Callable[[torch.Tensor], torch.Tensor] | None, v: 
               "allreduce": None if space is None else space.allreduce}
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
-    if name == "cg_layerwise":
-        kwargs["segments"] = spec.segment_ids() if space is None else space.segments(spec)
-    result = solve(None if name == "identity" else matvec, v, **kwargs)
+    if name == "cg_layerwise" and not matvec_pieces:
+        kwargs["segments"] = spec.numels if space is None else space.segments(spec)
+    rhs = as_form(v, spec, "tuple") if matvec_pieces else v
+    result = solve(None if name == "identity" else matvec, rhs, **kwargs)
+    if matvec_pieces:
+        # The solver returned views of its own flat buffer, one per tensor, in order: that buffer.
+        parts = [t.reshape(-1) for t in result.x]
+        whole = one_buffer(parts)
+        result.x = whole if whole is not None and whole.numel() == spec.numel else torch.cat(parts)
     result.damping_used = float(damping)
     return result
 
@@ -109,7 +122,7 @@ def _next_damping(result: SolveResult, lam: float, damping: float) -> float:
 def implicit_hypergrad(
     lower_loss: LossFn,
     upper_loss: LossFn,
-    lower_params: ParamsLike,
+    lower_params: AnyVector,
     *,
     lam: float,
     iters: int = 5,
@@ -123,7 +136,7 @@ def implicit_hypergrad(
     rtol: float | None = None,
     return_info: bool = False,
     space: VectorSpace | None = None,
-) -> Params | tuple[Params, SolveResult]:
+) -> AnyVector | tuple[AnyVector, SolveResult]:
     """The IFT term ``x = (I + H/(λ + damping))⁻¹ ∇_θ L_D(θ)``, ``H = ∇²_θ L_P(θ)``.
 
     With ``damping = 0`` this is exactly ``λ (H + λI)⁻¹ ∇_θ L_D(θ)``; BiSSL's upper φ-gradient is then
@@ -157,7 +170,8 @@ def implicit_hypergrad(
             the backbone dict (may close over a projector/predictor that requires grad).
         upper_loss: ``L_D(θ)`` — the downstream loss evaluated at the lower backbone (closing over
             the downstream head).
-        lower_params: ``θ``, ``{name: Tensor}``.
+        lower_params: ``θ``: a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat ``(P,)``
+            tensor; both losses receive that form.
         lam: proximal weight λ > 0 (reference: 0.001).
         iters: solver iterations (reference: 5).
         damping: extra damping of the linear system (reference ``cg_lam_dampening``: 10).
@@ -180,7 +194,8 @@ def implicit_hypergrad(
             space's operator and dot products only. Default: one process, whole vectors.
 
     Returns:
-        ``x`` as a dict keyed like ``lower_params`` (and the solve info if ``return_info``).
+        ``x`` in ``lower_params``' form — views of one flat buffer (and the solve info if
+        ``return_info``).
 
     Example:
         >>> x = implicit_hypergrad(pretext_loss, downstream_loss, theta, lam=1e-3, damping=10.0,
@@ -191,19 +206,24 @@ def implicit_hypergrad(
         raise ValueError(f"implicit_hypergrad: lam must be > 0, got {lam}")
     check_solve_options("implicit_hypergrad", lam=lam, damping=damping, solver=solver,
                         on_indefinite=on_indefinite, fallback=fallback)
-    spec = flat_spec(lower_params)
     _, v = upper_gradient(upper_loss, lower_params)
     if space is not None:
         v = space.rhs(v)
-    matvec = None
+    matvec, pieces = None, False
     if solver != "identity":  # identity is never flagged indefinite, so never falls back
-        matvec = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False).matvec
-        if space is not None:
-            matvec = space.operator(matvec)
+        op = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False)
+        spec, form = op.spec, op.form
+        if space is None:
+            # One process: the solver reads the HVP's per-parameter outputs as they are (no copy).
+            matvec, pieces = op.hv_pieces, True
+        else:
+            matvec = space.operator(op.matvec)
+    else:
+        _, _, spec, form = as_named(lower_loss, lower_params, "implicit_hypergrad")
     result = solve_ift_system(matvec, v, spec, lam=lam, damping=damping, solver=solver, iters=iters,
                               backend=backend, strict=strict, on_indefinite=on_indefinite,
-                              fallback=fallback, rtol=rtol, space=space)
-    x = unflatten(result.x if space is None else space.solution(result.x), spec)
+                              fallback=fallback, rtol=rtol, space=space, matvec_pieces=pieces)
+    x = as_form(result.x if space is None else space.solution(result.x), spec, form)
     result.x = x
     return (x, result) if return_info else x
 
@@ -244,6 +264,7 @@ def solve_ift_system(
     fallback: str = "minres",
     rtol: float | None = None,
     space: VectorSpace | None = None,
+    matvec_pieces: bool = False,
 ) -> SolveResult:
     """Solve ``(I + A/(λ + damping)) x = v`` (``A x = v`` when ``λ + damping = 0``) with a policy.
 
@@ -258,6 +279,8 @@ def solve_ift_system(
         spec: layout of the flat vectors (layer-wise CG solves per tensor of it).
         space: where the solver's vectors live (see :func:`implicit_hypergrad`); ``matvec`` and
             ``v`` are then already in it.
+        matvec_pieces: ``matvec`` takes and returns one tensor per tensor of ``spec`` instead of
+            flat vectors (what :meth:`bissl.ops.hvp.LinearizedHVP.hv_pieces` does; saves a copy).
 
     Returns:
         The :class:`~bissl.solvers.SolveResult` whose flat ``x`` is the answer, with ``action``,
@@ -270,7 +293,7 @@ def solve_ift_system(
         if matvec is None and name != "identity":
             raise ValueError(f"solve_ift_system: no Hessian for solver {name!r}")
         return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend,
-                      rtol=rtol, space=space)
+                      rtol=rtol, space=space, matvec_pieces=matvec_pieces and name != "identity")
 
     result = solve(solver, damping)
     # Report-only mode never reads a flag, so it stays free of host synchronisation.

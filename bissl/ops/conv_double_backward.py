@@ -17,6 +17,15 @@ are identical up to float rounding; only plain autograd (not ``torch.func``) see
 by the linearize-once ``revrev`` HVP, which is the only path that differentiates a backward pass
 with ``torch.autograd``. Third derivatives are not supported (they are never needed for an HVP).
 
+Channels-last activations. oneDNN convolutions on CPU run on NHWC ("channels_last") activations
+without the layout reorders an NCHW tensor costs on every call: measured on the benchmark CNNs
+(2 threads), forward and grad-input kernels about 1.6–1.8× faster, grad-weight about 10% slower,
+the three together ~25% less time. With ``policy.channels_last`` the rerouted convolution's input
+is made channels-last (a differentiable ``contiguous``: a copy only where the input is not already
+NHWC, i.e. at the first layer) and so are the cotangents its backward receives; the activations
+between layers then stay NHWC by themselves (elementwise ops keep their input's layout). Values
+are the same up to float rounding; the weight gradients are returned in the weights' own layout.
+
 Graph-only weight gradients. A linearised HVP differentiates the first-order weight gradients
 again but never reads their values. Inside :meth:`WeightGradPolicy.graph_only` (entered by
 :class:`bissl.ops.hvp.LinearizedHVP` around its ``create_graph`` backward only, so a loss that
@@ -95,7 +104,7 @@ class _Conv2dBackward(torch.autograd.Function):
         if need_x and ggw is not None:
             d_x = conf.backward(go, x, ggw, [True, False, False])[0]
         if need_w and ggx is not None:
-            d_w = conf.backward(go, ggx, w, [False, True, False])[1]
+            d_w = conf.backward(go, ggx, w, [False, True, False])[1].contiguous(memory_format=_layout(w))
         return d_go, d_x, d_w, None, None, None, None
 
 
@@ -112,18 +121,31 @@ class _Conv2d(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Only a backward that builds a graph (``create_graph``) may leave out the values.
         gw_values = ctx.conf.policy.weight_grad_values or not torch.is_grad_enabled()
-        gx, gw, gb = _Conv2dBackward.apply(go.contiguous(), x, w, ctx.conf, need_x, need_w, gw_values)
+        go = go.contiguous(memory_format=torch.channels_last if ctx.conf.policy.channels_last
+                           else torch.contiguous_format)
+        gx, gw, gb = _Conv2dBackward.apply(go, x, w, ctx.conf, need_x, need_w, gw_values)
         return gx, gw, (gb if need_b else None), None
 
 
+def _layout(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+
+
 class WeightGradPolicy:
-    """Whether ``create_graph`` backwards through rerouted convolutions compute weight-gradient
-    values; shared by a mode and the graph nodes it creates."""
+    """How rerouted convolutions run; shared by a mode and the graph nodes it creates.
 
-    __slots__ = ("weight_grad_values",)
+    Attributes:
+        weight_grad_values: whether ``create_graph`` backwards compute weight-gradient values
+            (see :meth:`graph_only`).
+        channels_last: run the convolutions on channels-last activations (module docstring).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("weight_grad_values", "channels_last")
+
+    def __init__(self, channels_last: bool = False) -> None:
         self.weight_grad_values = True
+        self.channels_last = channels_last
 
     @contextlib.contextmanager
     def graph_only(self) -> Iterator[None]:
@@ -150,6 +172,8 @@ def reroute_conv2d(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tenso
         return None
     conf = _ConvConf(a.get("stride", 1), padding, a.get("dilation", 1), a.get("groups", 1),
                      a.get("bias") is not None, policy)
+    if policy.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # differentiable; no-op when already NHWC
     return _Conv2d.apply(x, a["weight"], a.get("bias"), conf)
 
 

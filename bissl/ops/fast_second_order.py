@@ -6,10 +6,12 @@ reroutes them to ops with the same values (same kernels, bit-identical) and firs
 short closed-form second derivative:
 
 * reverse over reverse (``direction="reverse"``: the ``revrev``/``autograd`` HVPs and the
-  linearised operator): ``conv2d`` (:mod:`bissl.ops.conv_double_backward`), train-mode
+  linearised operator): ``conv2d`` and ``linear`` (:mod:`bissl.ops.conv_double_backward`,
+  :mod:`bissl.ops.linear_double_backward`: graph-only weight gradients), train-mode
   ``batch_norm`` (:mod:`bissl.ops.batchnorm_double_backward`), ``gelu`` and ``layer_norm``
-  (:mod:`bissl.ops.gelu_double_backward`, :mod:`bissl.ops.layernorm_double_backward`, their
-  coefficients stored once per linearisation point);
+  (:mod:`bissl.ops.gelu_double_backward`, :mod:`bissl.ops.layernorm_double_backward`), ``tanh``,
+  ``relu``, ``silu`` and ``softmax`` (:mod:`bissl.ops.activation_double_backward`), their
+  coefficients stored once per linearisation point;
 * forward over reverse (``direction="forward"``, ``torch.autograd.forward_ad``: the ``fwdrev``
   HVP): train-mode ``batch_norm``, ``gelu``, ``layer_norm``, division by a Python number and
   ``cross_entropy`` (:mod:`bissl.ops.fwdrev_rules`), whose jvp rules replace forward-mode AD's
@@ -27,11 +29,13 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from bissl.ops.activation_double_backward import activation, softmax
 from bissl.ops.batchnorm import FrozenBatchNormStats
 from bissl.ops.conv_double_backward import WeightGradPolicy, reroute_conv2d
 from bissl.ops.fwdrev_rules import div_by_number, is_plain_number, reroute_cross_entropy
 from bissl.ops.gelu_double_backward import gelu
 from bissl.ops.layernorm_double_backward import layer_norm
+from bissl.ops.linear_double_backward import reroute_linear
 
 _LN_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 
@@ -48,11 +52,45 @@ def _layer_norm(args: tuple, kwargs: dict):
     return layer_norm(a["input"], a["normalized_shape"], a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
 
 
+def _unary(name: str, fields: tuple[str, ...] = ("input",)):
+    """Route ``f(x)`` (no in-place flag set) to :func:`~bissl.ops.activation_double_backward.activation`."""
+    def route(args: tuple, kwargs: dict):
+        a = dict(zip(fields + ("inplace",), args))
+        a.update(kwargs)
+        x = a.get(fields[0], a.get("self"))
+        if a.get("inplace", False) or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        return activation(x, name)
+    return route
+
+
+def _softmax(args: tuple, kwargs: dict):
+    a = dict(zip(("input", "dim"), args))
+    a.update(kwargs)
+    x, dim = a.get("input", a.get("self")), a.get("dim")
+    if a.get("dtype") is not None or dim is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    return softmax(x, dim)
+
+
 def _true_divide(args: tuple, kwargs: dict):
     if len(args) == 2 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
             and is_plain_number(args[1]):
         return div_by_number(args[0], args[1])
     return None
+
+
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (e.g. activation checkpointing) are active.
+
+    Checkpointing recomputes the forward inside the backward, where this mode's routes are not
+    taken: the rerouted ops would save other tensors than the recomputation, which checkpointing
+    refuses. Under such hooks the stock ops run (same values and derivatives).
+    """
+    return _top_hooks is not None and _top_hooks(True) is not None
 
 
 class FastSecondOrder(FrozenBatchNormStats):
@@ -61,27 +99,46 @@ class FastSecondOrder(FrozenBatchNormStats):
     Args:
         direction: ``"reverse"`` (reverse over reverse) or ``"forward"`` (forward over reverse).
         conv: reroute ``conv2d`` (reverse only).
+        linear: reroute ``linear`` (reverse only).
         batchnorm: train-mode BatchNorm through :func:`~bissl.ops.batchnorm_double_backward.batch_norm_train`
             (closed-form double backward and jvp rules; either direction).
         gelu: reroute ``gelu`` (either direction).
         layernorm: reroute ``layer_norm`` (either direction).
+        activations: reroute ``tanh``, ``relu``, ``silu`` and ``softmax`` (reverse only; off by
+            default: measured no faster than autograd's own, see
+            :mod:`bissl.ops.activation_double_backward`).
+        channels_last: run the rerouted convolutions on channels-last activations (reverse only).
         division_and_cross_entropy: reroute ``tensor / number`` and ``cross_entropy`` (forward only).
 
     Attributes:
         conv_policy: the :class:`~bissl.ops.conv_double_backward.WeightGradPolicy` of the
-            rerouted convolutions (``conv_policy.graph_only()`` skips weight-gradient values).
+            rerouted convolutions and linear layers (``conv_policy.graph_only()`` skips
+            weight-gradient values).
     """
 
-    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, batchnorm: bool = True,
-                 gelu: bool = True, layernorm: bool = True, division_and_cross_entropy: bool = True):
+    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, linear: bool = True,
+                 batchnorm: bool = True,
+                 gelu: bool = True, layernorm: bool = True, activations: bool = False,
+                 channels_last: bool = False, division_and_cross_entropy: bool = True):
         if direction not in ("reverse", "forward"):
             raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")
         reverse = direction == "reverse"
         super().__init__(fast_double_backward=batchnorm)
-        self.conv_policy = WeightGradPolicy()
+        self.conv_policy = WeightGradPolicy(channels_last=channels_last and reverse)
         routes: dict[Callable, Callable] = {}
         if conv and reverse:
             routes[F.conv2d] = lambda args, kwargs: reroute_conv2d(args, kwargs, self.conv_policy)
+        if linear and reverse:
+            routes[F.linear] = lambda args, kwargs: reroute_linear(args, kwargs, self.conv_policy)
+        if activations and reverse:
+            tanh, relu, silu = _unary("tanh"), _unary("relu"), _unary("silu")
+            for f in (torch.tanh, torch.Tensor.tanh):
+                routes[f] = tanh
+            for f in (F.relu, torch.relu, torch.Tensor.relu):
+                routes[f] = relu
+            routes[F.silu] = silu
+            for f in (F.softmax, torch.softmax, torch.Tensor.softmax):
+                routes[f] = _softmax
         if gelu:
             routes[F.gelu] = _gelu
         if layernorm:
@@ -95,7 +152,7 @@ class FastSecondOrder(FrozenBatchNormStats):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = self._routes.get(func)
-        if route is not None and torch.is_grad_enabled():
+        if route is not None and torch.is_grad_enabled() and not _saved_tensor_hooks_active():
             out = route(args, kwargs)
             if out is not None:
                 return out

@@ -1,18 +1,32 @@
-"""Parameter dicts <-> one flat buffer.
+"""Parameter dicts, tuples and flat tensors <-> one flat buffer.
 
 Solvers keep their state (x, r, p, Ap) in one contiguous ``(P,)`` buffer per dtype/device so a
 vector update is one pass over all parameters instead of one launch per tensor. ``unflatten``
 returns *views* of the buffer (zero-copy); ``flatten`` copies once (``torch.cat``) unless the dict
 already consists of views of one buffer laid out in order, in which case it returns that buffer.
+
+A vector reaches the library in one of three *forms* (:data:`FORMS`): a ``{name: Tensor}`` dict
+(the ``torch.func`` convention), a tuple or list of tensors (``torch.autograd.grad``'s), or one
+flat ``(P,)`` tensor. :func:`vector_spec` describes any of them as a :class:`FlatSpec` (a sequence's
+names are ``"0"``, ``"1"``, ...; a flat tensor is one piece), :func:`as_form` gives zero-copy views
+of a flat buffer in a form, and :func:`pieces` reads a vector of any form back as the flat pieces
+of a spec, in order, without copying.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from bissl.typing import ParamsLike, Params
+
+#: The forms a vector may take: ``"dict"``, ``"tuple"``, ``"list"`` (of tensors) or ``"flat"`` ((P,) tensor).
+Form = Literal["dict", "tuple", "list", "flat"]
+FORMS: tuple[str, ...] = ("dict", "tuple", "list", "flat")
+#: A vector in any form.
+AnyVector = Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -189,3 +203,125 @@ def flatten_module_parameters_(module: torch.nn.Module) -> tuple[Tensor, FlatSpe
             view.copy_(param)
             param.data = view
     return buffer, spec
+
+
+def vector_form(v: object, where: str) -> str:
+    """The :data:`FORMS` entry of ``v``; raises ``TypeError`` naming ``where`` for anything else."""
+    if isinstance(v, Tensor):
+        return "flat"
+    if isinstance(v, Mapping):
+        return "dict"
+    if isinstance(v, (tuple, list)) and all(isinstance(t, Tensor) for t in v):
+        return "tuple" if isinstance(v, tuple) else "list"
+    raise TypeError(f"{where}: expected a dict of tensors, a tuple/list of tensors or a flat tensor, "
+                    f"got {type(v).__name__}")
+
+
+def vector_spec(v: AnyVector, where: str) -> tuple[str, FlatSpec]:
+    """``(form, spec)`` of a vector in any form (one dtype/device; a flat tensor must be 1-D).
+
+    Raises:
+        TypeError: not a vector form, or not floating point.
+        ValueError: empty, mixed dtype/device, or a tensor of a flat form that is not 1-D.
+    """
+    form = vector_form(v, where)
+    if form == "flat":
+        if v.dim() != 1:
+            raise ValueError(f"{where}: a tensor must be flat (P,), got shape {tuple(v.shape)}; pass a "
+                             "dict or a tuple of tensors for shaped parameters")
+        spec = FlatSpec(("",), (v.shape,), (0, v.numel()), v.dtype, v.device)
+    else:
+        named = v if form == "dict" else {str(i): t for i, t in enumerate(v)}
+        try:
+            spec = flat_spec(named)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if not spec.dtype.is_floating_point:
+        raise TypeError(f"{where}: vectors must be floating point, got {spec.dtype}")
+    return form, spec
+
+
+def as_form(flat: Tensor, spec: FlatSpec, form: str) -> AnyVector:
+    """Zero-copy views of the ``(P,)`` buffer ``flat`` in ``form`` (the inverse of :func:`pieces`)."""
+    if form == "flat":
+        return flat
+    views = unflatten(flat, spec)
+    if form == "dict":
+        return views
+    seq = list(views.values())
+    return tuple(seq) if form == "tuple" else seq
+
+
+def pieces(v: AnyVector, spec: FlatSpec, where: str, form: str = "dict") -> list[Tensor]:
+    """``v`` (any form) as 1-D tensors whose concatenation is the ``(P,)`` vector of ``spec``.
+
+    ``form`` is the form ``spec`` describes. Nothing is copied: a flat ``v`` is one piece; a dict or
+    a sequence gives one ``reshape(-1)`` per tensor (a view when contiguous). A dict is looked up by
+    ``spec``'s names when ``form`` is ``"dict"`` (its order does not matter) and read in its own
+    order otherwise; shapes must match ``spec``'s, except for a ``"flat"`` spec, whose pieces only
+    need to add up to ``P`` elements. Raises ``ValueError`` naming ``where`` on any mismatch.
+    """
+    if isinstance(v, Tensor):
+        if v.dim() != 1 or v.numel() != spec.numel:
+            raise ValueError(f"{where} returned a tensor of shape {tuple(v.shape)}, expected a flat "
+                             f"({spec.numel},) tensor or the form of its input")
+        if v.dtype != spec.dtype or v.device != spec.device:
+            raise ValueError(f"{where} returned {v.dtype} on {v.device}, expected {spec.dtype} on {spec.device}")
+        return [v]
+    if isinstance(v, Mapping):
+        if form == "dict":
+            if len(v) != len(spec.names) or any(n not in v for n in spec.names):
+                missing = [n for n in spec.names if n not in v][:3]
+                raise ValueError(f"{where} returned a dict with keys {list(v)[:4]}...; expected the keys "
+                                 f"{list(spec.names)[:4]}... (missing {missing})")
+            names, tensors = list(spec.names), [v[n] for n in spec.names]
+        else:
+            names, tensors = [str(k) for k in v], list(v.values())
+    elif isinstance(v, (tuple, list)):
+        names, tensors = [str(i) for i in range(len(v))], list(v)
+    else:
+        raise ValueError(f"{where} returned {type(v).__name__}; expected a dict, a tuple/list of tensors "
+                         "or a flat tensor")
+    shapes: Sequence = spec.shapes
+    if form == "flat":
+        shapes = [t.shape if isinstance(t, Tensor) else None for t in tensors]
+        total = sum(t.numel() for t in tensors if isinstance(t, Tensor))
+        if total != spec.numel:
+            raise ValueError(f"{where} returned {len(tensors)} tensors of {total} elements in all, "
+                             f"expected {spec.numel}")
+    elif len(tensors) != len(spec.names):
+        raise ValueError(f"{where} returned {len(tensors)} tensors, expected {len(spec.names)}")
+    out = []
+    for name, shape, t in zip(names, shapes, tensors):
+        if not isinstance(t, Tensor) or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{where} returned {got} for {name!r}, expected shape {tuple(shape)}")
+        if t.dtype != spec.dtype or t.device != spec.device:
+            raise ValueError(f"{where} returned {t.dtype} on {t.device} for {name!r}, expected "
+                             f"{spec.dtype} on {spec.device}")
+        out.append(t.reshape(-1))
+    return out
+
+
+def one_buffer(parts: Sequence[Tensor]) -> Tensor | None:
+    """The ``(P,)`` tensor that 1-D ``parts`` are consecutive pieces of, if they are (else None).
+
+    Lets a solver treat a matvec result that is already views of one buffer (e.g. a dict made by
+    :func:`unflatten`) as flat, without copying it.
+    """
+    if len(parts) == 1:
+        return parts[0] if parts[0].is_contiguous() else None
+    filled = [t for t in parts if t.numel()]  # an empty piece occupies no bytes anywhere
+    if not filled:
+        return None
+    first = filled[0]
+    storage, start = first.untyped_storage(), first.storage_offset()
+    offset = start
+    for t in filled:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr() \
+                or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    total = offset - start
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    return flat.set_(storage, start, (total,), (1,))

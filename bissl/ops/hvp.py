@@ -33,7 +33,7 @@ immune because it evaluates the loss once.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.fast_second_order import FastSecondOrder
-from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
+from bissl.ops.flat import AnyVector, FlatSpec, as_form, pieces, unflatten, vector_form, vector_spec
 from bissl.typing import LossFn, Params, ParamsLike
 
 HVPMode = Literal["fwdrev", "revrev", "autograd"]
@@ -126,18 +126,19 @@ def _dual_number_hvp(loss_fn: LossFn, primals: Params, tangents: Params) -> Para
         return {k: torch.zeros_like(p) if t is None else t for (k, p), t in zip(leaves.items(), tangent_of)}
 
 
-def hvp(loss_fn: LossFn, params: ParamsLike, v: ParamsLike, *, mode: HVPMode = "fwdrev") -> Params:
+def hvp(loss_fn: LossFn, params: AnyVector, v: AnyVector, *, mode: HVPMode = "fwdrev") -> AnyVector:
     """Hessian-vector product ``∇²loss_fn(params) · v``.
 
     Args:
         loss_fn: ``loss_fn(params) -> Tensor`` of shape ``()``. May close over live modules whose
             parameters require grad (they are treated as constants).
-        params: point of evaluation, ``{name: Tensor}``.
-        v: direction, same keys and shapes as ``params``.
+        params: point of evaluation: ``{name: Tensor}``, a tuple/list of tensors or a flat tensor
+            (``loss_fn`` receives that form).
+        v: direction, laid out like ``params`` (any form).
         mode: ``"fwdrev"`` (default), ``"revrev"`` or ``"autograd"`` (see module docstring).
 
     Returns:
-        ``{name: Tensor}`` shaped like ``params``, detached from any graph.
+        ``H v`` in ``params``' form, detached from any graph.
 
     Example:
         >>> Hv = hvp(lambda p: (p["w"] ** 4).sum(), {"w": torch.ones(3)}, {"w": torch.ones(3)})
@@ -145,13 +146,28 @@ def hvp(loss_fn: LossFn, params: ParamsLike, v: ParamsLike, *, mode: HVPMode = "
         tensor([12., 12., 12.])
     """
     _check_mode(mode)
-    _check_like(params, v, "hvp")
-    primals = {k: p.detach() for k, p in params.items()}
-    tangents = {k: t.detach() for k, t in v.items()}
+    named_loss, named, spec, form = as_named(loss_fn, params, "hvp")
+    if form == "dict":
+        _check_like(params, v, "hvp")
+        parts = [v[k] for k in spec.names]
+    else:
+        parts = pieces(v, spec, "hvp: v", form)
+        if form == "flat":
+            parts = [torch.cat(parts)]
+    primals = {k: p.detach() for k, p in named.items()}
+    tangents = {k: t.detach().view(shape) for k, shape, t in zip(spec.names, spec.shapes, parts)}
+    out = _hvp_named(named_loss, primals, tangents, mode)
+    return as_form(torch.cat([t.reshape(-1) for t in out.values()]), spec, form) if form == "flat" else (
+        out if form == "dict" else (tuple if form == "tuple" else list)(out.values()))
+
+
+def _hvp_named(loss_fn: Callable[[Params], Tensor], primals: Params, tangents: Params, mode: str) -> Params:
+    """``H v`` on detached dicts (the three modes of the module docstring)."""
     if mode == "fwdrev":
         out = _forward_over_reverse(loss_fn, primals, tangents)
     elif mode == "revrev":
-        out = LinearizedHVP(loss_fn, primals, "revrev", True, True, True, need_grad=False).matvec_dict(tangents)
+        op = LinearizedHVP(loss_fn, primals, "revrev", True, True, True, need_grad=False)
+        out = dict(zip(op.spec.names, op.hv_pieces(tangents)))
     else:
         with torch.enable_grad(), FastSecondOrder("reverse"):
             leaves = _detached_leaves(primals)
@@ -197,78 +213,129 @@ def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HV
     return {kk: t.detach() for kk, t in out.items()}
 
 
-class LinearizedHVP:
-    """``v ↦ H v`` at a fixed point, on flat ``(P,)`` vectors, set up once and applied many times.
+def as_named(loss_fn: Callable, params: AnyVector, where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
+    """A loss of a vector in any form, restated on a ``{name: Tensor}`` dict.
 
-    Build with :func:`linearize_hvp`. Attributes: ``spec`` (layout of the flat vectors), ``loss``
-    (0-dim, detached), ``grad`` (``(P,)`` flat gradient at the point, detached; ``None`` when built
-    with ``need_grad=False``) and ``num_matvecs``. Call it (or ``.matvec``) with a flat ``(P,)``
-    tensor; :meth:`matvec_dict` takes a dict.
+    Returns ``(loss_of_dict, params_as_dict, spec, form)``: the dict's names are ``spec.names``
+    (a tuple's ``"0"``, ``"1"``, ...; a flat tensor's single ``""``) and ``loss_of_dict(d)`` calls
+    ``loss_fn`` with ``d`` in the caller's form, so every HVP path works on dicts only.
+    """
+    form, spec = vector_spec(params, where)
+    if form == "dict":
+        return loss_fn, dict(params), spec, form
+    named = dict(zip(spec.names, [params] if form == "flat" else params))
+    if form == "flat":
+        return (lambda d: loss_fn(d[""])), named, spec, form
+    if form == "tuple":
+        return (lambda d: loss_fn(tuple(d.values()))), named, spec, form
+    return (lambda d: loss_fn(list(d.values()))), named, spec, form
+
+
+class LinearizedHVP:
+    """``v ↦ H v`` at a fixed point, set up once and applied many times.
+
+    Build with :func:`linearize_hvp`. Attributes: ``spec`` (layout of the flat vectors), ``form``
+    (``"dict"``, ``"tuple"``, ``"list"`` or ``"flat"``: that of the parameters it was built at),
+    ``loss`` (0-dim, detached), ``grad`` (``(P,)`` flat gradient at the point, detached; ``None``
+    when built with ``need_grad=False``) and ``num_matvecs``. Call it (or ``.matvec``) with a vector
+    in any form laid out like the parameters; :meth:`matvec_dict` takes a dict.
     """
 
-    def __init__(self, loss_fn: LossFn, params: ParamsLike, mode: HVPMode, fast_conv: bool, fast_bn: bool,
-                 fast_gelu_layernorm: bool = True, need_grad: bool = True):
+    def __init__(self, loss_fn: LossFn, params: AnyVector, mode: HVPMode, fast_conv: bool, fast_bn: bool,
+                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = False,
+                 channels_last: bool | None = None, fast_linear: bool = True):
         _check_mode(mode)
         self.mode = mode
-        self.spec: FlatSpec = flat_spec(params)
+        named_loss, named, self.spec, self.form = as_named(loss_fn, params, "linearize_hvp")
+        if channels_last is None:
+            channels_last = self.spec.device.type == "cpu"
         self.num_matvecs = 0
-        self._loss_fn = loss_fn
-        self._primals = {k: p.detach() for k, p in params.items()}
+        self._loss_fn = named_loss
+        self._primals = {k: p.detach() for k, p in named.items()}
         self.grad: Tensor | None = None
         if mode == "revrev":
             # Build the first-order graph once; every matvec is one double backward over it.
-            fast = FastSecondOrder("reverse", conv=fast_conv, batchnorm=fast_bn, gelu=fast_gelu_layernorm,
-                                   layernorm=fast_gelu_layernorm)
+            fast = FastSecondOrder("reverse", conv=fast_conv, linear=fast_linear, batchnorm=fast_bn,
+                                   gelu=fast_gelu_layernorm,
+                                   layernorm=fast_gelu_layernorm, activations=fast_activations,
+                                   channels_last=channels_last)
             with torch.enable_grad(), fast:
                 self._leaves = _detached_leaves(self._primals)
-                loss = _check_scalar(loss_fn(self._leaves), "linearize_hvp")
+                loss = _check_scalar(named_loss(self._leaves), "linearize_hvp")
                 # The matvecs differentiate the gradient but never read it: unless the caller
-                # wants it, skip computing the convolutions' weight gradients (graph only).
+                # wants it, skip computing the convolutions' and linear layers' weight gradients
+                # (graph only).
                 with contextlib.nullcontext() if need_grad else fast.conv_policy.graph_only():
                     self._grads = _create_graph_grads(loss, self._leaves)
             self.loss = loss.detach()
             if need_grad:
-                self.grad = flatten({k: g.detach() for k, g in zip(self._leaves, self._grads)}, self.spec)
+                self.grad = torch.cat([g.detach().reshape(-1) for g in self._grads])
         else:
             # Forward-mode tangents cannot be replayed without re-running the function, and the
             # "autograd" mode reproduces the reference (recompute everything per matvec).
             with torch.enable_grad(), batchnorm_stats_frozen():
                 leaves = _detached_leaves(self._primals)
-                loss = _check_scalar(loss_fn(leaves), "linearize_hvp")
+                loss = _check_scalar(named_loss(leaves), "linearize_hvp")
                 grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True) if need_grad else None
             self.loss = loss.detach()
             if need_grad:
-                self.grad = flatten({k: torch.zeros_like(p) if g is None else g
-                                     for (k, p), g in zip(leaves.items(), grads)}, self.spec)
+                self.grad = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for p, g in zip(leaves.values(), grads)])
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat ``(P,)`` tensor ``v``; returns a new flat ``(P,)`` tensor."""
-        if v.dim() != 1 or v.numel() != self.spec.numel:
-            raise ValueError(f"LinearizedHVP: expected a flat vector of {self.spec.numel} elements, got {tuple(v.shape)}")
+    def hv_pieces(self, v: AnyVector) -> list[Tensor]:
+        """``H v`` as one tensor per parameter (autograd's own outputs: nothing is copied).
+
+        ``v`` may be any form laid out like the parameters (e.g. views of a solver's flat buffer).
+        """
+        if isinstance(v, Tensor):
+            if v.dim() != 1 or v.numel() != self.spec.numel:
+                raise ValueError(f"LinearizedHVP: expected a flat vector of {self.spec.numel} elements, "
+                                 f"got {tuple(v.shape)}")
+            vd = unflatten(v.detach(), self.spec)
+        else:
+            parts = pieces(v, self.spec, "LinearizedHVP: v", self.form)
+            if self.form == "flat":  # any pieces adding up to P: the one flat parameter
+                parts = [torch.cat(parts)]
+            vd = {name: t.detach().view(shape) for name, shape, t in zip(self.spec.names, self.spec.shapes, parts)}
         self.num_matvecs += 1
-        vd = unflatten(v.detach(), self.spec)
         if self.mode == "revrev":
             with torch.enable_grad():
                 out = _second_backward(self._grads, self._leaves, vd, retain=True)
         else:
-            out = hvp(self._loss_fn, self._primals, vd, mode=self.mode)
-        return flatten(out, self.spec)
+            out = _hvp_named(self._loss_fn, self._primals, vd, self.mode)
+        return list(out.values())
+
+    def matvec(self, v: AnyVector, *, out: Tensor | None = None) -> AnyVector:
+        """``H v`` in ``v``'s form: a flat ``(P,)`` ``v`` gives a flat result (one copy of the
+        per-parameter products, into ``out`` when given), a dict or tuple/list gives the same form
+        (no copy)."""
+        form = vector_form(v, "LinearizedHVP")
+        parts = self.hv_pieces(v)
+        if form == "flat":
+            flat = [t.reshape(-1) for t in parts]
+            return torch.cat(flat, out=out) if out is not None else torch.cat(flat)
+        named = dict(zip(self.spec.names, parts))
+        if form == "dict":
+            return named
+        return tuple(parts) if form == "tuple" else parts
 
     __call__ = matvec
 
     def matvec_dict(self, v: ParamsLike) -> Params:
         """``H v`` for a dict ``v`` shaped like the params."""
-        return unflatten(self.matvec(flatten(v, self.spec)), self.spec)
+        return self.matvec(dict(v))
 
 
-def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revrev",
+def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev",
                   fast_conv: bool = True, fast_bn: bool = True, fast_gelu_layernorm: bool = True,
-                  need_grad: bool = True) -> LinearizedHVP:
+                  need_grad: bool = True, fast_activations: bool = False,
+                  channels_last: bool | None = None, fast_linear: bool = True) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
     Args:
-        loss_fn: scalar loss of the parameter dict (may close over trainable modules).
-        params: the point ``θ``; detached internally.
+        loss_fn: scalar loss of the parameters (may close over trainable modules).
+        params: the point ``θ``: a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat
+            ``(P,)`` tensor (``loss_fn`` receives that form); detached internally.
         mode: ``"revrev"`` (default: first-order graph built once, one double backward per matvec),
             ``"fwdrev"`` (``jvp(grad)`` per matvec: no state kept, re-runs forward and backward) or
             ``"autograd"`` (reference behaviour, recomputes everything per matvec).
@@ -279,13 +346,24 @@ def linearize_hvp(loss_fn: LossFn, params: ParamsLike, *, mode: HVPMode = "revre
         fast_gelu_layernorm: on the ``revrev`` path, store ``gelu``'s and ``layer_norm``'s
             second-derivative coefficients once (:mod:`bissl.ops.gelu_double_backward`,
             :mod:`bissl.ops.layernorm_double_backward`).
+        channels_last: on the ``revrev`` path with ``fast_conv``, run the convolutions on
+            channels-last activations (:mod:`bissl.ops.conv_double_backward`); default: on CPU
+            (where oneDNN's NHWC kernels are faster, measured), off elsewhere.
+        fast_linear: on the ``revrev`` path, route ``linear`` through
+            :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
+            is False).
+        fast_activations: on the ``revrev`` path, give ``tanh``, ``relu``, ``silu`` and ``softmax``
+            their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`;
+            default off: measured no faster than autograd's own on the benchmark networks).
         need_grad: also return the gradient at the point as ``.grad`` (default). ``False`` (what
             :func:`bissl.hypergrad.implicit_hypergrad` uses) leaves ``.grad`` as ``None`` and lets the
             ``revrev`` set-up skip the convolutions' weight-gradient kernels, whose values the
             matvecs never read (:mod:`bissl.ops.conv_double_backward`).
 
     Returns:
-        A :class:`LinearizedHVP`; ``op(v_flat) -> Hv_flat``.
+        A :class:`LinearizedHVP`; ``op(v) -> H v`` in ``v``'s form (flat ``(P,)``, dict or
+        tuple/list); ``op.hv_pieces(v)`` gives autograd's per-parameter products without a copy.
     """
-    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad)
+    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad, fast_activations,
+                         channels_last, fast_linear)
 

@@ -1,109 +1,171 @@
-"""Shared set-up of a linear problem: dict or flat right-hand side, matvec on the same kind."""
+"""Shared set-up of a linear problem: any vector form in, one flat buffer inside, the caller's form out.
+
+Every solver solves ``(scale·A + shift·I) x = b`` on contiguous ``(P,)`` buffers, whatever form the
+caller's vectors take — a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat ``(P,)``
+tensor (:mod:`bissl.ops.flat`):
+
+* ``b`` is copied once into the solver's own buffer (it never aliases the caller's tensors, which
+  the solver would otherwise overwrite);
+* the caller's ``matvec`` is fed zero-copy *views* of the solver's buffer, in ``b``'s form (it must
+  not modify them), and may return any form (dict, tuple/list, flat) laid out like ``b``;
+* its result is read once, where it lies, by the damped epilogue
+  (:func:`bissl.ops.damped_into.damped_into_`), which writes ``A v = scale·H v + shift·v`` into a
+  solver buffer allocated once per solve and returns ``vᵀA v``;
+* the answer is returned as views of the solver's buffer in ``b``'s form.
+
+All inner products of the solvers go through :meth:`LinearProblem.dot` /
+:meth:`LinearProblem.reduce` (the fused kernels return theirs): when the flat vectors are one
+rank's partition of a vector sharded across ranks (:mod:`bissl.distributed.shard`), ``allreduce``
+sums the partial products there, so every scalar — and every branch — is the same on all ranks.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from bissl.ops.flat import FlatSpec, flat_spec, flatten, unflatten
+from bissl.ops._backends import CGVectorOps, cg_vector_ops
+from bissl.ops.damped_into import damped_into_
+from bissl.ops.flat import FlatSpec, as_form, one_buffer, pieces, vector_form, vector_spec
 from bissl.ops.reference import dot_ref
 from bissl.typing import Vector
 
+
 #: Sums a tensor of partial dot products over the partitions of a vector (an all-reduce across
-#: ranks when each rank holds one partition; see :mod:`bissl.distributed.shard`).
+#: ranks when each rank holds one partition).
 AllReduce = Callable[[Tensor], Tensor]
 
 
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀb`` of two flat vectors (0-dim, float64-accumulated): every solver's inner product."""
+    return dot_ref(a, b)
+
+
 @dataclass
-class FlatProblem:
-    """``(scale·A + shift·I) x = b`` on flat ``(P,)`` vectors.
+class LinearProblem:
+    """``(scale·A + shift·I) x = b`` on flat ``(P,)`` buffers (module docstring).
 
     Attributes:
-        matvec: flat ``A`` (before scale/shift).
-        b: flat right-hand side.
-        spec: layout when ``b`` came as a dict, else None.
+        matvec: the caller's ``A`` (before scale/shift), taking ``b``'s form.
+        b: ``(P,)`` the solver's own copy of the right-hand side (may be reused as a work buffer).
+        spec, form: layout and form of the caller's vectors.
         scale, shift: of the damped operator.
+        ops: the fused vector ops of the chosen backend.
+        where: the solver's name, for error messages.
         allreduce: sums partial dots when the vectors are partitions (None: they are whole).
     """
 
-    matvec: Callable[[Tensor], Tensor]
+    matvec: Callable[[Vector], Vector]
     b: Tensor
-    spec: FlatSpec | None
+    spec: FlatSpec
+    form: str
     scale: float
     shift: float
+    ops: CGVectorOps
+    where: str
     allreduce: AllReduce | None = None
 
     def reduce(self, partial: Tensor) -> Tensor:
-        """A dot product (or a tensor of them) from this partition's share."""
+        """A dot product (or a tensor of them) of the whole vectors from this partition's share."""
         return partial if self.allreduce is None else self.allreduce(partial)
 
     def dot(self, u: Tensor, v: Tensor) -> Tensor:
-        """``uᵀv`` of the whole vectors (float64-accumulated, :func:`bissl.ops.reference.dot_ref`)."""
+        """``uᵀv`` of the whole vectors (0-dim, float64-accumulated)."""
         return self.reduce(dot_ref(u, v))
+
+    def norm(self, u: Tensor) -> Tensor:
+        """``‖u‖`` of the whole vector."""
+        return self.dot(u, u).clamp_min(0).sqrt()
 
     def any_nonfinite(self, u: Tensor) -> Tensor:
         """Whether any entry of the whole vector is NaN or Inf (0-dim bool)."""
         bad = ~torch.isfinite(u).all()
         return bad if self.allreduce is None else self.allreduce(bad.to(u.dtype)) > 0
 
-    def norm(self, u: Tensor) -> Tensor:
-        """``‖u‖`` of the whole vector."""
-        if self.allreduce is None:
-            return torch.linalg.vector_norm(u)
-        return self.dot(u, u).clamp_min(0).sqrt()
+    def views(self, flat: Tensor) -> Vector:
+        """``flat`` in the caller's form, as zero-copy views."""
+        return as_form(flat, self.spec, self.form)
 
-    def to_user(self, x: Tensor) -> Vector:
-        """Return ``x`` in the caller's form (dict of views if ``b`` was a dict)."""
-        return x if self.spec is None else unflatten(x, self.spec)
+    to_user = views
+
+    def empty(self) -> Tensor:
+        """A new ``(P,)`` work buffer like ``b`` (uninitialised)."""
+        return torch.empty_like(self.b)
+
+    def hv_pieces(self, v: Tensor) -> list[Tensor]:
+        """The caller's ``H v`` for the flat ``v``, as the flat pieces it returned (validated, detached)."""
+        out = self.matvec(self.views(v))
+        parts = [t.detach() for t in pieces(out, self.spec, f"{self.where}: matvec", self.form)]
+        whole = one_buffer(parts)
+        return parts if whole is None else [whole]
+
+    def apply(self, v: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A v, vᵀA v)`` with ``A v = scale·H v + shift·v`` written into ``out`` (on CPU);
+        ``vᵀA v`` is of the whole vectors (reduced across partitions).
+
+        One matvec; off CPU the returned ``A v`` may be a new tensor (use it, not ``out``).
+        """
+        av, vav = damped_into_(out, self.hv_pieces(v), v, self.scale, self.shift, self.ops.damped_matvec)
+        return av, self.reduce(vav)
 
     def from_user(self, v: Vector, what: str) -> Tensor:
-        if self.spec is None:
-            if not isinstance(v, Tensor) or v.shape != self.b.shape:
-                raise ValueError(f"{what} must be a tensor of shape {tuple(self.b.shape)} like b")
-            return v
-        if isinstance(v, Tensor):
-            raise ValueError(f"{what} must be a dict like b")
-        return flatten(v, self.spec)
+        """A new ``(P,)`` buffer holding ``v`` (any form laid out like ``b``), e.g. an initial guess."""
+        parts = pieces(v, self.spec, what, self.form)
+        return torch.cat([t.detach() for t in parts]) if len(parts) > 1 else parts[0].detach().clone()
+
+    def segment_bounds(self, segments: Tensor | Sequence[int] | None) -> list[tuple[int, int]]:
+        """``[(lo, hi), ...]`` blocks of the flat vector for layer-wise solvers.
+
+        One block per tensor of a dict/tuple ``b``; for a flat ``b``, the blocks ``segments``
+        describes (block lengths, or a ``(P,)`` int64 tensor of non-decreasing block ids; ids with
+        no element give empty blocks) or a single block.
+        """
+        if self.form != "flat":
+            return list(zip(self.spec.offsets[:-1], self.spec.offsets[1:]))
+        n = self.b.numel()
+        if segments is None:
+            return [(0, n)]
+        if isinstance(segments, Tensor):
+            if segments.shape != self.b.shape or segments.dtype != torch.int64:
+                raise ValueError(f"{self.where}: segments must be an int64 tensor shaped like b")
+            seg = segments.to("cpu")
+            if seg.numel() and (bool((seg[1:] < seg[:-1]).any()) or int(seg[0]) < 0):
+                raise ValueError(f"{self.where}: segment ids must be non-negative and non-decreasing "
+                                 "(each block a contiguous range of b)")
+            lengths = torch.bincount(seg).tolist() if seg.numel() else []
+        else:
+            lengths = [int(k) for k in segments]
+            if any(k < 0 for k in lengths) or sum(lengths) != n:
+                raise ValueError(f"{self.where}: segment lengths must be >= 0 and sum to {n}, got {sum(lengths)}")
+        bounds, lo = [], 0
+        for k in lengths:
+            bounds.append((lo, lo + k))
+            lo += k
+        return bounds or [(0, n)]
 
 
-def flat_problem(matvec: Callable, b: Vector, scale: float, shift: float, where: str,
-                 allreduce: AllReduce | None = None) -> FlatProblem:
-    """Validate and flatten. ``matvec`` takes and returns the kind of ``b`` (dict or flat);
-    ``allreduce``: see :class:`FlatProblem` (flat partitions only)."""
-    if allreduce is not None and not isinstance(b, Tensor):
-        raise ValueError(f"{where}: allreduce needs a flat partition b, not a dict")
-    if not (isinstance(scale, (int, float)) and isinstance(shift, (int, float))):
+def linear_problem(matvec: Callable | None, b: Vector, scale: float, shift: float, where: str,
+                   backend: str | None = None, allreduce: AllReduce | None = None) -> LinearProblem:
+    """Validate ``b`` and the constants, copy ``b`` into a flat buffer once (module docstring).
+    ``allreduce``: ``b`` is this rank's flat partition of a sharded vector (see above)."""
+    if isinstance(scale, bool) or isinstance(shift, bool) or not (
+            isinstance(scale, (int, float)) and isinstance(shift, (int, float))):
         raise TypeError(f"{where}: scale and damping must be Python numbers")
-    if isinstance(b, Tensor):
-        if b.dim() != 1:
-            raise ValueError(f"{where}: a tensor b must be flat (P,), got shape {tuple(b.shape)}; pass a dict for shaped parameters")
-        if not b.is_floating_point():
-            raise TypeError(f"{where}: b must be floating point, got {b.dtype}")
-        bf = b.detach().contiguous()
-
-        def mv(v: Tensor) -> Tensor:
-            out = matvec(v)
-            if not isinstance(out, Tensor) or out.shape != v.shape:
-                raise ValueError(f"{where}: matvec returned {getattr(out, 'shape', type(out))}, expected {tuple(v.shape)}")
-            return out.detach()
-
-        return FlatProblem(mv, bf, None, float(scale), float(shift), allreduce)
-    spec = flat_spec(b)
-    if not spec.dtype.is_floating_point:
-        raise TypeError(f"{where}: b must be floating point, got {spec.dtype}")
-    bf = flatten({k: t.detach() for k, t in b.items()}, spec)
-    if bf.data_ptr() == next(iter(b.values())).data_ptr():
-        bf = bf.clone()  # never alias the caller's storage: the solver writes into its vectors
-
-    def mv_dict(v: Tensor) -> Tensor:
-        out = matvec(unflatten(v, spec))
-        if isinstance(out, Tensor):
-            raise ValueError(f"{where}: b is a dict, so matvec must return a dict too")
-        return flatten({k: t.detach() for k, t in out.items()}, spec)
-
-    return FlatProblem(mv_dict, bf, spec, float(scale), float(shift))
+    vector_form(b, where)
+    try:
+        form, spec = vector_spec(b, where)
+    except TypeError as err:
+        raise TypeError(f"{where}: b must be floating point ({err})") from None
+    parts = pieces(b, spec, f"{where}: b", form)
+    flat = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
+    # One copy: the solver writes into its vectors and must never alias the caller's storage.
+    torch.cat([t.detach() for t in parts], out=flat)
+    ops = cg_vector_ops(backend, spec.device)
+    if allreduce is not None and form != "flat":
+        raise TypeError(f"{where}: a partitioned problem (allreduce) takes a flat b, got a {form}")
+    return LinearProblem(matvec, flat, spec, form, float(scale), float(shift), ops, where, allreduce)
 
 
 def tiny(dtype: torch.dtype) -> float:

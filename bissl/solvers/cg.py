@@ -6,12 +6,14 @@ Two variants:
   the Conjugate Gradient Method Without the Agonizing Pain", §B2]. Our default.
 * :func:`cg_layerwise_solve` — one α and β per parameter tensor with the matvec computed jointly,
   what the BiSSL reference code runs by default. It is **not** a convergent method (it can stall or
-  diverge; ``docs/method.md`` §3): offered for fidelity to the reference only.
+  diverge; ``shared/REFERENCE.md``): offered for fidelity to the reference only.
 
 Fixed-iteration mode (``rtol=None``) makes **no host synchronisation**: step sizes, flags and
 counters stay 0-dim device tensors and every branch is a ``torch.where``. With a tolerance, the
 loop reads one flag per iteration to stop early. The vector updates run through the fused ops of
-the chosen backend (:func:`bissl.ops._backends.cg_vector_ops`).
+the chosen backend (:func:`bissl.ops._backends.cg_vector_ops`) on flat buffers allocated once per
+solve, whatever form ``b`` and the matvec's result take (dict, tuple/list, flat:
+:mod:`bissl.solvers._problem`); the matvec is fed views of the solver's buffer, no copies.
 
 Breakdown handling: an iteration is skipped (α = β = 0, ``x`` frozen) once the residual reaches
 round-off (converged — later iterations keep the answer instead of producing 0/0), when
@@ -25,13 +27,12 @@ without any extra matvec; their small eigenvalue problem runs lazily, when first
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from bissl.ops._backends import cg_vector_ops
-from bissl.solvers._problem import flat_problem, tiny
+from bissl.solvers._problem import dot, linear_problem, tiny
 from bissl.solvers.lanczos import cg_tridiagonal
 from bissl.solvers.result import SolveResult
 from bissl.typing import Vector
@@ -68,16 +69,18 @@ def cg_solve(
     """Solve ``(scale·A + damping·I) x = b`` by conjugate gradients.
 
     Args:
-        matvec: ``v ↦ A v`` for symmetric ``A``; takes and returns the kind of ``b`` (flat ``(P,)``
-            tensor or ``{name: Tensor}`` dict).
-        b: right-hand side, flat ``(P,)`` or a dict.
+        matvec: ``v ↦ A v`` for symmetric ``A``. It is given ``v`` in ``b``'s form, as views of the
+            solver's buffer (zero-copy; it must not modify them), and may return a dict, a
+            tuple/list of tensors or a flat ``(P,)`` tensor laid out like ``b``.
+        b: right-hand side: a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat ``(P,)``
+            tensor (one dtype and device).
         iters: number of iterations (the maximum when ``rtol``/``atol`` is given). One matvec each.
         damping: ``shift`` added to the diagonal (default: 0.0).
         scale: multiplies ``A`` (default: 1.0); BiSSL solves ``(I + H/(λ+damp)) x = v`` as
             ``scale = 1/(λ+damp)``, ``damping = 1`` so the scaling is fused into the matvec epilogue.
         rtol, atol: stop when ``‖r‖ ≤ max(rtol·‖b‖, atol)`` (one host sync per iteration). With
             neither given (default) exactly ``iters`` iterations run with zero host syncs.
-        x0: initial guess like ``b`` (default: zeros, as the reference).
+        x0: initial guess in any form laid out like ``b`` (default: zeros, as the reference).
         strict: raise :class:`~bissl.solvers.SolverError` on negative curvature, NaN/Inf, or (when a
             tolerance was given) non-convergence (default: False — read ``result.problems()``).
         backend: vector-op backend (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``, ``"cuda"``;
@@ -88,9 +91,10 @@ def cg_solve(
             identical on all ranks. Default: the vectors are whole.
 
     Returns:
-        :class:`~bissl.solvers.SolveResult` with ``x`` like ``b`` and the Lanczos tridiagonal of
-        ``scale·A + damping·I``: ``ritz_min ≥ λ_min``, ``ritz_max ≤ λ_max``, ``condition_estimate ≤ κ``
-        (lazy, no extra matvec), ``indefinite`` when ``pᵀAp ≤ 0`` was met or a Ritz value is ``≤ 0``.
+        :class:`~bissl.solvers.SolveResult` with ``x`` in ``b``'s form (views of one flat buffer)
+        and the Lanczos tridiagonal of ``scale·A + damping·I``: ``ritz_min ≥ λ_min``,
+        ``ritz_max ≤ λ_max``, ``condition_estimate ≤ κ`` (lazy, no extra matvec), ``indefinite``
+        when ``pᵀAp ≤ 0`` was met or a Ritz value is ``≤ 0``.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -99,19 +103,20 @@ def cg_solve(
         tensor([0.0909, 0.6364], dtype=torch.float64)
     """
     _check_iters(iters, "cg_solve")
-    prob = flat_problem(matvec, b, scale, damping, "cg_solve", allreduce)
-    ops = cg_vector_ops(backend, prob.b.device)
+    prob = linear_problem(matvec, b, scale, damping, "cg_solve", backend, allreduce)
+    ops = prob.ops
     use_tol = rtol is not None or atol > 0.0
     bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
 
+    ap = prob.empty()  # the damped matvec's output, reused every iteration
     if x0 is None:
         x = torch.zeros_like(prob.b)
-        r = prob.b.clone()
+        r = prob.b  # the problem's own copy of b: the residual overwrites it
     else:
-        x = prob.from_user(x0, "cg_solve: x0").detach().clone()
-        ax, _ = ops.damped_matvec(prob.matvec(x), x, prob.scale, prob.shift)
-        r = prob.b - ax
+        x = prob.from_user(x0, "cg_solve: x0")
+        ax, _ = prob.apply(x, ap)
+        r = prob.b.sub_(ax)
     p = r.clone()
     rr = prob.dot(r, r)
 
@@ -125,9 +130,7 @@ def cg_solve(
     for _ in range(iters):
         if use_tol and not bool(active & (rr > tol2)):
             break
-        hv = prob.matvec(p)
-        ap, pap = ops.damped_matvec(hv, p, prob.scale, prob.shift)
-        pap = prob.reduce(pap)
+        ap, pap = prob.apply(p, ap)
         done = rr <= tol2
         bad_value = ~(torch.isfinite(pap) & torch.isfinite(rr))
         bad_curv = (pap <= 0) & ~done & ~bad_value
@@ -151,7 +154,7 @@ def cg_solve(
     res_norm = rr.sqrt()
     stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0), x.new_zeros(0))
     result = SolveResult(
-        x=prob.to_user(x), iters=n_iters, residual_norm=res_norm, b_norm=bb.sqrt(),
+        x=prob.views(x), iters=n_iters, residual_norm=res_norm, b_norm=bb.sqrt(),
         converged=(rr <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
         alphas=stacked[0], betas=stacked[1], method="cg", tolerance_requested=use_tol,
         tridiagonal=cg_tridiagonal(stacked[0], stacked[1], breakdown_curvature),
@@ -166,7 +169,7 @@ def cg_layerwise_solve(
     iters: int,
     damping: float = 0.0,
     scale: float = 1.0,
-    segments: Tensor | None = None,
+    segments: Tensor | Sequence[int] | None = None,
     strict: bool = False,
     allreduce: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
@@ -175,14 +178,17 @@ def cg_layerwise_solve(
     Each parameter tensor ``i`` runs its own CG recurrences on its block of the residual while the
     matvec couples all blocks. Only the *global* ``pᵀAp ≤ 0`` is negative curvature; a single
     block's ``p_iᵀ(Ap)_i`` may be negative for a positive definite ``A`` (the method's known flaw),
-    and such a block just skips the step (the reference's tiny-denominator guard).
+    and such a block just skips the step (the reference's tiny-denominator guard). The per-block
+    updates are the fused ``cg_step_``/``cg_direction_`` kernels on views of one flat buffer.
 
     Args:
-        matvec, b, iters, damping, scale, strict: as :func:`cg_solve` (fixed iterations only).
-        segments: ``(P,)`` int64 block index of each scalar when ``b`` is flat (default: a single
-            block, i.e. global CG); ignored for a dict ``b`` (one block per tensor).
-        allreduce: as :func:`cg_solve` (``b`` and ``segments`` are this rank's partition; the
-            per-block dots are all-reduced as one vector).
+        matvec, b, iters, damping, scale, strict: as :func:`cg_solve` (any form; fixed iterations).
+        segments: blocks of a flat ``b``: their lengths, or a ``(P,)`` int64 tensor of
+            non-decreasing block ids (default: a single block, i.e. global CG); ignored for a dict
+            or tuple ``b`` (one block per tensor).
+        allreduce: as :func:`cg_solve`; ``b`` and ``segments`` are this rank's partition, which
+            must hold a (possibly empty) block of every segment, so that the per-block dots —
+            all-reduced as one vector — line up across ranks.
 
     Returns:
         :class:`~bissl.solvers.SolveResult`; ``alphas``/``betas`` are ``(iters, n_blocks)``.
@@ -190,24 +196,23 @@ def cg_layerwise_solve(
         commute with the coupled ``A`` it is *not* ``‖b − A x‖`` (compute that if you need it).
     """
     _check_iters(iters, "cg_layerwise_solve")
-    prob = flat_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce)
-    if prob.spec is not None:
-        seg = prob.spec.segment_ids()
-    elif segments is not None:
-        if segments.shape != prob.b.shape or segments.dtype != torch.int64:
-            raise ValueError("cg_layerwise_solve: segments must be an int64 tensor shaped like b")
-        seg = segments.to(prob.b.device)
-    else:
-        seg = torch.zeros_like(prob.b, dtype=torch.int64)
-    n_blocks = int(seg.max()) + 1 if seg.numel() else 1
+    prob = linear_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce=allreduce)
+    ops = prob.ops
+    bounds = prob.segment_bounds(segments)
+    n_blocks = len(bounds)
 
-    def block_dot(u: Tensor, v: Tensor) -> Tensor:
-        return prob.reduce(torch.zeros(n_blocks, dtype=u.dtype, device=u.device).index_add_(0, seg, u * v))
+    def blocks(t: Tensor) -> list[Tensor]:
+        return [t[lo:hi] for lo, hi in bounds]
+
+    def block_dots(us: list[Tensor], vs: list[Tensor]) -> Tensor:
+        return prob.reduce(torch.stack([dot(u, v) for u, v in zip(us, vs)]))
 
     x = torch.zeros_like(prob.b)
-    r = prob.b.clone()
+    r = prob.b
     p = r.clone()
-    rr = block_dot(r, r)
+    ap = prob.empty()
+    xs, rs, ps = blocks(x), blocks(r), blocks(p)
+    rr = block_dots(rs, rs)
     bb = rr.sum()
     tol2 = _tolerance2(bb, None, 0.0)
     guard = tiny(x.dtype)
@@ -216,18 +221,19 @@ def cg_layerwise_solve(
     n_iters = torch.zeros((), dtype=torch.int64, device=x.device)
     alphas, betas = [], []
     for _ in range(iters):
-        ap = prob.matvec(p) * prob.scale + prob.shift * p
-        pap = block_dot(p, ap)
+        ap, _ = prob.apply(p, ap)
+        aps = blocks(ap)
+        pap = block_dots(ps, aps)
         bad = ~torch.isfinite(pap).all() | ~torch.isfinite(rr).all()
         nonfinite |= bad
         negative |= (pap.sum() <= 0) & (rr.sum() > tol2) & ~bad
         step = (rr > tol2 / n_blocks) & (pap.abs() > guard) & ~nonfinite
         alpha = torch.where(step, rr / torch.where(step, pap, 1), 0)
-        x.add_(alpha[seg] * p)
-        r.sub_(alpha[seg] * ap)
-        rr_new = block_dot(r, r)
+        rr_new = prob.reduce(torch.stack([ops.cg_step_(xk, rk, pk, apk, ak)
+                                          for xk, rk, pk, apk, ak in zip(xs, rs, ps, aps, alpha.unbind())]))
         beta = torch.where(step, rr_new / torch.where(step, rr, 1), 0)
-        p.mul_(beta[seg]).add_(r)
+        for pk, rk, bk in zip(ps, rs, beta.unbind()):
+            ops.cg_direction_(pk, rk, bk)
         n_iters += step.any().to(torch.int64)
         rr = torch.where(step, rr_new, rr)
         alphas.append(alpha)
@@ -235,7 +241,7 @@ def cg_layerwise_solve(
     total = rr.sum()
     stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks))
     result = SolveResult(
-        x=prob.to_user(x), iters=n_iters, residual_norm=total.sqrt(), b_norm=bb.sqrt(),
+        x=prob.views(x), iters=n_iters, residual_norm=total.sqrt(), b_norm=bb.sqrt(),
         converged=(total <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
         alphas=stacked[0], betas=stacked[1], method="cg_layerwise",
     )

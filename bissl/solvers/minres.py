@@ -32,8 +32,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bissl.ops._backends import cg_vector_ops
-from bissl.solvers._problem import flat_problem, tiny
+from bissl.solvers._problem import linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import lanczos_tridiagonal
 from bissl.solvers.result import SolveResult
@@ -57,22 +56,22 @@ def minres_solve(
     """Solve the symmetric (possibly indefinite) ``(scale·A + damping·I) x = b`` by MINRES.
 
     Args:
-        matvec: ``v ↦ A v`` for symmetric ``A``; takes and returns the kind of ``b`` (flat ``(P,)``
-            tensor or ``{name: Tensor}`` dict).
-        b: right-hand side, flat ``(P,)`` or a dict.
+        matvec: ``v ↦ A v`` for symmetric ``A``; given views of the solver's buffer in ``b``'s form,
+            it may return a dict, a tuple/list or a flat tensor (as :func:`~bissl.solvers.cg_solve`).
+        b: right-hand side: a dict, a tuple/list of tensors or a flat ``(P,)`` tensor.
         iters: number of iterations (the maximum with a tolerance). One matvec each.
         damping: ``shift`` added to the diagonal (default: 0.0).
         scale: multiplies ``A`` (default: 1.0).
         rtol, atol: stop when ``‖r‖ ≤ max(rtol·‖b‖, atol)`` (one host sync per iteration). With
             neither given (default) exactly ``iters`` matvecs run with zero host syncs.
-        x0: initial guess like ``b`` (default: zeros).
+        x0: initial guess in any form laid out like ``b`` (default: zeros).
         strict: raise :class:`~bissl.solvers.SolverError` on NaN/Inf or (with a tolerance)
             non-convergence (default: False). Indefiniteness is never an error for MINRES.
         backend: vector-op backend for the damped matvec (default: ``BISSL_BACKEND`` or auto).
         allreduce: ``b`` is this rank's partition (see :func:`~bissl.solvers.cg_solve`).
 
     Returns:
-        :class:`~bissl.solvers.SolveResult` with ``x`` like ``b``; ``alphas``/``betas`` are the
+        :class:`~bissl.solvers.SolveResult` with ``x`` in ``b``'s form; ``alphas``/``betas`` are the
         Lanczos ``α_j``/``β_{j+1}`` (0 where an iteration did not update ``x``), ``residual_norm`` is
         the recursion's ``|φ̄|`` (equal to ``‖b − Mx‖`` in exact arithmetic), ``negative_curvature``
         is always False (not applicable) and ``indefinite`` reports a non-positive Ritz value.
@@ -83,20 +82,20 @@ def minres_solve(
         tensor([0.4286, 0.2857], dtype=torch.float64)
     """
     _check_iters(iters, "minres_solve")
-    prob = flat_problem(matvec, b, scale, damping, "minres_solve", allreduce)
-    ops = cg_vector_ops(backend, prob.b.device)
+    prob = linear_problem(matvec, b, scale, damping, "minres_solve", backend, allreduce)
     use_tol = rtol is not None or atol > 0.0
     bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
     guard = tiny(prob.b.dtype)
+    mv = prob.empty()  # the damped matvec's output, reused every iteration
 
     if x0 is None:
         x = torch.zeros_like(prob.b)
         r0 = prob.b
     else:
-        x = prob.from_user(x0, "minres_solve: x0").detach().clone()
-        mx, _ = ops.damped_matvec(prob.matvec(x), x, prob.scale, prob.shift)
-        r0 = prob.b - mx
+        x = prob.from_user(x0, "minres_solve: x0")
+        mx, _ = prob.apply(x, mv)
+        r0 = prob.b.sub_(mx)
     beta1 = prob.norm(r0)
     phibar = beta1.clone()  # |φ̄| is the current residual norm
     active = (beta1**2 > tol2) & torch.isfinite(beta1)
@@ -114,8 +113,7 @@ def minres_solve(
     for _ in range(iters):
         if use_tol and not bool(active):
             break
-        mv, alpha = ops.damped_matvec(prob.matvec(v), v, prob.scale, prob.shift)
-        alpha = prob.reduce(alpha)
+        mv, alpha = prob.apply(v, mv)
         p = mv - alpha * v - beta * v_prev
         beta_next = prob.norm(p)
         eps = s2 * beta
@@ -151,7 +149,7 @@ def minres_solve(
         alphas_t, betas_t = x.new_zeros(0), x.new_zeros(0)
         valid_t = torch.zeros(0, dtype=torch.bool, device=x.device)
     result = SolveResult(
-        x=prob.to_user(x), iters=n_iters, residual_norm=residual, b_norm=bb.sqrt(),
+        x=prob.views(x), iters=n_iters, residual_norm=residual, b_norm=bb.sqrt(),
         converged=(residual**2 <= tol2) & ~nonfinite,
         negative_curvature=torch.zeros((), dtype=torch.bool, device=x.device), nonfinite=nonfinite,
         alphas=alphas_t, betas=betas_t, method="minres", tolerance_requested=use_tol,

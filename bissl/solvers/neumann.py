@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bissl.solvers._problem import FlatProblem, flat_problem, tiny
+from bissl.solvers._problem import LinearProblem, linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import Tridiagonal, lanczos_tridiagonal
 from bissl.solvers.result import SolveResult, SolverError
@@ -16,11 +16,12 @@ from bissl.typing import Vector
 LANCZOS_STEPS = 10
 
 
-def _damped(prob: FlatProblem, v: Tensor) -> Tensor:
-    return prob.matvec(v) * prob.scale + prob.shift * v
+def _damped(prob: LinearProblem, v: Tensor) -> Tensor:
+    """``M v`` into a new buffer (the Lanczos basis keeps every vector it makes)."""
+    return prob.apply(v, prob.empty())[0]
 
 
-def _lanczos(prob: FlatProblem, steps: int) -> tuple[Tensor, Tensor, Tridiagonal, Tensor]:
+def _lanczos(prob: LinearProblem, steps: int) -> tuple[Tensor, Tensor, Tridiagonal, Tensor]:
     """``steps`` Lanczos steps on ``M = scale·A + shift·I`` from ``q_1 = b/‖b‖``.
 
     Full reorthogonalisation (one classical Gram–Schmidt pass per step, ``O(j·P)``) keeps the basis
@@ -125,7 +126,7 @@ def neumann_solve(
                          f"{lanczos_steps!r}")
     if step is not None and not step > 0:
         raise ValueError(f"neumann_solve: step must be positive, got {step}")
-    prob = flat_problem(matvec, b, scale, damping, "neumann_solve", allreduce)
+    prob = linear_problem(matvec, b, scale, damping, "neumann_solve", allreduce=allreduce)
     # More Lanczos steps than dimensions only adds round-off vectors. A partition's own size says
     # nothing about the whole vector's, and every rank must take the same number of steps (each
     # one all-reduces), so partitioned problems rely on the β = 0 breakdown path instead.
@@ -159,7 +160,7 @@ def neumann_solve(
     nonfinite = prob.any_nonfinite(x) | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(
-        x=prob.to_user(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
+        x=prob.views(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
         b_norm=bb.sqrt(), converged=(rr <= _tolerance2(bb, None, 0.0)) & ~nonfinite,
         negative_curvature=zero, nonfinite=nonfinite, method="neumann",
         tridiagonal=tri if m else None,
@@ -191,14 +192,16 @@ def identity_solve(
     No matvec is made; ``matvec`` and ``iters`` are accepted for a uniform solver signature.
     ``residual_norm`` is not computed (NaN) because that would need a matvec.
     """
-    prob = flat_problem(matvec or (lambda v: v), b, scale, damping, "identity_solve", allreduce)
-    x = prob.b / prob.shift if prob.shift > 0 else prob.b.clone()
+    prob = linear_problem(matvec, b, scale, damping, "identity_solve", allreduce=allreduce)
+    b_norm = prob.norm(prob.b)
+    # prob.b is the solver's own copy of b: x may take its storage.
+    x = prob.b.div_(prob.shift) if prob.shift > 0 else prob.b
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     nonfinite = prob.any_nonfinite(x)
     result = SolveResult(
-        x=prob.to_user(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
+        x=prob.views(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
         residual_norm=torch.full((), float("nan"), dtype=x.dtype, device=x.device),
-        b_norm=prob.norm(prob.b), converged=zero, negative_curvature=zero, nonfinite=nonfinite,
+        b_norm=b_norm, converged=zero, negative_curvature=zero, nonfinite=nonfinite,
         method="identity", needs_positive_definite=False,
     )
     return result.check() if strict else result

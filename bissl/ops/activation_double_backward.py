@@ -1,0 +1,156 @@
+"""Closed-form double backwards of ``tanh``, ``relu``, ``silu`` and ``softmax`` for the linearised HVP.
+
+A linearised HVP (:class:`bissl.ops.hvp.LinearizedHVP`) differentiates one fixed first-order graph
+again on every matvec. For an elementwise activation ``y = f(x)`` autograd's backward is
+``gx = gy · f'(x)``, and the double backward, for a cotangent ``u`` of ``gx``, is
+
+    ``∂/∂gy = u · f'(x)``,   ``∂/∂x = u · gy · f''(x)``.
+
+Both coefficients are constants of the linearisation point. Autograd re-derives them on every
+matvec: ``tanh``'s ``TanhBackwardBackward`` recomputes ``1 − y²`` and ``−2 y gy`` and then sends
+the ``y``-cotangent through ``tanh``'s own backward again (about five activation-sized kernels);
+``silu``'s recomputes the sigmoid; ``relu``'s materialises a zero tensor for ``∂/∂x``
+(``f'' = 0``) and adds it into the pre-activation's gradient. Here the forward evaluates ``f'(x)``
+once, the backward that builds the first-order graph (``create_graph``) stores ``gy · f''(x)``, and
+each matvec is two multiplications (one for ``relu``, whose ``∂/∂x`` is not formed at all).
+
+Softmax along ``dim`` (``y = softmax(x)``, ``gx = y ⊙ (gy − s)``, ``s = Σ gy ⊙ y``): for a cotangent
+``u`` of ``gx``, with row sums ``t = Σ u ⊙ y`` and ``w = Σ u ⊙ gx``,
+
+    ``∂/∂gy = y ⊙ (u − t)``,   ``∂/∂x = gx ⊙ (u − t) − y ⊙ w``,
+
+where ``gx`` is stored once; autograd's ``softmax_double_backward`` forms the ``y``-cotangent and
+then runs it through softmax's backward again.
+
+Measured (interleaved A/B, a linearisation plus five matvecs, ``benchmarks/bench_hypergrad.py``
+networks): no gain. Each matvec saves a few activation-sized kernels, but storing the coefficients
+costs as many at linearisation and autograd's C++ nodes are cheap to run; the tanh/ReLU CNN, the
+SiLU MLP and the ViT (softmax) came out 4–5% *slower* with these routes, a two-layer tanh network
+with large activations 3% faster. So :class:`~bissl.ops.fast_second_order.FastSecondOrder` and
+:func:`~bissl.ops.hvp.linearize_hvp` leave them off by default (``fast_activations=True`` turns
+them on). Values and first derivatives use the stock kernels (bit-identical); second derivatives
+are the same formulas evaluated differently (float rounding). Only plain reverse-mode autograd sees these
+Functions (:class:`bissl.ops.fast_second_order.FastSecondOrder` with ``direction="reverse"``);
+third derivatives are not supported. Tested against autograd in float64
+(``tests/ops/test_activation_double_backward.py``).
+
+``tanh``: ``f' = 1 − y²``, ``f'' = −2 y (1 − y²)``. ``silu`` (``σ`` the sigmoid):
+``f' = σ (1 + x (1 − σ))``, ``f'' = σ (1 − σ) (2 + x (1 − 2σ))``. ``relu``: ``f' = [x > 0]``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bissl.ops.gelu_double_backward import _third_order_guard
+
+
+def _tanh_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
+    d1 = 1.0 - y * y
+    return d1, lambda: (-2.0 * y) * d1
+
+
+def _silu_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
+    sig = torch.sigmoid(x)
+    d1 = sig * (1.0 + x * (1.0 - sig))
+    return d1, lambda: sig * (1.0 - sig) * (2.0 + x * (1.0 - 2.0 * sig))
+
+
+def _relu_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
+    return (x > 0).to(x.dtype), None
+
+
+#: name -> (aten forward, ``(x, y) -> (f'(x), f''(x) thunk or None when f'' = 0)``).
+_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable]] = {
+    "tanh": (torch.ops.aten.tanh, _tanh_d1_d2),
+    "silu": (torch.ops.aten.silu, _silu_d1_d2),
+    "relu": (torch.ops.aten.relu, _relu_d1_d2),
+}
+
+
+class _ActivationBackward(torch.autograd.Function):
+    """``(gy, x) -> gy · f'(x)``, differentiable once; ``gy · f''(x)`` stored when building a graph."""
+
+    @staticmethod
+    def forward(ctx, gy: Tensor, x: Tensor, d1: Tensor, d2: Callable[[], Tensor] | None, name: str):
+        ctx.name = name
+        ctx.save_for_backward(d1, gy * d2() if d2 is not None else None)
+        return gy * d1
+
+    @staticmethod
+    def backward(ctx, u: Tensor):
+        _third_order_guard(f"{ctx.name} double backward")
+        d1, gy_d2 = ctx.saved_tensors
+        d_gy = u * d1 if ctx.needs_input_grad[0] else None
+        d_x = u * gy_d2 if gy_d2 is not None and ctx.needs_input_grad[1] else None
+        return d_gy, d_x, None, None, None
+
+
+class _Activation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str):
+        op, coefficients = _ACTIVATIONS[name]
+        y = op(x)
+        d1, d2 = coefficients(x, y)
+        ctx.name, ctx.d2 = name, d2
+        ctx.save_for_backward(x, d1)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, d1 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a create_graph backward: the linearisation point
+            return _ActivationBackward.apply(gy, x, d1, ctx.d2, ctx.name), None
+        return gy * d1, None
+
+
+def activation(x: Tensor, name: str) -> Tensor:
+    """``tanh``/``silu``/``relu`` of ``x`` with the precomputed double backward (module docstring)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation: unknown {name!r}; choose one of {sorted(_ACTIVATIONS)}")
+    return _Activation.apply(x, name)
+
+
+class _SoftmaxBackward(torch.autograd.Function):
+    """``(gy, x) -> y ⊙ (gy − Σ gy ⊙ y)`` by the native kernel (``y`` a constant of the point),
+    differentiable once; ``∂/∂x`` is returned on ``x`` directly (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, gy: Tensor, x: Tensor, y: Tensor, dim: int):
+        gx = torch.ops.aten._softmax_backward_data(gy, y, dim, y.dtype)
+        ctx.dim = dim
+        ctx.save_for_backward(y, gx)
+        return gx
+
+    @staticmethod
+    def backward(ctx, u: Tensor):
+        _third_order_guard("softmax double backward")
+        y, gx = ctx.saved_tensors
+        dim = ctx.dim
+        u_t = u - (u * y).sum(dim, keepdim=True)
+        d_gy = y * u_t if ctx.needs_input_grad[0] else None
+        d_x = (gx * u_t).sub_(y * (u * gx).sum(dim, keepdim=True)) if ctx.needs_input_grad[1] else None
+        return d_gy, d_x, None, None
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int):
+        y = torch.ops.aten._softmax(x, dim, False)
+        ctx.dim = dim
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a create_graph backward: the linearisation point
+            return _SoftmaxBackward.apply(gy, x, y.detach(), ctx.dim), None
+        return torch.ops.aten._softmax_backward_data(gy, y, ctx.dim, y.dtype), None
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """``softmax(x, dim)`` with the closed-form double backward (module docstring)."""
+    return _Softmax.apply(x, dim)

@@ -1,0 +1,33 @@
+"""The README's performance section is exactly what benchmarks/make_tables.py makes from the JSON."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_tables():
+    spec = importlib.util.spec_from_file_location("make_tables", ROOT / "benchmarks" / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_performance_section_is_generated_from_the_results():
+    tables = _make_tables()
+    for name in (*tables.RUNS, tables.BENCH_RUN, tables.CG_STEP):
+        assert (tables.RESULTS / name).exists(), f"benchmarks/results/{name} is missing"
+    assert tables.update_readme(check=True), (
+        "README.md's performance section differs from benchmarks/make_tables.py's output: "
+        "run python benchmarks/make_tables.py")
+
+
+def test_every_network_and_form_has_a_row():
+    tables = _make_tables()
+    section = tables.section()
+    for label in tables.PROBLEM_LABELS.values():
+        assert label in section
+    for row in ("| `cg` | dict |", "| `cg` | tuple |", "| `cg_layerwise` | dict |"):
+        assert row in section
+    assert "bissl bench --model resnet18" in section and "speed-up" in section

@@ -45,7 +45,9 @@ def test_distributed_matvec_checks_and_never_writes_into_v():
 
 
 def test_distributed_hypergrad_equals_core_on_one_rank():
-    """Without a process group the reductions vanish: bit-identical to implicit_hypergrad."""
+    """Without a process group the reductions vanish: implicit_hypergrad's answer. Not bit for bit:
+    the core solver reads the HVP's per-tensor pieces, the space's operator a flat vector, so the
+    float64-accumulated dots sum in a different order (round-off only)."""
     prob = cnn_problem(norm="group")
     settings = HypergradSettings(iters=4, damping=30.0)
     want, info_want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
@@ -53,8 +55,9 @@ def test_distributed_hypergrad_equals_core_on_one_rank():
     got, info = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
                                                settings=settings, return_info=True)
     for k in want:
-        assert torch.equal(got[k], want[k])
-    assert torch.equal(info.alphas, info_want.alphas) and info.num_collectives == 0
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(info.alphas, info_want.alphas, rtol=1e-12, atol=0)
+    assert info.num_collectives == 0
 
 
 def test_distributed_hypergrad_validates_like_the_core():

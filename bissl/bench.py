@@ -151,21 +151,19 @@ def build_problem(model: str, *, batch: int, dtype: torch.dtype = torch.float32,
 # -- measuring -----------------------------------------------------------------------------------
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
-    """Device, CPU model, cores, threads and library versions, stored with every result."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """Device, CPU model, cores, threads, library versions, the code's commit and the UTC date,
+    stored with every result."""
+    from bissl.provenance import collect_provenance, cpu_model
+
+    cpu = cpu_model() or "unknown"
     dev = torch.device(device)
     info = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
     }
+    provenance = collect_provenance()
+    info["commit"], info["date"] = provenance["commit"], provenance["date"]
     try:
         import triton
         info["triton"] = triton.__version__

@@ -18,7 +18,8 @@ from typing import Any
 PROVENANCE_JSON = "provenance.json"
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (None where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -57,7 +58,7 @@ def collect_provenance(device: str | None = None) -> dict[str, Any]:
     """
     import torch
 
-    cpu = _cpu_model()
+    cpu = cpu_model()
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs" + \
         (f" ({cpu})" if cpu else "") + (f", {device}" if device else "")
     return {

@@ -1,4 +1,5 @@
-"""``results.json`` (per-seed and mean ± std accuracies of both arms) and the printed table."""
+"""``results.json`` (per-seed and mean ± std accuracies of both arms, paired statistics of their
+difference) and the printed table."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,8 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
     if all(arm in summary for arm in ARMS):
         diffs = [per_seed[s]["bissl"]["test_acc"] - per_seed[s]["baseline"]["test_acc"] for s in seeds]
         summary["bissl_minus_baseline_test_acc"] = mean_std(diffs)
+        if len(seeds) >= 2:
+            summary["bissl_vs_baseline"] = paired_statistics(per_seed)
     return {
         "seeds": seeds,
         "per_seed": {str(s): per_seed[s] for s in seeds},
@@ -47,6 +50,16 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
                  "split is never used for selection)",
         **(meta or {}),
     }
+
+
+def paired_statistics(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """BiSSL − baseline test accuracy over the seeds, paired: mean, 95% bootstrap interval, paired
+    t and Wilcoxon p-values, and McNemar's exact test pooled over the seeds' test predictions
+    (``test_correct``) when both arms stored them (:mod:`bissl.stats`)."""
+    from bissl.report_tables import compare_arms
+
+    c = compare_arms(per_seed, "bissl", "baseline")
+    return {"test_acc": c.stats.to_dict(), "mcnemar": c.mcnemar.to_dict() if c.mcnemar else None}
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
@@ -81,4 +94,19 @@ def format_table(results: dict[str, Any]) -> str:
                f"{100 * summary['bissl_minus_baseline_test_acc']['std']:.2f}") if has_base else "—"
     lines.append("-" * len(head))
     lines.append(f"{'mean ± std':>10}  {base_ms:>14}  {ms(summary['bissl']['test_acc']):>14}  {diff_ms:>17}")
+    paired = summary.get("bissl_vs_baseline")
+    if paired:
+        t = paired["test_acc"]
+
+        def p(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.3g}"
+
+        lines.append(f"BiSSL − baseline over {t['n']} seeds: {100 * t['mean']:+.2f} points, "
+                     f"{100 * t['level']:.0f}% bootstrap interval [{100 * t['ci_low']:+.2f}, "
+                     f"{100 * t['ci_high']:+.2f}]; paired t p = {p(t['p_t'])}, Wilcoxon p = "
+                     f"{p(t['p_wilcoxon'])}")
+        m = paired["mcnemar"]
+        if m:
+            lines.append(f"McNemar (test examples pooled over seeds): only BiSSL right {m['only_a']}, "
+                         f"only baseline right {m['only_b']}, exact p = {p(m['p'])}")
     return "\n".join(lines)

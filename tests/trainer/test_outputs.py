@@ -59,6 +59,29 @@ def test_summary_statistics_and_table():
     assert mean_std([2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
 
 
+def test_results_carry_paired_statistics_and_mcnemar():
+    # Seeds 0..3: BiSSL − baseline = +2, +1, +3, −1 points; per-example correctness of 5 examples.
+    per_seed = {}
+    for seed, (b, s) in enumerate([(0.90, 0.92), (0.80, 0.81), (0.85, 0.88), (0.70, 0.69)]):
+        per_seed[seed] = {
+            "bissl": {"test_acc": s, "val_acc": s, "test_loss": 1.0, "val_loss": 1.0,
+                      "test_correct": [1, 1, 1, 0, 1]},
+            "baseline": {"test_acc": b, "val_acc": b, "test_loss": 1.0, "val_loss": 1.0,
+                         "test_correct": [1, 0, 1, 0, 0]}}
+    paired = summarize(per_seed)["summary"]["bissl_vs_baseline"]
+    t = paired["test_acc"]
+    assert t["n"] == 4 and t["mean"] == pytest.approx(0.0125)
+    assert t["ci_low"] < t["mean"] < t["ci_high"]
+    from scipy import stats
+    assert t["p_t"] == pytest.approx(stats.ttest_1samp([0.02, 0.01, 0.03, -0.01], 0.0).pvalue)
+    # 4 seeds × 2 examples only BiSSL got right, none the other way: p = 2 · 0.5^8.
+    assert (paired["mcnemar"]["only_a"], paired["mcnemar"]["only_b"]) == (8, 0)
+    assert paired["mcnemar"]["p"] == pytest.approx(2 * 0.5**8)
+    table = format_table(summarize(per_seed))
+    assert "bootstrap interval" in table and "McNemar" in table and "only BiSSL right 8" in table
+    assert "bissl_vs_baseline" not in summarize({0: per_seed[0]})["summary"]  # one seed: no test
+
+
 def test_compute_matched_baseline_and_disabled_baseline(tmp_path, tiny_config):
     res = run_experiment(tiny_config("baseline.compute_matched=true"), tmp_path / "matched")
     rows = read_metrics(tmp_path / "matched" / "seed_0" / "metrics.csv")

@@ -1,7 +1,7 @@
 """Named types shared across bissl (import-only module, no work at import)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
@@ -14,4 +14,4 @@ LossFn = Callable[[Params], Tensor]
 #: A matrix-free linear operator on flat vectors: ``matvec(v: (P,)) -> (P,)``.
 MatVec = Callable[[Tensor], Tensor]
 #: Either a parameter dict or a flat ``(P,)`` vector.
-Vector = Union[Params, Tensor]
+Vector = Params | Tensor

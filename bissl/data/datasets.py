@@ -29,7 +29,7 @@ and ``.std`` keep them). See :mod:`bissl.data.splits` for the exact split rule.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

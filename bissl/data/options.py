@@ -3,7 +3,8 @@ to :func:`bissl.data.load_dataset` (images) or :func:`bissl.data.text.load_text_
 refuses keys that belong to the other kind of task (they would otherwise be silently unused)."""
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 #: Keys that only image tasks read, and only text tasks.
 IMAGE_ONLY = ("labels_per_class", "pretext_classes", "downstream_classes")

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bissl.distributed.collectives import ProcessGroup, rank as current_rank, world_size
+from bissl.distributed.collectives import ProcessGroup, world_size
+from bissl.distributed.collectives import rank as current_rank
 from bissl.hypergrad.implicit import implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec

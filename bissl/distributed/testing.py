@@ -95,7 +95,8 @@ def step_data(seed: int, step: int, *, world: int, lower_steps: int = 2, batch: 
     return StepData(lower, hvp, _shards((x, y), world))
 
 
-def sgd_factory(lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def sgd_factory(lr: float = 0.05, momentum: float = 0.9,
+                weight_decay: float = 1e-4) -> Callable[[nn.Module], torch.optim.Optimizer]:
     """``module -> SGD`` over its trainable parameters (elementwise, so valid for every ZeRO stage)."""
     def build(module: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr,

@@ -33,7 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bissl.distributed.collectives import allreduce_mean_tensors_, rank as current_rank
+from bissl.distributed.collectives import allreduce_mean_tensors_
+from bissl.distributed.collectives import rank as current_rank
 from bissl.distributed.collectives import world_size as current_world_size
 from bissl.distributed.zero3 import gathered
 from bissl.ops.reference import dot_ref
@@ -178,7 +179,7 @@ class Trainable(ABC):
     def skip_step(self) -> None:
         """Advance the LR schedule without changing the parameters (a skipped update)."""
 
-    def zero_grad(self) -> None:
+    def zero_grad(self) -> None:  # noqa: B027  an optional hook: nothing to do by default
         """Drop the gradients a plain model keeps after its step (before another optimizer — e.g.
         a DeepSpeed engine, whose backward would add to them — takes over its parameters)."""
 
@@ -221,13 +222,13 @@ class Trainable(ABC):
         """What a rank-0 checkpoint file holds for this model (empty under DeepSpeed: see save)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  optional, like state_dict
         """Inverse of :meth:`state_dict`."""
 
-    def save(self, directory: Path, tag: str) -> None:
+    def save(self, directory: Path, tag: str) -> None:  # noqa: B027  optional hook
         """Checkpoint what lives in an engine (all ranks); nothing for a plain model."""
 
-    def load(self, directory: Path, tag: str) -> None:
+    def load(self, directory: Path, tag: str) -> None:  # noqa: B027  optional hook
         """Inverse of :meth:`save`."""
 
     @staticmethod
@@ -389,7 +390,10 @@ class EngineTrainable(Trainable):
     def grad_pass(self, fn: GradFn, params: Sequence[nn.Parameter],
                   companions: Sequence[Sequence[Tensor]] = ()) -> Tensor | None:
         from deepspeed.utils import (
-            safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad,
+            safe_get_full_grad,
+            safe_get_local_grad,
+            safe_set_full_grad,
+            safe_set_local_grad,
         )
 
         weights = self.param_views(params)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -23,7 +24,7 @@ from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import AnyVector, FlatSpec, as_form, one_buffer
 from bissl.ops.hvp import HVPMode, as_named, linearize_hvp
 from bissl.solvers import get_solver
-from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
+from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
 from bissl.typing import LossFn
 
 #: Values of ``implicit_hypergrad(on_indefinite=...)``.

@@ -14,19 +14,20 @@ of a spec, in order, without copying.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from bissl.typing import ParamsLike, Params
+from bissl.typing import Params, ParamsLike
 
 #: The forms a vector may take: ``"dict"``, ``"tuple"``, ``"list"`` (of tensors) or ``"flat"`` ((P,) tensor).
 Form = Literal["dict", "tuple", "list", "flat"]
 FORMS: tuple[str, ...] = ("dict", "tuple", "list", "flat")
 #: A vector in any form.
-AnyVector = Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]
+AnyVector = Mapping[str, Tensor] | Sequence[Tensor] | Tensor
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def flatten_module_parameters_(module: torch.nn.Module) -> tuple[Tensor, FlatSpe
     spec = flat_spec(params)
     buffer = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
     with torch.no_grad():
-        for (name, param), a, b in zip(params.items(), spec.offsets[:-1], spec.offsets[1:]):
+        for param, a, b in zip(params.values(), spec.offsets[:-1], spec.offsets[1:]):
             view = buffer[a:b].view(param.shape)
             view.copy_(param)
             param.data = view

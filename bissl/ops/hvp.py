@@ -33,7 +33,8 @@ immune because it evaluates the loss once.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -63,7 +64,8 @@ def _check_scalar(loss: Tensor, where: str) -> Tensor:
 def _check_like(params: ParamsLike, v: ParamsLike, where: str) -> None:
     if set(params) != set(v):
         missing, extra = set(params) - set(v), set(v) - set(params)
-        raise ValueError(f"{where}: v must have the keys of params (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+        raise ValueError(f"{where}: v must have the keys of params "
+                         f"(missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
     for k, p in params.items():
         if v[k].shape != p.shape:
             raise ValueError(f"{where}: v[{k!r}] has shape {tuple(v[k].shape)}, params[{k!r}] has {tuple(p.shape)}")
@@ -213,7 +215,8 @@ def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HV
     return {kk: t.detach() for kk, t in out.items()}
 
 
-def as_named(loss_fn: Callable, params: AnyVector, where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
+def as_named(loss_fn: Callable, params: AnyVector,
+             where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
     """A loss of a vector in any form, restated on a ``{name: Tensor}`` dict.
 
     Returns ``(loss_of_dict, params_as_dict, spec, form)``: the dict's names are ``spec.names``

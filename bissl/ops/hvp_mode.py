@@ -31,7 +31,8 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import OrderedDict
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from bissl.typing import LossFn, ParamsLike
 
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fwdrev", "revrev", "autograd")
 _CACHE_SIZE = 64
-_cache: "OrderedDict[Hashable, str]" = OrderedDict()
+_cache: OrderedDict[Hashable, str] = OrderedDict()
 
 
 class HVPModeError(RuntimeError):

@@ -17,7 +17,7 @@ group can override the flag. The learning rate sits outside the momentum buffer,
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor

@@ -20,8 +20,8 @@ sums the partial products there, so every scalar — and every branch — is the
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,7 +31,6 @@ from bissl.ops.damped_into import damped_into_
 from bissl.ops.flat import FlatSpec, as_form, one_buffer, pieces, vector_form, vector_spec
 from bissl.ops.reference import dot_ref
 from bissl.typing import Vector
-
 
 #: Sums a tensor of partial dot products over the partitions of a vector (an all-reduce across
 #: ranks when each rank holds one partition).

@@ -1,7 +1,7 @@
 """Cheaper inverse approximations behind the solver signature: truncated Neumann series, identity."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from torch import Tensor
 from bissl.solvers._problem import LinearProblem, linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import Tridiagonal, lanczos_tridiagonal
-from bissl.solvers.result import SolveResult, SolverError
+from bissl.solvers.result import SolverError, SolveResult
 from bissl.typing import Vector
 
 #: Most Lanczos vectors :func:`neumann_solve` keeps (memory: ``LANCZOS_STEPS + 1`` vectors of P).

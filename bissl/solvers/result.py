@@ -19,7 +19,7 @@ class SolverError(RuntimeError):
             caller can tell what went wrong (e.g. ``result.nonfinite``) without parsing the message.
     """
 
-    def __init__(self, message: str, result: "SolveResult | None" = None) -> None:
+    def __init__(self, message: str, result: SolveResult | None = None) -> None:
         super().__init__(message)
         self.result = result
 
@@ -76,7 +76,7 @@ class SolveResult:
     needs_positive_definite: bool = True
     action: str = "none"
     damping_used: float | None = None
-    initial: "SolveResult | None" = None
+    initial: SolveResult | None = None
     _ritz: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- spectrum estimates (lazy: eigvalsh synchronises on CUDA) ---------------------------------
@@ -160,7 +160,7 @@ class SolveResult:
         """True when :meth:`problems` is empty (syncs)."""
         return not self.problems()
 
-    def check(self, ignore_indefinite: bool = False) -> "SolveResult":
+    def check(self, ignore_indefinite: bool = False) -> SolveResult:
         """Raise :class:`SolverError` naming the problem if the answer cannot be trusted; else self."""
         problems = self.problems(ignore_indefinite)
         if problems:

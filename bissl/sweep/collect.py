@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bissl.sweep.plan import SweepPlan, cell_dir
 from bissl.trainer.report import METRICS, mean_std

@@ -9,9 +9,10 @@ whole grid, so a changed grid is a new sweep, in a new directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from bissl.config import Config, ConfigError, config_to_dict, diff_configs, load_config
 from bissl.sweep.grid import Cell, Grid, validate_grid

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Union
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-Backbone = Union[nn.Module, Callable[[Tensor], Tensor]]
+Backbone = nn.Module | Callable[[Tensor], Tensor]
 
 
 def build_head(in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512) -> nn.Module:

@@ -14,8 +14,9 @@ must do identically:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,15 @@ from bissl.config import Config, ConfigError
 from bissl.distributed.trainable import DataParallel, OptimizerSpec
 from bissl.tasks.downstream import classification_loss
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, build_pretext_from,
-    build_two_view, cosine, epochs_to_steps, shard,
+    PipelineData,
+    build_backbone_from,
+    build_downstream_augment,
+    build_head_from,
+    build_pretext_from,
+    build_two_view,
+    cosine,
+    epochs_to_steps,
+    shard,
 )
 from bissl.trainer.rng import derive_seed, make_generator
 from bissl.trainer.sampler import EpochSampler, gather

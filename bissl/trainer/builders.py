@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,7 @@ class PipelineData:
     tokenizer: Any = None
 
     @classmethod
-    def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> "PipelineData":
+    def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> PipelineData:
         """Downstream splits, and the pretext images: the downstream set's own ``unlabelled``
         images when it has them, else the pretext set's train split (default: the downstream
         train split)."""
@@ -88,7 +88,7 @@ class PipelineData:
             in_channels=down.in_channels, image_size=down.image_size,
         )
 
-    def to_dtype(self, dtype: torch.dtype) -> "PipelineData":
+    def to_dtype(self, dtype: torch.dtype) -> PipelineData:
         """The same data with floating-point tensors (images) in ``dtype`` (token ids stay int64)."""
         if dtype == torch.float32:
             return self
@@ -99,7 +99,7 @@ class PipelineData:
         return PipelineData(**fields)
 
     @classmethod
-    def from_text(cls, text: TextData) -> "PipelineData":
+    def from_text(cls, text: TextData) -> PipelineData:
         """Token tensors of a text experiment (:func:`bissl.data.text.load_text_data`)."""
         return cls(
             pretext_x=text.pretext_x, pretext_mean=(), pretext_std=(),
@@ -185,7 +185,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
 
 def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> ViewConfig:
     names = {f.name for f in dataclasses.fields(ViewConfig)}
-    for name, value in overrides.items():
+    for name in overrides:
         if name not in names:
             raise ConfigError(f"unknown key '{key}.{name}'; ViewConfig fields: {', '.join(sorted(names))}")
     fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
@@ -261,4 +261,4 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Whole optimizer steps in ``epochs`` epochs (fractional epochs round up)."""
-    return int(math.ceil(epochs * steps_per_epoch - 1e-9))
+    return math.ceil(epochs * steps_per_epoch - 1e-9)

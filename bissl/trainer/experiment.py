@@ -30,7 +30,13 @@ import torch
 import yaml
 
 from bissl.config import (
-    Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
+    Config,
+    ConfigError,
+    DebugConfig,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    dump_config,
 )
 from bissl.data import load_dataset
 from bissl.data.options import image_task_options, text_task_options

@@ -28,7 +28,12 @@ from bissl.tasks.downstream import eval_mode, predict
 from bissl.trainer.bissl_stage import downstream_objective
 from bissl.trainer.bissl_step import rank_mean
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, cosine, shard,
+    PipelineData,
+    build_backbone_from,
+    build_downstream_augment,
+    build_head_from,
+    cosine,
+    shard,
 )
 from bissl.trainer.loop import Phase, RunContext
 from bissl.trainer.rng import derive_seed, make_generator

@@ -15,7 +15,7 @@ from typing import Any
 
 from bissl.config import Config, ConfigError
 from bissl.distributed.objectives import LowerObjective
-from bissl.distributed.trainable import DataParallel, OptimizerSpec, Trainable
+from bissl.distributed.trainable import OptimizerSpec, Trainable
 from bissl.distributed.zero3 import full_state_dict
 from bissl.trainer.bissl_stage import pretext_objective
 from bissl.trainer.bissl_step import rank_mean
@@ -56,7 +56,7 @@ class PretextPhase(Phase):
         if opt is None:
             opt = OptimizerSpec(p.optimizer, p.lr, p.momentum, p.weight_decay, p.eta,
                                 betas=(p.betas[0], p.betas[1]))
-            warmup_steps, final_lr_factor = int(round(p.warmup_epochs * spe)), p.final_lr_factor
+            warmup_steps, final_lr_factor = round(p.warmup_epochs * spe), p.final_lr_factor
         super().__init__(p.epochs * spe if total_steps is None else total_steps)
         backbone = build_backbone_from(cfg, data, ctx.device)
         pretext = build_pretext_from(cfg, backbone, ctx.device)

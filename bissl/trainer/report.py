@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ARMS = ("baseline", "bissl")
 #: The per-arm final metrics of a run (results.json, sweeps).

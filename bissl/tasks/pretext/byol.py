@@ -9,7 +9,7 @@ lower-level parameters theta); the target backbone and projector are deep copies
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Mapping, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bissl.tasks.pretext.heads import mlp_head
 from bissl.tasks.pretext.simclr import Encoder
 
-ParamsOrModule = Union[Mapping[str, Tensor], nn.Module]
+ParamsOrModule = Mapping[str, Tensor] | nn.Module
 
 
 def byol_loss(p: Tensor, t: Tensor) -> Tensor:

@@ -114,8 +114,8 @@ def _nonempty(values: list) -> str | None:
 def _opt(default: Any, help: str, check: Check | None = None) -> Any:
     """A dataclass field with a help string and an optional value check (skipped for None)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
-                     metadata={"help": help, "check": check})
+        frozen = json.dumps(default)  # each instance gets its own copy
+        return field(default_factory=lambda: json.loads(frozen), metadata={"help": help, "check": check})
     return field(default=default, metadata={"help": help, "check": check})
 
 
@@ -596,7 +596,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         path = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], path)
             continue
         value = _coerce(raw[name], tp, path)

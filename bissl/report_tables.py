@@ -34,7 +34,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ def _arm_name(arm: str) -> str:
     return ARM_NAMES.get(arm, arm)
 
 
-def _seeds_text(seeds: Sequence[int]) -> str:
+def _seeds_text(seeds: Iterable[int]) -> str:
     s = sorted(seeds)
     if s and s == list(range(s[0], s[0] + len(s))) and len(s) > 2:
         return f"seeds {s[0]}–{s[-1]} ({len(s)})"

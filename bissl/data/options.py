@@ -12,13 +12,18 @@ TEXT_ONLY = ("folds",)
 
 
 class DataKeys(Protocol):
-    """The part of :class:`bissl.config.DataConfig` read here."""
+    """The part of :class:`bissl.config.DataConfig` read here (read-only)."""
 
-    labels_per_class: int | None
-    pretext_classes: Sequence[int] | None
-    downstream_classes: Sequence[int] | None
-    folds: int | None
-    fold: int
+    @property
+    def labels_per_class(self) -> int | None: ...
+    @property
+    def pretext_classes(self) -> Sequence[int] | None: ...
+    @property
+    def downstream_classes(self) -> Sequence[int] | None: ...
+    @property
+    def folds(self) -> int | None: ...
+    @property
+    def fold(self) -> int: ...
 
 
 def _refuse(d: DataKeys, keys: Sequence[str], kind: str) -> None:

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ class OptimizerSpec:
             groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
             return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                     betas=tuple(self.betas))
+                                     betas=(self.betas[0], self.betas[1]))
         raise ValueError(f"unknown optimizer kind {self.kind!r}; choose 'sgd', 'lars' or 'adamw'")
 
 
@@ -235,7 +235,8 @@ class Trainable(ABC):
     def _stack(sums: list[Tensor | None]) -> Tensor | None:
         if not sums or sums[0] is None:
             return None
-        return torch.stack([s.to(torch.float64) for s in sums])
+        # fn returns a tensor for every parameter or for none (grad_pass's contract).
+        return torch.stack([s.to(torch.float64) for s in cast(list[Tensor], sums)])
 
 
 class PlainTrainable(Trainable):
@@ -421,6 +422,7 @@ class EngineTrainable(Trainable):
             return torch.stack([dot_ref(g, g), dot_ref(g, w), dot_ref(w, w)])
 
         s = self.grad_pass(stats, self.params)
+        assert s is not None  # stats returns a tensor for every parameter
         total = s[:, 0].sum().sqrt()
         c = torch.clamp(spec.clip_norm / (total + _CLIP_EPS), max=1.0) if spec.clip_norm else total.new_ones(())
         excluded = torch.tensor([len(_shape(p)) <= 1 for p in self.params])

@@ -203,7 +203,7 @@ class KernelModuleError(RuntimeError):
 
 def _import_kernels() -> dict[str, object]:
     """Our Triton kernel modules by op; only called once ``triton`` and ``triton.language`` import."""
-    kernels = {}
+    kernels: dict[str, object] = {}
     for op in _library.OP_NAMES:
         name = f"bissl.kernels.{op.rstrip('_')}"
         try:

@@ -133,6 +133,7 @@ class FastSecondOrder(FrozenBatchNormStats):
             routes[F.linear] = lambda args, kwargs: reroute_linear(args, kwargs, self.conv_policy)
         if activations and reverse:
             tanh, relu, silu = _unary("tanh"), _unary("relu"), _unary("silu")
+            f: Callable
             for f in (torch.tanh, torch.Tensor.tanh):
                 routes[f] = tanh
             for f in (F.relu, torch.relu, torch.Tensor.relu):

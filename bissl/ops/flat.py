@@ -21,13 +21,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from bissl.typing import Params, ParamsLike
+from bissl.typing import Params, ParamsLike, Vector
 
 #: The forms a vector may take: ``"dict"``, ``"tuple"``, ``"list"`` (of tensors) or ``"flat"`` ((P,) tensor).
 Form = Literal["dict", "tuple", "list", "flat"]
 FORMS: tuple[str, ...] = ("dict", "tuple", "list", "flat")
-#: A vector in any form.
-AnyVector = Mapping[str, Tensor] | Sequence[Tensor] | Tensor
+#: A vector in any form (:data:`bissl.typing.Vector`).
+AnyVector = Vector
 
 
 @dataclass(frozen=True)
@@ -226,13 +226,13 @@ def vector_spec(v: AnyVector, where: str) -> tuple[str, FlatSpec]:
         ValueError: empty, mixed dtype/device, or a tensor of a flat form that is not 1-D.
     """
     form = vector_form(v, where)
-    if form == "flat":
+    if isinstance(v, Tensor):  # form "flat"
         if v.dim() != 1:
             raise ValueError(f"{where}: a tensor must be flat (P,), got shape {tuple(v.shape)}; pass a "
                              "dict or a tuple of tensors for shaped parameters")
         spec = FlatSpec(("",), (v.shape,), (0, v.numel()), v.dtype, v.device)
     else:
-        named = v if form == "dict" else {str(i): t for i, t in enumerate(v)}
+        named = v if isinstance(v, Mapping) else {str(i): t for i, t in enumerate(v)}
         try:
             spec = flat_spec(named)
         except ValueError as err:

@@ -32,12 +32,12 @@ import inspect
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from bissl.ops.hvp import HVP_MODES, linearize_hvp
+from bissl.ops.hvp import HVP_MODES, HVPMode, linearize_hvp
 from bissl.typing import LossFn, ParamsLike
 
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fwdrev", "revrev", "autograd")
@@ -114,10 +114,10 @@ def probe_hvp_mode(loss_fn: LossFn, params: ParamsLike, mode: str) -> None:
         Exception: whatever the autograd machinery raised (e.g. ``NotImplementedError`` for a
             missing forward-AD rule, ``RuntimeError`` for a missing double backward).
     """
-    op = linearize_hvp(loss_fn, params, mode=mode)
+    op = linearize_hvp(loss_fn, params, mode=cast(HVPMode, mode))  # which checks the name
     # A deterministic direction with no zero entries touches every parameter. Non-finite values
     # are not a reason to reject a mode (a missing derivative raises); the solver reports them.
-    op(torch.ones(op.spec.numel, dtype=op.grad.dtype, device=op.grad.device))
+    op(torch.ones(op.spec.numel, dtype=op.spec.dtype, device=op.spec.device))
 
 
 def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,

@@ -47,7 +47,8 @@ class LinearProblem:
     """``(scale·A + shift·I) x = b`` on flat ``(P,)`` buffers (module docstring).
 
     Attributes:
-        matvec: the caller's ``A`` (before scale/shift), taking ``b``'s form.
+        matvec: the caller's ``A`` (before scale/shift), taking ``b``'s form (None: identity_solve,
+            which makes no matvec).
         b: ``(P,)`` the solver's own copy of the right-hand side (may be reused as a work buffer).
         spec, form: layout and form of the caller's vectors.
         scale, shift: of the damped operator.
@@ -56,7 +57,7 @@ class LinearProblem:
         allreduce: sums partial dots when the vectors are partitions (None: they are whole).
     """
 
-    matvec: Callable[[Vector], Vector]
+    matvec: Callable[[Vector], Vector] | None
     b: Tensor
     spec: FlatSpec
     form: str
@@ -95,6 +96,7 @@ class LinearProblem:
 
     def hv_pieces(self, v: Tensor) -> list[Tensor]:
         """The caller's ``H v`` for the flat ``v``, as the flat pieces it returned (validated, detached)."""
+        assert self.matvec is not None  # only identity_solve has none, and it makes no matvec
         out = self.matvec(self.views(v))
         parts = [t.detach() for t in pieces(out, self.spec, f"{self.where}: matvec", self.form)]
         whole = one_buffer(parts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -138,7 +138,8 @@ def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -
         raise ConfigError(f"'model': {err}") from None
     model = _sync_bn(cfg, model).to(device)
     if cfg.model.channels_last and data.task == "vision":
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads do not list it.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
@@ -154,7 +155,8 @@ def _sync_bn(cfg: Config, module: nn.Module) -> nn.Module:
 
 def build_head_from(cfg: Config, backbone: nn.Module, data: PipelineData, device: torch.device) -> nn.Module:
     """A fresh downstream head (``finetune.head``) for ``backbone``'s features on ``device``."""
-    return _sync_bn(cfg, build_head(backbone.out_dim, data.num_classes, cfg.finetune.head)).to(device)
+    head = build_head(cast(int, backbone.out_dim), data.num_classes, cfg.finetune.head)
+    return _sync_bn(cfg, head).to(device)
 
 
 def shard(batch: tuple[Tensor, ...], dp: DataParallel) -> tuple[Tensor, ...]:
@@ -170,7 +172,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
     the GPT language-model head)."""
     p = cfg.pretext
     if p.method == "gpt":
-        module = build_pretext("gpt", backbone=backbone, feat_dim=backbone.out_dim,
+        module = build_pretext("gpt", backbone=backbone, feat_dim=cast(int, backbone.out_dim),
                                vocab_size=backbone.vocab_size, pad_id=backbone.pad_id)
         return module.to(device)
     kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
@@ -179,7 +181,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
     else:
         # "same-shape predictor": its hidden width is the projector's.
         kwargs.update(pred_hidden=p.projector_dims[0], momentum=p.byol_ema)
-    module = build_pretext(p.method, backbone=backbone, feat_dim=backbone.out_dim, **kwargs)
+    module = build_pretext(p.method, backbone=backbone, feat_dim=cast(int, backbone.out_dim), **kwargs)
     return _sync_bn(cfg, module).to(device)
 
 
@@ -188,7 +190,7 @@ def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> Vie
     for name in overrides:
         if name not in names:
             raise ConfigError(f"unknown key '{key}.{name}'; ViewConfig fields: {', '.join(sorted(names))}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return replace(base, **fixed)
 
 
@@ -227,7 +229,9 @@ class CropFlip:
     """
 
     def __init__(self, cfg: Config, data: PipelineData) -> None:
-        crop = build_two_view(cfg, data).view1
+        aug = build_two_view(cfg, data)
+        assert isinstance(aug, TwoViewAugment) and aug.view1 is not None  # image tasks: views set
+        crop = aug.view1
         self.view = ViewConfig(crop_scale=crop.crop_scale, crop_ratio=crop.crop_ratio,
                                flip_p=crop.flip_p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
                                solarize_p=0.0)

@@ -11,7 +11,7 @@ is the compute-matched continuation of the baseline (``baseline.compute_matched`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bissl.config import Config, ConfigError
 from bissl.distributed.objectives import LowerObjective
@@ -71,7 +71,7 @@ class PretextPhase(Phase):
         self.aug_gen = make_generator(derive_seed(ctx.seed, name, "augment"), ctx.device)
 
     def step(self) -> list[dict[str, Any]]:
-        module = self.model.module
+        module = cast(LowerObjective, self.model.module)
         module.train()
         x = gather(self.data.pretext_x, self.sampler.next_batch(), self.device)
         views = shard(tuple(self.augment(x, self.aug_gen)), self.dp)
@@ -104,7 +104,7 @@ class PretextPhase(Phase):
         self.aug_gen.set_state(state["aug_gen"])
 
     def result(self) -> dict[str, Any]:
-        module = self.model.module
+        module = cast(LowerObjective, self.model.module)
         return {"backbone": full_state_dict(module.backbone), "pretext": full_state_dict(module.head)}
 
     def describe_step(self, step: int) -> str:

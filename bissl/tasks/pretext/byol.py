@@ -143,7 +143,7 @@ class BYOL(nn.Module):
                 f"BYOL.update_target: backbone names do not match the target; missing "
                 f"{missing[:5]}, unknown {unknown[:5]}"
             )
-        t_list = list(target.values()) + list(self.target_projector.parameters())
+        t_list: list[Tensor] = [*target.values(), *self.target_projector.parameters()]
         o_list = [online[n].detach() for n in target] + [
             p.detach() for p in self.projector.parameters()
         ]

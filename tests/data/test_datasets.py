@@ -53,10 +53,10 @@ def test_digits_splits_partition_the_dataset(digits):
     for split in (digits.train, digits.val, digits.test):
         counts = (_raw(split, digits) * 16).round().long().reshape(len(split), -1)
         ours += [
-            (*tuple(r), int(lbl)) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
+            (*r, int(lbl)) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
         ]
     source = [
-        (*tuple(r), int(lbl)) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
+        (*r, int(lbl)) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
     ]
     assert sorted(ours) == sorted(source)
 

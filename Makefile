@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.bissl-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench tables cuda-check clean
+.PHONY: install demo lint test test-fast bench tables cuda-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,17 @@ install: $(STAMP)
 demo: install
 	$(PY) -m bissl demo
 
+# The linters and the type checker, with the rules in pyproject.toml ([tool.ruff], [tool.mypy]) and
+# the versions pinned in constraints.txt.
+lint: install
+	$(VENV)/bin/ruff check bissl tests benchmarks
+	$(VENV)/bin/ruff format --check bissl tests benchmarks
+	$(VENV)/bin/mypy
+
+# Lint first: `make test` is what CI runs, so a lint or type error fails CI before the suite starts.
 # BISSL_REQUIRE_ALL=1: every extra is installed here, so any skip other than for a missing GPU or
 # nvcc fails the run (tests/conftest.py).
-test: install
+test: install lint
 	BISSL_REQUIRE_ALL=1 $(PY) -m pytest -q tests
 
 test-fast: install

@@ -106,7 +106,8 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
     # Warm-up and the equal-answer check.
     answers = {k: c() for k, c in calls.items() if k.startswith(("ours", "authors"))}
     flat = {k: torch.cat([t.reshape(-1) for t in (v.x.values() if k == "ours_dict" else v.x)])
-            if k in ("ours_dict", "ours_tuple") else (v.x if k == "ours_flat" else torch.cat([t.reshape(-1) for t in v]))
+            if k in ("ours_dict", "ours_tuple")
+            else (v.x if k == "ours_flat" else torch.cat([t.reshape(-1) for t in v]))
             for k, v in answers.items()}
     rel = {k: max_rel_diff(flat[k], flat["authors_tuple"]) for k in flat if k != "authors_tuple"}
 

@@ -337,7 +337,7 @@ def test_interleaved_ratios(benchmark, n):
             "gbs_from_min": moved / ts[0] / 1e9,
         }
     copy_gbs = max(table["copy"]["gbs_from_min"], table["clone"]["gbs_from_min"])
-    for name, row in table.items():
+    for row in table.values():
         row["fraction_of_copy"] = row["gbs_from_min"] / copy_gbs
     ratios = {}
     if "cpp" in table:
@@ -418,7 +418,7 @@ def _write_summary():
     for key, row in _summary.items():
         if key in ("cg_resnet18", "interleaved") or "copy_gbs" not in row:
             continue
-        for name, entry in list(row.items()):
+        for entry in list(row.values()):
             if isinstance(entry, dict):
                 entry["fraction_of_copy"] = entry["gbs"] / row["copy_gbs"]
                 entry["fraction_of_copy_from_min"] = (

@@ -16,8 +16,8 @@ import statistics
 
 import pytest
 import torch
-
 from bench_hypergrad import PROBLEMS
+
 from bissl.bench import interleaved_rounds, load_info, machine_info
 from bissl.ops import linearize_hvp
 

@@ -14,12 +14,11 @@ import time
 
 import pytest
 import torch
+from conftest import load_info, machine
 
 from bissl.hypergrad import upper_gradient
 from bissl.ops import flatten, hvp, linearize_hvp
 from bissl.testing import named_problem
-
-from conftest import load_info, machine
 
 PROBLEMS = {"resnet18": 16, "transformer": 16}  # name -> batch
 MODES = ("fwdrev", "revrev", "autograd")

@@ -29,16 +29,15 @@ from __future__ import annotations
 import os
 import statistics
 
+import networks
 import pytest
 import torch
+from conftest import peak_rss_delta_mb
 
-import networks
 from bissl.bench import interleaved_rounds, load_info, machine_info, max_rel_diff
 from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
 from bissl.ops import flatten
 from bissl.testing import named_problem
-
-from conftest import peak_rss_delta_mb
 
 #: name -> (builder(batch) -> BilevelProblem, batch, damping)
 PROBLEMS = {

@@ -86,7 +86,8 @@ def _loads(runs: list[dict[str, dict]], prefix: str) -> str:
 
 def hypergrad_table(runs: list[dict[str, dict]]) -> str:
     rows = ["| network (params, batch, damping) | solver | reference (median, run 1 / 2) | ours (median) "
-            "| speed-up run 1 / run 2 | per-round range | exact-HVP ceiling | max rel. diff. | peak RSS growth ref / ours |",
+            "| speed-up run 1 / run 2 | per-round range | exact-HVP ceiling | max rel. diff. "
+            "| peak RSS growth ref / ours |",
             "|---|---|---|---|---|---|---|---|---|"]
     for problem in PROBLEM_ORDER:
         for solver in ("cg", "cg_layerwise"):
@@ -110,7 +111,8 @@ def hypergrad_table(runs: list[dict[str, dict]]) -> str:
 
 
 def breakdown_table(runs: list[dict[str, dict]]) -> str:
-    rows = ["| network | gradient | upper gradient | reference HVP | our linearisation | our matvec | matvec / reference HVP |",
+    rows = ["| network | gradient | upper gradient | reference HVP | our linearisation | our matvec "
+            "| matvec / reference HVP |",
             "|---|---|---|---|---|---|---|"]
     for problem in PROBLEM_ORDER:
         key = f"test_cost_breakdown[{problem}]"
@@ -118,11 +120,9 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
         if not infos:
             continue
         g = [i["in_gradients"] for i in infos]
-
-        def both(k: str) -> str:
-            return _join([x[k] for x in g], ".2f")
+        both = {k: _join([x[k] for x in g], ".2f") for k in ("upper_gradient", "reference_hvp", "linearize", "matvec")}
         rows.append(f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
-                    f"| {both('upper_gradient')} | {both('reference_hvp')} | {both('linearize')} | {both('matvec')} "
+                    f"| {both['upper_gradient']} | {both['reference_hvp']} | {both['linearize']} | {both['matvec']} "
                     f"| {_join([x['matvec'] / x['reference_hvp'] for x in g], '.2f')} |")
     return "\n".join(rows)
 
@@ -208,12 +208,11 @@ def hvp_table(runs: list[dict[str, dict]]) -> str:
         infos = [run[key] for run in runs if key in run]
         if not infos:
             continue
-
-        def ratio(k: str) -> str:
-            return _join([i["ratio_vs_grad"][k] for i in infos], ".2f") + "×"
+        ratio = {k: _join([i["ratio_vs_grad"][k] for i in infos], ".2f") + "×"
+                 for k in ("hvp_fwdrev", "hvp_revrev", "hvp_autograd", "linearized_matvec")}
         rows.append(f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['grad']) for i in infos)} "
-                    f"| {ratio('hvp_fwdrev')} | {ratio('hvp_revrev')} | {ratio('hvp_autograd')} "
-                    f"| **{ratio('linearized_matvec')}** |")
+                    f"| {ratio['hvp_fwdrev']} | {ratio['hvp_revrev']} | {ratio['hvp_autograd']} "
+                    f"| **{ratio['linearized_matvec']}** |")
     return "\n".join(rows)
 
 

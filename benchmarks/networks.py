@@ -17,6 +17,8 @@ matrix products, tanh/ReLU/SiLU/GELU, LayerNorm and softmax only.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -50,7 +52,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [IMAGE[0] * IMAGE[1] * IMAGE[2], *widths]
         layers: list[nn.Module] = [nn.Flatten()]
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
+        for d_in, d_out in itertools.pairwise(dims):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.net = nn.Sequential(*layers)
         self.out_dim = dims[-1]

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -35,15 +36,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bissl.ops.hvp import HVP_MODES, hvp, linearize_hvp
+from bissl.ops.hvp import HVP_MODES, HVPMode, hvp, linearize_hvp
 from bissl.solvers import SOLVERS
 from bissl.testing import BilevelProblem, module_problem
 
@@ -67,8 +69,9 @@ def gpt_problem(*, batch: int, seq: int = 64, vocab: int = 256, dtype: torch.dty
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = build_backbone("gpt", vocab_size=vocab, max_len=seq).to(dtype=dtype, device=device)
-    pretext = GPTPretext(net.out_dim, vocab, pad_id=None).to(dtype=dtype, device=device)
-    head = nn.Linear(net.out_dim, 2).to(dtype=dtype, device=device)
+    width = cast(int, net.out_dim)
+    pretext = GPTPretext(width, vocab, pad_id=None).to(dtype=dtype, device=device)
+    head = nn.Linear(width, 2).to(dtype=dtype, device=device)
     tokens = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
     y = torch.randint(0, 2, (batch,), generator=g).to(device)
 
@@ -87,7 +90,7 @@ def _image_problem(backbone: nn.Module, *, batch: int, image: tuple[int, ...], d
     if not hasattr(backbone, "out_dim"):
         raise ValueError(f"{type(backbone).__name__} has no 'out_dim': an image backbone must say how "
                          "many features it returns (or return a BilevelProblem from the factory)")
-    return module_problem(backbone, feat=backbone.out_dim, batch=batch, image=image, dtype=dtype,
+    return module_problem(backbone, feat=cast(int, backbone.out_dim), batch=batch, image=image, dtype=dtype,
                           seed=seed, device=device)
 
 
@@ -258,7 +261,8 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Build the problem, time everything (module docstring), return the JSON-ready result."""
     from bissl.hypergrad import implicit_hypergrad, reference_hypergrad, upper_gradient
 
-    modes = [m.strip() for m in args.hvp_mode.split(",") if m.strip()]
+    # Checked against HVP_MODES just below.
+    modes = cast(list[HVPMode], [m.strip() for m in args.hvp_mode.split(",") if m.strip()])
     bad = [m for m in modes if m not in HVP_MODES]
     if not modes or bad:
         raise ValueError(f"--hvp-mode: unknown {bad or modes}; choose from {', '.join(HVP_MODES)}")
@@ -294,7 +298,7 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
     flat_dir = _flat(direction)
     hvp_calls: dict[str, Callable[[], Any]] = {"gradient": lambda: upper_gradient(prob.lower_loss, params)}
     for mode in modes:
-        hvp_calls[f"hvp_{mode}"] = lambda mode=mode: hvp(prob.lower_loss, params, direction, mode=mode)
+        hvp_calls[f"hvp_{mode}"] = functools.partial(hvp, prob.lower_loss, params, direction, mode=mode)
     hvp_calls["linearized_matvec"] = lambda: lin(flat_dir)
     hyper_calls = {"ours": lambda: ours(), "reference": reference} if not args.skip_reference else {"ours": ours}
 

@@ -21,15 +21,15 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
 from bissl.bench_cli import register_bench_command
 from bissl.config import ConfigError, config_to_dict, load_config
-from bissl.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
 from bissl.configs import CONFIG_DIR, packaged_configs, resolve_config
+from bissl.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
 from bissl.sweep.cli import register_sweep_command
 
 #: The configs each ``bissl demo --task`` runs, one comparison (and one table) per config.
@@ -63,7 +63,11 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
     """Run the experiment, print the table; map failures to exit statuses and one-line messages."""
     from bissl.solvers import SolverError
     from bissl.trainer import (
-        DistributedRunError, NonFiniteLossError, RunInterrupted, format_table, run_experiment,
+        DistributedRunError,
+        NonFiniteLossError,
+        RunInterrupted,
+        format_table,
+        run_experiment,
     )
 
     state = "resuming" if (run_dir / "config.yaml").exists() else "new run"
@@ -146,7 +150,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from bissl.report_tables import (
-        TableError, check_files, count_blocks, kind_of, render, update_files,
+        TableError,
+        check_files,
+        count_blocks,
+        kind_of,
+        render,
+        update_files,
     )
 
     try:

@@ -26,9 +26,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -42,11 +43,11 @@ __all__ = [
     "DebugConfig",
     "DeepSpeedConfig",
     "FinetuneConfig",
-    "TextConfig",
     "LowerConfig",
     "ModelConfig",
     "PretextConfig",
     "RunConfig",
+    "TextConfig",
     "UpperConfig",
     "apply_override",
     "config_from_dict",
@@ -66,7 +67,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- field helpers
-Check = Callable[[Any], Optional[str]]
+Check = Callable[[Any], str | None]
 
 
 def _ge(lo: float) -> Check:
@@ -113,8 +114,8 @@ def _nonempty(values: list) -> str | None:
 def _opt(default: Any, help: str, check: Check | None = None) -> Any:
     """A dataclass field with a help string and an optional value check (skipped for None)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
-                     metadata={"help": help, "check": check})
+        frozen = json.dumps(default)  # each instance gets its own copy
+        return field(default_factory=lambda: json.loads(frozen), metadata={"help": help, "check": check})
     return field(default=default, metadata={"help": help, "check": check})
 
 
@@ -123,7 +124,7 @@ def _opt(default: Any, help: str, check: Check | None = None) -> Any:
 class RunConfig:
     """Run-level keys: seeds, device, where outputs go, checkpoint cadence."""
 
-    name: Optional[str] = _opt(None, "run directory name under out_dir (default: config file stem)")
+    name: str | None = _opt(None, "run directory name under out_dir (default: config file stem)")
     out_dir: str = _opt("runs", "parent directory of run directories")
     seeds: list[int] = _opt([0], "training seeds; each seed runs the full pipeline in seed_<s>/",
                             lambda v: _nonempty(v) or _each(_ge(0))(v) or
@@ -131,7 +132,7 @@ class RunConfig:
     device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
                        lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
                        else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    num_threads: Optional[int] = _opt(None, "torch CPU threads per process (default: torch's "
+    num_threads: int | None = _opt(None, "torch CPU threads per process (default: torch's "
                                             "choice; with workers > 1: cores // workers)", _ge(1))
     workers: int = _opt(1, "seeds run in parallel processes (on CPU, 2 one-thread processes beat "
                            "one two-thread process on small models)", _ge(1))
@@ -156,27 +157,27 @@ class DataConfig:
     """Datasets. The downstream set is split train/val/test; the pretext set defaults to its train split."""
 
     name: str = _opt("digits", "downstream dataset: 'digits' (built in), 'npz' or 'imagefolder'")
-    root: Optional[str] = _opt(None, "path of the downstream data (npz file or image folder)")
-    pretext_name: Optional[str] = _opt(None, "pretext dataset (default: the downstream train split "
+    root: str | None = _opt(None, "path of the downstream data (npz file or image folder)")
+    pretext_name: str | None = _opt(None, "pretext dataset (default: the downstream train split "
                                              "without labels)")
-    pretext_root: Optional[str] = _opt(None, "path of the pretext data")
+    pretext_root: str | None = _opt(None, "path of the pretext data")
     val_fraction: float = _opt(0.1, "fraction of the downstream data held out for validation",
                                _in01(open_hi=True))
     test_fraction: float = _opt(0.2, "fraction of the downstream data held out for testing",
                                 _in01(open_hi=True))
     split_seed: int = _opt(0, "seed of the train/val/test split (fixed across training seeds)", _ge(0))
-    image_size: Optional[int] = _opt(None, "resize images to this side (default: the dataset's)",
+    image_size: int | None = _opt(None, "resize images to this side (default: the dataset's)",
                                      _ge(1))
-    labels_per_class: Optional[int] = _opt(
+    labels_per_class: int | None = _opt(
         None, "labelled training images per class: required by 'digits_lowlabel' (drawn from the "
               "images left after the val/test split, which are all its pretext images), optional "
               "for 'digits_transfer' (default: its whole training split)", _ge(1))
-    pretext_classes: Optional[list[int]] = _opt(
+    pretext_classes: list[int] | None = _opt(
         None, "'digits_transfer': digit classes whose images are the pretext set (default 0-4)")
-    downstream_classes: Optional[list[int]] = _opt(
+    downstream_classes: list[int] | None = _opt(
         None, "'digits_transfer': digit classes of the downstream task, relabelled 0..k-1 in "
               "this order (default 5-9)")
-    folds: Optional[int] = _opt(
+    folds: int | None = _opt(
         None, "text tasks: stratified k-fold (by play for 'shakespeare_genre'): fold 'fold' is "
               "the test split, val is val_fraction of the other folds, test_fraction is not "
               "used; repeats are values of split_seed (null: the fixed val/test split)", _ge(2))
@@ -287,17 +288,17 @@ class BisslConfig:
                     "larger damping), 'warn' (keep the flagged answer) or 'raise' (stop)")
     fallback_solver: Literal["minres", "identity", "cg", "cg_layerwise", "neumann"] = _opt(
         "minres", "solver of on_indefinite: fallback")
-    hvp_mode: Optional[Literal["revrev", "fwdrev", "autograd", "auto"]] = _opt(
+    hvp_mode: Literal["revrev", "fwdrev", "autograd", "auto"] | None = _opt(
         None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev'; 'auto': "
               "'fwdrev' where the model supports forward-mode AD, else 'revrev')")
-    hvp_batch_size: Optional[int] = _opt(None, "pretext batch for H, drawn once per stage "
+    hvp_batch_size: int | None = _opt(None, "pretext batch for H, drawn once per stage "
                                                "(default: lower.batch_size)", _ge(2))
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
     on_nonfinite: Literal["skip", "raise"] = _opt(
         "skip", "an upper step whose hypergradient has NaN/Inf entries: 'skip' it (no update of φ "
                 "and ψ_D; counted in the metrics column 'skipped' and warned every time) or "
                 "'raise' (stop, naming the step); it is never zeroed")
-    backend: Optional[str] = _opt(None, "kernel backend of bissl.ops (default: automatic)")
+    backend: str | None = _opt(None, "kernel backend of bissl.ops (default: automatic)")
     lam_schedule: str = _opt(
         "constant", "lower-level regularisation scale over training: 'constant' (λ = lam), "
                     "'grad_ratio' (λ keeps the proximal gradient λ‖θ−φ‖ at lam_options.ratio × "
@@ -353,11 +354,11 @@ class BaselineConfig:
 class DebugConfig:
     """Fault injection for testing resume (never needed in real runs)."""
 
-    stop_after_steps: Optional[int] = _opt(None, "interrupt the process after this many optimizer "
+    stop_after_steps: int | None = _opt(None, "interrupt the process after this many optimizer "
                                                  "steps (counted in this process)", _ge(1))
     stop_mode: Literal["raise", "exit"] = _opt("raise", "'raise' RunInterrupted, or 'exit': "
                                                         "os._exit(75) like a kill")
-    stop_rank: Optional[int] = _opt(None, "with run.nproc > 1: only this rank stops (the launcher "
+    stop_rank: int | None = _opt(None, "with run.nproc > 1: only this rank stops (the launcher "
                                           "then stops the others), like one killed rank; default: "
                                           "every rank", _ge(0))
 
@@ -408,13 +409,13 @@ class DeepSpeedConfig:
         100_000, "ZeRO-3 keeps parameters smaller than this unpartitioned", _ge(1))
     stage3_max_live_parameters: int = _opt(1_000_000_000, "ZeRO-3 live parameter budget", _ge(1))
     stage3_max_reuse_distance: int = _opt(1_000_000_000, "ZeRO-3 parameter reuse distance", _ge(1))
-    hypergrad_bucket_numel: Optional[int] = _opt(
+    hypergrad_bucket_numel: int | None = _opt(
         None, "elements per all-reduce bucket of the hypergradient's vectors (null: one "
               "collective per vector)", _ge(1))
-    shard_hypergrad: Optional[bool] = _opt(
+    shard_hypergrad: bool | None = _opt(
         None, "each rank keeps only its partition of CG's vectors and right-hand side (HVPs "
               "reduce-scattered, dots all-reduced); null: on at ZeRO-3, off below")
-    config: Optional[str] = _opt(None, "a DeepSpeed JSON file used as the base of the engines' "
+    config: str | None = _opt(None, "a DeepSpeed JSON file used as the base of the engines' "
                                        "config (the keys above override it)")
 
     def validate(self) -> None:
@@ -595,7 +596,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         path = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], path)
             continue
         value = _coerce(raw[name], tp, path)

@@ -34,9 +34,10 @@ import csv
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bissl.provenance import read_provenance
 from bissl.stats import BOOTSTRAP_RESAMPLES, compare_paired, holm, mcnemar_pooled
@@ -92,7 +93,7 @@ def _arm_name(arm: str) -> str:
     return ARM_NAMES.get(arm, arm)
 
 
-def _seeds_text(seeds: Sequence[int]) -> str:
+def _seeds_text(seeds: Iterable[int]) -> str:
     s = sorted(seeds)
     if s and s == list(range(s[0], s[0] + len(s))) and len(s) > 2:
         return f"seeds {s[0]}–{s[-1]} ({len(s)})"
@@ -258,7 +259,7 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
     comparisons = [c for c in (compare_arms(per_seed, a, b, metric) for a, b in pairs) if c]
     if comparisons:
         rows = [_comparison_row(c, metric) for c in comparisons]
-        lines += [""] + _table(_COMPARISON_HEADER, rows)
+        lines += ["", *_table(_COMPARISON_HEADER, rows)]
     if show_seeds:
         header = ["seed", *(_arm_name(a) for a in arms), *(c.label for c in comparisons)]
         with_mc = [c for c in comparisons if c.mcnemar is not None]
@@ -273,7 +274,7 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
             row += [_p(c.mcnemar_per_seed[seed].p) if seed in c.mcnemar_per_seed else "—"
                     for c in with_mc]
             rows.append(row)
-        lines += [""] + _table(header, rows)
+        lines += ["", *_table(header, rows)]
     lines += ["", _footnote(metric)]
     return "\n".join(lines)
 
@@ -459,7 +460,7 @@ def regenerate(text: str, base_dir: str | Path, where: str = "markdown") -> str:
             table = render(b.kind, Path(base_dir) / b.path, label=b.path, options=b.options)
         except TableError as err:
             raise TableError(f"{where}:{b.start + 1}: {err}") from None
-        out += lines[pos: b.start + 1] + [""] + table.split("\n") + [""]
+        out += [*lines[pos:b.start + 1], "", *table.split("\n"), ""]
         pos = b.end
     out += lines[pos:]
     return "\n".join(out)

@@ -53,17 +53,18 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
-    "McNemarResult",
-    "PairedComparison",
     "TIE_DECIMALS",
     "WILCOXON_EXACT_MAX_N",
+    "McNemarResult",
+    "PairedComparison",
     "bootstrap_interval",
     "compare_paired",
     "holm",

@@ -6,7 +6,9 @@ captured by the closures, as in BiSSL.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -22,14 +24,15 @@ class BilevelProblem:
     """A lower loss, an upper loss and the backbone point they share.
 
     Attributes:
-        backbone: the module whose parameters form ``params``.
+        backbone: the module whose parameters form ``params`` (None when a ``bissl bench`` factory
+            gave only the losses and the parameters).
         params: ``{name: Tensor}`` detached copy of the backbone parameters.
         lower_loss: ``L_P(θ)``, contrastive (NT-Xent) on two views through a projector.
         upper_loss: ``L_D(θ)``, cross-entropy through a linear head.
         modules: the captured trainable modules (projector, head).
     """
 
-    backbone: nn.Module
+    backbone: nn.Module | None
     params: Params
     lower_loss: LossFn
     upper_loss: LossFn
@@ -165,7 +168,7 @@ class TinyTransformer(nn.Module):
         b, t = tokens.shape
         h = self.embed(tokens) + self.pos[:t]
         mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
-        for blk in self.blocks:
+        for blk in cast("Iterable[nn.ModuleDict]", self.blocks):
             q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             att = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
             att = att.masked_fill(mask, float("-inf")).softmax(-1)
@@ -204,7 +207,7 @@ def reference_cnn(width: int = 32) -> nn.Module:
     for c_in, c_out, s in zip(chans[:-1], chans[1:], strides):
         layers += [nn.Conv2d(c_in, c_out, 3, s, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net.out_dim = chans[-1]
+    net.out_dim = chans[-1]  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
     return net
 
 
@@ -214,11 +217,11 @@ def named_problem(name: str, *, batch: int, dtype: torch.dtype = torch.float32, 
     torch.manual_seed(seed)  # the backbone is built before module_problem seeds its data
     if name == "reference_cnn":
         net = reference_cnn(48)
-        return module_problem(net, feat=net.out_dim, batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
+        return module_problem(net, feat=cast(int, net.out_dim), batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
     if name == "resnet18":
         from bissl.models import build_backbone
         net = build_backbone("resnet18", in_channels=3, small_input=True)
-        return module_problem(net, feat=net.out_dim, batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
+        return module_problem(net, feat=cast(int, net.out_dim), batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
     if name == "transformer":
         return transformer_problem(batch=batch, dtype=dtype, seed=seed)
     raise ValueError(f"unknown problem {name!r}; choose reference_cnn, resnet18 or transformer")

@@ -1,7 +1,7 @@
 """Named types shared across bissl (import-only module, no work at import)."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
@@ -13,5 +13,6 @@ ParamsLike = Mapping[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 #: A matrix-free linear operator on flat vectors: ``matvec(v: (P,)) -> (P,)``.
 MatVec = Callable[[Tensor], Tensor]
-#: Either a parameter dict or a flat ``(P,)`` vector.
-Vector = Union[Params, Tensor]
+#: A vector in any form the solvers take: a parameter dict, a tuple/list of tensors (one per
+#: parameter) or a flat ``(P,)`` tensor.
+Vector = Mapping[str, Tensor] | Sequence[Tensor] | Tensor

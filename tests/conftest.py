@@ -12,8 +12,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REQUIRE_ALL = os.environ.get("BISSL_REQUIRE_ALL", "0") == "1"
 #: Skip reasons CI accepts under BISSL_REQUIRE_ALL=1 (no GPU, no CUDA toolkit on CI machines).

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 from bissl.bench import build_problem, interleaved_rounds, max_rel_diff, peak_memory_mb
 from bissl.cli import build_parser, main

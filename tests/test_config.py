@@ -8,7 +8,13 @@ import pytest
 import yaml
 
 from bissl.config import (
-    Config, ConfigError, config_from_dict, config_to_dict, diff_configs, dump_config, load_config,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    dump_config,
+    load_config,
     parse_override,
 )
 from bissl.configs import CONFIG_DIR, packaged_configs, resolve_config

@@ -10,7 +10,12 @@ import pytest
 from bissl.cli import main
 from bissl.provenance import write_provenance
 from bissl.report_tables import (
-    TableError, check_files, find_blocks, regenerate, render_run_table, render_sweep_table,
+    TableError,
+    check_files,
+    find_blocks,
+    regenerate,
+    render_run_table,
+    render_sweep_table,
     update_files,
 )
 from bissl.stats import compare_paired, holm, mcnemar_pooled
@@ -85,7 +90,7 @@ def test_run_table_mcnemar_and_provenance(tmp_path):
 
 
 def test_run_table_errors(tmp_path):
-    with pytest.raises(TableError, match="no results.json"):
+    with pytest.raises(TableError, match=r"no results\.json"):
         render_run_table(tmp_path)
     run = _run_dir(tmp_path)
     with pytest.raises(TableError, match="arm 'matched' is not in"):
@@ -94,7 +99,7 @@ def test_run_table_errors(tmp_path):
         render_run_table(run, metric="acc")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("{}")
-    with pytest.raises(TableError, match="not a results.json"):
+    with pytest.raises(TableError, match=r"not a results\.json"):
         render_run_table(tmp_path / "bad")
 
 

@@ -10,8 +10,14 @@ import pytest
 import scipy.stats
 
 from bissl.stats import (
-    bootstrap_interval, compare_paired, holm, mcnemar, mcnemar_pooled, paired_differences,
-    paired_t_test, wilcoxon_signed_rank,
+    bootstrap_interval,
+    compare_paired,
+    holm,
+    mcnemar,
+    mcnemar_pooled,
+    paired_differences,
+    paired_t_test,
+    wilcoxon_signed_rank,
 )
 
 

@@ -29,7 +29,7 @@ and ``.std`` keep them). See :mod:`bissl.data.splits` for the exact split rule.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def _fill_missing_splits(
         if test is None:
             test = carved.pop(0)
         x_train, y_train = x_train[torch.from_numpy(rest)], y_train[torch.from_numpy(rest)]
+    assert val is not None and test is not None  # given, or carved just above
     return x_train, y_train, val[0], val[1], test[0], test[1]
 
 
@@ -199,7 +200,8 @@ def _read_images(paths: list[str], grayscale: bool, image_size: int | None) -> T
         with Image.open(path) as img:
             img = img.convert("L" if grayscale else "RGB")
             if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.BILINEAR)
+                # Image.BILINEAR works with every Pillow; its typing lists only Image.Resampling (9.1+).
+                img = img.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
             arrays.append(np.asarray(img, dtype=np.uint8))
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:

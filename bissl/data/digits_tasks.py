@@ -23,14 +23,18 @@ distribution the backbone is pretrained on).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from bissl.data.splits import (
-    DatasetSplits, build_splits, per_class_subset, resize_images, stratified_split,
+    DatasetSplits,
+    build_splits,
+    per_class_subset,
+    resize_images,
+    stratified_split,
 )
 
 #: Digit classes of the transfer task's two sides, by default.

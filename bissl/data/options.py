@@ -3,7 +3,8 @@ to :func:`bissl.data.load_dataset` (images) or :func:`bissl.data.text.load_text_
 refuses keys that belong to the other kind of task (they would otherwise be silently unused)."""
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 #: Keys that only image tasks read, and only text tasks.
 IMAGE_ONLY = ("labels_per_class", "pretext_classes", "downstream_classes")
@@ -11,13 +12,18 @@ TEXT_ONLY = ("folds",)
 
 
 class DataKeys(Protocol):
-    """The part of :class:`bissl.config.DataConfig` read here."""
+    """The part of :class:`bissl.config.DataConfig` read here (read-only)."""
 
-    labels_per_class: int | None
-    pretext_classes: Sequence[int] | None
-    downstream_classes: Sequence[int] | None
-    folds: int | None
-    fold: int
+    @property
+    def labels_per_class(self) -> int | None: ...
+    @property
+    def pretext_classes(self) -> Sequence[int] | None: ...
+    @property
+    def downstream_classes(self) -> Sequence[int] | None: ...
+    @property
+    def folds(self) -> int | None: ...
+    @property
+    def fold(self) -> int: ...
 
 
 def _refuse(d: DataKeys, keys: Sequence[str], kind: str) -> None:

@@ -57,10 +57,10 @@ def _members(archive: Path) -> Iterator[tuple[str, bytes]]:
                     yield target, z.read(info)
         return
     with tarfile.open(archive) as tar:
-        for info in tar:
-            target = _wanted(info.name)
-            if target is not None and info.isfile():
-                f = tar.extractfile(info)
+        for member in tar:
+            target = _wanted(member.name)
+            if target is not None and member.isfile():
+                f = tar.extractfile(member)
                 if f is not None:
                     yield target, f.read()
 

@@ -9,8 +9,8 @@ within one sample per class. Within a class the samples are shuffled with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def stratified_split(
     for f in fractions:
         # Each part is shared in proportion to what is still available per class, never more.
         shares = np.minimum(
-            _largest_remainder(int(round(n * f)), remaining), remaining.astype(np.int64)
+            _largest_remainder(round(float(n * f)), remaining), remaining.astype(np.int64)
         )
         parts.append(
             np.sort(

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -153,7 +153,8 @@ def group_split(groups: Sequence[str], labels: np.ndarray, fractions: tuple[floa
         for rank, i in enumerate(order):
             part_of[members[i]] = 1 if rank < n_val else 2 if rank < n_val + n_test else 0
     parts = np.asarray([part_of[g] for g in groups])
-    return tuple(np.flatnonzero(parts == k).astype(np.int64) for k in range(3))
+    train, val, test = (np.flatnonzero(parts == k).astype(np.int64) for k in range(3))
+    return train, val, test
 
 
 def kfold_split(labels: np.ndarray, groups: Sequence[str] | None, folds: int, fold: int,
@@ -189,7 +190,7 @@ def kfold_split(labels: np.ndarray, groups: Sequence[str] | None, folds: int, fo
         fold_by_name = dict(zip(names, group_fold.tolist()))
         fold_of = np.asarray([fold_by_name[g] for g in groups])
         rest = np.flatnonzero(fold_of != fold)
-        train_rel, val_rel, _ = group_split([groups[i] for i in rest], labels[rest],
+        train_rel, val_rel, _ = group_split([groups[i] for i in rest.tolist()], labels[rest],
                                             (val_fraction, 0.0), seed)
         train, val = rest[train_rel], rest[val_rel]
     test = np.flatnonzero(fold_of == fold)
@@ -252,9 +253,9 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
     else:
         train_idx, val_idx, test_idx = group_split(task.groups, task.labels,
                                                    (val_fraction, test_fraction), split_seed)
-    if pretext_name is None and task.group_texts is not None:
+    if pretext_name is None and task.group_texts is not None and task.groups is not None:
         # The whole text of the training works (uncapped), never a val/test work.
-        train_groups = sorted({task.groups[i] for i in train_idx})
+        train_groups = sorted({task.groups[i] for i in train_idx.tolist()})
         pretext_docs = [clean_text(task.group_texts[g]) for g in train_groups]
     elif pretext_name is None:
         pretext_docs = [texts[i] for i in train_idx]

@@ -50,9 +50,10 @@ import pickle
 import re
 import xml.etree.ElementTree as ET
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -210,8 +211,9 @@ def read_polarity() -> LabelledTexts:
 class _BunchUnpickler(pickle.Unpickler):
     """Rebuilds only what the scikit-learn ``Bunch`` pickle needs (a dict and numpy arrays)."""
 
-    _ALLOWED = {
-        ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        # typeshed does not list copyreg's private _reconstructor, which protocol-2 pickles name.
+        ("copy_reg", "_reconstructor"): copyreg._reconstructor,  # type: ignore[attr-defined]
         ("__builtin__", "dict"): dict,
         ("sklearn.datasets.base", "Bunch"): dict,
         ("numpy", "ndarray"): np.ndarray,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 # Upper case on purpose: tokenizers matches special tokens inside input text, and the text
 # pipeline lower-cases everything (bissl.data.text.clean_text), so data can never produce them.
@@ -73,7 +73,7 @@ class BPETokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn merges on ``texts`` until the vocabulary has ``vocab_size`` entries.
 
         The result can be smaller when the corpus runs out of pairs seen at least twice.

@@ -56,7 +56,7 @@ def _all_gather_cat_raw(x: Tensor, dim: int, group: ProcessGroup | None) -> Tens
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, group: ProcessGroup | None) -> Tensor:
         return _all_reduce_sum_raw(x, group)
 
     @staticmethod
@@ -64,7 +64,7 @@ class _AllReduceSum(torch.autograd.Function):
         ctx.group = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         # d(Σ_s L_s)/dx_r = Σ_s dL_s/dy: the same all-reduce, differentiable again.
         return _AllReduceSum.apply(grad, ctx.group), None
 
@@ -83,7 +83,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 class _AllGatherCat(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
         return _all_gather_cat_raw(x, dim, group)
 
     @staticmethod
@@ -93,7 +93,7 @@ class _AllGatherCat(torch.autograd.Function):
         ctx.rank = dist.get_rank(ctx.group)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         # Every rank's loss may read every block: sum their gradients, keep this rank's block.
         total = _AllReduceSum.apply(grad, ctx.group)
         return total.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None, None

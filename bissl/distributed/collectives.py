@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -111,10 +112,14 @@ def tensor_digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def gather_objects(obj: object, *, group: ProcessGroup | None = None) -> list[object]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+_T = TypeVar("_T")
+
+
+def gather_objects(obj: _T, *, group: ProcessGroup | None = None) -> list[_T]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group);
+    every rank sends an object of the same type."""
     if world_size(group) == 1:
         return [obj]
-    out: list[object] = [None] * world_size(group)
+    out: list[Any] = [None] * world_size(group)
     dist.all_gather_object(out, obj, group=group)
-    return out
+    return cast(list[_T], out)

@@ -20,6 +20,7 @@ does everything else (upper gradient, linearisation, solve, indefiniteness polic
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from torch import Tensor
 
@@ -74,8 +75,9 @@ def distributed_implicit_hypergrad(
         return (x, result) if return_info else x
     space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
     # The flags come from averaged vectors, so every rank takes the same branch of the policy.
-    x, result = implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
-                                   return_info=True, space=space)
+    x, result = cast(tuple[Params, SolveResult],  # return_info=True; x in lower_params' form: a dict
+                     implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
+                                        return_info=True, space=space))
     result.num_collectives = space.num_collectives
     return (x, result) if return_info else x
 

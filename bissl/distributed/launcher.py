@@ -12,6 +12,7 @@ CPU specifics: ``DS_ACCELERATOR=cpu`` (DeepSpeed would otherwise probe for accel
 from __future__ import annotations
 
 import codecs
+import io
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import TextIO
+from typing import Protocol, cast
 
 import torch
 
@@ -30,6 +31,14 @@ from bissl.distributed.process_group import LOOPBACK, free_port
 TIMEOUT_EXIT_CODE = 124
 _ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
+
+
+class TextSink(Protocol):
+    """What :func:`launch` writes its output to: a text stream, or anything with these two."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], *, master_port: int) -> list[str]:
@@ -83,7 +92,7 @@ def failure_summary(log_tail: Sequence[str]) -> str | None:
 
 def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
            env: Mapping[str, str] | None = None, master_port: int | None = None,
-           stream: TextIO | None = None) -> int:
+           stream: TextSink | None = None) -> int:
     """Run ``argv`` on ``nproc`` local ranks (torchrun, 127.0.0.1) and return the exit code.
 
     Args:
@@ -108,6 +117,8 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
     proc = subprocess.Popen(cmd, env=launch_env(nproc, env), stderr=subprocess.PIPE,
                             start_new_session=True)
     tail: deque[str] = deque(maxlen=400)
+    # A buffered pipe (Popen's default), which has read1; the stubs type it only as IO[bytes].
+    err_pipe = cast("io.BufferedReader | None", proc.stderr)
 
     def pump() -> None:
         # Raw chunks, not lines: a progress bar redraws its line with "\r" and no newline, which
@@ -115,7 +126,7 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""
         while True:
-            chunk = proc.stderr.read1(1 << 16) if proc.stderr is not None else b""
+            chunk = err_pipe.read1(1 << 16) if err_pipe is not None else b""
             text = decoder.decode(chunk, final=not chunk)
             if text:
                 stream.write(text)

@@ -70,12 +70,13 @@ class LowerObjective(BilevelObjective):
         """Move a pretext head's EMA target toward the online network (BYOL; after optimizer
         steps only, never inside an HVP). A no-op for heads without a target (SimCLR, GPT).
         Under ZeRO-3 the online weights are gathered and the target re-partitioned."""
-        targets = list(getattr(self.head, "target_parameters", lambda: [])())
+        head: Any = self.head  # duck-typed: a head with a target defines the methods used here
+        targets = list(getattr(head, "target_parameters", lambda: [])())
         if not targets:
             return
-        online = list(self.backbone.parameters()) + list(self.head.online_parameters())
+        online = list(self.backbone.parameters()) + list(head.online_parameters())
         with gathered(online), modifiable(targets):
-            self.head.update_target(self.backbone)
+            head.update_target(self.backbone)
 
 
 class UpperObjective(BilevelObjective):

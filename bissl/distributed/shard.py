@@ -25,12 +25,14 @@ vector followed by taking this rank's entries (the same numbers, twice the traff
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bissl.distributed.collectives import ProcessGroup, rank as current_rank, world_size
+from bissl.distributed.collectives import ProcessGroup, world_size
+from bissl.distributed.collectives import rank as current_rank
 from bissl.hypergrad.implicit import implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
@@ -121,7 +123,7 @@ class ShardedSpace:
     def __init__(self, layout: ShardLayout, *, group: ProcessGroup | None = None,
                  on_rhs: Callable[[Tensor], None] | None = None) -> None:
         self.layout, self.group, self.on_rhs = layout, group, on_rhs
-        self.allreduce = self._allreduce if layout.world > 1 else None
+        self.allreduce: Callable[[Tensor], Tensor] | None = self._allreduce if layout.world > 1 else None
 
     def _allreduce(self, partial: Tensor) -> Tensor:
         out = partial.clone()
@@ -159,5 +161,7 @@ def sharded_implicit_hypergrad(lower_loss: LossFn, upper_loss: LossFn, lower_par
     layout = ShardLayout([t.numel() for t in lower_params.values()], world_size(group),
                          current_rank(group), first.device)
     space = ShardedSpace(layout, group=group, on_rhs=on_rhs)
-    return implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
-                              return_info=True, space=space)
+    # return_info=True: (x in lower_params' form, a dict; the solve's info)
+    return cast(tuple[Params, SolveResult],
+                implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
+                                   return_info=True, space=space))

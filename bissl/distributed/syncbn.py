@@ -109,7 +109,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
                 factor = 1.0 / float(self.num_batches_tracked)
-        assert self.running_var is not None
+        assert self.running_mean is not None and self.running_var is not None
         self.running_mean.copy_(mean.to(self.running_mean.dtype) * factor + self.running_mean * (1.0 - factor))
         self.running_var.copy_(unbiased_var.to(self.running_var.dtype) * factor + self.running_var * (1.0 - factor))
 

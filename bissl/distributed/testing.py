@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,11 @@ from bissl.models import SmallCNN
 from bissl.tasks.pretext.simclr import SimCLR
 
 
-def simclr_objective(backbone: nn.Module, head: SimCLR, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Pretext loss of a batch of two views ``(v1, v2)``, each ``(B, C, H, W)``."""
+def simclr_objective(backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Pretext loss of a batch of two views ``(v1, v2)``, each ``(B, C, H, W)``; ``head`` is a
+    :class:`SimCLR`."""
     v1, v2 = batch
-    return head.loss(backbone, v1, v2)
+    return cast(SimCLR, head).loss(backbone, v1, v2)
 
 
 def classification_objective(backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -33,7 +35,7 @@ def classification_objective(backbone: nn.Module, head: nn.Module, batch: tuple[
 
 
 def bilevel_objectives(backbone: nn.Module, feat_dim: int, *, classes: int, proj_dims: Sequence[int],
-                       gamma: float, seed: int, **simclr: object) -> tuple[LowerObjective, UpperObjective]:
+                       gamma: float, seed: int, **simclr: Any) -> tuple[LowerObjective, UpperObjective]:
     """θ = ``backbone`` with a SimCLR head (``simclr``: its extra options); φ = a copy of it with a
     linear head (BiSSL's start)."""
     torch.manual_seed(seed)
@@ -45,7 +47,7 @@ def bilevel_objectives(backbone: nn.Module, feat_dim: int, *, classes: int, proj
 
 
 def toy_objectives(*, seed: int = 0, width: int = 4, classes: int = 3,
-                   gamma: float = 1.0, **simclr: object) -> tuple[LowerObjective, UpperObjective]:
+                   gamma: float = 1.0, **simclr: Any) -> tuple[LowerObjective, UpperObjective]:
     """A :class:`~bissl.models.SmallCNN` (1 input channel, BatchNorm) BiSSL pair, a few thousand
     parameters per copy."""
     torch.manual_seed(seed)
@@ -72,11 +74,11 @@ class StepData:
         return [s[rank] for s in self.lower], self.hvp[rank], self.upper[rank]
 
 
-def _shards(tensors: Sequence[Tensor], world: int) -> list[tuple[Tensor, ...]]:
-    n = tensors[0].shape[0]
+def _shards(pair: tuple[Tensor, Tensor], world: int) -> list[tuple[Tensor, Tensor]]:
+    n = pair[0].shape[0]
     if n % world:
         raise ValueError(f"a global batch of {n} does not split into {world} equal shards")
-    return list(zip(*(t.chunk(world) for t in tensors)))
+    return list(zip(pair[0].chunk(world), pair[1].chunk(world)))
 
 
 def step_data(seed: int, step: int, *, world: int, lower_steps: int = 2, batch: int = 8,
@@ -95,7 +97,8 @@ def step_data(seed: int, step: int, *, world: int, lower_steps: int = 2, batch: 
     return StepData(lower, hvp, _shards((x, y), world))
 
 
-def sgd_factory(lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def sgd_factory(lr: float = 0.05, momentum: float = 0.9,
+                weight_decay: float = 1e-4) -> Callable[[nn.Module], torch.optim.Optimizer]:
     """``module -> SGD`` over its trainable parameters (elementwise, so valid for every ZeRO stage)."""
     def build(module: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr,

@@ -28,12 +28,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-from bissl.distributed.collectives import allreduce_mean_tensors_, rank as current_rank
+from bissl.distributed.collectives import allreduce_mean_tensors_
+from bissl.distributed.collectives import rank as current_rank
 from bissl.distributed.collectives import world_size as current_world_size
 from bissl.distributed.zero3 import gathered
 from bissl.ops.reference import dot_ref
@@ -89,7 +90,7 @@ class OptimizerSpec:
             groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
             return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                     betas=tuple(self.betas))
+                                     betas=(self.betas[0], self.betas[1]))
         raise ValueError(f"unknown optimizer kind {self.kind!r}; choose 'sgd', 'lars' or 'adamw'")
 
 
@@ -178,7 +179,7 @@ class Trainable(ABC):
     def skip_step(self) -> None:
         """Advance the LR schedule without changing the parameters (a skipped update)."""
 
-    def zero_grad(self) -> None:
+    def zero_grad(self) -> None:  # noqa: B027  an optional hook: nothing to do by default
         """Drop the gradients a plain model keeps after its step (before another optimizer — e.g.
         a DeepSpeed engine, whose backward would add to them — takes over its parameters)."""
 
@@ -221,20 +222,21 @@ class Trainable(ABC):
         """What a rank-0 checkpoint file holds for this model (empty under DeepSpeed: see save)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027  optional, like state_dict
         """Inverse of :meth:`state_dict`."""
 
-    def save(self, directory: Path, tag: str) -> None:
+    def save(self, directory: Path, tag: str) -> None:  # noqa: B027  optional hook
         """Checkpoint what lives in an engine (all ranks); nothing for a plain model."""
 
-    def load(self, directory: Path, tag: str) -> None:
+    def load(self, directory: Path, tag: str) -> None:  # noqa: B027  optional hook
         """Inverse of :meth:`save`."""
 
     @staticmethod
     def _stack(sums: list[Tensor | None]) -> Tensor | None:
         if not sums or sums[0] is None:
             return None
-        return torch.stack([s.to(torch.float64) for s in sums])
+        # fn returns a tensor for every parameter or for none (grad_pass's contract).
+        return torch.stack([s.to(torch.float64) for s in cast(list[Tensor], sums)])
 
 
 class PlainTrainable(Trainable):
@@ -389,7 +391,10 @@ class EngineTrainable(Trainable):
     def grad_pass(self, fn: GradFn, params: Sequence[nn.Parameter],
                   companions: Sequence[Sequence[Tensor]] = ()) -> Tensor | None:
         from deepspeed.utils import (
-            safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad,
+            safe_get_full_grad,
+            safe_get_local_grad,
+            safe_set_full_grad,
+            safe_set_local_grad,
         )
 
         weights = self.param_views(params)
@@ -417,6 +422,7 @@ class EngineTrainable(Trainable):
             return torch.stack([dot_ref(g, g), dot_ref(g, w), dot_ref(w, w)])
 
         s = self.grad_pass(stats, self.params)
+        assert s is not None  # stats returns a tensor for every parameter
         total = s[:, 0].sum().sqrt()
         c = torch.clamp(spec.clip_norm / (total + _CLIP_EPS), max=1.0) if spec.clip_norm else total.new_ones(())
         excluded = torch.tensor([len(_shape(p)) <= 1 for p in self.params])

@@ -7,5 +7,14 @@ from bissl.hypergrad.reference import authors_cg_solver, reference_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.hypergrad.solution_map import argmin, custom_argmin
 
-__all__ = sorted(["HypergradSettings", "ON_INDEFINITE", "argmin", "authors_cg_solver", "custom_argmin",
-                  "implicit_hypergrad", "reference_hypergrad", "solve_ift_system", "upper_gradient"])
+__all__ = [
+    "ON_INDEFINITE",
+    "HypergradSettings",
+    "argmin",
+    "authors_cg_solver",
+    "custom_argmin",
+    "implicit_hypergrad",
+    "reference_hypergrad",
+    "solve_ift_system",
+    "upper_gradient",
+]

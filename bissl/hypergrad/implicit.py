@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -23,7 +24,7 @@ from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import AnyVector, FlatSpec, as_form, one_buffer
 from bissl.ops.hvp import HVPMode, as_named, linearize_hvp
 from bissl.solvers import get_solver
-from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
+from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
 from bissl.typing import LossFn
 
 #: Values of ``implicit_hypergrad(on_indefinite=...)``.
@@ -59,8 +60,9 @@ class VectorSpace(Protocol):
     keeps only its share of the solver's vectors (:class:`bissl.distributed.shard.ShardedSpace`).
     """
 
-    #: Sums a tensor of partial dot products across partitions (None: the vectors are whole).
-    allreduce: Callable[[torch.Tensor], torch.Tensor] | None
+    @property
+    def allreduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Sums a tensor of partial dot products across partitions (None: the vectors are whole)."""
 
     def rhs(self, v: torch.Tensor) -> torch.Tensor:
         """This rank's ``(P,)`` right-hand side -> the solver's ``b``."""
@@ -89,7 +91,7 @@ def _solve(name: str, matvec: Callable | None, v: torch.Tensor, spec: FlatSpec, 
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
     c = lam + damping
     scale, shift = (1.0 / c, 1.0) if c > 0 else (1.0, 0.0)
-    kwargs = {"iters": iters, "scale": scale, "damping": shift, "strict": False,
+    kwargs: dict[str, Any] = {"iters": iters, "scale": scale, "damping": shift, "strict": False,
               "allreduce": None if space is None else space.allreduce}
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
@@ -209,7 +211,8 @@ def implicit_hypergrad(
     _, v = upper_gradient(upper_loss, lower_params)
     if space is not None:
         v = space.rhs(v)
-    matvec, pieces = None, False
+    matvec: Callable | None = None
+    pieces = False
     if solver != "identity":  # identity is never flagged indefinite, so never falls back
         op = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False)
         spec, form = op.spec, op.form
@@ -223,7 +226,8 @@ def implicit_hypergrad(
     result = solve_ift_system(matvec, v, spec, lam=lam, damping=damping, solver=solver, iters=iters,
                               backend=backend, strict=strict, on_indefinite=on_indefinite,
                               fallback=fallback, rtol=rtol, space=space, matvec_pieces=pieces)
-    x = as_form(result.x if space is None else space.solution(result.x), spec, form)
+    flat_x = cast(torch.Tensor, result.x)  # _solve leaves it flat
+    x = as_form(flat_x if space is None else space.solution(flat_x), spec, form)
     result.x = x
     return (x, result) if return_info else x
 
@@ -250,7 +254,7 @@ def check_solve_options(where: str, *, lam: float, damping: float, solver: str, 
 
 
 def solve_ift_system(
-    matvec: Callable[[torch.Tensor], torch.Tensor] | None,
+    matvec: Callable | None,
     v: torch.Tensor,
     spec: FlatSpec,
     *,
@@ -274,7 +278,8 @@ def solve_ift_system(
     Options are validated by :func:`check_solve_options` (call it first for an early error).
 
     Args:
-        matvec: flat ``(P,) -> (P,)`` operator ``A`` (``None`` only for ``solver="identity"``).
+        matvec: flat ``(P,) -> (P,)`` operator ``A`` (``None`` only for ``solver="identity"``; per
+            tensor with ``matvec_pieces``).
         v: flat ``(P,)`` right-hand side.
         spec: layout of the flat vectors (layer-wise CG solves per tensor of it).
         space: where the solver's vectors live (see :func:`implicit_hypergrad`); ``matvec`` and

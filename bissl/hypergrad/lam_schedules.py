@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 __all__ = [
+    "LAM_SCHEDULES",
     "ConstantLam",
     "DistanceLam",
     "GradRatioLam",
-    "LAM_SCHEDULES",
     "LamSchedule",
     "LowerStepStats",
     "build_lam_schedule",

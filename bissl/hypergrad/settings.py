@@ -47,7 +47,7 @@ class HypergradSettings:
     rtol: float | None = None
 
     @classmethod
-    def from_config(cls, bissl_section: Any, *, hvp_mode: str | None = None) -> HypergradSettings:
+    def from_config(cls, bissl_section: Any, *, hvp_mode: HVPModeName | None = None) -> HypergradSettings:
         """The settings of a config's ``bissl`` section (:class:`bissl.config.BisslConfig`).
 
         Args:

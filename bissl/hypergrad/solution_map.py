@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -135,7 +135,8 @@ class _Problem:
             opts.on_solve(result)
         # solve_ift_system returns x of (I + A/c) x = v for c = damping_used > 0, i.e. c·w.
         c = float(result.damping_used or 0.0)
-        w = unflatten(result.x / c if c > 0 else result.x, self.spec)
+        x = cast(Tensor, result.x)  # flat, as v
+        w = unflatten(x / c if c > 0 else x, self.spec)
         return self._cross_term(theta, w, wanted)
 
     def _cross_term(self, theta: Params, w: Params, wanted: list[bool]) -> list[Tensor | None]:

@@ -10,12 +10,12 @@ from bissl.models.small_cnn import SmallCNN
 
 __all__ = [
     "BACKBONES",
-    "BasicBlock",
     "GPT",
+    "TEXT_BACKBONES",
+    "BasicBlock",
     "Bottleneck",
     "ResNet",
     "SmallCNN",
-    "TEXT_BACKBONES",
     "build_backbone",
     "resnet18",
     "resnet50",

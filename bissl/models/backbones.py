@@ -7,7 +7,8 @@ Image backbones take ``in_channels``; the text backbone ``"gpt"`` takes ``vocab_
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -189,9 +189,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         # GPT-2: residual-branch outputs scaled down so the residual stream's variance does not
         # grow with depth.
-        for block in self.blocks:
-            for m in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        # (By name: in each block attn.proj comes before mlp.2, the order the draws always had.)
+        for name, weight in self.blocks.named_parameters():
+            if name.endswith((".attn.proj.weight", ".mlp.2.weight")):
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
     def _check(self, tokens: Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype != torch.int64:

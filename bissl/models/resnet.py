@@ -11,8 +11,6 @@ a 3x3 stride-1 conv, the common choice for 32-96 px images (CIFAR, STL-10), wher
 
 from __future__ import annotations
 
-from typing import Type, Union
-
 from torch import Tensor, nn
 
 
@@ -80,7 +78,7 @@ def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
     return nn.Sequential(_conv1x1(c_in, c_out, stride), nn.BatchNorm2d(c_out))
 
 
-Block = Union[Type[BasicBlock], Type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):

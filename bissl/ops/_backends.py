@@ -46,9 +46,9 @@ import importlib
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -159,7 +159,7 @@ def _import_cpu_extension() -> tuple[object | None, str]:
         return None, "disabled by BISSL_NO_EXT=1 (bissl._C not loaded)"
     try:
         return importlib.import_module("bissl._C"), ""
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a registration error of a stale build
+    except Exception as exc:  # ImportError, or a registration error of a stale build
         return None, (
             f"bissl._C is not built or does not load ({type(exc).__name__}: {exc}); build it with "
             "`pip install --no-build-isolation --no-deps -e .` (needs a C++ compiler and ninja)"
@@ -181,7 +181,7 @@ def _probe_cpp() -> BackendStatus:
     impls = _dispatcher_impls()
     try:
         problem = _smoke_test(impls, torch.device("cpu"))
-    except Exception as exc:  # noqa: BLE001 - any failure of a native kernel means "do not use it"
+    except Exception as exc:  # any failure of a native kernel means "do not use it"
         problem = f"smoke test raised {type(exc).__name__}: {exc}"
     if problem:
         return BackendStatus("cpp", False, (), f"bissl._C {problem}")
@@ -203,12 +203,12 @@ class KernelModuleError(RuntimeError):
 
 def _import_kernels() -> dict[str, object]:
     """Our Triton kernel modules by op; only called once ``triton`` and ``triton.language`` import."""
-    kernels = {}
+    kernels: dict[str, object] = {}
     for op in _library.OP_NAMES:
         name = f"bissl.kernels.{op.rstrip('_')}"
         try:
             kernels[op] = importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - whatever it is, it is ours: re-raised with the module named
+        except Exception as exc:  # whatever it is, it is ours: re-raised with the module named
             raise KernelModuleError(
                 f"{name} does not import although triton does ({type(exc).__name__}: {exc}); "
                 "this is a bug in bissl's Triton kernels, not a missing dependency"
@@ -220,7 +220,7 @@ def _probe_triton() -> BackendStatus:
     try:
         triton = importlib.import_module("triton")
         importlib.import_module("triton.language")  # all our kernels need beyond triton itself
-    except Exception as exc:  # noqa: BLE001 - triton import errors are varied (missing driver, ABI, ...)
+    except Exception as exc:  # triton import errors are varied (missing driver, ABI, ...)
         return BackendStatus(
             "triton",
             False,
@@ -267,7 +267,7 @@ def load_cuda_extension(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load
 
     cuda_dir = _CSRC / "cuda"
-    sources = sorted(str(p) for p in cuda_dir.glob("*.cu")) + [str(cuda_dir / "binding.cpp")]
+    sources = [*sorted(str(p) for p in cuda_dir.glob("*.cu")), str(cuda_dir / "binding.cpp")]
     if not (cuda_dir / "binding.cpp").exists() or len(sources) < 2:
         raise FileNotFoundError(
             f"CUDA sources not found under {cuda_dir} (they ship with the source tree only)"
@@ -297,7 +297,7 @@ def _probe_cuda() -> BackendStatus:
     if not all(_library.has_device_kernel(op, "CUDA") for op in _library.OP_NAMES):
         try:
             load_cuda_extension()
-        except Exception as exc:  # noqa: BLE001 - build errors come in many types
+        except Exception as exc:  # build errors come in many types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return BackendStatus(
                 "cuda",
@@ -313,7 +313,7 @@ def _probe_cuda() -> BackendStatus:
     impls = _dispatcher_impls()
     try:
         problem = _smoke_test(impls, torch.device("cuda"))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problem = f"smoke test raised {type(exc).__name__}: {exc}"
     if problem:
         return BackendStatus("cuda", False, (), f"csrc/cuda {problem}")
@@ -373,9 +373,9 @@ def _requested(backend: str | None) -> tuple[str, str]:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     name = name.strip().lower()
-    if name not in ("auto",) + BACKENDS:
+    if name not in ("auto", *BACKENDS):
         raise ValueError(
-            f"unknown backend {name!r} ({source}); choose one of {('auto',) + BACKENDS}"
+            f"unknown backend {name!r} ({source}); choose one of {('auto', *BACKENDS)}"
         )
     return name, source
 

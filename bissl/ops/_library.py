@@ -26,6 +26,9 @@ Op contracts (all vectors flat ``(P,)``, one dtype/device; ``alpha``/``beta`` 0-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -54,7 +57,7 @@ def _cg_direction_default(p: Tensor, r: Tensor, beta: Tensor) -> None:
     ref.cg_direction_ref_(p, r, beta)
 
 
-_DEFAULT_IMPLS = {
+_DEFAULT_IMPLS: dict[str, Callable[..., Any]] = {
     "damped_matvec": ref.damped_matvec_ref,
     "cg_step_": ref.cg_step_ref_,
     "cg_direction_": _cg_direction_default,
@@ -83,7 +86,7 @@ def _fake_axpby(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-_FAKE_IMPLS = {
+_FAKE_IMPLS: dict[str, Callable[..., Any]] = {
     "damped_matvec": _fake_damped_matvec,
     "cg_step_": _fake_cg_step_,
     "cg_direction_": _fake_cg_direction_,

@@ -39,7 +39,7 @@ third derivatives are not supported. Tested against autograd in float64
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -27,7 +27,7 @@ from torch import Tensor
 
 
 def _dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
+    return [0, *range(2, x.dim())]
 
 
 def _c(v: Tensor, like: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ of a convolution's first backward saved, the HVP unchanged.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,9 @@ def _pair(v) -> list[int]:
 
 
 class _ConvConf:
-    __slots__ = ("stride", "padding", "dilation", "groups", "has_bias", "policy")
+    __slots__ = ("dilation", "groups", "has_bias", "padding", "policy", "stride")
 
-    def __init__(self, stride, padding, dilation, groups, has_bias, policy: "WeightGradPolicy"):
+    def __init__(self, stride, padding, dilation, groups, has_bias, policy: WeightGradPolicy):
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.groups, self.has_bias, self.policy = groups, has_bias, policy
 
@@ -141,7 +141,7 @@ class WeightGradPolicy:
         channels_last: run the convolutions on channels-last activations (module docstring).
     """
 
-    __slots__ = ("weight_grad_values", "channels_last")
+    __slots__ = ("channels_last", "weight_grad_values")
 
     def __init__(self, channels_last: bool = False) -> None:
         self.weight_grad_values = True

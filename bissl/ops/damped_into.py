@@ -18,7 +18,7 @@ buffer the solver allocated once:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,8 +26,9 @@ from torch import Tensor
 from bissl.ops.reference import DOT_BLOCK
 
 
-def _block_op(scale: float, shift: float) -> Callable[[Tensor, Tensor, Tensor], None]:
-    """``out_b = scale·hv_b + shift·v_b`` with as few kernels as the constants allow."""
+def _block_op(scale: float, shift: float) -> Callable[[Tensor, Tensor, Tensor], object]:
+    """``out_b = scale·hv_b + shift·v_b`` with as few kernels as the constants allow (into ``out``;
+    whatever the op returns is unused)."""
     if shift == 1.0:
         return lambda hv, v, out: torch.add(v, hv, alpha=scale, out=out)
     if shift == 0.0:

@@ -24,7 +24,8 @@ and the stock ops).
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def _layer_norm(args: tuple, kwargs: dict):
 def _unary(name: str, fields: tuple[str, ...] = ("input",)):
     """Route ``f(x)`` (no in-place flag set) to :func:`~bissl.ops.activation_double_backward.activation`."""
     def route(args: tuple, kwargs: dict):
-        a = dict(zip(fields + ("inplace",), args))
+        a = dict(zip((*fields, "inplace"), args))
         a.update(kwargs)
         x = a.get(fields[0], a.get("self"))
         if a.get("inplace", False) or not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -132,6 +133,7 @@ class FastSecondOrder(FrozenBatchNormStats):
             routes[F.linear] = lambda args, kwargs: reroute_linear(args, kwargs, self.conv_policy)
         if activations and reverse:
             tanh, relu, silu = _unary("tanh"), _unary("relu"), _unary("silu")
+            f: Callable
             for f in (torch.tanh, torch.Tensor.tanh):
                 routes[f] = tanh
             for f in (F.relu, torch.relu, torch.Tensor.relu):

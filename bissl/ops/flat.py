@@ -14,19 +14,20 @@ of a spec, in order, without copying.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from bissl.typing import ParamsLike, Params
+from bissl.typing import Params, ParamsLike, Vector
 
 #: The forms a vector may take: ``"dict"``, ``"tuple"``, ``"list"`` (of tensors) or ``"flat"`` ((P,) tensor).
 Form = Literal["dict", "tuple", "list", "flat"]
 FORMS: tuple[str, ...] = ("dict", "tuple", "list", "flat")
-#: A vector in any form.
-AnyVector = Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]
+#: A vector in any form (:data:`bissl.typing.Vector`).
+AnyVector = Vector
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def flatten_module_parameters_(module: torch.nn.Module) -> tuple[Tensor, FlatSpe
     spec = flat_spec(params)
     buffer = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
     with torch.no_grad():
-        for (name, param), a, b in zip(params.items(), spec.offsets[:-1], spec.offsets[1:]):
+        for param, a, b in zip(params.values(), spec.offsets[:-1], spec.offsets[1:]):
             view = buffer[a:b].view(param.shape)
             view.copy_(param)
             param.data = view
@@ -225,13 +226,13 @@ def vector_spec(v: AnyVector, where: str) -> tuple[str, FlatSpec]:
         ValueError: empty, mixed dtype/device, or a tensor of a flat form that is not 1-D.
     """
     form = vector_form(v, where)
-    if form == "flat":
+    if isinstance(v, Tensor):  # form "flat"
         if v.dim() != 1:
             raise ValueError(f"{where}: a tensor must be flat (P,), got shape {tuple(v.shape)}; pass a "
                              "dict or a tuple of tensors for shaped parameters")
         spec = FlatSpec(("",), (v.shape,), (0, v.numel()), v.dtype, v.device)
     else:
-        named = v if form == "dict" else {str(i): t for i, t in enumerate(v)}
+        named = v if isinstance(v, Mapping) else {str(i): t for i, t in enumerate(v)}
         try:
             spec = flat_spec(named)
         except ValueError as err:

@@ -33,7 +33,8 @@ immune because it evaluates the loss once.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, cast, overload
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -63,7 +64,8 @@ def _check_scalar(loss: Tensor, where: str) -> Tensor:
 def _check_like(params: ParamsLike, v: ParamsLike, where: str) -> None:
     if set(params) != set(v):
         missing, extra = set(params) - set(v), set(v) - set(params)
-        raise ValueError(f"{where}: v must have the keys of params (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+        raise ValueError(f"{where}: v must have the keys of params "
+                         f"(missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
     for k, p in params.items():
         if v[k].shape != p.shape:
             raise ValueError(f"{where}: v[{k!r}] has shape {tuple(v[k].shape)}, params[{k!r}] has {tuple(p.shape)}")
@@ -148,8 +150,9 @@ def hvp(loss_fn: LossFn, params: AnyVector, v: AnyVector, *, mode: HVPMode = "fw
     _check_mode(mode)
     named_loss, named, spec, form = as_named(loss_fn, params, "hvp")
     if form == "dict":
-        _check_like(params, v, "hvp")
-        parts = [v[k] for k in spec.names]
+        v_dict = cast(ParamsLike, v)  # _check_like raises unless it is a dict like params
+        _check_like(cast(ParamsLike, params), v_dict, "hvp")
+        parts = [v_dict[k] for k in spec.names]
     else:
         parts = pieces(v, spec, "hvp: v", form)
         if form == "flat":
@@ -197,7 +200,7 @@ def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HV
             one = lambda t: torch.func.jvp(torch.func.grad(loss_fn), (primals,), (t,))[1]  # noqa: E731
             out = torch.func.vmap(one)(tangents)
         elif mode == "revrev":
-            _, vjp_fn = torch.func.vjp(torch.func.grad(loss_fn), primals)
+            vjp_fn = torch.func.vjp(torch.func.grad(loss_fn), primals)[1]
             out = torch.func.vmap(lambda t: vjp_fn(t)[0])(tangents)
         else:
             with torch.enable_grad():
@@ -213,7 +216,8 @@ def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HV
     return {kk: t.detach() for kk, t in out.items()}
 
 
-def as_named(loss_fn: Callable, params: AnyVector, where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
+def as_named(loss_fn: Callable, params: AnyVector,
+             where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
     """A loss of a vector in any form, restated on a ``{name: Tensor}`` dict.
 
     Returns ``(loss_of_dict, params_as_dict, spec, form)``: the dict's names are ``spec.names``
@@ -221,7 +225,7 @@ def as_named(loss_fn: Callable, params: AnyVector, where: str) -> tuple[Callable
     ``loss_fn`` with ``d`` in the caller's form, so every HVP path works on dicts only.
     """
     form, spec = vector_spec(params, where)
-    if form == "dict":
+    if isinstance(params, Mapping):  # form "dict"
         return loss_fn, dict(params), spec, form
     named = dict(zip(spec.names, [params] if form == "flat" else params))
     if form == "flat":
@@ -278,7 +282,7 @@ class LinearizedHVP:
                 loss = _check_scalar(named_loss(leaves), "linearize_hvp")
                 grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True) if need_grad else None
             self.loss = loss.detach()
-            if need_grad:
+            if grads is not None:  # need_grad
                 self.grad = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                        for p, g in zip(leaves.values(), grads)])
 
@@ -304,6 +308,15 @@ class LinearizedHVP:
         else:
             out = _hvp_named(self._loss_fn, self._primals, vd, self.mode)
         return list(out.values())
+
+    @overload
+    def matvec(self, v: Tensor, *, out: Tensor | None = None) -> Tensor: ...
+
+    @overload
+    def matvec(self, v: Mapping[str, Tensor], *, out: Tensor | None = None) -> Params: ...
+
+    @overload
+    def matvec(self, v: Sequence[Tensor], *, out: Tensor | None = None) -> Sequence[Tensor]: ...
 
     def matvec(self, v: AnyVector, *, out: Tensor | None = None) -> AnyVector:
         """``H v`` in ``v``'s form: a flat ``(P,)`` ``v`` gives a flat result (one copy of the

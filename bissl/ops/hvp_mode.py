@@ -31,17 +31,18 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import OrderedDict
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from bissl.ops.hvp import HVP_MODES, linearize_hvp
+from bissl.ops.hvp import HVP_MODES, HVPMode, linearize_hvp
 from bissl.typing import LossFn, ParamsLike
 
 DEFAULT_CANDIDATES: tuple[str, ...] = ("fwdrev", "revrev", "autograd")
 _CACHE_SIZE = 64
-_cache: "OrderedDict[Hashable, str]" = OrderedDict()
+_cache: OrderedDict[Hashable, str] = OrderedDict()
 
 
 class HVPModeError(RuntimeError):
@@ -113,10 +114,10 @@ def probe_hvp_mode(loss_fn: LossFn, params: ParamsLike, mode: str) -> None:
         Exception: whatever the autograd machinery raised (e.g. ``NotImplementedError`` for a
             missing forward-AD rule, ``RuntimeError`` for a missing double backward).
     """
-    op = linearize_hvp(loss_fn, params, mode=mode)
+    op = linearize_hvp(loss_fn, params, mode=cast(HVPMode, mode))  # which checks the name
     # A deterministic direction with no zero entries touches every parameter. Non-finite values
     # are not a reason to reject a mode (a missing derivative raises); the solver reports them.
-    op(torch.ones(op.spec.numel, dtype=op.grad.dtype, device=op.grad.device))
+    op(torch.ones(op.spec.numel, dtype=op.spec.dtype, device=op.spec.device))
 
 
 def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,

@@ -25,7 +25,7 @@ Tested against autograd in float64 (``tests/ops/test_double_backward.py``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -165,7 +165,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         x, w, b, mean, rstd, xhat = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        _, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (True, w is not None and need_w, b is not None and need_b)
         gx, gw, gb = _LayerNormBackward.apply(gy.contiguous(), x, w, b, mean, rstd, xhat, ctx.shape, mask,
                                              torch.is_grad_enabled())

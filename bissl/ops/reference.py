@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 #: Block length of :func:`dot_ref` on CPU: short enough that a float32 partial sum stays accurate.
 DOT_BLOCK = 1 << 16
 

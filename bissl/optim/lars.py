@@ -17,7 +17,7 @@ group can override the flag. The learning rate sits outside the momentum buffer,
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -73,8 +73,10 @@ class LARS(torch.optim.Optimizer):
         """Whether ``p`` skips weight decay and the trust ratio in ``group``."""
         return bool(group["exclude_bias_and_norm"]) and p.ndim <= 1
 
+    # torch declares step() as two overloads (closure -> float, none -> None); this single
+    # signature covers both, which mypy cannot match against overloads.
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One LARS update of every parameter that has a gradient."""
         loss = None
         if closure is not None:

@@ -11,7 +11,7 @@ from bissl.solvers.cg import cg_layerwise_solve, cg_solve
 from bissl.solvers.lanczos import Tridiagonal
 from bissl.solvers.minres import minres_solve
 from bissl.solvers.neumann import identity_solve, neumann_solve
-from bissl.solvers.result import IndefiniteSystemWarning, SolveResult, SolverError
+from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
 
 #: Solver name -> function, as accepted by ``implicit_hypergrad(solver=...)`` and the configs.
 SOLVERS = {
@@ -31,7 +31,16 @@ def get_solver(name: str):
         raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
 
 
-__all__ = sorted([
-    "IndefiniteSystemWarning", "SOLVERS", "SolveResult", "SolverError", "Tridiagonal",
-    "cg_layerwise_solve", "cg_solve", "get_solver", "identity_solve", "minres_solve", "neumann_solve",
-])
+__all__ = [
+    "SOLVERS",
+    "IndefiniteSystemWarning",
+    "SolveResult",
+    "SolverError",
+    "Tridiagonal",
+    "cg_layerwise_solve",
+    "cg_solve",
+    "get_solver",
+    "identity_solve",
+    "minres_solve",
+    "neumann_solve",
+]

@@ -20,8 +20,8 @@ sums the partial products there, so every scalar — and every branch — is the
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,7 +31,6 @@ from bissl.ops.damped_into import damped_into_
 from bissl.ops.flat import FlatSpec, as_form, one_buffer, pieces, vector_form, vector_spec
 from bissl.ops.reference import dot_ref
 from bissl.typing import Vector
-
 
 #: Sums a tensor of partial dot products over the partitions of a vector (an all-reduce across
 #: ranks when each rank holds one partition).
@@ -48,7 +47,8 @@ class LinearProblem:
     """``(scale·A + shift·I) x = b`` on flat ``(P,)`` buffers (module docstring).
 
     Attributes:
-        matvec: the caller's ``A`` (before scale/shift), taking ``b``'s form.
+        matvec: the caller's ``A`` (before scale/shift), taking ``b``'s form (None: identity_solve,
+            which makes no matvec).
         b: ``(P,)`` the solver's own copy of the right-hand side (may be reused as a work buffer).
         spec, form: layout and form of the caller's vectors.
         scale, shift: of the damped operator.
@@ -57,7 +57,7 @@ class LinearProblem:
         allreduce: sums partial dots when the vectors are partitions (None: they are whole).
     """
 
-    matvec: Callable[[Vector], Vector]
+    matvec: Callable[[Vector], Vector] | None
     b: Tensor
     spec: FlatSpec
     form: str
@@ -96,6 +96,7 @@ class LinearProblem:
 
     def hv_pieces(self, v: Tensor) -> list[Tensor]:
         """The caller's ``H v`` for the flat ``v``, as the flat pieces it returned (validated, detached)."""
+        assert self.matvec is not None  # only identity_solve has none, and it makes no matvec
         out = self.matvec(self.views(v))
         parts = [t.detach() for t in pieces(out, self.spec, f"{self.where}: matvec", self.form)]
         whole = one_buffer(parts)

@@ -27,7 +27,7 @@ without any extra matvec; their small eigenvalue problem runs lazily, when first
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -239,7 +239,8 @@ def cg_layerwise_solve(
         alphas.append(alpha)
         betas.append(beta)
     total = rr.sum()
-    stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks))
+    stacked = ((torch.stack(alphas), torch.stack(betas)) if alphas
+               else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks)))
     result = SolveResult(
         x=prob.views(x), iters=n_iters, residual_norm=total.sqrt(), b_norm=bb.sqrt(),
         converged=(total <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,

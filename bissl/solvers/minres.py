@@ -27,7 +27,7 @@ for MINRES is information, not a problem.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

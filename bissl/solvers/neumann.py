@@ -1,7 +1,7 @@
 """Cheaper inverse approximations behind the solver signature: truncated Neumann series, identity."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from torch import Tensor
 from bissl.solvers._problem import LinearProblem, linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import Tridiagonal, lanczos_tridiagonal
-from bissl.solvers.result import SolveResult, SolverError
+from bissl.solvers.result import SolverError, SolveResult
 from bissl.typing import Vector
 
 #: Most Lanczos vectors :func:`neumann_solve` keeps (memory: ``LANCZOS_STEPS + 1`` vectors of P).
@@ -55,10 +55,10 @@ def _lanczos(prob: LinearProblem, steps: int) -> tuple[Tensor, Tensor, Tridiagon
     alive_rows = torch.cat([(beta0 > floor).reshape(1), betas[:-1] > 0]) if steps else betas > 0
     valid = torch.cumprod(alive_rows.to(torch.int64), 0).bool()
     T = b.new_zeros((steps + 1, steps), dtype=torch.float64)
-    j = torch.arange(steps, device=b.device)
-    T[j, j] = alphas.to(torch.float64)
-    T[j + 1, j] = betas.to(torch.float64)
-    T[j[:-1], j[:-1] + 1] = betas[:-1].to(torch.float64)
+    idx = torch.arange(steps, device=b.device)
+    T[idx, idx] = alphas.to(torch.float64)
+    T[idx + 1, idx] = betas.to(torch.float64)
+    T[idx[:-1], idx[:-1] + 1] = betas[:-1].to(torch.float64)
     off = torch.cat([betas[:-1], betas.new_zeros(1)]) if steps else betas
     return Q, T, lanczos_tridiagonal(alphas, off, valid), beta0
 
@@ -167,12 +167,12 @@ def neumann_solve(
     )
     if strict:
         result.check()
-        top = float(result.ritz_max) if m > 0 else float("nan")
-        if step is not None and m > 0 and step * top >= 2:
+        top_ritz = float(result.ritz_max) if m > 0 else float("nan")
+        if step is not None and m > 0 and step * top_ritz >= 2:
             raise SolverError(
-                f"neumann: step {float(step):.4g} times the largest Ritz value {top:.4g} of the "
+                f"neumann: step {float(step):.4g} times the largest Ritz value {top_ritz:.4g} of the "
                 f"damped operator is >= 2, so the series diverges; use step=None "
-                f"(η = 1/ritz_max) or a step below {2 / top:.4g}")
+                f"(η = 1/ritz_max) or a step below {2 / top_ritz:.4g}")
     return result
 
 

@@ -19,7 +19,7 @@ class SolverError(RuntimeError):
             caller can tell what went wrong (e.g. ``result.nonfinite``) without parsing the message.
     """
 
-    def __init__(self, message: str, result: "SolveResult | None" = None) -> None:
+    def __init__(self, message: str, result: SolveResult | None = None) -> None:
         super().__init__(message)
         self.result = result
 
@@ -34,7 +34,7 @@ class SolveResult:
     """Solution of ``A x = b`` with diagnostics that stay on the device until read.
 
     Attributes:
-        x: the solution, a dict or flat tensor like ``b``.
+        x: the solution, in ``b``'s form (a dict, a tuple/list of tensors or a flat tensor).
         iters: 0-dim int64, iterations that updated ``x``.
         residual_norm: 0-dim, ``‖b − A x‖`` as tracked by the recursion.
         b_norm: 0-dim, ``‖b‖``.
@@ -59,6 +59,8 @@ class SolveResult:
             ``"adaptive_damping"`` (re-solved with a larger damping, see ``damping_used``).
         damping_used: the damping of the system ``x`` solves, when set by the hypergradient layer.
         initial: the first solve when a policy re-solved (its flags say why), else None.
+        num_collectives: collectives a data-parallel solve issued, when set by
+            :func:`bissl.distributed.distributed_implicit_hypergrad` (unsharded), else None.
     """
 
     x: Vector
@@ -76,7 +78,8 @@ class SolveResult:
     needs_positive_definite: bool = True
     action: str = "none"
     damping_used: float | None = None
-    initial: "SolveResult | None" = None
+    initial: SolveResult | None = None
+    num_collectives: int | None = field(default=None, repr=False, compare=False)
     _ritz: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- spectrum estimates (lazy: eigvalsh synchronises on CUDA) ---------------------------------
@@ -160,7 +163,7 @@ class SolveResult:
         """True when :meth:`problems` is empty (syncs)."""
         return not self.problems()
 
-    def check(self, ignore_indefinite: bool = False) -> "SolveResult":
+    def check(self, ignore_indefinite: bool = False) -> SolveResult:
         """Raise :class:`SolverError` naming the problem if the answer cannot be trusted; else self."""
         problems = self.problems(ignore_indefinite)
         if problems:

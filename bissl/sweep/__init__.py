@@ -26,12 +26,14 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# For type checkers only; at run time __getattr__ below loads these names (F401: ruff cannot read
+# __all__ = sorted(_EXPORTS), so it does not see them re-exported).
 if TYPE_CHECKING:
-    from bissl.sweep.cli import register_sweep_command
-    from bissl.sweep.grid import Cell, make_cells, parse_grid_args, validate_grid
-    from bissl.sweep.plan import SweepPlan, build_plan, read_manifest
-    from bissl.sweep.runner import CellOutcome, SweepResult, resume_sweep, run_plan, run_sweep
-    from bissl.sweep.sharing import SharingPlan, parts_affected, plan_sharing
+    from bissl.sweep.cli import register_sweep_command  # noqa: F401
+    from bissl.sweep.grid import Cell, make_cells, parse_grid_args, validate_grid  # noqa: F401
+    from bissl.sweep.plan import SweepPlan, build_plan, read_manifest  # noqa: F401
+    from bissl.sweep.runner import CellOutcome, SweepResult, resume_sweep, run_plan, run_sweep  # noqa: F401
+    from bissl.sweep.sharing import SharingPlan, parts_affected, plan_sharing  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bissl.sweep.plan import SweepPlan, cell_dir
 from bissl.trainer.report import METRICS, mean_std
@@ -40,7 +41,7 @@ def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
         for seed in plan.seeds:
             for arm in ARM_ORDER:
                 source, metrics = cell.name, res["per_seed"].get(str(seed), {}).get(arm)
-                if metrics is None and arm == "baseline" and shared is not None:
+                if metrics is None and arm == "baseline" and shared is not None and provider is not None:
                     source, metrics = provider, shared["per_seed"].get(str(seed), {}).get(arm)
                 if metrics is None:
                     continue
@@ -111,7 +112,7 @@ def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
     """Test accuracy (%) per cell: BiSSL and baseline mean ± std over seeds, and their paired
     difference."""
     def ms(mean: float | None, std: float | None, sign: str = "") -> str:
-        return "—" if mean is None else f"{100 * mean:{sign}.2f} ± {100 * std:.2f}"
+        return "—" if mean is None or std is None else f"{100 * mean:{sign}.2f} ± {100 * std:.2f}"
 
     width = max([len("cell")] + [len(r["cell"]) for r in summary])
     head = f"{'cell':<{width}}  {'BiSSL':>15}  {'baseline':>15}  {'BiSSL - baseline':>17}  seeds"

@@ -11,9 +11,10 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from bissl.config import ConfigError, config_to_dict, load_config, parse_override
 

@@ -9,9 +9,10 @@ whole grid, so a changed grid is a new sweep, in a new directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from bissl.config import Config, ConfigError, config_to_dict, diff_configs, load_config
 from bissl.sweep.grid import Cell, Grid, validate_grid
@@ -110,11 +111,11 @@ def build_plan(config_path: str | Path | None, grid: Mapping[str, Sequence[Any]]
     seed_list = resolve_seeds(seeds, load_config(path, overrides))
     fixed = [*overrides, f"run.seeds={json.dumps(seed_list)}"]
     base = load_config(path, fixed)
-    grid = {str(k): _as_json(k, v) for k, v in grid.items()}
-    cells = validate_grid(path, grid, fixed)
+    grid_lists: dict[str, list[Any]] = {str(k): _as_json(k, v) for k, v in grid.items()}
+    cells = validate_grid(path, grid_lists, fixed)
     configs = (load_config(path, [*fixed, *c.overrides()]) for c in cells)
-    sharing = plan_sharing(list(grid), [c.name for c in cells], configs, enabled=share)
-    return SweepPlan(path, grid, overrides, seed_list, cells, sharing, config_to_dict(base), share)
+    sharing = plan_sharing(list(grid_lists), [c.name for c in cells], configs, enabled=share)
+    return SweepPlan(path, grid_lists, overrides, seed_list, cells, sharing, config_to_dict(base), share)
 
 
 def _semantic_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -12,8 +12,9 @@ Drawn on matplotlib's Agg canvas without pyplot, like :mod:`bissl.trainer.plots`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -17,15 +17,22 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bissl.config import ConfigError, load_config
 from bissl.solvers import SolverError
 from bissl.sweep.collect import (
-    SUMMARY_CSV, SWEEP_CSV, collect_rows, format_summary_table, summarize_cells, summary_columns,
-    sweep_columns, write_csv,
+    SUMMARY_CSV,
+    SWEEP_CSV,
+    collect_rows,
+    format_summary_table,
+    summarize_cells,
+    summary_columns,
+    sweep_columns,
+    write_csv,
 )
 from bissl.sweep.grid import Cell
 from bissl.sweep.plan import SweepPlan, build_plan, cell_dir, read_manifest, write_or_check_manifest

@@ -18,8 +18,9 @@ as ``run.device``, ``run.num_threads`` or ``run.workers``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from bissl.config import Config
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-Backbone = Union[nn.Module, Callable[[Tensor], Tensor]]
+Backbone = nn.Module | Callable[[Tensor], Tensor]
 
 
 def build_head(in_dim: int, num_classes: int, kind: str = "linear", hidden: int = 512) -> nn.Module:
@@ -127,7 +128,9 @@ def evaluate(
     if isinstance(dataset, TensorDataset):
         xs, ys = dataset.tensors[:2]
     else:
-        xs, ys = (torch.stack(t) for t in zip(*dataset)) if len(dataset) else (torch.zeros(0), torch.zeros(0))
+        # A map-style dataset has len() and [i], which torch's Dataset type does not declare.
+        pairs = cast(Sequence[tuple[Tensor, Tensor]], dataset)
+        xs, ys = (torch.stack(t) for t in zip(*pairs)) if len(pairs) else (torch.zeros(0), torch.zeros(0))
     if len(ys) == 0:
         raise ValueError("evaluate: the dataset is empty")
     loss, pred = predict(backbone, head, xs, ys, batch_size)

@@ -7,8 +7,8 @@ from bissl.trainer.loop import Phase, RunContext, StepBudget, run_phase
 from bissl.trainer.report import format_table, summarize
 from bissl.trainer.runner import run_experiment
 
-__all__ = sorted([
-    "DistributedRunError", "NonFiniteLossError", "Phase", "RunContext", "RunInterrupted", "StepBudget",
-    "format_table", "load_pipeline_data", "prepare_run_dir", "resolve_device", "run_experiment",
-    "run_phase", "summarize",
-])
+__all__ = [
+    "DistributedRunError", "NonFiniteLossError", "Phase", "RunContext", "RunInterrupted",
+    "StepBudget", "format_table", "load_pipeline_data", "prepare_run_dir", "resolve_device",
+    "run_experiment", "run_phase", "summarize",
+]

@@ -32,8 +32,18 @@ from bissl.distributed.zero3 import full_state_dict
 from bissl.hypergrad.lam_schedules import build_lam_schedule
 from bissl.tasks.downstream import classification_loss
 from bissl.trainer.bissl_stage import (
-    PHASE, StageBatches, StageSchedule, downstream_objective, lower_schedule, lower_spec,
-    pretext_objective, start_models, upper_schedule, upper_spec, warmup_schedule, warmup_spec,
+    PHASE,
+    StageBatches,
+    StageSchedule,
+    downstream_objective,
+    lower_schedule,
+    lower_spec,
+    pretext_objective,
+    start_models,
+    upper_schedule,
+    upper_spec,
+    warmup_schedule,
+    warmup_spec,
 )
 from bissl.trainer.bissl_step import BisslSettings, BisslStep, rank_mean
 from bissl.trainer.builders import PipelineData

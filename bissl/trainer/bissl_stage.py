@@ -14,8 +14,9 @@ must do identically:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,15 @@ from bissl.config import Config, ConfigError
 from bissl.distributed.trainable import DataParallel, OptimizerSpec
 from bissl.tasks.downstream import classification_loss
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, build_pretext_from,
-    build_two_view, cosine, epochs_to_steps, shard,
+    PipelineData,
+    build_backbone_from,
+    build_downstream_augment,
+    build_head_from,
+    build_pretext_from,
+    build_two_view,
+    cosine,
+    epochs_to_steps,
+    shard,
 )
 from bissl.trainer.rng import derive_seed, make_generator
 from bissl.trainer.sampler import EpochSampler, gather
@@ -105,7 +113,8 @@ def start_models(cfg: Config, data: PipelineData, device: torch.device,
     theta_net.load_state_dict(pretext_result["backbone"])
     pretext = build_pretext_from(cfg, theta_net, device)
     pretext.load_state_dict(pretext_result["pretext"])
-    pretext.reset_target(theta_net)  # BYOL: target := online (SimCLR: no-op)
+    task: Any = pretext  # SimCLR, BYOL or GPTPretext: each has reset_target
+    task.reset_target(theta_net)  # BYOL: target := online (SimCLR: no-op)
     phi_net = build_backbone_from(cfg, data, device)
     phi_net.load_state_dict(pretext_result["backbone"])
     head = build_head_from(cfg, phi_net, data, device)
@@ -161,7 +170,8 @@ class StageBatches:
         x, y = gather(self.data.train_x, idx, self.device), gather(self.data.train_y, idx, self.device)
         if self.down_aug is not None:
             x = self.down_aug(x, self.upper_gen)
-        return shard((x, y), self.dp)
+        x_shard, y_shard = shard((x, y), self.dp)
+        return x_shard, y_shard
 
     def lower_views(self) -> tuple[Tensor, ...]:
         """This rank's shard of the next lower-step batch: the pretext augmentation's views."""
@@ -242,7 +252,8 @@ def warmup_loss(phi_net: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> Te
 
 def pretext_objective(backbone: nn.Module, pretext: nn.Module, views: tuple[Tensor, ...]) -> Tensor:
     """``L_P`` of one batch of views (the lower objective's loss without the proximal term)."""
-    return pretext.loss(backbone, *views)
+    task: Any = pretext  # SimCLR, BYOL or GPTPretext: each has loss(encode, *views)
+    return task.loss(backbone, *views)
 
 
 def downstream_objective(backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

@@ -34,7 +34,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -42,13 +42,14 @@ from torch.func import functional_call
 
 from bissl.distributed.collectives import gather_objects
 from bissl.distributed.hypergrad import distributed_implicit_hypergrad
+from bissl.distributed.objectives import BilevelObjective, LowerObjective
 from bissl.distributed.trainable import Trainable
 from bissl.hypergrad.lam_schedules import ConstantLam, LamSchedule, LowerStepStats
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import flat_spec, flatten, unflatten
 from bissl.ops.reference import dot_ref
-from bissl.solvers import SolverError
+from bissl.solvers import SolverError, SolveResult
 
 
 class SkippedStepWarning(RuntimeWarning):
@@ -89,8 +90,13 @@ class BisslSettings:
                    bucket_numel=cfg.deepspeed.hypergrad_bucket_numel)
 
 
+def _objective(module: Any) -> BilevelObjective:
+    """A trainable's module (or functional copy): a lower or upper objective, typed as one."""
+    return cast(BilevelObjective, module)
+
+
 def _backbone_names(trainable: Trainable) -> list[str]:
-    return [k for k, _ in trainable.module.backbone.named_parameters()]
+    return [k for k, _ in _objective(trainable.module).backbone.named_parameters()]
 
 
 class BisslStep:
@@ -107,15 +113,15 @@ class BisslStep:
     def __init__(self, lower: Trainable, upper: Trainable, settings: BisslSettings,
                  lam_schedule: LamSchedule, describe: Callable[[], str]) -> None:
         names = _backbone_names(lower)
-        shapes = {k: tuple(p.shape) for k, p in lower.functional.backbone.named_parameters()}
-        if shapes != {k: tuple(p.shape) for k, p in upper.functional.backbone.named_parameters()}:
+        shapes = {k: tuple(p.shape) for k, p in _objective(lower.functional).backbone.named_parameters()}
+        if shapes != {k: tuple(p.shape) for k, p in _objective(upper.functional).backbone.named_parameters()}:
             raise ValueError("BisslStep: the lower and upper backbones differ; θ and φ are paired "
                              "by parameter name and shape")
         self.lower, self.upper, self.settings = lower, upper, settings
         self.lam_schedule, self.describe = lam_schedule, describe
         self.names = names
-        self.theta_params = list(lower.module.backbone.parameters())
-        self.phi_params = list(upper.module.backbone.parameters())
+        self.theta_params = list(_objective(lower.module).backbone.parameters())
+        self.phi_params = list(_objective(upper.module).backbone.parameters())
         self.hyper = settings.hyper
         self.lower_count = 0  # lower steps so far (the λ schedule's clock)
         self.skipped = 0  # upper steps skipped for a non-finite hypergradient
@@ -136,10 +142,12 @@ class BisslStep:
             g.add_(d, alpha=lam)
             return sums
 
-        sums = self.lower.grad_pass(add_prox, self.theta_params,
-                                    [self.upper.param_views(self.phi_params)]).sum(0)
+        per_tensor = self.lower.grad_pass(add_prox, self.theta_params,
+                                          [self.upper.param_views(self.phi_params)])
+        assert per_tensor is not None  # add_prox returns a tensor for every parameter
+        sums = per_tensor.sum(0)
         grad_norm = self.lower.step()
-        self.lower.module.update_target()  # BYOL's EMA on lower steps only
+        cast(LowerObjective, self.lower.module).update_target()  # BYOL's EMA on lower steps only
         g2, _, d2, phi2 = sums.unbind()
         stats = {"pretext_grad_norm": g2.sqrt(), "distance": d2.sqrt(), "prox_grad_norm": lam * d2.sqrt()}
         if not isinstance(self.lam_schedule, ConstantLam):  # adaptive rules read host floats
@@ -147,7 +155,7 @@ class BisslStep:
                 step=self.lower_count, pretext_grad_norm=float(stats["pretext_grad_norm"]),
                 distance=float(stats["distance"]), phi_norm=math.sqrt(float(phi2))))
         self.lower_count += 1
-        (mean_loss,) = rank_mean(self.lower.module.last_terms["loss"])
+        (mean_loss,) = rank_mean(_objective(self.lower.module).last_terms["loss"])
         return {"part": "lower", "loss": mean_loss, "prox": 0.5 * lam * d2, "lam": lam, "lr": lr,
                 "grad_norm": grad_norm, **stats}
 
@@ -165,7 +173,7 @@ class BisslStep:
             theta_keys = {f"backbone.{k}": k for k in self.names}
             theta = {k: low[key] for key, k in theta_keys.items()}
             lower_rest = {k: v for k, v in low.items() if k not in theta_keys}
-            head_keys = {f"head.{k}": k for k, _ in self.upper.module.head.named_parameters()}
+            head_keys = {f"head.{k}": k for k, _ in _objective(self.upper.module).head.named_parameters()}
             psi = {k: up[key].detach().requires_grad_(True) for key, k in head_keys.items()}
             # L_D(θ, ψ_D) normalises with θ's batch statistics; θ's own buffers complete the state.
             upper_rest = {**{k: v for k, v in lower_rest.items() if k.startswith("backbone.")},
@@ -191,10 +199,10 @@ class BisslStep:
                 self._mode_resolved = True
             keep_v = s.direct_term == "theta"
             try:
-                x, info = distributed_implicit_hypergrad(
+                x, info = cast(tuple[dict[str, Tensor], SolveResult], distributed_implicit_hypergrad(
                     lower_loss, upper_loss, theta, lam=lam, settings=self.hyper, shard=s.shard,
                     return_info=True, bucket_numel=s.bucket_numel,
-                    on_rhs=(lambda v: seen.__setitem__("v", v)) if keep_v else None)
+                    on_rhs=(lambda v: seen.__setitem__("v", v)) if keep_v else None))
             except SolverError as err:
                 if err.result is None or not bool(err.result.nonfinite):
                     raise SolverError(f"{err} (phase 'bissl', {self.describe()})",
@@ -218,7 +226,7 @@ class BisslStep:
         surrogate = self.upper(None if keep_v else batch, injected)
         self.upper.backward(surrogate)
         grad_norm = self.upper.step()
-        direct = seen["loss_theta"] if keep_v else self.upper.module.last_terms["loss"]
+        direct = seen["loss_theta"] if keep_v else _objective(self.upper.module).last_terms["loss"]
         loss, loss_theta = rank_mean(direct, seen["loss_theta"])
         return {"part": "upper", "loss": loss, "loss_theta": loss_theta, "lr": lr, "lam": lam,
                 "grad_norm": grad_norm, "skipped": 0, **solver_columns(info.summary()),

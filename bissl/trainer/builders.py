@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,7 @@ class PipelineData:
     tokenizer: Any = None
 
     @classmethod
-    def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> "PipelineData":
+    def from_splits(cls, down: DatasetSplits, pretext: DatasetSplits | None = None) -> PipelineData:
         """Downstream splits, and the pretext images: the downstream set's own ``unlabelled``
         images when it has them, else the pretext set's train split (default: the downstream
         train split)."""
@@ -88,7 +88,7 @@ class PipelineData:
             in_channels=down.in_channels, image_size=down.image_size,
         )
 
-    def to_dtype(self, dtype: torch.dtype) -> "PipelineData":
+    def to_dtype(self, dtype: torch.dtype) -> PipelineData:
         """The same data with floating-point tensors (images) in ``dtype`` (token ids stay int64)."""
         if dtype == torch.float32:
             return self
@@ -99,7 +99,7 @@ class PipelineData:
         return PipelineData(**fields)
 
     @classmethod
-    def from_text(cls, text: TextData) -> "PipelineData":
+    def from_text(cls, text: TextData) -> PipelineData:
         """Token tensors of a text experiment (:func:`bissl.data.text.load_text_data`)."""
         return cls(
             pretext_x=text.pretext_x, pretext_mean=(), pretext_std=(),
@@ -138,7 +138,8 @@ def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -
         raise ConfigError(f"'model': {err}") from None
     model = _sync_bn(cfg, model).to(device)
     if cfg.model.channels_last and data.task == "vision":
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads do not list it.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
@@ -154,7 +155,8 @@ def _sync_bn(cfg: Config, module: nn.Module) -> nn.Module:
 
 def build_head_from(cfg: Config, backbone: nn.Module, data: PipelineData, device: torch.device) -> nn.Module:
     """A fresh downstream head (``finetune.head``) for ``backbone``'s features on ``device``."""
-    return _sync_bn(cfg, build_head(backbone.out_dim, data.num_classes, cfg.finetune.head)).to(device)
+    head = build_head(cast(int, backbone.out_dim), data.num_classes, cfg.finetune.head)
+    return _sync_bn(cfg, head).to(device)
 
 
 def shard(batch: tuple[Tensor, ...], dp: DataParallel) -> tuple[Tensor, ...]:
@@ -170,7 +172,7 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
     the GPT language-model head)."""
     p = cfg.pretext
     if p.method == "gpt":
-        module = build_pretext("gpt", backbone=backbone, feat_dim=backbone.out_dim,
+        module = build_pretext("gpt", backbone=backbone, feat_dim=cast(int, backbone.out_dim),
                                vocab_size=backbone.vocab_size, pad_id=backbone.pad_id)
         return module.to(device)
     kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
@@ -179,16 +181,16 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
     else:
         # "same-shape predictor": its hidden width is the projector's.
         kwargs.update(pred_hidden=p.projector_dims[0], momentum=p.byol_ema)
-    module = build_pretext(p.method, backbone=backbone, feat_dim=backbone.out_dim, **kwargs)
+    module = build_pretext(p.method, backbone=backbone, feat_dim=cast(int, backbone.out_dim), **kwargs)
     return _sync_bn(cfg, module).to(device)
 
 
 def _view_override(base: ViewConfig, overrides: dict[str, Any], key: str) -> ViewConfig:
     names = {f.name for f in dataclasses.fields(ViewConfig)}
-    for name, value in overrides.items():
+    for name in overrides:
         if name not in names:
             raise ConfigError(f"unknown key '{key}.{name}'; ViewConfig fields: {', '.join(sorted(names))}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return replace(base, **fixed)
 
 
@@ -227,7 +229,9 @@ class CropFlip:
     """
 
     def __init__(self, cfg: Config, data: PipelineData) -> None:
-        crop = build_two_view(cfg, data).view1
+        aug = build_two_view(cfg, data)
+        assert isinstance(aug, TwoViewAugment) and aug.view1 is not None  # image tasks: views set
+        crop = aug.view1
         self.view = ViewConfig(crop_scale=crop.crop_scale, crop_ratio=crop.crop_ratio,
                                flip_p=crop.flip_p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
                                solarize_p=0.0)
@@ -261,4 +265,4 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Whole optimizer steps in ``epochs`` epochs (fractional epochs round up)."""
-    return int(math.ceil(epochs * steps_per_epoch - 1e-9))
+    return math.ceil(epochs * steps_per_epoch - 1e-9)

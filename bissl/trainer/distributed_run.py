@@ -18,6 +18,7 @@ naming the rank). Re-running the same command resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,8 +43,8 @@ from bissl.distributed.launcher import launch
 from bissl.distributed.process_group import exit_rank, init_process_group_from_env
 from bissl.distributed.trainable import DataParallel
 from bissl.solvers import SolverError
-from bissl.trainer.experiment import prepare_run_dir, resolve_device, run_here, summarize_done
 from bissl.trainer.errors import DistributedRunError, NonFiniteLossError, RunInterrupted
+from bissl.trainer.experiment import prepare_run_dir, resolve_device, run_here, summarize_done
 
 #: Per-job bookkeeping under the run directory: the rank config and error reports.
 JOBS_DIR = ".ranks"
@@ -117,10 +118,8 @@ def _run_job(cfg: Config, run_dir: Path, env: dict[str, str]) -> None:
             raise _job_failure(job_dir, code, list(stream.lines), cfg.run.nproc)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):  # another job's folder is still there
             job_dir.parent.rmdir()
-        except OSError:
-            pass  # another job's folder is still there
 
 
 def run_distributed(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
@@ -217,11 +216,9 @@ def _report_failure(err: BaseException, job_dir: Path | None) -> None:
     elif job_dir is None:  # no calling process re-raises it: say it here
         print(f"rank {rank}: {err}", file=sys.stderr)
     if job_dir is not None:
-        try:
+        with contextlib.suppress(OSError):
             (job_dir / f"rank{rank}.error.json").write_text(json.dumps(
                 {"rank": rank, "type": type(err).__name__, "message": str(err)}))
-        except OSError:
-            pass
     sys.stdout.flush()
     sys.stderr.flush()
 
@@ -238,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     job_dir = Path(args.job_dir) if args.job_dir else None
     try:
         run_rank(load_config(args.config), Path(args.run_dir))
-    except BaseException as err:  # noqa: BLE001 - every failure must end this rank, reported
+    except BaseException as err:  # every failure must end this rank, reported
         _report_failure(err, job_dir)
         os._exit(1)  # no barrier: the other ranks may be inside a collective; the launcher stops them
     exit_rank(0)

@@ -30,7 +30,13 @@ import torch
 import yaml
 
 from bissl.config import (
-    Config, ConfigError, DebugConfig, config_from_dict, config_to_dict, diff_configs, dump_config,
+    Config,
+    ConfigError,
+    DebugConfig,
+    config_from_dict,
+    config_to_dict,
+    diff_configs,
+    dump_config,
 )
 from bissl.data import load_dataset
 from bissl.data.options import image_task_options, text_task_options
@@ -278,6 +284,7 @@ def run_here(cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None
 
             dist.barrier()
             data = data or load_pipeline_data(cfg, run_dir)
+        assert data is not None  # rank 0 loaded it (the only rank of a one-process run)
         stops_here = cfg.debug.stop_rank is None or cfg.debug.stop_rank == dp.rank
         budget = StepBudget(cfg.debug.stop_after_steps if stops_here else None, cfg.debug.stop_mode)
         per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget, dp=dp)

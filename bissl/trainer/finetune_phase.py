@@ -13,7 +13,7 @@ share of the evaluation sets; per-example losses and predictions are gathered in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -28,7 +28,12 @@ from bissl.tasks.downstream import eval_mode, predict
 from bissl.trainer.bissl_stage import downstream_objective
 from bissl.trainer.bissl_step import rank_mean
 from bissl.trainer.builders import (
-    PipelineData, build_backbone_from, build_downstream_augment, build_head_from, cosine, shard,
+    PipelineData,
+    build_backbone_from,
+    build_downstream_augment,
+    build_head_from,
+    cosine,
+    shard,
 )
 from bissl.trainer.loop import Phase, RunContext
 from bissl.trainer.rng import derive_seed, make_generator
@@ -74,7 +79,7 @@ class FinetunePhase(Phase):
         self.aug_gen = make_generator(derive_seed(ctx.seed, "finetune", "augment"), ctx.device)
 
     def _train_mode(self) -> None:
-        module = self.model.module
+        module = cast(UpperObjective, self.model.module)
         module.train()
         if self.probe:
             module.backbone.eval()  # the arm's BatchNorm statistics are part of what is probed
@@ -107,7 +112,7 @@ class FinetunePhase(Phase):
         share = torch.tensor_split(torch.arange(len(y)), self.dp.world)[self.dp.rank]
         batch_size = max(256, self.cfg.finetune.batch_size)
         with self.model.full_state() as state:
-            fm = self.model.functional
+            fm = cast(UpperObjective, self.model.functional)
             parts = {p: {k.removeprefix(f"{p}."): v for k, v in state.items() if k.startswith(f"{p}.")}
                      for p in ("backbone", "head")}
             with eval_mode(fm):
@@ -143,7 +148,7 @@ class FinetunePhase(Phase):
     def result(self) -> dict[str, Any]:
         val = self.evaluate(self.data.val_x, self.data.val_y)
         test = self.evaluate(self.data.test_x, self.data.test_y)
-        module = self.model.module
+        module = cast(UpperObjective, self.model.module)
         return {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                 "test_loss": test["loss"], "test_pred": test["pred"],
                 "test_correct": (test["pred"] == self.data.test_y.cpu()).to(torch.int64),

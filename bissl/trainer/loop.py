@@ -22,16 +22,17 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from bissl.distributed.trainable import DataParallel, NonFiniteGradientError
 from bissl.trainer.checkpoint import load_checkpoint, save_atomic
 from bissl.trainer.errors import NonFiniteLossError, RunInterrupted
-from bissl.trainer.metrics import MetricsLog, is_finite, progress_bar
+from bissl.trainer.metrics import MetricsLog, NullMetrics, is_finite, progress_bar
 from bissl.trainer.rng import capture_global_rng, derive_seed, restore_global_rng, seed_everything
 
 CHECKPOINT_FORMAT = 1
@@ -63,7 +64,7 @@ class RunContext:
     seed: int
     device: torch.device
     ckpt_dir: Path
-    metrics: MetricsLog
+    metrics: MetricsLog | NullMetrics
     checkpoint_every: int = 200
     log_every: int = 1
     progress: bool = False

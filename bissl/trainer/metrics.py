@@ -43,8 +43,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -136,7 +137,8 @@ class MetricsLog:
     def __init__(self, path: str | Path, tensorboard: bool | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", newline="")
+        # Open for the log's lifetime (rows arrive one at a time); close() closes it.
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115
         if self._file.tell() == 0:
             self._file.write(",".join(COLUMNS) + "\n")
             self._file.flush()
@@ -173,7 +175,7 @@ class MetricsLog:
             raise ValueError(f"{self.path} has {size} bytes, the checkpoint expects at least {offset}")
         self._file.close()
         os.truncate(self.path, offset)
-        self._file = open(self.path, "a", newline="")
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115  kept open, as in __init__
         self._writer = csv.writer(self._file, lineterminator="\n")
         if self._tb is not None:
             self._tb.rebuild(read_metrics(self.path))

@@ -2,8 +2,9 @@
 the library never changes the user's global matplotlib backend)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -15,7 +16,8 @@ _ARM_LABELS = {"finetune_baseline": "baseline", "finetune_bissl": "BiSSL"}
 
 
 def _series(rows: Iterable[dict[str, Any]], phase: str, part: str, column: str) -> tuple[list, list]:
-    xs, ys = [], []
+    xs: list[Any] = []
+    ys: list[Any] = []
     for row in rows:
         if row["phase"] == phase and row["part"] == part and row.get(column) is not None:
             xs.append(len(xs) + 1 if part in ("lower", "upper") else row["step"])

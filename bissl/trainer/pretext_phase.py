@@ -11,11 +11,11 @@ is the compute-matched continuation of the baseline (``baseline.compute_matched`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bissl.config import Config, ConfigError
 from bissl.distributed.objectives import LowerObjective
-from bissl.distributed.trainable import DataParallel, OptimizerSpec, Trainable
+from bissl.distributed.trainable import OptimizerSpec, Trainable
 from bissl.distributed.zero3 import full_state_dict
 from bissl.trainer.bissl_stage import pretext_objective
 from bissl.trainer.bissl_step import rank_mean
@@ -56,7 +56,7 @@ class PretextPhase(Phase):
         if opt is None:
             opt = OptimizerSpec(p.optimizer, p.lr, p.momentum, p.weight_decay, p.eta,
                                 betas=(p.betas[0], p.betas[1]))
-            warmup_steps, final_lr_factor = int(round(p.warmup_epochs * spe)), p.final_lr_factor
+            warmup_steps, final_lr_factor = round(p.warmup_epochs * spe), p.final_lr_factor
         super().__init__(p.epochs * spe if total_steps is None else total_steps)
         backbone = build_backbone_from(cfg, data, ctx.device)
         pretext = build_pretext_from(cfg, backbone, ctx.device)
@@ -71,7 +71,7 @@ class PretextPhase(Phase):
         self.aug_gen = make_generator(derive_seed(ctx.seed, name, "augment"), ctx.device)
 
     def step(self) -> list[dict[str, Any]]:
-        module = self.model.module
+        module = cast(LowerObjective, self.model.module)
         module.train()
         x = gather(self.data.pretext_x, self.sampler.next_batch(), self.device)
         views = shard(tuple(self.augment(x, self.aug_gen)), self.dp)
@@ -104,7 +104,7 @@ class PretextPhase(Phase):
         self.aug_gen.set_state(state["aug_gen"])
 
     def result(self) -> dict[str, Any]:
-        module = self.model.module
+        module = cast(LowerObjective, self.model.module)
         return {"backbone": full_state_dict(module.backbone), "pretext": full_state_dict(module.head)}
 
     def describe_step(self, step: int) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ARMS = ("baseline", "bissl")
 #: The per-arm final metrics of a run (results.json, sweeps).
@@ -31,13 +32,15 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
     """
     seeds = sorted(per_seed)
     summary: dict[str, Any] = {}
+    by_arm: dict[str, list[dict[str, float]]] = {}  # the arms every seed has, in seed order
     for arm in ARMS:
-        results = [per_seed[s].get(arm) for s in seeds]
-        if any(r is None for r in results):
+        results = [r for r in (per_seed[s].get(arm) for s in seeds) if r is not None]
+        if len(results) < len(seeds):
             continue
+        by_arm[arm] = results
         summary[arm] = {m: mean_std([r[m] for r in results]) for m in METRICS}
-    if all(arm in summary for arm in ARMS):
-        diffs = [per_seed[s]["bissl"]["test_acc"] - per_seed[s]["baseline"]["test_acc"] for s in seeds]
+    if all(arm in by_arm for arm in ARMS):
+        diffs = [b["test_acc"] - a["test_acc"] for b, a in zip(by_arm["bissl"], by_arm["baseline"])]
         summary["bissl_minus_baseline_test_acc"] = mean_std(diffs)
         if len(seeds) >= 2:
             summary["bissl_vs_baseline"] = paired_statistics(per_seed)

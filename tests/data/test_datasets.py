@@ -53,10 +53,10 @@ def test_digits_splits_partition_the_dataset(digits):
     for split in (digits.train, digits.val, digits.test):
         counts = (_raw(split, digits) * 16).round().long().reshape(len(split), -1)
         ours += [
-            tuple(r) + (int(lbl),) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
+            (*r, int(lbl)) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
         ]
     source = [
-        tuple(r) + (int(lbl),) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
+        (*r, int(lbl)) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
     ]
     assert sorted(ours) == sorted(source)
 
@@ -123,7 +123,7 @@ def test_argument_errors(tmp_path):
         load_dataset("digits", val_fraction=1.5)
     with pytest.raises(ValueError, match="needs root"):
         load_dataset("npz")
-    with pytest.raises(FileNotFoundError, match="nope.npz"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.npz"):
         load_dataset("npz", root=str(tmp_path / "nope.npz"))
     with pytest.raises(FileNotFoundError, match="train"):
         load_dataset("imagefolder", root=str(tmp_path))

@@ -97,8 +97,8 @@ def test_transfer_dataset(labels):
     data = load_dataset("digits_transfer", labels_per_class=7, seed=2)
     assert data.num_classes == 5 and data.class_names == ["5", "6", "7", "8", "9"]
     assert torch.bincount(data.train.tensors[1]).tolist() == [7] * 5
-    pretext, train, val, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2,
-                                               7, 2)
+    pretext, _, _, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2,
+                                         7, 2)
     x, y = read_digits()
     # Images and relabelled targets are those of the indices (label 5 -> 0, ..., 9 -> 4).
     raw = _pixels(data.test.tensors[0], data)
@@ -140,11 +140,11 @@ def test_task_keys_of_the_other_kind_are_refused():
     from bissl.trainer.experiment import load_pipeline_data
 
     img = load_config(None, ["data.folds=5"]).data
-    with pytest.raises(ValueError, match="data.folds is not used by image tasks"):
+    with pytest.raises(ValueError, match=r"data\.folds is not used by image tasks"):
         image_task_options(img)
     with pytest.raises(ValueError, match="k-fold splits exist for text tasks only"):
         image_task_options(load_config(None, ["data.fold=1"]).data)
-    with pytest.raises(ValueError, match="data.labels_per_class is not used by text tasks"):
+    with pytest.raises(ValueError, match=r"data\.labels_per_class is not used by text tasks"):
         text_task_options(load_config(None, ["data.labels_per_class=3"]).data)
     cfg = load_config(None, ["data.name=digits_lowlabel", "data.labels_per_class=10",
                              "data.pretext_name=digits"])

@@ -31,8 +31,8 @@ from bissl.distributed import (
     init_process_group_from_env,
     tensor_digest,
 )
-from bissl.distributed.testing import bilevel_objectives, step_data
 from bissl.distributed.shard import ShardLayout
+from bissl.distributed.testing import bilevel_objectives, step_data
 from bissl.hypergrad import HypergradSettings, implicit_hypergrad
 from bissl.ops.flat import flatten
 from bissl.testing import dense_hessian
@@ -78,7 +78,10 @@ def _mlp_problem(world: int, seed: int):
     lower, upper = bilevel_objectives(backbone, 6, classes=3, proj_dims=(4,), gamma=1.0, seed=seed)
     lower, upper = lower.double(), upper.double()
     data = step_data(seed, 0, world=world, batch=8 * world, image=(5,))
-    to64 = lambda b: tuple(t.double() if t.is_floating_point() else t for t in b)
+
+    def to64(b):
+        return tuple(t.double() if t.is_floating_point() else t for t in b)
+
     hvp, down = [to64(b) for b in data.hvp], [to64(b) for b in data.upper]
     theta = {k: p.detach().clone() for k, p in lower.backbone.named_parameters()}
 

@@ -18,7 +18,12 @@ import torch
 
 from bissl.config import config_from_dict
 from bissl.distributed import (
-    DataParallel, OptimizerSpec, exit_rank, full_state_dict, gather_objects, init_process_group_from_env,
+    DataParallel,
+    OptimizerSpec,
+    exit_rank,
+    full_state_dict,
+    gather_objects,
+    init_process_group_from_env,
     tensor_digest,
 )
 from bissl.distributed.syncbn import convert_sync_batchnorm

@@ -90,7 +90,7 @@ def test_solvers_selectable_and_identity_is_the_upper_gradient():
     _, v = upper_gradient(prob.upper_loss, prob.params)
     x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, solver="identity")
     assert torch.equal(flatten(x), v)
-    H, expected = _dense_ift(prob, 1.0, 20.0)
+    _, expected = _dense_ift(prob, 1.0, 20.0)
     xn = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, damping=20.0,
                             iters=80, solver="neumann")
     assert _rel(flatten(xn), expected) <= 1e-8

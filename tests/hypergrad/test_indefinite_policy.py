@@ -42,12 +42,12 @@ def _call(prob, lam, **kw):
 def test_indefinite_system_never_yields_an_unflagged_answer(indefinite, policy, strict):
     """Every policy either raises, or returns an answer whose info says the system was indefinite
     and what was done; a remedied answer must be right for the system it says it solved."""
-    prob, H, v, lam = indefinite
+    prob, H, _, lam = indefinite
     assert torch.linalg.eigvalsh(_system(H, lam, 0.0))[0] < 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IndefiniteSystemWarning)
         try:
-            x, info = _call(prob, lam, iters=5, on_indefinite=policy, strict=strict)
+            _, info = _call(prob, lam, iters=5, on_indefinite=policy, strict=strict)
         except SolverError as err:
             assert policy == "raise" and strict, f"{policy} should not raise: {err}"
             assert "indefinite" in str(err) and "negative curvature" in str(err)
@@ -69,14 +69,14 @@ def test_indefinite_system_never_yields_an_unflagged_answer(indefinite, policy, 
 
 
 def test_report_only_mode_returns_flags_without_host_sync(indefinite):
-    prob, H, v, lam = indefinite
+    prob, _, _, lam = indefinite
     _call(prob, lam, iters=5, strict=False)  # warm-up: first-call set-up may sync
     op_calls = []
     orig_bool, orig_item = torch.Tensor.__bool__, torch.Tensor.item
     try:
         torch.Tensor.__bool__ = lambda self: op_calls.append("bool") or orig_bool(self)
         torch.Tensor.item = lambda self: op_calls.append("item") or orig_item(self)
-        x, info = _call(prob, lam, iters=5, strict=False)
+        _, info = _call(prob, lam, iters=5, strict=False)
     finally:
         torch.Tensor.__bool__, torch.Tensor.item = orig_bool, orig_item
     assert op_calls == []
@@ -92,7 +92,7 @@ def test_fallback_minres_solves_the_indefinite_system_exactly(indefinite):
 
 
 def test_fallback_identity_is_first_order(indefinite):
-    prob, H, v, lam = indefinite
+    prob, _, v, lam = indefinite
     x, info = _call(prob, lam, iters=5, on_indefinite="fallback", fallback="identity")
     assert torch.equal(flatten(x), v) and info.action == "fallback:identity"
 
@@ -110,7 +110,7 @@ def test_adaptive_damping_solves_the_damped_system_it_reports(indefinite):
 
 
 def test_warn_policy_warns_and_keeps_the_cg_answer(indefinite):
-    prob, H, v, lam = indefinite
+    prob, _, _, lam = indefinite
     with pytest.warns(IndefiniteSystemWarning, match="indefinite"):
         x, info = _call(prob, lam, iters=5, on_indefinite="warn")
     plain, _ = _call(prob, lam, iters=5, strict=False)
@@ -126,7 +126,7 @@ def test_minres_solver_needs_no_policy(indefinite):
 
 @pytest.mark.parametrize("policy", ON_INDEFINITE)
 def test_positive_definite_system_is_left_alone(indefinite, policy):
-    prob, H, v, lam = indefinite
+    prob, H, _, lam = indefinite
     damping = 4 * lam  # 1 + λ_min/(5λ/4·4) > 0
     assert torch.linalg.eigvalsh(_system(H, lam, damping))[0] > 0
     x, info = _call(prob, lam, damping=damping, iters=5, on_indefinite=policy)

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from bissl.ops import _backends, _library
-from bissl.ops.reference import dot_ref
 from bissl.ops._backends import (
     BackendUnavailableError,
     KernelModuleError,
@@ -23,7 +22,7 @@ from bissl.ops._backends import (
     resolve_backend,
 )
 from bissl.ops.fused import cg_step_, damped_matvec
-from bissl.ops.reference import cg_step_ref_
+from bissl.ops.reference import cg_step_ref_, dot_ref
 
 
 @pytest.fixture(autouse=True)

@@ -44,7 +44,8 @@ def test_batch_statistics_are_what_is_differentiated():
     bn = nn.BatchNorm2d(2).double().train()
     bn.running_mean.fill_(5.0)  # far from the batch mean: would change the output if used
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
-    expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(var + bn.eps)
     with batchnorm_stats_frozen():
         got = bn(x)
     torch.testing.assert_close(got, expected)

@@ -54,7 +54,7 @@ def test_cg_step_rejects_bad_layouts(backend):
         cg_step_(x, r, p[:-1], ap, alpha, backend=backend)
     with pytest.raises(TypeError, match="dtype"):
         cg_step_(x.int(), r.int(), p.int(), ap.int(), alpha, backend=backend)
-    with pytest.raises(ValueError, match="is torch.float64"):
+    with pytest.raises(ValueError, match=r"is torch\.float64"):
         cg_step_(x, r, p.double(), ap, alpha, backend=backend)
     with pytest.raises(TypeError, match="0-dim tensor"):
         cg_step_(x, r, p, ap, 0.5, backend=backend)

@@ -1,4 +1,5 @@
-"""The closed-form second derivatives of conv2d, train-mode BatchNorm, gelu and layer_norm vs\nnumerical second derivatives and stock autograd (float64)."""
+"""The closed-form second derivatives of conv2d, train-mode BatchNorm, gelu and layer_norm vs
+numerical second derivatives and stock autograd (float64)."""
 from __future__ import annotations
 
 import pytest

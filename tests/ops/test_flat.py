@@ -69,7 +69,7 @@ def test_dict_and_flat_convert_without_copies():
 
 def test_training_through_the_flat_buffer():
     net = _small_cnn()
-    buffer, spec = flatten_module_parameters_(net)
+    buffer, _ = flatten_module_parameters_(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     snapshot = buffer.clone()

@@ -105,7 +105,7 @@ def test_hvp_rejects_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         hvp(prob.lower_loss, prob.params, bad)
     with pytest.raises(ValueError, match="keys"):
-        hvp(prob.lower_loss, prob.params, {k: t for k, t in list(v.items())[1:]})
+        hvp(prob.lower_loss, prob.params, dict(list(v.items())[1:]))
     with pytest.raises(ValueError, match="scalar"):
         linearize_hvp(lambda p: p[next(iter(p))] * 2, prob.params)
     with pytest.raises(ValueError, match="flat vector"):

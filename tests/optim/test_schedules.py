@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 
@@ -32,7 +33,7 @@ def test_values_at_key_steps():
     assert lrs[30] == pytest.approx(0.2 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 20 / 90))))
     assert lrs[100] == pytest.approx(0.2 * 0.01)  # end
     assert lrs[119] == pytest.approx(0.2 * 0.01)  # stays at the floor afterwards
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
 def test_no_warmup_starts_at_base():

@@ -6,7 +6,12 @@ import torch
 
 from bissl.ops import flatten, linearize_hvp, unflatten
 from bissl.solvers import (
-    SolverError, cg_layerwise_solve, cg_solve, get_solver, identity_solve, neumann_solve,
+    SolverError,
+    cg_layerwise_solve,
+    cg_solve,
+    get_solver,
+    identity_solve,
+    neumann_solve,
 )
 from bissl.testing import cnn_problem, dense_hessian, mlp_problem
 

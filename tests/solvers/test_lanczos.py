@@ -129,17 +129,17 @@ def _forbid_sync(fn):
     return out, calls
 
 
-def test_reading_estimates_on_cpu_makes_no_host_sync():
+@pytest.mark.parametrize("solve", [cg_solve, minres_solve])
+def test_reading_estimates_on_cpu_makes_no_host_sync(solve):
     """The tridiagonal is built inside the solve with no sync; on CPU reading the extremes (eigvalsh
     on k×k) does not convert a tensor to Python either. (On CUDA eigvalsh synchronises: lazy.)"""
     A = _sym(torch.logspace(0, 1, 8))
     b = torch.randn(8, dtype=F64)
-    for solve in (cg_solve, minres_solve):
-        res, calls = _forbid_sync(lambda: solve(lambda v: A @ v, b, iters=5))
-        assert calls == []
-        (lo, hi, cond, ind), calls = _forbid_sync(
-            lambda: (res.ritz_min, res.ritz_max, res.condition_estimate, res.indefinite))
-        assert calls == [] and lo.dim() == 0 and ind.dtype == torch.bool
+    res, calls = _forbid_sync(lambda: solve(lambda v: A @ v, b, iters=5))
+    assert calls == []
+    (lo, _, _, ind), calls = _forbid_sync(
+        lambda: (res.ritz_min, res.ritz_max, res.condition_estimate, res.indefinite))
+    assert calls == [] and lo.dim() == 0 and ind.dtype == torch.bool
 
 
 def test_estimates_are_lazy_and_cached():

@@ -2,6 +2,8 @@
 (‖H‖ > λ + damping), against dense float64 solves and the series written out densely."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_lanczos_step_converges_to_the_dense_solve():
     assert 0.9 * top <= float(res.ritz_max) <= top
     # Safe step, positive definite M: the residual never grows from one term to the next.
     residuals = [float(_solve(H, b, k).residual_norm) for k in (1, 2, 5, 20, 100)]
-    assert all(r1 >= r2 for r1, r2 in zip(residuals, residuals[1:]))
+    assert all(r1 >= r2 for r1, r2 in itertools.pairwise(residuals))
 
 
 @pytest.mark.parametrize("iters, lanczos_steps", [(5, 10), (25, 3), (7, 6)])

@@ -110,7 +110,7 @@ def test_initial_guess_in_another_form():
 
 
 def test_matvec_results_that_do_not_match_b_are_rejected_with_a_reason():
-    A, b, spec = _system()
+    _, b, spec = _system()
     rhs = as_form(b.clone(), spec, "dict")
     with pytest.raises(ValueError, match="matvec returned a dict with keys"):
         cg_solve(lambda v: {"w": v["w"]}, rhs, iters=2)

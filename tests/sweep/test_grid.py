@@ -7,7 +7,13 @@ import pytest
 
 from bissl.config import ConfigError
 from bissl.sweep.grid import (
-    MAX_NAME_LENGTH, cell_names, make_cells, parse_grid_args, short_keys, split_values, validate_grid,
+    MAX_NAME_LENGTH,
+    cell_names,
+    make_cells,
+    parse_grid_args,
+    short_keys,
+    split_values,
+    validate_grid,
 )
 from bissl.sweep.plan import build_plan
 
@@ -68,15 +74,15 @@ def test_every_key_value_and_cell_is_validated_with_one_line(grid, overrides, me
 
 
 def test_bad_fixed_override_or_seeds_fail_in_the_plan(tmp_path):
-    with pytest.raises(ConfigError, match="'bissl.cg_iters' must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'bissl\.cg_iters' must be >= 0"):
         build_plan(TINY, {"bissl.lam": [1e-3]}, overrides=["bissl.cg_iters=-1"])
     with pytest.raises(ConfigError, match="--seeds must be >= 1"):
         build_plan(TINY, {"bissl.lam": [1e-3]}, seeds=0)
     with pytest.raises(ConfigError, match="cannot read"):
         build_plan(tmp_path / "missing.yaml", {"bissl.lam": [1e-3]})
-    with pytest.raises(ConfigError, match="--grid bissl.lam: values must be plain numbers"):
+    with pytest.raises(ConfigError, match=r"--grid bissl\.lam: values must be plain numbers"):
         build_plan(TINY, {"bissl.lam": [1e-3, object()]})
-    with pytest.raises(ConfigError, match="--grid bissl.lam: needs a non-empty list of values"):
+    with pytest.raises(ConfigError, match=r"--grid bissl\.lam: needs a non-empty list of values"):
         build_plan(TINY, {"bissl.lam": "1e-3"})
 
 

@@ -57,7 +57,7 @@ def test_byol_module_loss_range_value_and_gradient_flow():
 
 def test_byol_target_starts_as_copy_and_reset_copies_again():
     backbone, byol = _setup()
-    for (n, p), (_, t) in zip(backbone.named_parameters(), byol.target_backbone.named_parameters()):
+    for (_, p), (_, t) in zip(backbone.named_parameters(), byol.target_backbone.named_parameters()):
         assert torch.equal(p, t) and p.data_ptr() != t.data_ptr()
     with torch.no_grad():
         for p in list(backbone.parameters()) + list(byol.projector.parameters()):

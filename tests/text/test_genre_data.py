@@ -7,7 +7,11 @@ import torch
 
 from bissl.data.text import group_split, load_text_data
 from bissl.data.text_sources import (
-    FIRST_FOLIO_GENRE, GENRES, play_dialogue, read_labelled_task, read_shakespeare_genre,
+    FIRST_FOLIO_GENRE,
+    GENRES,
+    play_dialogue,
+    read_labelled_task,
+    read_shakespeare_genre,
 )
 from bissl.extras import describe_missing
 

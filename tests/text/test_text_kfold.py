@@ -86,7 +86,7 @@ def test_loader_uses_the_fold(polarity):
     assert first == clean_text(polarity.texts[test[0]])[:40]
     # The default pretext corpus is the fold's training texts only: no test text in it.
     assert data.pretext_name == "polarity:train"
-    with pytest.raises(ValueError, match="fold must be in 0..4"):
+    with pytest.raises(ValueError, match=r"fold must be in 0\.\.4"):
         load_text_data("polarity", folds=5, fold=5, **kw)
     with pytest.raises(ValueError, match="without folds"):
         load_text_data("polarity", fold=1, **kw)

@@ -12,7 +12,11 @@ from bissl.data.tokenizer import load_tokenizer
 from bissl.extras import describe_missing
 from bissl.trainer import run_experiment
 from bissl.trainer.builders import (
-    TokenBatch, build_backbone_from, build_downstream_augment, build_pretext_from, build_two_view,
+    TokenBatch,
+    build_backbone_from,
+    build_downstream_augment,
+    build_pretext_from,
+    build_two_view,
 )
 from bissl.trainer.experiment import load_pipeline_data
 

@@ -8,7 +8,13 @@ import pytest
 from bissl.data.text import clean_text
 from bissl.data.text_sources import read_news
 from bissl.data.tokenizer import (
-    EOS_ID, MIN_BPE_VOCAB, PAD_ID, BPETokenizer, ByteTokenizer, load_tokenizer, train_tokenizer,
+    EOS_ID,
+    MIN_BPE_VOCAB,
+    PAD_ID,
+    BPETokenizer,
+    ByteTokenizer,
+    load_tokenizer,
+    train_tokenizer,
 )
 from bissl.extras import describe_missing
 
@@ -88,5 +94,5 @@ def test_errors(tmp_path, news_docs):
         train_tokenizer("wordpiece", news_docs, 512)
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
-    with pytest.raises(ValueError, match="bad.json: not a tokenizer JSON"):
+    with pytest.raises(ValueError, match=r"bad\.json: not a tokenizer JSON"):
         load_tokenizer(bad)

@@ -1,8 +1,8 @@
 """Fixtures for the pipeline tests: the tiny config and one uninterrupted reference run."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

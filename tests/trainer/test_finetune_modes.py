@@ -91,8 +91,8 @@ def test_adamw_finetune_decays_matrices_only(tiny_config, data):
 
 
 def test_adamw_pretext_and_lars_for_the_matched_continuation(tiny_config, data):
-    from bissl.optim import LARS
     from bissl.distributed.trainable import OptimizerSpec
+    from bissl.optim import LARS
 
     cfg = tiny_config("pretext.optimizer=adamw", "pretext.lr=0.001")
     seed_everything(0)

@@ -75,7 +75,7 @@ def test_bissl_schedule_and_start_state(tiny_config, data):
     assert parts == ["warmup"] * 3 + ["lower", "lower", "upper", "upper"] * 2
     theta, phi = phase.theta_net.state_dict(), phase.phi_net.state_dict()
     assert all(torch.equal(theta[k], phi[k]) for k in theta)  # φ starts as a copy of θ
-    assert "upper step 2 of 2 in training stage 1 of 2" == phase.describe_step(3 + 4)
+    assert phase.describe_step(3 + 4) == "upper step 2 of 2 in training stage 1 of 2"
     # head warm-up trains ψ_D only; φ (and its BatchNorm statistics) stay frozen
     phi_before, head_before = _params(phase.phi_net), _params(phase.head)
     rows = _run(phase, 3)
@@ -106,8 +106,10 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # The row's diagnostics: ‖∇_θ L_P‖ (before the proximal term), ‖θ − φ‖ and λ‖θ − φ‖.
     g_pretext = torch.autograd.grad(loss, list(twin.theta_net.parameters()))
-    dist = torch.sqrt(sum(((t - p) ** 2).sum() for t, p in zip(twin.theta_net.parameters(), twin.phi_net.parameters()))).detach()
-    assert float(row["pretext_grad_norm"]) == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in g_pretext))), rel=1e-5)
+    pairs = zip(twin.theta_net.parameters(), twin.phi_net.parameters())
+    dist = torch.sqrt(sum(((t - p) ** 2).sum() for t, p in pairs)).detach()
+    grad_norm = torch.sqrt(sum((g ** 2).sum() for g in g_pretext))
+    assert float(row["pretext_grad_norm"]) == pytest.approx(float(grad_norm), rel=1e-5)
     assert float(row["distance"]) == pytest.approx(float(dist), rel=1e-6)
     assert float(row["prox_grad_norm"]) == pytest.approx(lam * float(dist), rel=1e-6)
     assert all(p.grad is None for p in phase.phi_params)  # φ is a constant of the lower problem

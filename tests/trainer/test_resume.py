@@ -59,7 +59,7 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_config):
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
         run_experiment(tiny_config("debug.stop_after_steps=1"), run_dir)
-    with pytest.raises(ConfigError, match="bissl.lam"):
+    with pytest.raises(ConfigError, match=r"bissl\.lam"):
         run_experiment(tiny_config("bissl.lam=0.5"), run_dir)
 
 

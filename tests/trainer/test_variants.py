@@ -6,7 +6,6 @@ the same batches and augmentations) and computes the expected gradient independe
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -15,7 +14,11 @@ from torch.func import functional_call
 from bissl.config import ConfigError
 from bissl.hypergrad import implicit_hypergrad
 from bissl.hypergrad.lam_schedules import (
-    ConstantLam, DistanceLam, GradRatioLam, LowerStepStats, build_lam_schedule,
+    ConstantLam,
+    DistanceLam,
+    GradRatioLam,
+    LowerStepStats,
+    build_lam_schedule,
 )
 from bissl.ops import batchnorm_stats_frozen
 from bissl.tasks.downstream import classification_loss

@@ -54,5 +54,15 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
     return SimCLR(feat_dim, **kwargs)
 
 
-__all__ = ["BYOL", "GPTPretext", "PRETEXTS", "SimCLR", "build_pretext", "byol_loss", "mlp_head",
-           "next_token_loss", "nt_xent", "nt_xent_across_ranks"]
+__all__ = [
+    "BYOL",
+    "PRETEXTS",
+    "GPTPretext",
+    "SimCLR",
+    "build_pretext",
+    "byol_loss",
+    "mlp_head",
+    "next_token_loss",
+    "nt_xent",
+    "nt_xent_across_ranks",
+]

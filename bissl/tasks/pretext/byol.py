@@ -9,7 +9,7 @@ lower-level parameters theta); the target backbone and projector are deep copies
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Mapping, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bissl.tasks.pretext.heads import mlp_head
 from bissl.tasks.pretext.simclr import Encoder
 
-ParamsOrModule = Union[Mapping[str, Tensor], nn.Module]
+ParamsOrModule = Mapping[str, Tensor] | nn.Module
 
 
 def byol_loss(p: Tensor, t: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ class BYOL(nn.Module):
                 f"BYOL.update_target: backbone names do not match the target; missing "
                 f"{missing[:5]}, unknown {unknown[:5]}"
             )
-        t_list = list(target.values()) + list(self.target_projector.parameters())
+        t_list: list[Tensor] = [*target.values(), *self.target_projector.parameters()]
         o_list = [online[n].detach() for n in target] + [
             p.detach() for p in self.projector.parameters()
         ]

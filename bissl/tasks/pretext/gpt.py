@@ -7,7 +7,7 @@ tied head would silently read the module's own embedding instead of θ's.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,8 +76,8 @@ class GPTPretext(nn.Module):
 
     def update_target(self, backbone_params=None, momentum: float | None = None) -> None:
         """No-op: no target network."""
-        return None
+        return
 
     def reset_target(self, backbone=None) -> None:
         """No-op: no target network."""
-        return None
+        return

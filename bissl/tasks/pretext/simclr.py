@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,8 +187,8 @@ class SimCLR(nn.Module):
 
     def update_target(self, backbone_params=None, momentum: float | None = None) -> None:
         """No-op: SimCLR has no target network (kept so trainers treat pretexts uniformly)."""
-        return None
+        return
 
     def reset_target(self, backbone=None) -> None:
         """No-op: SimCLR has no target network."""
-        return None
+        return

@@ -156,11 +156,16 @@ def test_every_config_key_is_accepted_on_two_ranks():
     untested = {k for k, *_ in _every_key()} - set(accepted)
     # List- and dict-valued keys have no generic candidate (the feature runs below and the
     # trainer tests set them); run.nproc/device, task, pretext.method and the JSON path are below.
-    assert untested == {"bissl.lam_options", "deepspeed.config", "model.options", "pretext.augment.view1",
-                        "pretext.augment.view2", "pretext.method", "pretext.projector_dims",
+    assert untested == {"bissl.lam_options", "data.downstream_classes", "data.pretext_classes",
+                        "deepspeed.config", "finetune.betas", "model.options", "pretext.augment.view1",
+                        "pretext.augment.view2", "pretext.betas", "pretext.method", "pretext.projector_dims",
                         "run.device", "run.nproc", "run.seeds", "task"}, sorted(untested)
     for other in (["task=text", "pretext.method=gpt", "model.backbone=gpt"], ["pretext.method=byol"],
-                  ["deepspeed.zero_stage=3", "pretext.method=byol"], ["run.device=cuda"]):
+                  ["deepspeed.zero_stage=3", "pretext.method=byol"], ["run.device=cuda"],
+                  ["pretext.optimizer=adamw", "pretext.betas=[0.8, 0.99]", "finetune.optimizer=adamw",
+                   "finetune.betas=[0.8, 0.99]"],
+                  ["data.name=digits_transfer", "data.pretext_classes=[0, 1, 2]",
+                   "data.downstream_classes=[7, 8, 9]"]):
         _tiny("run.nproc=2", *other)
 
 

@@ -26,6 +26,7 @@ the bound, on the dict and the tuple problem, at equal answer.
 ``test_epilogue_strategies`` measures the three ways to turn a dict matvec result into ``Ap`` (the
 choice behind :mod:`bissl.ops.damped_into`).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,6 +60,7 @@ def _round_runner(calls: dict, times: dict[str, list[float]]):
         for k, t in interleaved_rounds(calls, 1, first_round=done[0]).items():
             times[k].extend(t)
         done[0] += 1
+
     return run
 
 
@@ -74,7 +76,9 @@ def _problem() -> dict:
     d_tuple = tuple(d.values())
     d_flat = torch.cat([t.reshape(-1) for t in d_tuple])
     return {
-        "spec": spec, "b": b, "d": d,
+        "spec": spec,
+        "b": b,
+        "d": d,
         "matvec": {
             "dict": lambda v: {k: d[k] * t for k, t in v.items()},
             "tuple": lambda v: tuple(dk * t for dk, t in zip(d_tuple, v)),
@@ -95,20 +99,25 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
     src, dst = rhs["flat"].clone(), torch.empty_like(rhs["flat"])
     # Layer-wise CG on a flat b: the same blocks (one per tensor) as the structured forms.
     extra = {"flat": {"segments": spec.numels}} if solver == "cg_layerwise" else {}
-    calls = {f"ours_{form}": (lambda form=form: solve(mv[form], rhs[form], iters=ITERS, **extra.get(form, {})))
-             for form in rhs}
-    calls["authors_tuple"] = lambda: authors_cg_solver(mv["tuple"], rhs["tuple"], iters=ITERS,
-                                                       layerwise=solver == "cg_layerwise", guard=None)
+    calls = {
+        f"ours_{form}": (lambda form=form: solve(mv[form], rhs[form], iters=ITERS, **extra.get(form, {})))
+        for form in rhs
+    }
+    calls["authors_tuple"] = lambda: authors_cg_solver(
+        mv["tuple"], rhs["tuple"], iters=ITERS, layerwise=solver == "cg_layerwise", guard=None
+    )
     calls["matvec_views"] = lambda: [mv["dict"](views) for _ in range(ITERS)]
     calls["matvec_tensors"] = lambda: [mv["tuple"](rhs["tuple"]) for _ in range(ITERS)]
     calls["copy"] = lambda: dst.copy_(src)
 
     # Warm-up and the equal-answer check.
     answers = {k: c() for k, c in calls.items() if k.startswith(("ours", "authors"))}
-    flat = {k: torch.cat([t.reshape(-1) for t in (v.x.values() if k == "ours_dict" else v.x)])
-            if k in ("ours_dict", "ours_tuple")
-            else (v.x if k == "ours_flat" else torch.cat([t.reshape(-1) for t in v]))
-            for k, v in answers.items()}
+    flat = {
+        k: torch.cat([t.reshape(-1) for t in (v.x.values() if k == "ours_dict" else v.x)])
+        if k in ("ours_dict", "ours_tuple")
+        else (v.x if k == "ours_flat" else torch.cat([t.reshape(-1) for t in v]))
+        for k, v in answers.items()
+    }
     rel = {k: max_rel_diff(flat[k], flat["authors_tuple"]) for k in flat if k != "authors_tuple"}
 
     times: dict[str, list[float]] = {k: [] for k in calls}
@@ -118,8 +127,16 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
     med = {k: statistics.median(t) for k, t in times.items()}
     copy_gbs = 2 * p_total * 4 / med["copy"] / 1e9
     bound_s = (ITERS * PASSES_PER_ITER + PASSES_SETUP) * p_total * 4 / (copy_gbs * 1e9)
-    out = {"iters": ITERS, "params": p_total, "tensors": len(spec.names), "copy_gbs": copy_gbs,
-           "bound_s": bound_s, "median_s": med, "per_round_s": times, "max_rel_diff_vs_authors": rel}
+    out = {
+        "iters": ITERS,
+        "params": p_total,
+        "tensors": len(spec.names),
+        "copy_gbs": copy_gbs,
+        "bound_s": bound_s,
+        "median_s": med,
+        "per_round_s": times,
+        "max_rel_diff_vs_authors": rel,
+    }
     for form in ("dict", "tuple", "flat"):
         ours = med[f"ours_{form}"]
         vec_s = ours - med["matvec_views"]
@@ -182,5 +199,4 @@ def test_epilogue_strategies(benchmark, medians):
     for k, v in med.items():
         medians.record_value("cg_forms", f"epilogue/{k}", v)
     benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update({"median_s": med, "per_round_s": times, "params": spec.numel,
-                                 "load": load_info()})
+    benchmark.extra_info.update({"median_s": med, "per_round_s": times, "params": spec.numel, "load": load_info()})

@@ -203,9 +203,7 @@ def test_copy_bandwidth(benchmark, medians, n):
     st = _state(n)
     src, dst = st["flat"]["x"], st["copy_dst"]
     benchmark.group = f"copy-{n:.0e}"
-    benchmark.pedantic(
-        lambda: dst.copy_(src), rounds=_rounds(n, COPY_PASSES), warmup_rounds=2, iterations=1
-    )
+    benchmark.pedantic(lambda: dst.copy_(src), rounds=_rounds(n, COPY_PASSES), warmup_rounds=2, iterations=1)
     copy_gbs = record_bandwidth(benchmark, vector_bytes(n, DTYPE, COPY_PASSES))
     copy_gbs_min = vector_bytes(n, DTYPE, COPY_PASSES) / float(benchmark.stats.stats.min) / 1e9
     clone_times = []
@@ -213,13 +211,9 @@ def test_copy_bandwidth(benchmark, medians, n):
         t0 = time.perf_counter()
         src.clone()
         clone_times.append(time.perf_counter() - t0)
-    clone_gbs = (
-        vector_bytes(n, DTYPE, COPY_PASSES) / sorted(clone_times)[len(clone_times) // 2] / 1e9
-    )
+    clone_gbs = vector_bytes(n, DTYPE, COPY_PASSES) / sorted(clone_times)[len(clone_times) // 2] / 1e9
     clone_gbs_min = vector_bytes(n, DTYPE, COPY_PASSES) / min(clone_times) / 1e9
-    benchmark.extra_info.update(
-        {"clone_gbs": clone_gbs, "loadavg_1min": os.getloadavg()[0], **machine()}
-    )
+    benchmark.extra_info.update({"clone_gbs": clone_gbs, "loadavg_1min": os.getloadavg()[0], **machine()})
     medians.record("cg_step", f"copy/{n}", benchmark)
     row = _summary.setdefault(str(n), {})
     row.update(
@@ -246,9 +240,7 @@ def test_cg_update(benchmark, medians, n, provider):
         {"provider": provider, "n": n, "n_tensors": st["n_tensors"], **_check_update(provider, st)}
     )
     median = medians.record("cg_step", f"cg_update/{n}/{provider}", benchmark)
-    _summary.setdefault(str(n), {})[f"cg_update/{provider}"] = _entry(
-        benchmark, median, UPDATE_PASSES, n
-    )
+    _summary.setdefault(str(n), {})[f"cg_update/{provider}"] = _entry(benchmark, median, UPDATE_PASSES, n)
 
 
 @pytest.mark.parametrize("provider", MATVEC_PROVIDERS)
@@ -278,9 +270,7 @@ def test_damped_matvec(benchmark, medians, n, provider):
         }
     )
     median = medians.record("cg_step", f"damped_matvec/{n}/{provider}", benchmark)
-    _summary.setdefault(str(n), {})[f"damped_matvec/{provider}"] = _entry(
-        benchmark, median, MATVEC_PASSES, n
-    )
+    _summary.setdefault(str(n), {})[f"damped_matvec/{provider}"] = _entry(benchmark, median, MATVEC_PASSES, n)
 
 
 PASSES = {
@@ -343,12 +333,8 @@ def test_interleaved_ratios(benchmark, n):
     if "cpp" in table:
         for base in ("torch_loop", "torch_foreach", "torch_flat", "torch_flat_prealloc"):
             ratios[f"cg_update_cpp_vs_{base}"] = table[base]["ms_min"] / table["cpp"]["ms_min"]
-            ratios[f"cg_update_cpp_vs_{base}_median"] = (
-                table[base]["ms_median"] / table["cpp"]["ms_median"]
-            )
-        ratios["damped_matvec_cpp_vs_torch_flat"] = (
-            table["matvec_torch_flat"]["ms_min"] / table["matvec_cpp"]["ms_min"]
-        )
+            ratios[f"cg_update_cpp_vs_{base}_median"] = table[base]["ms_median"] / table["cpp"]["ms_median"]
+        ratios["damped_matvec_cpp_vs_torch_flat"] = table["matvec_torch_flat"]["ms_min"] / table["matvec_cpp"]["ms_min"]
     info = {
         "n": n,
         "rounds": rounds,
@@ -421,9 +407,7 @@ def _write_summary():
         for entry in list(row.values()):
             if isinstance(entry, dict):
                 entry["fraction_of_copy"] = entry["gbs"] / row["copy_gbs"]
-                entry["fraction_of_copy_from_min"] = (
-                    entry["gbs_from_min"] / row["copy_gbs_from_min"]
-                )
+                entry["fraction_of_copy_from_min"] = entry["gbs_from_min"] / row["copy_gbs_from_min"]
         for op, bases in (
             ("cg_update", ("torch_loop", "torch_foreach", "torch_flat", "torch_flat_prealloc")),
             ("damped_matvec", ("torch_flat",)),

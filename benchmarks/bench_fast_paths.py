@@ -9,6 +9,7 @@ Switches: ``channels_last`` (channels-last convolutions on CPU; on by default th
 ``fast_activations`` (closed-form tanh/ReLU/SiLU/softmax double backwards; off),
 ``fast_gelu_layernorm`` (closed-form GELU and LayerNorm; on).
 """
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,16 @@ def test_fast_path_switches(benchmark, medians, name):
         if k != "base":
             medians.record_ratio("fast_paths", f"{name}/{k}", r)
     benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update({"problem": name, "defaults": DEFAULTS, "median_s": med, "ratio_to_base": ratios,
-                                 "per_round_s": times, "max_rel_diff_vs_base": rel,
-                                 "load_before": load_before, "load_after": load_info()})
+    benchmark.extra_info.update(
+        {
+            "problem": name,
+            "defaults": DEFAULTS,
+            "median_s": med,
+            "ratio_to_base": ratios,
+            "per_round_s": times,
+            "max_rel_diff_vs_base": rel,
+            "load_before": load_before,
+            "load_after": load_info(),
+        }
+    )
     assert max(rel.values()) <= 1e-4, f"{name}: fast paths change the HVP: {rel}"

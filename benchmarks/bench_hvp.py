@@ -6,6 +6,7 @@ ratio of each to the gradient is ``median(op) / median(gradient)`` over the roun
 in ``extra_info``); the target is ≤ 3.5 for every mode. Every mode's answer is checked against
 ``fwdrev`` (max relative difference). ``BISSL_BENCH_ROUNDS`` sets the rounds (default 7).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,12 +60,17 @@ def test_hvp_vs_gradient(benchmark, medians, name):
     med = {k: medians.record_value("hvp", f"{name}/{k}", statistics.median(t)) for k, t in times.items()}
     ratios = {k: medians.record_ratio("hvp", f"{name}/{k}_over_grad", med[k] / med["grad"]) for k in ops if k != "grad"}
     benchmark.extra_info.update(machine())
-    benchmark.extra_info.update({
-        "timing": "one round = gradient + every HVP + one matvec, interleaved; see median_s",
-        "median_s": med, "ratio_vs_grad": ratios,
-        "ratio_vs_grad_per_round": {k: [t / g for t, g in zip(times[k], times["grad"])] for k in ratios},
-        "max_rel_diff_vs_fwdrev": rel, "params": sum(p.numel() for p in prob.params.values()),
-        "load_before": load_before, "load_after": load_info(),
-    })
+    benchmark.extra_info.update(
+        {
+            "timing": "one round = gradient + every HVP + one matvec, interleaved; see median_s",
+            "median_s": med,
+            "ratio_vs_grad": ratios,
+            "ratio_vs_grad_per_round": {k: [t / g for t, g in zip(times[k], times["grad"])] for k in ratios},
+            "max_rel_diff_vs_fwdrev": rel,
+            "params": sum(p.numel() for p in prob.params.values()),
+            "load_before": load_before,
+            "load_after": load_info(),
+        }
+    )
     bad = {k: r for k, r in rel.items() if r > MAX_REL_DIFF}
     assert not bad, f"{name}: HVP modes disagree with fwdrev: {bad}"

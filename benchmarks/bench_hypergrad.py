@@ -24,6 +24,7 @@ every round's ratio and the load average). The answers must agree: max relative 
 runs, in a fresh process, for each. ``BISSL_BENCH_ROUNDS`` sets the rounds (default 7);
 ``BISSL_BENCH_PROBLEMS`` (comma-separated) restricts the networks.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,10 +66,12 @@ def make_call(name: str, impl: str, solver: str = "cg"):
     kw = _kwargs(name)
     if impl == "ours":
         # strict=False (report only): nothing raises mid-benchmark; the flags are recorded.
-        return lambda: implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver=solver,
-                                          strict=False, **kw)
-    return lambda: reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params,
-                                       layerwise=solver == "cg_layerwise", guard=None, **kw)
+        return lambda: implicit_hypergrad(
+            prob.lower_loss, prob.upper_loss, prob.params, solver=solver, strict=False, **kw
+        )
+    return lambda: reference_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, layerwise=solver == "cg_layerwise", guard=None, **kw
+    )
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -81,8 +84,9 @@ def test_hypergradient(benchmark, medians, name, solver):
     rel = max_rel_diff(answers["ours"], answers["reference"])
     build, batch, _ = PROBLEMS[name]
     prob = build(batch)
-    _, info = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver="cg", strict=False,
-                                 return_info=True, **_kwargs(name))
+    _, info = implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, solver="cg", strict=False, return_info=True, **_kwargs(name)
+    )
     times: dict[str, list[float]] = {k: [] for k in calls}
     done = [0]
 
@@ -97,17 +101,28 @@ def test_hypergradient(benchmark, medians, name, solver):
     ref = medians.record_value("hypergrad", f"{name}/{solver}/reference", statistics.median(times["reference"]))
     speedup = medians.record_ratio("hypergrad", f"{name}/{solver}/speedup_vs_reference", ref / ours)
     benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update({
-        "timing": "one round = ours + reference, interleaved; see *_median_s",
-        "problem": name, "solver": solver, "params": sum(p.numel() for p in prob.params.values()),
-        "ours_median_s": ours, "reference_median_s": ref, "speedup_vs_reference": speedup,
-        "speedup_per_round": [r / o for o, r in zip(times["ours"], times["reference"])],
-        "ours_s": times["ours"], "reference_s": times["reference"],
-        "max_rel_diff_vs_reference": rel, "damping": PROBLEMS[name][2], "batch": batch,
-        "cg_flags": info.summary(), "load_before": load_before, "load_after": load_info(),
-        "peak_rss_delta_mb_ours": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "ours", solver),
-        "peak_rss_delta_mb_reference": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "reference", solver),
-    })
+    benchmark.extra_info.update(
+        {
+            "timing": "one round = ours + reference, interleaved; see *_median_s",
+            "problem": name,
+            "solver": solver,
+            "params": sum(p.numel() for p in prob.params.values()),
+            "ours_median_s": ours,
+            "reference_median_s": ref,
+            "speedup_vs_reference": speedup,
+            "speedup_per_round": [r / o for o, r in zip(times["ours"], times["reference"])],
+            "ours_s": times["ours"],
+            "reference_s": times["reference"],
+            "max_rel_diff_vs_reference": rel,
+            "damping": PROBLEMS[name][2],
+            "batch": batch,
+            "cg_flags": info.summary(),
+            "load_before": load_before,
+            "load_after": load_info(),
+            "peak_rss_delta_mb_ours": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "ours", solver),
+            "peak_rss_delta_mb_reference": peak_rss_delta_mb("bench_hypergrad", "make_call", name, "reference", solver),
+        }
+    )
     assert not bool(info.indefinite), f"{name}: the benchmark system must be positive definite ({info.summary()})"
     assert rel <= MAX_REL_DIFF, f"{name}/{solver}: ours and the reference differ by {rel:.2e} (max relative)"
 
@@ -159,11 +174,20 @@ def test_cost_breakdown(benchmark, medians, name):
     med = {k: statistics.median(t) for k, t in times.items()}
     in_grads = {k: v / med["gradient"] for k, v in med.items()}
     ceiling = (in_grads["upper_gradient"] + 5 * in_grads["reference_hvp"]) / (
-        in_grads["upper_gradient"] + in_grads["linearize"] + 5 * 2.0)
+        in_grads["upper_gradient"] + in_grads["linearize"] + 5 * 2.0
+    )
     for k, v in med.items():
         medians.record_value("breakdown", f"{name}/{k}", v)
     medians.record_ratio("breakdown", f"{name}/ceiling_exact_hvp", ceiling)
     benchmark.extra_info.update(machine_info())
-    benchmark.extra_info.update({"problem": name, "median_s": med, "in_gradients": in_grads,
-                                 "ceiling_exact_hvp": ceiling, "per_round_s": times,
-                                 "load_before": load_before, "load_after": load_info()})
+    benchmark.extra_info.update(
+        {
+            "problem": name,
+            "median_s": med,
+            "in_gradients": in_grads,
+            "ceiling_exact_hvp": ceiling,
+            "per_round_s": times,
+            "load_before": load_before,
+            "load_after": load_info(),
+        }
+    )

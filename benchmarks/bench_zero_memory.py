@@ -34,6 +34,7 @@ What is measured, per rank (MiB):
 Not included: what Python, torch and DeepSpeed themselves occupy (``library_baseline_rss``).
 Results: ``benchmarks/results/zero_memory-cpu.json``; README table: ``benchmarks/make_tables.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,8 +126,9 @@ def worker(args: argparse.Namespace) -> None:
     classes = 10 if args.backbone == "resnet50" else 3
 
     def run(k: int) -> None:
-        data = step_data(0, k, world=info.world_size, lower_steps=1, batch=args.batch * info.world_size,
-                         image=image, classes=classes)
+        data = step_data(
+            0, k, world=info.world_size, lower_steps=1, batch=args.batch * info.world_size, image=image, classes=classes
+        )
         step.lower_step(data.lower[0][info.rank])
         step.upper_step(data.hvp[info.rank], data.upper[info.rank])
 
@@ -141,13 +143,16 @@ def worker(args: argparse.Namespace) -> None:
     transient = (_rss_kib("VmHWM") - before) / 1024
     numel, itemsize = solved[-1]
     cg_bytes = CG_VECTORS * numel * itemsize
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                   for t in (lo, up) for p in t.module.parameters())
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for t in (lo, up) for p in t.module.parameters())
     row = {
-        "rank": info.rank, "world_size": info.world_size, "zero_stage": args.stage,
-        "sharded_hypergrad": settings.shard, "params_both_copies": n_params,
-        "backbone_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                               for p in lo.module.backbone.parameters()),
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "zero_stage": args.stage,
+        "sharded_hypergrad": settings.shard,
+        "params_both_copies": n_params,
+        "backbone_params": sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in lo.module.backbone.parameters()
+        ),
         "cg_vector_numel": numel,
         "model_and_optimizer_mib": model_bytes / MIB,
         "cg_state_mib": cg_bytes / MIB,
@@ -168,10 +173,28 @@ def run_config(script: Path, ranks: int, stage: int, args: argparse.Namespace) -
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     with tempfile.TemporaryDirectory() as out:
         log = io.StringIO()
-        code = launch(ranks, [str(script), "--worker", "--stage", str(stage), "--out", out,
-                              "--backbone", args.backbone, "--batch", str(args.batch),
-                              "--image", str(args.image), "--damping", str(args.damping)],
-                      env=env, timeout_s=args.timeout, stream=log)
+        code = launch(
+            ranks,
+            [
+                str(script),
+                "--worker",
+                "--stage",
+                str(stage),
+                "--out",
+                out,
+                "--backbone",
+                args.backbone,
+                "--batch",
+                str(args.batch),
+                "--image",
+                str(args.image),
+                "--damping",
+                str(args.damping),
+            ],
+            env=env,
+            timeout_s=args.timeout,
+            stream=log,
+        )
         if code != 0:
             raise RuntimeError(f"ranks={ranks} stage={stage} failed (exit {code}):\n{log.getvalue()[-4000:]}")
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
@@ -202,13 +225,27 @@ def main() -> None:
             got = run_config(Path(__file__).resolve(), ranks, stage, args)
             rows += got
             r0 = got[0]
-            print(f"stage {stage} ranks {ranks}: model+opt {r0['model_and_optimizer_mib']:7.1f} + CG "
-                  f"{r0['cg_state_mib']:6.1f} = persistent {r0['persistent_mib']:7.1f} MiB; step peak "
-                  f"{r0['step_peak_mib']:7.1f} MiB; {r0['step_seconds']:.1f} s  [rank 0]", flush=True)
+            print(
+                f"stage {stage} ranks {ranks}: model+opt {r0['model_and_optimizer_mib']:7.1f} + CG "
+                f"{r0['cg_state_mib']:6.1f} = persistent {r0['persistent_mib']:7.1f} MiB; step peak "
+                f"{r0['step_peak_mib']:7.1f} MiB; {r0['step_seconds']:.1f} s  [rank 0]",
+                flush=True,
+            )
     out = Path(args.out) if args.out else RESULTS / "zero_memory-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "backbone": args.backbone, "batch_per_rank": args.batch,
-                               "image": args.image, "cg_iters": 5, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "backbone": args.backbone,
+                "batch_per_rank": args.batch,
+                "image": args.image,
+                "cg_iters": 5,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

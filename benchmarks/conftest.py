@@ -7,6 +7,7 @@ and printed in the terminal summary. Suites that compare implementations (hyperg
 gradient) time them *interleaved* in one process, round by round, so machine load hits both alike;
 each result carries the load average around it (:func:`load_info`).
 """
+
 from __future__ import annotations
 
 import json

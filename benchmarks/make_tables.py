@@ -20,6 +20,7 @@ How the JSON was produced (the commands are also printed in the section):
         --out benchmarks/results/bissl-bench-resnet18.json
     python benchmarks/bench_zero_memory.py      # ResNet-50, ranks 1 2 4, ZeRO 0-3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,18 +78,28 @@ def _params(n: int) -> str:
 
 
 def _loads(runs: list[dict[str, dict]], prefix: str) -> str:
-    values = [info["load_before"]["loadavg_1m"] for run in runs for name, info in run.items()
-              if name.startswith(prefix) and "load_before" in info]
-    values += [info["load_after"]["loadavg_1m"] for run in runs for name, info in run.items()
-               if name.startswith(prefix) and "load_after" in info]
+    values = [
+        info["load_before"]["loadavg_1m"]
+        for run in runs
+        for name, info in run.items()
+        if name.startswith(prefix) and "load_before" in info
+    ]
+    values += [
+        info["load_after"]["loadavg_1m"]
+        for run in runs
+        for name, info in run.items()
+        if name.startswith(prefix) and "load_after" in info
+    ]
     return f"{min(values):.1f}–{max(values):.1f}" if values else "n/a"
 
 
 def hypergrad_table(runs: list[dict[str, dict]]) -> str:
-    rows = ["| network (params, batch, damping) | solver | reference (median, run 1 / 2) | ours (median) "
-            "| speed-up run 1 / run 2 | per-round range | exact-HVP ceiling | max rel. diff. "
-            "| peak RSS growth ref / ours |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| network (params, batch, damping) | solver | reference (median, run 1 / 2) | ours (median) "
+        "| speed-up run 1 / run 2 | per-round range | exact-HVP ceiling | max rel. diff. "
+        "| peak RSS growth ref / ours |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for problem in PROBLEM_ORDER:
         for solver in ("cg", "cg_layerwise"):
             key = f"test_hypergradient[{problem}-{solver}]"
@@ -106,14 +117,17 @@ def hypergrad_table(runs: list[dict[str, dict]]) -> str:
                 f"| **{_join([i['speedup_vs_reference'] for i in infos], '.2f')}×** "
                 f"| {min(per_round):.2f}–{max(per_round):.2f} | {ceiling_text} "
                 f"| {max(i['max_rel_diff_vs_reference'] for i in infos):.1e} "
-                f"| {first['peak_rss_delta_mb_reference']:.0f} / {first['peak_rss_delta_mb_ours']:.0f} MiB |")
+                f"| {first['peak_rss_delta_mb_reference']:.0f} / {first['peak_rss_delta_mb_ours']:.0f} MiB |"
+            )
     return "\n".join(rows)
 
 
 def breakdown_table(runs: list[dict[str, dict]]) -> str:
-    rows = ["| network | gradient | upper gradient | reference HVP | our linearisation | our matvec "
-            "| matvec / reference HVP |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| network | gradient | upper gradient | reference HVP | our linearisation | our matvec "
+        "| matvec / reference HVP |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for problem in PROBLEM_ORDER:
         key = f"test_cost_breakdown[{problem}]"
         infos = [run[key] for run in runs if key in run]
@@ -121,15 +135,19 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
             continue
         g = [i["in_gradients"] for i in infos]
         both = {k: _join([x[k] for x in g], ".2f") for k in ("upper_gradient", "reference_hvp", "linearize", "matvec")}
-        rows.append(f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
-                    f"| {both['upper_gradient']} | {both['reference_hvp']} | {both['linearize']} | {both['matvec']} "
-                    f"| {_join([x['matvec'] / x['reference_hvp'] for x in g], '.2f')} |")
+        rows.append(
+            f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
+            f"| {both['upper_gradient']} | {both['reference_hvp']} | {both['linearize']} | {both['matvec']} "
+            f"| {_join([x['matvec'] / x['reference_hvp'] for x in g], '.2f')} |"
+        )
     return "\n".join(rows)
 
 
 def fast_paths_table(runs: list[dict[str, dict]]) -> str:
-    rows = ["| network | switch flipped (default → flipped) | time with it / with the defaults, run 1 / 2 |",
-            "|---|---|---|"]
+    rows = [
+        "| network | switch flipped (default → flipped) | time with it / with the defaults, run 1 / 2 |",
+        "|---|---|---|",
+    ]
     for problem in PROBLEM_ORDER:
         key = f"test_fast_path_switches[{problem}]"
         infos = [run[key] for run in runs if key in run]
@@ -139,15 +157,19 @@ def fast_paths_table(runs: list[dict[str, dict]]) -> str:
             if flip == "base":
                 continue
             switch, value = flip.split("=")
-            rows.append(f"| {PROBLEM_LABELS[problem]} | `{switch}`: {infos[0]['defaults'][switch]} → {value} "
-                        f"| {_join([i['ratio_to_base'][flip] for i in infos], '.3f')} |")
+            rows.append(
+                f"| {PROBLEM_LABELS[problem]} | `{switch}`: {infos[0]['defaults'][switch]} → {value} "
+                f"| {_join([i['ratio_to_base'][flip] for i in infos], '.3f')} |"
+            )
     return "\n".join(rows)
 
 
 def cg_forms_table(runs: list[dict[str, dict]]) -> str:
-    rows = ["| solver | input form | ours (median, run 1 / 2) | authors' tuple loop | speed-up run 1 / run 2 "
-            "| % of bandwidth bound (ours) | authors' loop % of bound | max rel. diff. |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| solver | input form | ours (median, run 1 / 2) | authors' tuple loop | speed-up run 1 / run 2 "
+        "| % of bandwidth bound (ours) | authors' loop % of bound | max rel. diff. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for solver in ("cg", "cg_layerwise"):
         key = f"test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop[{solver}]"
         infos = [run[key] for run in runs if key in run]
@@ -160,7 +182,8 @@ def cg_forms_table(runs: list[dict[str, dict]]) -> str:
                 f"| **{_join([i['speedup_' + form + '_vs_authors'] for i in infos], '.2f')}×** "
                 f"| {_join([100 * i['fraction_of_bound_' + form] for i in infos], '.0f')}% "
                 f"| {_join([100 * i['fraction_of_bound_authors'] for i in infos], '.0f')}% "
-                f"| {max(i['max_rel_diff_vs_authors']['ours_' + form] for i in infos):.1e} |")
+                f"| {max(i['max_rel_diff_vs_authors']['ours_' + form] for i in infos):.1e} |"
+            )
     return "\n".join(rows)
 
 
@@ -172,8 +195,10 @@ def cg_forms_facts(runs: list[dict[str, dict]]) -> str:
     i = infos[0]
     copy = " / ".join(f"{x['copy_gbs']:.1f}" for x in infos)
     bound = " / ".join(_fmt_s(x["bound_s"]) for x in infos)
-    return (f"{i['tensors']} tensors, {i['params'] / 1e6:.1f} M float32 values, {i['iters']} iterations; "
-            f"measured copy bandwidth {copy} GB/s (run 1 / 2), so the bound is {bound}")
+    return (
+        f"{i['tensors']} tensors, {i['params'] / 1e6:.1f} M float32 values, {i['iters']} iterations; "
+        f"measured copy bandwidth {copy} GB/s (run 1 / 2), so the bound is {bound}"
+    )
 
 
 def epilogue_table(runs: list[dict[str, dict]]) -> str:
@@ -182,8 +207,10 @@ def epilogue_table(runs: list[dict[str, dict]]) -> str:
     if not infos:
         return ""
     names = list(infos[0]["median_s"])
-    rows = ["| strategy | " + " | ".join(f"run {k + 1}" for k in range(len(infos))) + " |",
-            "|---|" + "---|" * len(infos)]
+    rows = [
+        "| strategy | " + " | ".join(f"run {k + 1}" for k in range(len(infos))) + " |",
+        "|---|" + "---|" * len(infos),
+    ]
     for n in names:
         rows.append(f"| `{n}` | " + " | ".join(_fmt_s(i["median_s"][n]) for i in infos) + " |")
     return "\n".join(rows)
@@ -191,13 +218,17 @@ def epilogue_table(runs: list[dict[str, dict]]) -> str:
 
 def cg_step_table() -> str:
     data = json.loads((RESULTS / CG_STEP).read_text())
-    rows = ["| P | C++ fused vs copy bandwidth | vs per-tensor loop (reference code) | vs flat torch | load |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| P | C++ fused vs copy bandwidth | vs per-tensor loop (reference code) | vs flat torch | load |",
+        "|---|---|---|---|---|",
+    ]
     for n, entry in sorted(data["sizes"]["interleaved"].items(), key=lambda kv: int(kv[0])):
         r = entry["ratios"]
-        rows.append(f"| {int(n):.0e} | {entry['providers']['cpp']['fraction_of_copy']:.2f} "
-                    f"| {r['cg_update_cpp_vs_torch_loop']:.1f}× | {r['cg_update_cpp_vs_torch_flat']:.2f}× "
-                    f"| {entry['loadavg_1min']:.1f} |")
+        rows.append(
+            f"| {int(n):.0e} | {entry['providers']['cpp']['fraction_of_copy']:.2f} "
+            f"| {r['cg_update_cpp_vs_torch_loop']:.1f}× | {r['cg_update_cpp_vs_torch_flat']:.2f}× "
+            f"| {entry['loadavg_1min']:.1f} |"
+        )
     return "\n".join(rows)
 
 
@@ -208,11 +239,15 @@ def hvp_table(runs: list[dict[str, dict]]) -> str:
         infos = [run[key] for run in runs if key in run]
         if not infos:
             continue
-        ratio = {k: _join([i["ratio_vs_grad"][k] for i in infos], ".2f") + "×"
-                 for k in ("hvp_fwdrev", "hvp_revrev", "hvp_autograd", "linearized_matvec")}
-        rows.append(f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['grad']) for i in infos)} "
-                    f"| {ratio['hvp_fwdrev']} | {ratio['hvp_revrev']} | {ratio['hvp_autograd']} "
-                    f"| **{ratio['linearized_matvec']}** |")
+        ratio = {
+            k: _join([i["ratio_vs_grad"][k] for i in infos], ".2f") + "×"
+            for k in ("hvp_fwdrev", "hvp_revrev", "hvp_autograd", "linearized_matvec")
+        }
+        rows.append(
+            f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['grad']) for i in infos)} "
+            f"| {ratio['hvp_fwdrev']} | {ratio['hvp_revrev']} | {ratio['hvp_autograd']} "
+            f"| **{ratio['linearized_matvec']}** |"
+        )
     return "\n".join(rows)
 
 
@@ -228,15 +263,21 @@ def bench_block() -> str:
 
 def _machine(runs: list[dict[str, dict]]) -> str:
     info = next(iter(runs[0].values()))
-    return (f"{info.get('cpu', 'unknown CPU')}, {info.get('cores')} cores, torch {info.get('torch')}, "
-            f"{info.get('threads')} threads")
+    return (
+        f"{info.get('cpu', 'unknown CPU')}, {info.get('cores')} cores, torch {info.get('torch')}, "
+        f"{info.get('threads')} threads"
+    )
 
 
 def section() -> str:
     """The whole generated section (between the markers)."""
     runs = [load_run(name) for name in RUNS]
-    medians = [statistics.median([info["speedup_vs_reference"] for key, info in run.items()
-                                  if key.startswith("test_hypergradient[")]) for run in runs]
+    medians = [
+        statistics.median(
+            [info["speedup_vs_reference"] for key, info in run.items() if key.startswith("test_hypergradient[")]
+        )
+        for run in runs
+    ]
     parts = [
         BEGIN,
         "",
@@ -340,18 +381,24 @@ def _zero_rows() -> tuple[dict, dict[tuple[int, int], list[dict]]]:
 def zero_memory_table() -> str:
     """Per-rank memory and time of one BiSSL step, every ZeRO stage and rank count (worst rank)."""
     _, cells = _zero_rows()
-    rows = ["| ZeRO | ranks | hypergradient | params + optimizer | CG vectors | persistent | vs 1 rank "
-            "| step peak | step time |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| ZeRO | ranks | hypergradient | params + optimizer | CG vectors | persistent | vs 1 rank "
+        "| step peak | step time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (stage, world), got in sorted(cells.items()):
-        worst = {k: max(r[k] for r in got) for k in ("model_and_optimizer_mib", "cg_state_mib",
-                                                     "persistent_mib", "step_peak_mib", "step_seconds")}
+        worst = {
+            k: max(r[k] for r in got)
+            for k in ("model_and_optimizer_mib", "cg_state_mib", "persistent_mib", "step_peak_mib", "step_seconds")
+        }
         one = cells.get((stage, 1))
-        ratio = (f"{worst['persistent_mib'] / max(r['persistent_mib'] for r in one):.2f}×"
-                 if one and world > 1 else "")
-        rows.append(f"| {stage} | {world} | {'sharded' if got[0]['sharded_hypergrad'] else 'whole'} "
-                    f"| {worst['model_and_optimizer_mib']:.0f} MiB | {worst['cg_state_mib']:.0f} MiB "
-                    f"| {worst['persistent_mib']:.0f} MiB | {ratio} | {worst['step_peak_mib']:.0f} MiB "
-                    f"| {worst['step_seconds']:.1f} s |")
+        ratio = f"{worst['persistent_mib'] / max(r['persistent_mib'] for r in one):.2f}×" if one and world > 1 else ""
+        rows.append(
+            f"| {stage} | {world} | {'sharded' if got[0]['sharded_hypergrad'] else 'whole'} "
+            f"| {worst['model_and_optimizer_mib']:.0f} MiB | {worst['cg_state_mib']:.0f} MiB "
+            f"| {worst['persistent_mib']:.0f} MiB | {ratio} | {worst['step_peak_mib']:.0f} MiB "
+            f"| {worst['step_seconds']:.1f} s |"
+        )
     return "\n".join(rows)
 
 
@@ -382,9 +429,12 @@ def projection_models() -> dict[str, int]:
     from bissl.models.gpt import GPT
 
     with torch.device("meta"):
-        counts = {"ResNet-50": sum(p.numel() for p in resnet50().parameters()),
-                  "GPT-2-medium (24 × 1024, vocab 50257, 1024 positions)": sum(
-                      p.numel() for p in GPT(50257, 1024, dim=1024, depth=24, heads=16).parameters())}
+        counts = {
+            "ResNet-50": sum(p.numel() for p in resnet50().parameters()),
+            "GPT-2-medium (24 × 1024, vocab 50257, 1024 positions)": sum(
+                p.numel() for p in GPT(50257, 1024, dim=1024, depth=24, heads=16).parameters()
+            ),
+        }
     d, hidden, blocks, tokens = 768, 3072, 12, (224 // 16) ** 2 + 1
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
     counts["ViT-B/16"] = (3 * 16 * 16 * d + d) + d + tokens * d + blocks * block + 2 * d
@@ -418,8 +468,8 @@ def scale_section() -> str:
         f"images of {data['image']}×{data['image']} per rank, measured by `benchmarks/bench_zero_memory.py` "
         f"on {m.get('cpu')} ({m.get('cores')} cores, torch {m.get('torch')}, gloo; commit "
         f"{m.get('commit')}, {m.get('date')}) into `benchmarks/results/{ZERO_MEMORY}`. Worst rank; "
-        "\"persistent\" = live tensor storage of both copies with their optimizers (what ZeRO shards) "
-        "plus the CG solver's five vectors at the length the solve worked on; \"step peak\" = that plus "
+        '"persistent" = live tensor storage of both copies with their optimizers (what ZeRO shards) '
+        'plus the CG solver\'s five vectors at the length the solve worked on; "step peak" = that plus '
         "the step's peak RSS growth (gathered parameters, the HVP graph, buffers). Ranks share 2 cores: "
         "times at 4 ranks show oversubscription, not scaling.",
         "",

@@ -15,6 +15,7 @@ matrix products, tanh/ReLU/SiLU/GELU, LayerNorm and softmax only.
 * :func:`vit_tiny` — a ViT-Tiny-like transformer: 4×4 patches (64 tokens + a class token),
   width 192, 3 heads, MLP 768, GELU, pre-LayerNorm, 4 blocks (~1.8 M parameters).
 """
+
 from __future__ import annotations
 
 import itertools

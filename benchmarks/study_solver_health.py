@@ -24,6 +24,7 @@ Run: ``python benchmarks/study_solver_health.py`` (a few minutes on 2 CPU cores)
 ``benchmarks/results/solver_health_study.json`` and prints a summary. Everything runs in float32,
 as the trainer (float64 convolutions are about 5x slower on CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def pretext_train(net: nn.Module, pretext: nn.Module, x: torch.Tensor, aug: TwoViewAugment, steps: int,
-                  gen: torch.Generator) -> None:
+def pretext_train(
+    net: nn.Module, pretext: nn.Module, x: torch.Tensor, aug: TwoViewAugment, steps: int, gen: torch.Generator
+) -> None:
     """SimCLR pretraining as the demo config: LARS lr 1.0, 10% warm-up, cosine, batch 256."""
     if steps == 0:
         return
@@ -101,9 +103,9 @@ def analyse(net, pretext, head, data_x, data_y, aug, gen, args) -> dict:
     theta = {k: p.detach().clone() for k, p in net.named_parameters()}
     out = {"batches": []}
     for bi in range(args.batches):
-        idx = torch.randperm(len(data_x), generator=gen)[:args.hvp_batch]
+        idx = torch.randperm(len(data_x), generator=gen)[: args.hvp_batch]
         v1, v2 = aug(data_x[idx], gen)
-        didx = torch.randperm(len(data_x), generator=gen)[:args.hvp_batch]
+        didx = torch.randperm(len(data_x), generator=gen)[: args.hvp_batch]
         dx, dy = data_x[didx], data_y[didx]
 
         def lower_loss(p, v1=v1, v2=v2):
@@ -119,10 +121,14 @@ def analyse(net, pretext, head, data_x, data_y, aug, gen, args) -> dict:
         row = {"h_min_est": h_min, "h_max_est": h_max, "dampings": {}}
         for damping in args.dampings:
             c = LAM + damping
-            _, info = implicit_hypergrad(lower_loss, upper_loss, theta, lam=LAM, damping=damping,
-                                         iters=ITERS, strict=False, return_info=True)
-            entry = {"cg_flagged": bool(info.indefinite), "cg_ritz_min": float(info.ritz_min),
-                     "lanczos_proves_indefinite": 1 + h_min / c <= 0}
+            _, info = implicit_hypergrad(
+                lower_loss, upper_loss, theta, lam=LAM, damping=damping, iters=ITERS, strict=False, return_info=True
+            )
+            entry = {
+                "cg_flagged": bool(info.indefinite),
+                "cg_ritz_min": float(info.ritz_min),
+                "lanczos_proves_indefinite": 1 + h_min / c <= 0,
+            }
             if bi == 0 and damping in args.policy_dampings:
                 entry["policies"] = policies(lower_loss, upper_loss, theta, damping)
             row["dampings"][str(damping)] = entry
@@ -132,11 +138,11 @@ def analyse(net, pretext, head, data_x, data_y, aug, gen, args) -> dict:
 
 def policies(lower_loss, upper_loss, theta, damping) -> dict:
     kw = dict(lam=LAM, damping=damping, return_info=True)
-    exact, ex_info = implicit_hypergrad(lower_loss, upper_loss, theta, solver="minres", iters=300,
-                                        rtol=1e-5, strict=False, **kw)
+    exact, ex_info = implicit_hypergrad(
+        lower_loss, upper_loss, theta, solver="minres", iters=300, rtol=1e-5, strict=False, **kw
+    )
     exact = flatten(exact)
-    res = {"exact_relative_residual": ex_info.summary()["relative_residual"],
-           "exact_iters": int(ex_info.iters)}
+    res = {"exact_relative_residual": ex_info.summary()["relative_residual"], "exact_iters": int(ex_info.iters)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IndefiniteSystemWarning)
         runs = {
@@ -146,13 +152,15 @@ def policies(lower_loss, upper_loss, theta, damping) -> dict:
             "adaptive_damping": dict(on_indefinite="adaptive_damping"),
         }
         for name, extra in runs.items():
-            x, info = implicit_hypergrad(lower_loss, upper_loss, theta, iters=ITERS, strict=False,
-                                         **kw, **extra)
+            x, info = implicit_hypergrad(lower_loss, upper_loss, theta, iters=ITERS, strict=False, **kw, **extra)
             x = flatten(x)
-            res[name] = {"cos": _cos(x, exact), "rel_err": _rel(x, exact), "action": info.action,
-                         "damping_used": info.damping_used}
-    ref = reference_hypergrad(lower_loss, upper_loss, theta, lam=LAM, damping=damping, iters=ITERS,
-                              layerwise=True)
+            res[name] = {
+                "cos": _cos(x, exact),
+                "rel_err": _rel(x, exact),
+                "action": info.action,
+                "damping_used": info.damping_used,
+            }
+    ref = reference_hypergrad(lower_loss, upper_loss, theta, lam=LAM, damping=damping, iters=ITERS, layerwise=True)
     ref = flatten(ref)
     res["reference (layer-wise CG, NaN->0)"] = {
         "cos": _cos(torch.nan_to_num(ref, nan=0.0, posinf=0.0, neginf=0.0), exact),
@@ -190,8 +198,11 @@ def main() -> None:
             r = analyse(net, pretext, head, x, y, aug, gen, args)
             r |= {"seed": seed, "stage": stage, "pretext_steps": steps}
             results["runs"].append(r)
-            print(f"seed {seed} {stage}: λ_min(H) est {[round(b['h_min_est'], 2) for b in r['batches']]} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"seed {seed} {stage}: λ_min(H) est {[round(b['h_min_est'], 2) for b in r['batches']]} "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     results["wall_s"] = round(time.perf_counter() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -203,14 +214,15 @@ def summarize(results: dict) -> None:
     for stage in ("init", "pretext"):
         runs = [r for r in results["runs"] if r["stage"] == stage]
         hmins = [b["h_min_est"] for r in runs for b in r["batches"]]
-        print(f"\n== {stage}: λ_min(H) estimates min {min(hmins):.3g}, median "
-              f"{sorted(hmins)[len(hmins) // 2]:.3g}, max {max(hmins):.3g} ({len(hmins)} batches)")
+        print(
+            f"\n== {stage}: λ_min(H) estimates min {min(hmins):.3g}, median "
+            f"{sorted(hmins)[len(hmins) // 2]:.3g}, max {max(hmins):.3g} ({len(hmins)} batches)"
+        )
         for d in dampings:
             entries = [b["dampings"][d] for r in runs for b in r["batches"]]
             flagged = sum(e["cg_flagged"] for e in entries)
             proven = sum(e["lanczos_proves_indefinite"] for e in entries)
-            print(f"  damping {d}: CG-5 flags {flagged}/{len(entries)}, "
-                  f"Lanczos proves {proven}/{len(entries)}")
+            print(f"  damping {d}: CG-5 flags {flagged}/{len(entries)}, Lanczos proves {proven}/{len(entries)}")
             pol = [r["batches"][0]["dampings"][d].get("policies") for r in runs]
             if not pol[0]:
                 continue

@@ -22,6 +22,7 @@ Writes ``benchmarks/results/solver_health_training.json`` and prints a table: te
 arm (mean ± std over seeds), the fraction of upper steps flagged indefinite in the first and the
 last training stage, and what the policy did.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ from bissl.trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = CONFIG_DIR / "demo_digits.yaml"
-QUICK = ["model.options={width: 16}", "pretext.epochs=50", "pretext.warmup_epochs=5",
-         "bissl.stages=5", "finetune.epochs=20"]
+QUICK = [
+    "model.options={width: 16}",
+    "pretext.epochs=50",
+    "pretext.warmup_epochs=5",
+    "bissl.stages=5",
+    "finetune.epochs=20",
+]
 ARMS = {
     "d10/cg": ["bissl.damping=10.0"],
     "d10/reference": ["bissl.damping=10.0", "bissl.solver=cg_layerwise"],
@@ -53,8 +59,7 @@ ARMS = {
 
 
 def _upper_rows(seed_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(seed_dir / "metrics.csv")
-            if r["phase"] == "bissl" and r["part"] == "upper"]
+    return [r for r in read_metrics(seed_dir / "metrics.csv") if r["phase"] == "bissl" and r["part"] == "upper"]
 
 
 def _health(rows: list[dict]) -> dict:
@@ -65,10 +70,15 @@ def _health(rows: list[dict]) -> dict:
     acted = [r for r in rows if r["cg_action"] not in (None, "none")]
     damp = [r["cg_damping_used"] for r in acted if r["cg_damping_used"] is not None]
     ritz = [r["cg_ritz_min"] for r in first if r["cg_ritz_min"] is not None]
-    return {"upper_steps": len(rows), "indefinite_first_stage": frac(first),
-            "indefinite_last_stage": frac(last), "indefinite_all": frac(rows),
-            "acted": len(acted), "mean_damping_used_when_acted": statistics.fmean(damp) if damp else None,
-            "ritz_min_first_stage": statistics.fmean(ritz) if ritz else None}
+    return {
+        "upper_steps": len(rows),
+        "indefinite_first_stage": frac(first),
+        "indefinite_last_stage": frac(last),
+        "indefinite_all": frac(rows),
+        "acted": len(acted),
+        "mean_damping_used_when_acted": statistics.fmean(damp) if damp else None,
+        "ritz_min_first_stage": statistics.fmean(ritz) if ritz else None,
+    }
 
 
 def main() -> None:
@@ -83,7 +93,11 @@ def main() -> None:
     start = time.perf_counter()
     out_dir = Path(args.out_dir)
     base = (QUICK if args.budget == "quick" else []) + [
-        f"run.seeds={args.seeds}", f"run.workers={args.workers}", "run.num_threads=1", "run.quiet=true"]
+        f"run.seeds={args.seeds}",
+        f"run.workers={args.workers}",
+        "run.num_threads=1",
+        "run.quiet=true",
+    ]
     results: dict = {"budget": args.budget, "seeds": args.seeds, "arms": {}}
     first_dir = None
     for i, arm in enumerate(args.arms):
@@ -103,8 +117,7 @@ def main() -> None:
             per_seed = res["per_seed"]  # keyed by str(seed)
             entry["test_acc"] = {s: per_seed[str(s)]["bissl"]["test_acc"] for s in args.seeds}
             if i == 0:
-                entry["baseline_test_acc"] = {s: per_seed[str(s)]["baseline"]["test_acc"]
-                                              for s in args.seeds}
+                entry["baseline_test_acc"] = {s: per_seed[str(s)]["baseline"]["test_acc"] for s in args.seeds}
             entry["health"] = {s: _health(_upper_rows(run_dir / f"seed_{s}")) for s in args.seeds}
         except SolverError as err:
             entry["raised"] = str(err)
@@ -142,8 +155,10 @@ def print_table(results: dict) -> None:
         damp = [x["mean_damping_used_when_acted"] for x in h if x["mean_damping_used_when_acted"]]
         if damp and "adaptive" in arm:
             note = f"mean damping used {statistics.fmean(damp):.3g}"
-        print(f"{arm:16s} {_ms(list(e['test_acc'].values())):>14s} {first:>10.2f} {last:>11.2f} "
-              f"{acted:>3d}/{steps:<3d} {note}")
+        print(
+            f"{arm:16s} {_ms(list(e['test_acc'].values())):>14s} {first:>10.2f} {last:>11.2f} "
+            f"{acted:>3d}/{steps:<3d} {note}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The short API other bilevel projects import::
 The names below are loaded on first use (PEP 562), so ``import bissl.config`` (validating a config
 file, the CLI's argument handling) does not import torch or build the kernel extension.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,15 +19,24 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
-    "argmin": "bissl.hypergrad", "custom_argmin": "bissl.hypergrad",
-    "implicit_hypergrad": "bissl.hypergrad", "reference_hypergrad": "bissl.hypergrad",
+    "argmin": "bissl.hypergrad",
+    "custom_argmin": "bissl.hypergrad",
+    "implicit_hypergrad": "bissl.hypergrad",
+    "reference_hypergrad": "bissl.hypergrad",
     "HypergradSettings": "bissl.hypergrad",
-    "batchnorm_stats_frozen": "bissl.ops", "flat_spec": "bissl.ops", "flatten": "bissl.ops",
-    "hvp": "bissl.ops", "hvp_batched": "bissl.ops", "linearize_hvp": "bissl.ops",
+    "batchnorm_stats_frozen": "bissl.ops",
+    "flat_spec": "bissl.ops",
+    "flatten": "bissl.ops",
+    "hvp": "bissl.ops",
+    "hvp_batched": "bissl.ops",
+    "linearize_hvp": "bissl.ops",
     "unflatten": "bissl.ops",
-    "SolveResult": "bissl.solvers", "SolverError": "bissl.solvers",
-    "cg_layerwise_solve": "bissl.solvers", "cg_solve": "bissl.solvers",
-    "identity_solve": "bissl.solvers", "minres_solve": "bissl.solvers",
+    "SolveResult": "bissl.solvers",
+    "SolverError": "bissl.solvers",
+    "cg_layerwise_solve": "bissl.solvers",
+    "cg_solve": "bissl.solvers",
+    "identity_solve": "bissl.solvers",
+    "minres_solve": "bissl.solvers",
     "neumann_solve": "bissl.solvers",
 }
 

@@ -1,4 +1,5 @@
 """``python -m bissl`` == the ``bissl`` console script."""
+
 from __future__ import annotations
 
 import sys

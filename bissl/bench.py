@@ -23,6 +23,7 @@ Example::
     bissl bench --model resnet18 --batch 16 --solver cg --iters 5 --damping 100
     bissl bench --model benchmarks.networks:vit_tiny --solver cg_layerwise --compare old.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,16 @@ JSON_VERSION = 1
 
 # -- problems ------------------------------------------------------------------------------------
 
-def gpt_problem(*, batch: int, seq: int = 64, vocab: int = 256, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", seed: int = 0) -> BilevelProblem:
+
+def gpt_problem(
+    *,
+    batch: int,
+    seq: int = 64,
+    vocab: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> BilevelProblem:
     """Our :class:`bissl.models.GPT` (width 128, 2 blocks): next-token loss through its LM head
     (lower), 2-class cross-entropy of the pooled features through a linear head (upper)."""
     from bissl.models import build_backbone
@@ -85,13 +94,17 @@ def gpt_problem(*, batch: int, seq: int = 64, vocab: int = 256, dtype: torch.dty
     return BilevelProblem(net, params, lower_loss, upper_loss, {"pretext": pretext, "head": head})
 
 
-def _image_problem(backbone: nn.Module, *, batch: int, image: tuple[int, ...], dtype: torch.dtype,
-                   device: str, seed: int) -> BilevelProblem:
+def _image_problem(
+    backbone: nn.Module, *, batch: int, image: tuple[int, ...], dtype: torch.dtype, device: str, seed: int
+) -> BilevelProblem:
     if not hasattr(backbone, "out_dim"):
-        raise ValueError(f"{type(backbone).__name__} has no 'out_dim': an image backbone must say how "
-                         "many features it returns (or return a BilevelProblem from the factory)")
-    return module_problem(backbone, feat=cast(int, backbone.out_dim), batch=batch, image=image, dtype=dtype,
-                          seed=seed, device=device)
+        raise ValueError(
+            f"{type(backbone).__name__} has no 'out_dim': an image backbone must say how "
+            "many features it returns (or return a BilevelProblem from the factory)"
+        )
+    return module_problem(
+        backbone, feat=cast(int, backbone.out_dim), batch=batch, image=image, dtype=dtype, seed=seed, device=device
+    )
 
 
 def _call_factory(factory: Callable, **kwargs: Any) -> Any:
@@ -105,9 +118,17 @@ def _call_factory(factory: Callable, **kwargs: Any) -> Any:
     return factory(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def build_problem(model: str, *, batch: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                  seed: int = 0, image: tuple[int, ...] = (3, 32, 32), seq: int = 64,
-                  vocab: int = 256) -> BilevelProblem:
+def build_problem(
+    model: str,
+    *,
+    batch: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    image: tuple[int, ...] = (3, 32, 32),
+    seq: int = 64,
+    vocab: int = 256,
+) -> BilevelProblem:
     """The bilevel problem of ``--model``.
 
     ``"resnet18"`` (small-input stem) and ``"small_cnn"`` (width 32) get SimCLR's NT-Xent over two
@@ -147,11 +168,14 @@ def build_problem(model: str, *, batch: int, dtype: torch.dtype = torch.float32,
         return BilevelProblem(None, dict(params), lower, upper, {})
     if all(hasattr(made, a) for a in ("lower_loss", "upper_loss", "params")):
         return made
-    raise ValueError(f"--model {model}: the factory returned {type(made).__name__}; expected a "
-                     "BilevelProblem, a (lower_loss, upper_loss, params) triple or an image backbone")
+    raise ValueError(
+        f"--model {model}: the factory returned {type(made).__name__}; expected a "
+        "BilevelProblem, a (lower_loss, upper_loss, params) triple or an image backbone"
+    )
 
 
 # -- measuring -----------------------------------------------------------------------------------
+
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
     """Device, CPU model, cores, threads, library versions, the code's commit and the UTC date,
@@ -162,17 +186,23 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     dev = torch.device(device)
     info = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
     }
     provenance = collect_provenance()
     info["commit"], info["date"] = provenance["commit"], provenance["date"]
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         pass
     from bissl.ops._backends import resolve_backend
+
     info["vector_backend"] = resolve_backend(None, dev)
     return info
 
@@ -188,8 +218,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_rounds(calls: dict[str, Callable[[], Any]], rounds: int, *, device: str | torch.device = "cpu",
-                       on_call: Callable[[], None] | None = None, first_round: int = 0) -> dict[str, list[float]]:
+def interleaved_rounds(
+    calls: dict[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    device: str | torch.device = "cpu",
+    on_call: Callable[[], None] | None = None,
+    first_round: int = 0,
+) -> dict[str, list[float]]:
     """Seconds of every call in every round: each round runs each call once, in the dict's order
     on even rounds and reversed on odd ones (load and caches hit all alike). ``first_round``
     numbers the first round (to continue an alternation across calls)."""
@@ -257,6 +293,7 @@ def _median(xs: Sequence[float]) -> float:
 
 # -- the command ---------------------------------------------------------------------------------
 
+
 def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
     """Build the problem, time everything (module docstring), return the JSON-ready result."""
     from bissl.hypergrad import implicit_hypergrad, reference_hypergrad, upper_gradient
@@ -277,20 +314,35 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     image = tuple(int(k) for k in args.image.lower().split("x"))
-    prob = build_problem(args.model, batch=args.batch, dtype=dtype, device=str(device), seed=args.seed,
-                         image=image, seq=args.seq, vocab=args.vocab)
+    prob = build_problem(
+        args.model,
+        batch=args.batch,
+        dtype=dtype,
+        device=str(device),
+        seed=args.seed,
+        image=image,
+        seq=args.seq,
+        vocab=args.vocab,
+    )
     params = prob.params
     n_params = sum(p.numel() for p in params.values())
     kw = dict(lam=args.lam, damping=args.damping, iters=args.iters)
     layerwise = args.solver == "cg_layerwise"
 
     def ours():
-        return implicit_hypergrad(prob.lower_loss, prob.upper_loss, params, solver=args.solver,
-                                  hvp_mode=modes[0], strict=False, return_info=True, **kw)
+        return implicit_hypergrad(
+            prob.lower_loss,
+            prob.upper_loss,
+            params,
+            solver=args.solver,
+            hvp_mode=modes[0],
+            strict=False,
+            return_info=True,
+            **kw,
+        )
 
     def reference():
-        return reference_hypergrad(prob.lower_loss, prob.upper_loss, params, layerwise=layerwise,
-                                   guard=None, **kw)
+        return reference_hypergrad(prob.lower_loss, prob.upper_loss, params, layerwise=layerwise, guard=None, **kw)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     direction = {k: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for k, p in params.items()}
@@ -329,29 +381,55 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
     load_after = load_info()
 
     grad_s = _median(hvp_times["gradient"])
-    hvp_result = {name.removeprefix("hvp_"): {"median_s": _median(t), "ratio_to_gradient": _median(t) / grad_s,
-                                               "per_round_s": t}
-                  for name, t in hvp_times.items() if name != "gradient"}
+    hvp_result = {
+        name.removeprefix("hvp_"): {"median_s": _median(t), "ratio_to_gradient": _median(t) / grad_s, "per_round_s": t}
+        for name, t in hvp_times.items()
+        if name != "gradient"
+    }
     ours_s = _median(hyper_times["ours"])
-    hyper = {"ours_median_s": ours_s, "ours_per_round_s": hyper_times["ours"],
-             "hypergradients_per_s": 1.0 / ours_s, "solver_flags": info.summary()}
+    hyper = {
+        "ours_median_s": ours_s,
+        "ours_per_round_s": hyper_times["ours"],
+        "hypergradients_per_s": 1.0 / ours_s,
+        "solver_flags": info.summary(),
+    }
     if "reference" in hyper_times:
         ref_s = _median(hyper_times["reference"])
-        hyper.update({
-            "reference_median_s": ref_s, "reference_per_round_s": hyper_times["reference"],
-            "speedup": ref_s / ours_s,
-            "speedup_per_round": [r / o for o, r in zip(hyper_times["ours"], hyper_times["reference"])],
-            "max_rel_diff": rel, "same_method": args.solver in COMPARABLE_SOLVERS,
-        })
+        hyper.update(
+            {
+                "reference_median_s": ref_s,
+                "reference_per_round_s": hyper_times["reference"],
+                "speedup": ref_s / ours_s,
+                "speedup_per_round": [r / o for o, r in zip(hyper_times["ours"], hyper_times["reference"])],
+                "max_rel_diff": rel,
+                "same_method": args.solver in COMPARABLE_SOLVERS,
+            }
+        )
     return {
         "bissl_bench": JSON_VERSION,
-        "config": {"model": args.model, "batch": args.batch, "solver": args.solver, "iters": args.iters,
-                   "hvp_modes": modes, "dtype": args.dtype, "device": str(device), "lam": args.lam,
-                   "damping": args.damping, "rounds": args.rounds, "seed": args.seed, "params": n_params,
-                   "image": list(image) if args.model != "gpt" else None},
-        "machine": machine_info(device), "load_before": load_before, "load_after": load_after,
-        "gradient_median_s": grad_s, "gradient_per_round_s": hvp_times["gradient"],
-        "hvp": hvp_result, "hypergradient": hyper, "peak_memory_mb": memory,
+        "config": {
+            "model": args.model,
+            "batch": args.batch,
+            "solver": args.solver,
+            "iters": args.iters,
+            "hvp_modes": modes,
+            "dtype": args.dtype,
+            "device": str(device),
+            "lam": args.lam,
+            "damping": args.damping,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "params": n_params,
+            "image": list(image) if args.model != "gpt" else None,
+        },
+        "machine": machine_info(device),
+        "load_before": load_before,
+        "load_after": load_after,
+        "gradient_median_s": grad_s,
+        "gradient_per_round_s": hvp_times["gradient"],
+        "hvp": hvp_result,
+        "hypergradient": hyper,
+        "peak_memory_mb": memory,
     }
 
 
@@ -379,24 +457,34 @@ def format_report(result: dict) -> str:
         f"  gradient                {_ms(result['gradient_median_s'])}",
     ]
     for mode, r in result["hvp"].items():
-        lines.append(f"  {('hvp ' + mode) if mode != 'linearized_matvec' else 'linearized matvec':<23} "
-                     f"{_ms(r['median_s'])}  ({r['ratio_to_gradient']:.2f}x gradient)")
+        lines.append(
+            f"  {('hvp ' + mode) if mode != 'linearized_matvec' else 'linearized matvec':<23} "
+            f"{_ms(r['median_s'])}  ({r['ratio_to_gradient']:.2f}x gradient)"
+        )
     lines.append(f"  hypergradient, ours     {_ms(h['ours_median_s'])}  ({h['hypergradients_per_s']:.2f}/s)")
     if "reference_median_s" in h:
         note = "" if h["same_method"] else " (the reference runs CG: a different method)"
         lines.append(f"  hypergradient, reference {_ms(h['reference_median_s'])}")
-        lines.append(f"  speed-up                {h['speedup']:.2f}x  (rounds {min(h['speedup_per_round']):.2f}–"
-                     f"{max(h['speedup_per_round']):.2f}), max rel. difference {h['max_rel_diff']:.1e}{note}")
+        lines.append(
+            f"  speed-up                {h['speedup']:.2f}x  (rounds {min(h['speedup_per_round']):.2f}–"
+            f"{max(h['speedup_per_round']):.2f}), max rel. difference {h['max_rel_diff']:.1e}{note}"
+        )
     flags = h["solver_flags"]
     if flags.get("indefinite") or flags.get("nonfinite"):
-        lines.append(f"  WARNING: our solve reports {'an indefinite system' if flags.get('indefinite') else 'NaN/Inf'} "
-                     f"(smallest Ritz value {flags.get('ritz_min')}): the answers are not comparable; "
-                     "raise --damping until the system is positive definite")
+        lines.append(
+            f"  WARNING: our solve reports {'an indefinite system' if flags.get('indefinite') else 'NaN/Inf'} "
+            f"(smallest Ritz value {flags.get('ritz_min')}): the answers are not comparable; "
+            "raise --damping until the system is positive definite"
+        )
     mem = result["peak_memory_mb"]
-    lines.append("  peak memory added       " + ", ".join(
-        f"{k} {'n/a' if v is None else f'{v:.0f} MiB'}" for k, v in mem.items()))
-    lines.append(f"  load average            {result['load_before']['loadavg_1m']:.2f} -> "
-                 f"{result['load_after']['loadavg_1m']:.2f} on {result['load_after']['cpu_count']} CPUs")
+    lines.append(
+        "  peak memory added       "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.0f} MiB'}" for k, v in mem.items())
+    )
+    lines.append(
+        f"  load average            {result['load_before']['loadavg_1m']:.2f} -> "
+        f"{result['load_after']['loadavg_1m']:.2f} on {result['load_after']['cpu_count']} CPUs"
+    )
     return "\n".join(lines)
 
 
@@ -418,9 +506,11 @@ def _metrics(result: dict) -> dict[str, float]:
 def format_comparison(old: dict, new: dict) -> str:
     """Old vs new value and change of every metric both results have."""
     a, b = _metrics(old), _metrics(new)
-    lines = [f"compared with {old['config']['model']} / {old['config']['solver']} "
-             f"(torch {old['machine'].get('torch')}, load {old['load_before']['loadavg_1m']:.2f}):",
-             f"  {'metric':28s} {'old':>12s} {'new':>12s} {'change':>9s}"]
+    lines = [
+        f"compared with {old['config']['model']} / {old['config']['solver']} "
+        f"(torch {old['machine'].get('torch')}, load {old['load_before']['loadavg_1m']:.2f}):",
+        f"  {'metric':28s} {'old':>12s} {'new':>12s} {'change':>9s}",
+    ]
     for key in [k for k in b if k in a]:
         change = (b[key] / a[key] - 1.0) * 100 if a[key] else math.nan
         lines.append(f"  {key:28s} {a[key]:12.4g} {b[key]:12.4g} {change:+8.1f}%")

@@ -1,5 +1,6 @@
 """``bissl bench``'s command line, kept apart from :mod:`bissl.bench` so that building the parser
 (``bissl --help``, ``bissl config``) does not import torch."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,18 +15,25 @@ def _bench(args: argparse.Namespace) -> int:
 def register_bench_command(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``bissl`` command line."""
     p = sub.add_parser(
-        "bench", help="hypergradient throughput on a model: ours vs the reference loop",
+        "bench",
+        help="hypergradient throughput on a model: ours vs the reference loop",
         description="Time one gradient, each HVP mode and the hypergradient (ours vs a faithful "
-                    "re-implementation of the BiSSL authors' loop) in interleaved rounds; print a "
-                    "report and write JSON.")
-    p.add_argument("--model", default="resnet18",
-                   help="resnet18, small_cnn, gpt, or module:factory for your own model (default: resnet18)")
+        "re-implementation of the BiSSL authors' loop) in interleaved rounds; print a "
+        "report and write JSON.",
+    )
+    p.add_argument(
+        "--model",
+        default="resnet18",
+        help="resnet18, small_cnn, gpt, or module:factory for your own model (default: resnet18)",
+    )
     p.add_argument("--batch", type=int, default=16, help="batch size of each loss (default: 16)")
     p.add_argument("--solver", default="cg", help="cg, cg_layerwise, minres, neumann or identity (default: cg)")
     p.add_argument("--iters", type=int, default=5, help="solver iterations (default: 5)")
-    p.add_argument("--hvp-mode", default="revrev,fwdrev,autograd",
-                   help="comma-separated HVP modes to time; the first is the hypergradient's "
-                        "(default: revrev,fwdrev,autograd)")
+    p.add_argument(
+        "--hvp-mode",
+        default="revrev,fwdrev,autograd",
+        help="comma-separated HVP modes to time; the first is the hypergradient's (default: revrev,fwdrev,autograd)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="default: float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--lam", type=float, default=1e-3, help="proximal weight λ (default: 1e-3)")

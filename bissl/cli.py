@@ -15,6 +15,7 @@ Examples::
     bissl report --update README.md docs/*.md    # regenerate the docs' tables (make tables)
     bissl bench --model resnet18 --solver cg     # hypergradient throughput, ours vs the reference
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,17 @@ DEMO_CONFIGS = {
 }
 DEMO_DESCRIPTIONS = {
     "vision": "scikit-learn digits (small CNN, SimCLR)",
-    "text": "gensim's sentence polarity and newsgroup topics and Shakespeare genres (small GPT, "
-            "next-token pretext)",
+    "text": "gensim's sentence polarity and newsgroup topics and Shakespeare genres (small GPT, next-token pretext)",
 }
 
 
 def _demo_config_path(name: str) -> Path:
     path = CONFIG_DIR / name
     if not path.exists():
-        raise ConfigError(f"the demo config {path} is missing from this install (bissl ships it as "
-                          f"package data); run 'bissl run <config>' with a config file instead")
+        raise ConfigError(
+            f"the demo config {path} is missing from this install (bissl ships it as "
+            f"package data); run 'bissl run <config>' with a config file instead"
+        )
     return path
 
 
@@ -84,8 +86,10 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
         return EXIT_INTERRUPTED
     wall = time.perf_counter() - start
     print()
-    print(f"test top-1 accuracy (%) on {results['dataset']} ({results['backbone']}, "
-          f"{results['pretext']}), seeds {results['seeds']}:")
+    print(
+        f"test top-1 accuracy (%) on {results['dataset']} ({results['backbone']}, "
+        f"{results['pretext']}), seeds {results['seeds']}:"
+    )
     print(format_table(results))
     if results.get("nproc", 1) > 1:
         layout = f"{results['nproc']} ranks"
@@ -93,10 +97,11 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
         layout = f"{results['workers']} worker processes"
     else:
         layout = "1 process"
-    print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {results['threads']} "
-          f"thread(s) each)")
-    print(f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"
-          f"metrics: {run_dir}/seed_<s>/metrics.csv")
+    print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {results['threads']} thread(s) each)")
+    print(
+        f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"
+        f"metrics: {run_dir}/seed_<s>/metrics.csv"
+    )
     return 0
 
 
@@ -162,19 +167,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if args.update or args.check:
             files = args.update or args.check
             if args.run_dirs or args.out:
-                raise ConfigError("--update/--check take markdown files; give run directories "
-                                  "without them")
+                raise ConfigError("--update/--check take markdown files; give run directories without them")
             if args.check:
                 stale = check_files(files)
                 for path in stale:
-                    print(f"{path}: a generated table differs from its data; run 'make tables'",
-                          file=sys.stderr)
-                print(f"{count_blocks(files)} table(s) in {len(files)} file(s) checked, "
-                      f"{len(stale)} file(s) stale")
+                    print(f"{path}: a generated table differs from its data; run 'make tables'", file=sys.stderr)
+                print(f"{count_blocks(files)} table(s) in {len(files)} file(s) checked, {len(stale)} file(s) stale")
                 return EXIT_FAILED if stale else 0
             changed = update_files(files)
-            print(f"{count_blocks(files)} table(s) in {len(files)} file(s); rewrote: "
-                  f"{', '.join(changed) if changed else 'nothing (all up to date)'}")
+            print(
+                f"{count_blocks(files)} table(s) in {len(files)} file(s); rewrote: "
+                f"{', '.join(changed) if changed else 'nothing (all up to date)'}"
+            )
             return 0
         if not args.run_dirs:
             raise ConfigError("give RUN_DIR(s), or --update/--check FILE(s)")
@@ -184,8 +188,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
             kind = kind_of(run_dir)
             if kind == "run" and args.per_seed:
                 options["per_seed"] = "yes"
-            tables.append(render(kind, run_dir, options={
-                k: v for k, v in options.items() if kind == "run" or k != "per_seed"}))
+            tables.append(
+                render(kind, run_dir, options={k: v for k, v in options.items() if kind == "run" or k != "per_seed"})
+            )
     except TableError as err:
         raise ConfigError(str(err)) from None
     text = "\n\n".join(tables) + "\n"
@@ -208,12 +213,14 @@ def _cmd_env(args: argparse.Namespace) -> int:
     print(f"torch     {torch.__version__}")
     try:
         import triton
+
         print(f"triton    {triton.__version__}")
     except ImportError as err:
         print(f"triton    not importable ({err})")
     print(f"threads   intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}")
-    print(f"cpu       mkldnn {torch.backends.mkldnn.is_available()}, "
-          f"capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"cpu       mkldnn {torch.backends.mkldnn.is_available()}, capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"cuda      {torch.version.cuda}: {names}")
@@ -239,75 +246,111 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bissl",
         description="BiSSL: bilevel optimization aligning self-supervised pretraining with "
-                    "downstream fine-tuning (pretext -> BiSSL -> fine-tune, vs a baseline).",
-        epilog="Run 'bissl <command> --help' for a command's options.")
+        "downstream fine-tuning (pretext -> BiSSL -> fine-tune, vs a baseline).",
+        epilog="Run 'bissl <command> --help' for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
 
     def add_set(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                       help="override a config key, e.g. --set bissl.lam=0.01 (repeatable; "
-                            "values are YAML: 1e-3, true, [0, 1])")
+        p.add_argument(
+            "--set",
+            metavar="KEY=VALUE",
+            action="append",
+            default=[],
+            help="override a config key, e.g. --set bissl.lam=0.01 (repeatable; values are YAML: 1e-3, true, [0, 1])",
+        )
 
-    run = sub.add_parser("run", help="run (or resume) the full pipeline from a config file",
-                         description="Run pretext pretraining, the BiSSL stage and fine-tuning of "
-                                     "both arms for every seed; resumes automatically when the run "
-                                     "directory already holds checkpoints.")
-    run.add_argument("config", nargs="?", help="YAML/JSON config file, or the name of a packaged config "
-                                               f"({', '.join(packaged_configs())}); optional with "
-                                               "--resume RUN_DIR")
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) the full pipeline from a config file",
+        description="Run pretext pretraining, the BiSSL stage and fine-tuning of "
+        "both arms for every seed; resumes automatically when the run "
+        "directory already holds checkpoints.",
+    )
+    run.add_argument(
+        "config",
+        nargs="?",
+        help="YAML/JSON config file, or the name of a packaged config "
+        f"({', '.join(packaged_configs())}); optional with "
+        "--resume RUN_DIR",
+    )
     add_set(run)
     run.add_argument("--out", metavar="DIR", help="run directory (default: run.out_dir/<config name>)")
-    run.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR (default: the config's run directory) from "
-                          "its last checkpoint; the directory must exist")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (default: the config's run directory) from "
+        "its last checkpoint; the directory must exist",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--nproc", type=int, metavar="N",
-                     help="ranks (sets run.nproc): N > 1 runs the BiSSL stage data-parallel under "
-                          "DeepSpeed ZeRO (config section 'deepspeed'), gloo on 127.0.0.1 on CPU")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="ranks (sets run.nproc): N > 1 runs the BiSSL stage data-parallel under "
+        "DeepSpeed ZeRO (config section 'deepspeed'), gloo on 127.0.0.1 on CPU",
+    )
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="baseline vs BiSSL on built-in data (CPU, minutes)",
-                          description="The whole comparison on built-in data, ending in a table of "
-                                      "test accuracies: scikit-learn's 8x8 digits with a small CNN "
-                                      "(--task vision), or three labelled text sets (gensim's "
-                                      "test data, Shakespeare's plays) with a small GPT "
-                                      "(--task text).")
-    demo.add_argument("--task", choices=sorted(DEMO_CONFIGS), default="vision",
-                      help="'vision' (digits, default) or 'text' (three text classification "
-                           "tasks, one table each)")
+    demo = sub.add_parser(
+        "demo",
+        help="baseline vs BiSSL on built-in data (CPU, minutes)",
+        description="The whole comparison on built-in data, ending in a table of "
+        "test accuracies: scikit-learn's 8x8 digits with a small CNN "
+        "(--task vision), or three labelled text sets (gensim's "
+        "test data, Shakespeare's plays) with a small GPT "
+        "(--task text).",
+    )
+    demo.add_argument(
+        "--task",
+        choices=sorted(DEMO_CONFIGS),
+        default="vision",
+        help="'vision' (digits, default) or 'text' (three text classification tasks, one table each)",
+    )
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
-    demo.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>; "
-                                                   "with several configs: DIR/<config name>)")
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run directory (default: runs/<config name>; with several configs: DIR/<config name>)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     add_set(demo)
     demo.set_defaults(func=_cmd_demo)
 
     config = sub.add_parser("config", help="print the fully resolved config (validates it)")
-    config.add_argument("config", nargs="?", help="YAML/JSON config file or packaged config name "
-                                                  "(default: the built-in defaults)")
+    config.add_argument(
+        "config", nargs="?", help="YAML/JSON config file or packaged config name (default: the built-in defaults)"
+    )
     add_set(config)
     config.set_defaults(func=_cmd_config)
 
     report = sub.add_parser(
-        "report", help="results tables (markdown) from run/sweep directories; rewrite the docs' "
-                       "marked tables",
+        "report",
+        help="results tables (markdown) from run/sweep directories; rewrite the docs' marked tables",
         description="Print the markdown table of each RUN_DIR (results.json of 'bissl run', or "
-                    "sweep.csv of 'bissl sweep'): mean ± std per arm, paired differences with "
-                    "bootstrap intervals, t / Wilcoxon / McNemar p-values, Holm across sweep "
-                    "cells. --update rewrites every '<!-- table:KIND PATH -->' block of the given "
-                    "markdown files ('make tables'); --check only reports stale ones.")
+        "sweep.csv of 'bissl sweep'): mean ± std per arm, paired differences with "
+        "bootstrap intervals, t / Wilcoxon / McNemar p-values, Holm across sweep "
+        "cells. --update rewrites every '<!-- table:KIND PATH -->' block of the given "
+        "markdown files ('make tables'); --check only reports stale ones.",
+    )
     report.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run or sweep directories")
     report.add_argument("--out", metavar="FILE", help="write the tables to FILE instead of stdout")
-    report.add_argument("--metric", choices=("test_acc", "val_acc", "test_loss", "val_loss"),
-                        help="metric to tabulate (default: test_acc)")
+    report.add_argument(
+        "--metric",
+        choices=("test_acc", "val_acc", "test_loss", "val_loss"),
+        help="metric to tabulate (default: test_acc)",
+    )
     report.add_argument("--per-seed", action="store_true", help="run tables: one row per seed too")
-    report.add_argument("--compare", metavar="A-B,...",
-                        help="arm pairs to compare (default: bissl against every other arm)")
-    report.add_argument("--update", nargs="+", metavar="FILE",
-                        help="rewrite the marked tables of these markdown files")
-    report.add_argument("--check", nargs="+", metavar="FILE",
-                        help="exit 1 if a marked table of these files differs from its data")
+    report.add_argument(
+        "--compare", metavar="A-B,...", help="arm pairs to compare (default: bissl against every other arm)"
+    )
+    report.add_argument("--update", nargs="+", metavar="FILE", help="rewrite the marked tables of these markdown files")
+    report.add_argument(
+        "--check", nargs="+", metavar="FILE", help="exit 1 if a marked table of these files differs from its data"
+    )
     report.set_defaults(func=_cmd_report)
 
     env = sub.add_parser("env", help="print versions, threads and the kernel backends")

@@ -17,6 +17,7 @@ Example:
     >>> cfg.bissl.lam
     0.01
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,7 @@ def _in01(*, open_hi: bool = False) -> Check:
     def check(v: float) -> str | None:
         ok = 0.0 <= v < 1.0 if open_hi else 0.0 <= v <= 1.0
         return None if ok else f"must be in [0, 1{')' if open_hi else ']'}"
+
     return check
 
 
@@ -92,6 +94,7 @@ def _each(check: Check) -> Check:
             if msg:
                 return f"item {i} {msg}"
         return None
+
     return each
 
 
@@ -100,6 +103,7 @@ def _length(n: int, check: Check | None = None) -> Check:
         if len(values) != n:
             return f"must have {n} items, got {len(values)}"
         return check(values) if check else None
+
     return length
 
 
@@ -126,30 +130,45 @@ class RunConfig:
 
     name: str | None = _opt(None, "run directory name under out_dir (default: config file stem)")
     out_dir: str = _opt("runs", "parent directory of run directories")
-    seeds: list[int] = _opt([0], "training seeds; each seed runs the full pipeline in seed_<s>/",
-                            lambda v: _nonempty(v) or _each(_ge(0))(v) or
-                            (None if len(set(v)) == len(v) else "must not repeat a seed"))
-    device: str = _opt("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
-                       lambda v: None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v)
-                       else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    num_threads: int | None = _opt(None, "torch CPU threads per process (default: torch's "
-                                            "choice; with workers > 1: cores // workers)", _ge(1))
-    workers: int = _opt(1, "seeds run in parallel processes (on CPU, 2 one-thread processes beat "
-                           "one two-thread process on small models)", _ge(1))
-    checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (and at phase ends)",
-                                 _ge(1))
-    log_every: int = _opt(1, "write a metrics row every N steps (CG diagnostics: every upper step)",
-                          _ge(1))
-    cudnn_benchmark: bool = _opt(False, "torch.backends.cudnn.benchmark (faster convs on GPU, "
-                                        "not bit-reproducible across runs)")
+    seeds: list[int] = _opt(
+        [0],
+        "training seeds; each seed runs the full pipeline in seed_<s>/",
+        lambda v: _nonempty(v) or _each(_ge(0))(v) or (None if len(set(v)) == len(v) else "must not repeat a seed"),
+    )
+    device: str = _opt(
+        "auto",
+        "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'",
+        lambda v: (
+            None if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ),
+    )
+    num_threads: int | None = _opt(
+        None, "torch CPU threads per process (default: torch's choice; with workers > 1: cores // workers)", _ge(1)
+    )
+    workers: int = _opt(
+        1,
+        "seeds run in parallel processes (on CPU, 2 one-thread processes beat one two-thread process on small models)",
+        _ge(1),
+    )
+    checkpoint_every: int = _opt(200, "save a checkpoint every N optimizer steps (and at phase ends)", _ge(1))
+    log_every: int = _opt(1, "write a metrics row every N steps (CG diagnostics: every upper step)", _ge(1))
+    cudnn_benchmark: bool = _opt(
+        False, "torch.backends.cudnn.benchmark (faster convs on GPU, not bit-reproducible across runs)"
+    )
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms(True) (slower on GPU)")
     quiet: bool = _opt(False, "no progress bars")
-    nproc: int = _opt(1, "ranks of the run (`bissl run --nproc N`): every phase runs data-parallel "
-                         "on N processes (gloo on CPU, NCCL on GPUs), each rank taking its shard "
-                         "of every global batch; ZeRO stage per the 'deepspeed' section", _ge(1))
+    nproc: int = _opt(
+        1,
+        "ranks of the run (`bissl run --nproc N`): every phase runs data-parallel "
+        "on N processes (gloo on CPU, NCCL on GPUs), each rank taking its shard "
+        "of every global batch; ZeRO stage per the 'deepspeed' section",
+        _ge(1),
+    )
     dtype: Literal["float32", "float64"] = _opt(
-        "float32", "floating-point type of models and batches (float64: exactness checks; "
-                   "ZeRO stages >= 1 keep float32 master weights and refuse it)")
+        "float32",
+        "floating-point type of models and batches (float64: exactness checks; "
+        "ZeRO stages >= 1 keep float32 master weights and refuse it)",
+    )
 
 
 @dataclass
@@ -158,29 +177,32 @@ class DataConfig:
 
     name: str = _opt("digits", "downstream dataset: 'digits' (built in), 'npz' or 'imagefolder'")
     root: str | None = _opt(None, "path of the downstream data (npz file or image folder)")
-    pretext_name: str | None = _opt(None, "pretext dataset (default: the downstream train split "
-                                             "without labels)")
+    pretext_name: str | None = _opt(None, "pretext dataset (default: the downstream train split without labels)")
     pretext_root: str | None = _opt(None, "path of the pretext data")
-    val_fraction: float = _opt(0.1, "fraction of the downstream data held out for validation",
-                               _in01(open_hi=True))
-    test_fraction: float = _opt(0.2, "fraction of the downstream data held out for testing",
-                                _in01(open_hi=True))
+    val_fraction: float = _opt(0.1, "fraction of the downstream data held out for validation", _in01(open_hi=True))
+    test_fraction: float = _opt(0.2, "fraction of the downstream data held out for testing", _in01(open_hi=True))
     split_seed: int = _opt(0, "seed of the train/val/test split (fixed across training seeds)", _ge(0))
-    image_size: int | None = _opt(None, "resize images to this side (default: the dataset's)",
-                                     _ge(1))
+    image_size: int | None = _opt(None, "resize images to this side (default: the dataset's)", _ge(1))
     labels_per_class: int | None = _opt(
-        None, "labelled training images per class: required by 'digits_lowlabel' (drawn from the "
-              "images left after the val/test split, which are all its pretext images), optional "
-              "for 'digits_transfer' (default: its whole training split)", _ge(1))
+        None,
+        "labelled training images per class: required by 'digits_lowlabel' (drawn from the "
+        "images left after the val/test split, which are all its pretext images), optional "
+        "for 'digits_transfer' (default: its whole training split)",
+        _ge(1),
+    )
     pretext_classes: list[int] | None = _opt(
-        None, "'digits_transfer': digit classes whose images are the pretext set (default 0-4)")
+        None, "'digits_transfer': digit classes whose images are the pretext set (default 0-4)"
+    )
     downstream_classes: list[int] | None = _opt(
-        None, "'digits_transfer': digit classes of the downstream task, relabelled 0..k-1 in "
-              "this order (default 5-9)")
+        None, "'digits_transfer': digit classes of the downstream task, relabelled 0..k-1 in this order (default 5-9)"
+    )
     folds: int | None = _opt(
-        None, "text tasks: stratified k-fold (by play for 'shakespeare_genre'): fold 'fold' is "
-              "the test split, val is val_fraction of the other folds, test_fraction is not "
-              "used; repeats are values of split_seed (null: the fixed val/test split)", _ge(2))
+        None,
+        "text tasks: stratified k-fold (by play for 'shakespeare_genre'): fold 'fold' is "
+        "the test split, val is val_fraction of the other folds, test_fraction is not "
+        "used; repeats are values of split_seed (null: the fixed val/test split)",
+        _ge(2),
+    )
     fold: int = _opt(0, "with 'folds': the test fold, 0..folds-1", _ge(0))
 
 
@@ -191,9 +213,12 @@ class ModelConfig:
     backbone: str = _opt("resnet50", "'small_cnn', 'resnet18', 'resnet50' or 'gpt' (text)")
     options: dict[str, Any] = _opt({}, "extra keyword arguments of bissl.models.build_backbone")
     channels_last: bool = _opt(False, "use channels_last memory format (faster convs on GPU)")
-    sync_bn: bool = _opt(True, "with run.nproc > 1, BatchNorm layers normalise with the statistics "
-                               "of the global batch (all ranks), as a single process would; false: "
-                               "each rank normalises with its own shard")
+    sync_bn: bool = _opt(
+        True,
+        "with run.nproc > 1, BatchNorm layers normalise with the statistics "
+        "of the global batch (all ranks), as a single process would; false: "
+        "each rank normalises with its own shard",
+    )
 
 
 @dataclass
@@ -201,9 +226,11 @@ class AugmentConfig:
     """Two-view augmentation (BYOL-style asymmetric pair, :class:`bissl.tasks.TwoViewAugment`)."""
 
     preset: Literal["auto", "byol", "tiny"] = _opt(
-        "auto", "'byol' (the reference: crop (0.08, 1), flip, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, "
-                "grayscale 0.2, blur p 1.0/0.1, solarize 0/0.2), 'tiny' (for <= 16 px images), "
-                "'auto' (tiny for <= 16 px, else byol)")
+        "auto",
+        "'byol' (the reference: crop (0.08, 1), flip, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, "
+        "grayscale 0.2, blur p 1.0/0.1, solarize 0/0.2), 'tiny' (for <= 16 px images), "
+        "'auto' (tiny for <= 16 px, else byol)",
+    )
     view1: dict[str, Any] = _opt({}, "overrides of view 1's ViewConfig fields (e.g. blur_p: 0.5)")
     view2: dict[str, Any] = _opt({}, "overrides of view 2's ViewConfig fields")
 
@@ -213,7 +240,8 @@ class PretextConfig:
     """Self-supervised pretraining (pipeline step 1)."""
 
     method: Literal["simclr", "byol", "gpt"] = _opt(
-        "simclr", "pretext task: 'simclr' or 'byol' (images), 'gpt' (next-token prediction, text)")
+        "simclr", "pretext task: 'simclr' or 'byol' (images), 'gpt' (next-token prediction, text)"
+    )
     epochs: int = _opt(500, "pretraining epochs", _ge(0))
     batch_size: int = _opt(1024, "pretext batch size", _ge(2))
     lr: float = _opt(4.8, "LARS base learning rate", _gt(0))
@@ -223,21 +251,27 @@ class PretextConfig:
     warmup_epochs: float = _opt(10, "linear warm-up epochs of the cosine schedule", _ge(0))
     final_lr_factor: float = _opt(1e-3, "cosine ends at this fraction of the base lr", _in01())
     temperature: float = _opt(0.5, "SimCLR NT-Xent temperature", _gt(0))
-    gather_negatives: bool = _opt(True, "SimCLR with run.nproc > 1: score each rank's queries "
-                                        "against the embeddings of all ranks (the global batch), "
-                                        "gradients flowing through the gather; false: negatives "
-                                        "from the rank's own shard only")
-    projector_dims: list[int] = _opt([256, 256, 256], "projector widths (hidden, hidden, output); "
-                                     "the BYOL predictor has the same shape",
-                                     lambda v: _nonempty(v) or _each(_ge(1))(v))
+    gather_negatives: bool = _opt(
+        True,
+        "SimCLR with run.nproc > 1: score each rank's queries "
+        "against the embeddings of all ranks (the global batch), "
+        "gradients flowing through the gather; false: negatives "
+        "from the rank's own shard only",
+    )
+    projector_dims: list[int] = _opt(
+        [256, 256, 256],
+        "projector widths (hidden, hidden, output); the BYOL predictor has the same shape",
+        lambda v: _nonempty(v) or _each(_ge(1))(v),
+    )
     byol_ema: float = _opt(0.9995, "BYOL target EMA momentum", _in01())
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: Literal["lars", "adamw"] = _opt(
-        "lars", "'lars' (the reference; lr, momentum, weight_decay, eta) or 'adamw' (lr, "
-                "weight_decay on weight matrices only, betas; the usual choice for GPT "
-                "pretraining); same cosine schedule")
-    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
-                              _length(2, _each(_in01(open_hi=True))))
+        "lars",
+        "'lars' (the reference; lr, momentum, weight_decay, eta) or 'adamw' (lr, "
+        "weight_decay on weight matrices only, betas; the usual choice for GPT "
+        "pretraining); same cosine schedule",
+    )
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass
@@ -251,8 +285,7 @@ class LowerConfig:
     warmup_steps: int = _opt(200, "linear warm-up steps of the cosine schedule", _ge(0))
     final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
     batch_size: int = _opt(1024, "pretext batch size of lower steps", _ge(2))
-    optimizer: Literal["lars", "sgd"] = _opt(
-        "lars", "'lars' (the reference) or 'sgd' (momentum, same lr/wd)")
+    optimizer: Literal["lars", "sgd"] = _opt("lars", "'lars' (the reference) or 'sgd' (momentum, same lr/wd)")
 
 
 @dataclass
@@ -279,37 +312,53 @@ class BisslConfig:
     gamma: float = _opt(1.0, "γ: weight of the direct upper term L_D(φ, ψ_D)", _ge(0))
     cg_iters: int = _opt(5, "iterations of the inverse-HVP solver", _ge(0))
     solver: Literal["cg", "cg_layerwise", "minres", "neumann", "identity"] = _opt(
-        "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code; 'minres' "
-              "handles indefinite systems)")
+        "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code; 'minres' handles indefinite systems)"
+    )
     on_indefinite: Literal["raise", "warn", "fallback", "adaptive_damping"] = _opt(
-        "fallback", "what an upper step does when the solver flags I + H/(λ+λ_damp) indefinite: "
-                    "'fallback' (default: re-solve the same system with fallback_solver; MINRES "
-                    "solves symmetric indefinite systems), 'adaptive_damping' (re-solve with a "
-                    "larger damping), 'warn' (keep the flagged answer) or 'raise' (stop)")
+        "fallback",
+        "what an upper step does when the solver flags I + H/(λ+λ_damp) indefinite: "
+        "'fallback' (default: re-solve the same system with fallback_solver; MINRES "
+        "solves symmetric indefinite systems), 'adaptive_damping' (re-solve with a "
+        "larger damping), 'warn' (keep the flagged answer) or 'raise' (stop)",
+    )
     fallback_solver: Literal["minres", "identity", "cg", "cg_layerwise", "neumann"] = _opt(
-        "minres", "solver of on_indefinite: fallback")
+        "minres", "solver of on_indefinite: fallback"
+    )
     hvp_mode: Literal["revrev", "fwdrev", "autograd", "auto"] | None = _opt(
-        None, "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev'; 'auto': "
-              "'fwdrev' where the model supports forward-mode AD, else 'revrev')")
-    hvp_batch_size: int | None = _opt(None, "pretext batch for H, drawn once per stage "
-                                               "(default: lower.batch_size)", _ge(2))
+        None,
+        "HVP mode of bissl.ops.linearize_hvp (default: the core's, 'revrev'; 'auto': "
+        "'fwdrev' where the model supports forward-mode AD, else 'revrev')",
+    )
+    hvp_batch_size: int | None = _opt(
+        None, "pretext batch for H, drawn once per stage (default: lower.batch_size)", _ge(2)
+    )
     clip_norm: float = _opt(10.0, "total gradient-norm clip of lower and upper steps", _gt(0))
     on_nonfinite: Literal["skip", "raise"] = _opt(
-        "skip", "an upper step whose hypergradient has NaN/Inf entries: 'skip' it (no update of φ "
-                "and ψ_D; counted in the metrics column 'skipped' and warned every time) or "
-                "'raise' (stop, naming the step); it is never zeroed")
+        "skip",
+        "an upper step whose hypergradient has NaN/Inf entries: 'skip' it (no update of φ "
+        "and ψ_D; counted in the metrics column 'skipped' and warned every time) or "
+        "'raise' (stop, naming the step); it is never zeroed",
+    )
     backend: str | None = _opt(None, "kernel backend of bissl.ops (default: automatic)")
     lam_schedule: str = _opt(
-        "constant", "lower-level regularisation scale over training: 'constant' (λ = lam), "
-                    "'grad_ratio' (λ keeps the proximal gradient λ‖θ−φ‖ at lam_options.ratio × "
-                    "the pretext gradient norm), 'distance' (λ grows with ‖θ−φ‖), or "
-                    "'package.module:callable' (see bissl.hypergrad.lam_schedules)")
+        "constant",
+        "lower-level regularisation scale over training: 'constant' (λ = lam), "
+        "'grad_ratio' (λ keeps the proximal gradient λ‖θ−φ‖ at lam_options.ratio × "
+        "the pretext gradient norm), 'distance' (λ grows with ‖θ−φ‖), or "
+        "'package.module:callable' (see bissl.hypergrad.lam_schedules)",
+    )
     lam_options: dict[str, Any] = _opt({}, "options of lam_schedule (e.g. ratio, ema, min, max)")
     direct_term: Literal["phi", "theta"] = _opt(
-        "phi", "where the direct upper term γ∇L_D is evaluated: 'phi' (the paper: ∇_φ L_D(φ)) or "
-               "'theta' (γ∇_θ L_D(θ), reusing the hypergradient's forward)")
-    prox_pull: float = _opt(0.0, "ρ: add ρ·λ(φ − θ) to the upper φ-gradient (the gradient of the "
-                                 "proximal term in φ: pulls φ toward θ); 0 is the paper", _ge(0))
+        "phi",
+        "where the direct upper term γ∇L_D is evaluated: 'phi' (the paper: ∇_φ L_D(φ)) or "
+        "'theta' (γ∇_θ L_D(θ), reusing the hypergradient's forward)",
+    )
+    prox_pull: float = _opt(
+        0.0,
+        "ρ: add ρ·λ(φ − θ) to the upper φ-gradient (the gradient of the "
+        "proximal term in φ: pulls φ toward θ); 0 is the paper",
+        _ge(0),
+    )
     lower: LowerConfig = field(default_factory=LowerConfig)
     upper: UpperConfig = field(default_factory=UpperConfig)
 
@@ -320,25 +369,28 @@ class FinetuneConfig:
 
     epochs: int = _opt(400, "fine-tuning epochs", _ge(1))
     batch_size: int = _opt(256, "batch size", _ge(1))
-    lr: float = _opt(0.015, "SGD learning rate (tune on val: the reference searches log-uniform "
-                            "1e-4..1)", _gt(0))
+    lr: float = _opt(0.015, "SGD learning rate (tune on val: the reference searches log-uniform 1e-4..1)", _gt(0))
     weight_decay: float = _opt(1e-3, "SGD weight decay (reference search range 1e-5..1e-2)", _ge(0))
     momentum: float = _opt(0.9, "SGD momentum", _in01(open_hi=True))
     final_lr_factor: float = _opt(0.0, "cosine ends at this fraction of the base lr", _in01())
     head: Literal["linear", "mlp"] = _opt("linear", "downstream head")
     augment: Literal["none", "crop"] = _opt(
-        "none", "fine-tuning (and upper-step) augmentation: 'none', or 'crop': the pretext "
-                "preset's random resized crop and flip, no colour changes")
+        "none",
+        "fine-tuning (and upper-step) augmentation: 'none', or 'crop': the pretext "
+        "preset's random resized crop and flip, no colour changes",
+    )
     eval_every_epochs: int = _opt(1, "evaluate on val every N epochs (and after the last)", _ge(1))
     mode: Literal["full", "linear_probe"] = _opt(
-        "full", "'full' (backbone and head trained) or 'linear_probe' (backbone frozen with "
-                "BatchNorm in eval mode, only the head trained: the read-out that sees the "
-                "backbone most directly)")
+        "full",
+        "'full' (backbone and head trained) or 'linear_probe' (backbone frozen with "
+        "BatchNorm in eval mode, only the head trained: the read-out that sees the "
+        "backbone most directly)",
+    )
     optimizer: Literal["sgd", "adamw"] = _opt(
-        "sgd", "'sgd' (momentum; lr, momentum, weight_decay) or 'adamw' (lr, weight_decay on "
-               "weight matrices only, betas)")
-    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)",
-                              _length(2, _each(_in01(open_hi=True))))
+        "sgd",
+        "'sgd' (momentum; lr, momentum, weight_decay) or 'adamw' (lr, weight_decay on weight matrices only, betas)",
+    )
+    betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2)", _length(2, _each(_in01(open_hi=True))))
 
 
 @dataclass
@@ -346,21 +398,27 @@ class BaselineConfig:
     """The baseline arm: the pretext checkpoint fine-tuned with the identical protocol."""
 
     enabled: bool = _opt(True, "run the baseline arm")
-    compute_matched: bool = _opt(False, "continue pretext training for the BiSSL stage's number of "
-                                        "lower steps (same LARS schedule) before fine-tuning")
+    compute_matched: bool = _opt(
+        False,
+        "continue pretext training for the BiSSL stage's number of lower steps (same LARS schedule) before fine-tuning",
+    )
 
 
 @dataclass
 class DebugConfig:
     """Fault injection for testing resume (never needed in real runs)."""
 
-    stop_after_steps: int | None = _opt(None, "interrupt the process after this many optimizer "
-                                                 "steps (counted in this process)", _ge(1))
-    stop_mode: Literal["raise", "exit"] = _opt("raise", "'raise' RunInterrupted, or 'exit': "
-                                                        "os._exit(75) like a kill")
-    stop_rank: int | None = _opt(None, "with run.nproc > 1: only this rank stops (the launcher "
-                                          "then stops the others), like one killed rank; default: "
-                                          "every rank", _ge(0))
+    stop_after_steps: int | None = _opt(
+        None, "interrupt the process after this many optimizer steps (counted in this process)", _ge(1)
+    )
+    stop_mode: Literal["raise", "exit"] = _opt("raise", "'raise' RunInterrupted, or 'exit': os._exit(75) like a kill")
+    stop_rank: int | None = _opt(
+        None,
+        "with run.nproc > 1: only this rank stops (the launcher "
+        "then stops the others), like one killed rank; default: "
+        "every rank",
+        _ge(0),
+    )
 
 
 @dataclass
@@ -368,8 +426,10 @@ class TextConfig:
     """Text runs (``task: text``): tokenizer and sequence lengths."""
 
     tokenizer: Literal["bpe", "bytes"] = _opt(
-        "bpe", "'bpe' (byte-level BPE trained on the pretext corpus, saved with the run) or "
-               "'bytes' (256 byte values + specials, nothing to train)")
+        "bpe",
+        "'bpe' (byte-level BPE trained on the pretext corpus, saved with the run) or "
+        "'bytes' (256 byte values + specials, nothing to train)",
+    )
     vocab_size: int = _opt(2048, "BPE vocabulary size (specials included)", _ge(260))
     seq_len: int = _opt(64, "tokens per pretext (next-token) training sequence", _ge(2))
     max_length: int = _opt(64, "downstream texts are truncated/padded to this many tokens", _ge(2))
@@ -406,17 +466,21 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = _opt(True, "copy gradients into a contiguous buffer (ZeRO)")
     stage3_prefetch_bucket_size: int = _opt(5_000_000, "ZeRO-3 parameter prefetch bucket", _ge(1))
     stage3_param_persistence_threshold: int = _opt(
-        100_000, "ZeRO-3 keeps parameters smaller than this unpartitioned", _ge(1))
+        100_000, "ZeRO-3 keeps parameters smaller than this unpartitioned", _ge(1)
+    )
     stage3_max_live_parameters: int = _opt(1_000_000_000, "ZeRO-3 live parameter budget", _ge(1))
     stage3_max_reuse_distance: int = _opt(1_000_000_000, "ZeRO-3 parameter reuse distance", _ge(1))
     hypergrad_bucket_numel: int | None = _opt(
-        None, "elements per all-reduce bucket of the hypergradient's vectors (null: one "
-              "collective per vector)", _ge(1))
+        None, "elements per all-reduce bucket of the hypergradient's vectors (null: one collective per vector)", _ge(1)
+    )
     shard_hypergrad: bool | None = _opt(
-        None, "each rank keeps only its partition of CG's vectors and right-hand side (HVPs "
-              "reduce-scattered, dots all-reduced); null: on at ZeRO-3, off below")
-    config: str | None = _opt(None, "a DeepSpeed JSON file used as the base of the engines' "
-                                       "config (the keys above override it)")
+        None,
+        "each rank keeps only its partition of CG's vectors and right-hand side (HVPs "
+        "reduce-scattered, dots all-reduced); null: on at ZeRO-3, off below",
+    )
+    config: str | None = _opt(
+        None, "a DeepSpeed JSON file used as the base of the engines' config (the keys above override it)"
+    )
 
     def validate(self) -> None:
         """Check the JSON base file, when given (sections that would fight the BiSSL step)."""
@@ -436,8 +500,10 @@ class DeepSpeedConfig:
             if section is not None and (not isinstance(section, dict) or section.get("enabled", True)):
                 raise ConfigError(f"'deepspeed.config': {key!r} is not supported ({why})")
         if base.get("gradient_accumulation_steps", 1) != 1:
-            raise ConfigError("'deepspeed.config': gradient_accumulation_steps must be 1 (one "
-                              "engine step per optimizer step of the pipeline)")
+            raise ConfigError(
+                "'deepspeed.config': gradient_accumulation_steps must be 1 (one "
+                "engine step per optimizer step of the pipeline)"
+            )
         zero = base.get("zero_optimization", {})
         for key, why in _DS_REFUSED_ZERO.items():
             section = zero.get(key)
@@ -470,40 +536,55 @@ class Config:
         """Cross-field checks (single-field checks run while building)."""
         if self.data.val_fraction + self.data.test_fraction >= 1.0:
             raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1")
-        if self.bissl.stages > 0 and self.bissl.upper_steps > 0 and self.bissl.cg_iters == 0 \
-                and self.bissl.solver != "identity":
+        if (
+            self.bissl.stages > 0
+            and self.bissl.upper_steps > 0
+            and self.bissl.cg_iters == 0
+            and self.bissl.solver != "identity"
+        ):
             raise ConfigError("'bissl.cg_iters' must be >= 1 unless 'bissl.solver' is 'identity'")
         if self.bissl.on_indefinite == "fallback" and self.bissl.fallback_solver == self.bissl.solver:
-            raise ConfigError("'bissl.fallback_solver' must differ from 'bissl.solver' when "
-                              "'bissl.on_indefinite' is 'fallback'")
+            raise ConfigError(
+                "'bissl.fallback_solver' must differ from 'bissl.solver' when 'bissl.on_indefinite' is 'fallback'"
+            )
         self.deepspeed.validate()
         if self.run.dtype == "float64" and self.run.nproc > 1 and self.deepspeed.zero_stage >= 1:
-            raise ConfigError("'run.dtype' is 'float64' but ZeRO stages >= 1 keep float32 master "
-                              "weights; use deepspeed.zero_stage 0 for float64")
+            raise ConfigError(
+                "'run.dtype' is 'float64' but ZeRO stages >= 1 keep float32 master "
+                "weights; use deepspeed.zero_stage 0 for float64"
+            )
         if self.run.nproc > 1:
             self._validate_ranks()
         text_pretext = self.pretext.method == "gpt"
         if (self.task == "text") != text_pretext:
-            raise ConfigError(f"'task' is {self.task!r} but 'pretext.method' is "
-                              f"{self.pretext.method!r}; text runs use 'gpt', image runs "
-                              "'simclr' or 'byol'")
+            raise ConfigError(
+                f"'task' is {self.task!r} but 'pretext.method' is "
+                f"{self.pretext.method!r}; text runs use 'gpt', image runs "
+                "'simclr' or 'byol'"
+            )
 
     def _validate_ranks(self) -> None:
         """What ``run.nproc > 1`` needs: global batches that split into equal shards, one device
         per rank. (Batch sizes capped at a dataset's size are checked again when a phase starts.)"""
         n = self.run.nproc
-        batches = {"pretext.batch_size": self.pretext.batch_size,
-                   "bissl.lower.batch_size": self.bissl.lower.batch_size,
-                   "bissl.upper.batch_size": self.bissl.upper.batch_size,
-                   "bissl.hvp_batch_size": self.bissl.hvp_batch_size,
-                   "finetune.batch_size": self.finetune.batch_size}
+        batches = {
+            "pretext.batch_size": self.pretext.batch_size,
+            "bissl.lower.batch_size": self.bissl.lower.batch_size,
+            "bissl.upper.batch_size": self.bissl.upper.batch_size,
+            "bissl.hvp_batch_size": self.bissl.hvp_batch_size,
+            "finetune.batch_size": self.finetune.batch_size,
+        }
         for key, size in batches.items():
             if size is not None and size % n:
-                raise ConfigError(f"'{key}' is {size}, not a multiple of run.nproc {n} (each rank "
-                                  "takes an equal shard of every global batch)")
+                raise ConfigError(
+                    f"'{key}' is {size}, not a multiple of run.nproc {n} (each rank "
+                    "takes an equal shard of every global batch)"
+                )
         if re.fullmatch(r"cuda:\d+", self.run.device):
-            raise ConfigError(f"'run.device' is {self.run.device!r}; with run.nproc > 1 use 'auto', "
-                              "'cpu' or 'cuda' (rank r computes on cuda:r)")
+            raise ConfigError(
+                f"'run.device' is {self.run.device!r}; with run.nproc > 1 use 'auto', "
+                "'cpu' or 'cuda' (rank r computes on cuda:r)"
+            )
 
 
 # --------------------------------------------------------------------------- building and checking
@@ -632,11 +713,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                    |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
+                   |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 

@@ -4,6 +4,7 @@ One table for ``bissl env``, the tests (which skip a part whose extra is missing
 ``BISSL_REQUIRE_ALL=1`` turns any such skip into a failure). Modules are looked up with
 :func:`importlib.util.find_spec`, never imported (importing DeepSpeed or TensorBoard takes seconds).
 """
+
 from __future__ import annotations
 
 import importlib.util

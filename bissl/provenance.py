@@ -4,6 +4,7 @@ Runs record it as ``provenance.json`` in their run (or sweep) directory, written
 :func:`write_provenance` when the run starts; :mod:`bissl.report_tables` prints it under every
 generated table, so a number in the docs always says which machine and commit made it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,7 @@ def cpu_model() -> str | None:
 def _git(*args: str) -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                             timeout=10, check=True)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -59,8 +59,11 @@ def collect_provenance(device: str | None = None) -> dict[str, Any]:
     import torch
 
     cpu = cpu_model()
-    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs" + \
-        (f" ({cpu})" if cpu else "") + (f", {device}" if device else "")
+    machine = (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
+        + (f" ({cpu})" if cpu else "")
+        + (f", {device}" if device else "")
+    )
     return {
         "machine": machine,
         "commit": code_commit(),
@@ -78,8 +81,7 @@ def write_provenance(directory: str | Path, device: str | None = None) -> dict[s
     return record
 
 
-def read_provenance(directory: str | Path,
-                    results: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def read_provenance(directory: str | Path, results: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The provenance of a run or sweep directory: ``results["provenance"]`` when the results carry
     one, else ``directory/provenance.json``, else None (runs made before it was recorded)."""
     if results is not None and isinstance(results.get("provenance"), dict):

@@ -28,6 +28,7 @@ What a table states:
 * where the numbers come from: the data file, and the machine, commit and date of the run
   (:mod:`bissl.provenance`; "not recorded" for runs made before it was).
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,10 +44,18 @@ from bissl.provenance import read_provenance
 from bissl.stats import BOOTSTRAP_RESAMPLES, compare_paired, holm, mcnemar_pooled
 
 #: Arms in display order, with their display names; other arms follow alphabetically.
-ARM_NAMES = {"baseline": "baseline", "baseline_matched": "compute-matched baseline",
-             "bissl_upper0": "BiSSL, no upper step", "bissl": "BiSSL"}
-METRIC_NAMES = {"test_acc": "test top-1 accuracy (%)", "val_acc": "validation top-1 accuracy (%)",
-                "test_loss": "test cross-entropy", "val_loss": "validation cross-entropy"}
+ARM_NAMES = {
+    "baseline": "baseline",
+    "baseline_matched": "compute-matched baseline",
+    "bissl_upper0": "BiSSL, no upper step",
+    "bissl": "BiSSL",
+}
+METRIC_NAMES = {
+    "test_acc": "test top-1 accuracy (%)",
+    "val_acc": "validation top-1 accuracy (%)",
+    "test_loss": "test cross-entropy",
+    "val_loss": "validation cross-entropy",
+}
 #: Per-example correctness of an arm on the test split (optional; enables McNemar).
 CORRECT_KEY = "test_correct"
 OPTIONS = ("metric", "per_seed", "compare")
@@ -103,8 +112,10 @@ def _seeds_text(seeds: Iterable[int]) -> str:
 def _provenance_text(prov: dict[str, Any] | None) -> str:
     if not prov:
         return "machine, commit and date: not recorded"
-    return (f"run on {prov.get('machine') or 'an unrecorded machine'}, commit "
-            f"`{prov.get('commit') or 'unrecorded'}`, {prov.get('date') or 'undated'}")
+    return (
+        f"run on {prov.get('machine') or 'an unrecorded machine'}, commit "
+        f"`{prov.get('commit') or 'unrecorded'}`, {prov.get('date') or 'undated'}"
+    )
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -133,8 +144,9 @@ class ArmComparison:
         return f"{_arm_name(self.a)} − {_arm_name(self.b)}"
 
 
-def compare_arms(per_seed: dict[int, dict[str, dict[str, Any]]], a: str, b: str,
-                 metric: str = "test_acc") -> ArmComparison | None:
+def compare_arms(
+    per_seed: dict[int, dict[str, dict[str, Any]]], a: str, b: str, metric: str = "test_acc"
+) -> ArmComparison | None:
     """Paired comparison ``a − b`` of ``metric`` from ``{seed: {arm: metrics}}``; None when no
     seed has both arms. McNemar (pooled and per seed) is added when every paired seed stores
     ``test_correct`` for both arms.
@@ -145,8 +157,7 @@ def compare_arms(per_seed: dict[int, dict[str, dict[str, Any]]], a: str, b: str,
     seeds = sorted(s for s, arms in per_seed.items() if arms.get(a) and arms.get(b))
     if not seeds:
         return None
-    stats = compare_paired([per_seed[s][a][metric] for s in seeds],
-                           [per_seed[s][b][metric] for s in seeds])
+    stats = compare_paired([per_seed[s][a][metric] for s in seeds], [per_seed[s][b][metric] for s in seeds])
     out = ArmComparison(a, b, seeds, stats)
     if all(CORRECT_KEY in per_seed[s][a] and CORRECT_KEY in per_seed[s][b] for s in seeds):
         pairs = [(per_seed[s][a][CORRECT_KEY], per_seed[s][b][CORRECT_KEY]) for s in seeds]
@@ -175,21 +186,29 @@ def _pairs(arms: Sequence[str], compare: str | None) -> list[tuple[str, str]]:
 def _comparison_row(c: ArmComparison, metric: str) -> list[str]:
     s = c.stats
     ci = "—" if math.isnan(s.ci_low) else f"[{_diff(s.ci_low, metric)}, {_diff(s.ci_high, metric)}]"
-    mc = "—" if c.mcnemar is None else (f"{_p(c.mcnemar.p)} ({c.mcnemar.only_a}/"
-                                        f"{c.mcnemar.only_b})")
+    mc = "—" if c.mcnemar is None else (f"{_p(c.mcnemar.p)} ({c.mcnemar.only_a}/{c.mcnemar.only_b})")
     return [c.label, _diff(s.mean, metric), ci, _p(s.p_t), _p(s.p_wilcoxon), mc, str(s.n)]
 
 
-_COMPARISON_HEADER = ["comparison", "mean difference", "95% CI (bootstrap)", "p (paired t)",
-                      "p (Wilcoxon)", "p (McNemar, pooled; discordant a/b)", "seeds"]
+_COMPARISON_HEADER = [
+    "comparison",
+    "mean difference",
+    "95% CI (bootstrap)",
+    "p (paired t)",
+    "p (Wilcoxon)",
+    "p (McNemar, pooled; discordant a/b)",
+    "seeds",
+]
 
 
 def _footnote(metric: str) -> str:
     unit = "percentage points" if _is_acc(metric) else "the metric's units"
-    return (f"Mean ± sample std over seeds. Differences are paired by seed, in {unit}; CI: "
-            f"percentile bootstrap of the mean difference ({BOOTSTRAP_RESAMPLES:,} resamples, "
-            "seed 0); p-values two-sided; — where undefined (one seed, equal differences, no "
-            "per-example predictions).")
+    return (
+        f"Mean ± sample std over seeds. Differences are paired by seed, in {unit}; CI: "
+        f"percentile bootstrap of the mean difference ({BOOTSTRAP_RESAMPLES:,} resamples, "
+        "seed 0); p-values two-sided; — where undefined (one seed, equal differences, no "
+        "per-example predictions)."
+    )
 
 
 # --------------------------------------------------------------------------- run tables
@@ -210,8 +229,14 @@ def _check_metric(metric: str) -> None:
         raise TableError(f"metric={metric!r}; valid metrics: {', '.join(METRIC_NAMES)}")
 
 
-def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: str = "test_acc",
-                     show_seeds: bool = False, compare: str | None = None) -> str:
+def render_run_table(
+    run_dir: str | Path,
+    *,
+    label: str | None = None,
+    metric: str = "test_acc",
+    show_seeds: bool = False,
+    compare: str | None = None,
+) -> str:
     """Markdown table(s) of one run directory's ``results.json`` (see the module docstring).
 
     Args:
@@ -229,32 +254,37 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
     run_dir = Path(run_dir)
     results = _read_results(run_dir)
     try:
-        per_seed = {int(s): {arm: m for arm, m in arms.items() if m}
-                    for s, arms in results["per_seed"].items()}
+        per_seed = {int(s): {arm: m for arm, m in arms.items() if m} for s, arms in results["per_seed"].items()}
     except (AttributeError, ValueError) as err:
         raise TableError(f"{run_dir}/results.json: malformed per_seed ({err})") from None
     arms = _arm_order(sorted({a for entry in per_seed.values() for a in entry}))
-    missing = [a for a in arms for entry in per_seed.values()
-               if a in entry and metric not in entry[a]]
+    missing = [a for a in arms for entry in per_seed.values() if a in entry and metric not in entry[a]]
     if missing:
         raise TableError(f"{run_dir}/results.json: arm {missing[0]!r} has no {metric!r}")
     pairs = _pairs(arms, compare)
     for arm in {x for pair in pairs for x in pair}:
         if arm not in arms:
-            raise TableError(f"compare: arm {arm!r} is not in {run_dir}/results.json "
-                             f"(arms: {', '.join(arms)})")
+            raise TableError(f"compare: arm {arm!r} is not in {run_dir}/results.json (arms: {', '.join(arms)})")
     source = label if label is not None else str(run_dir)
     what = ", ".join(f"`{results[k]}`" for k in ("dataset", "backbone", "pretext") if k in results)
     title = METRIC_NAMES[metric]
-    lines = [f"{title[0].upper()}{title[1:]}{f' on {what}' if what else ''}, "
-             f"{_seeds_text(per_seed)}; {_provenance_text(read_provenance(run_dir, results))}. "
-             f"Data: `{source}/results.json`.", ""]
+    lines = [
+        f"{title[0].upper()}{title[1:]}{f' on {what}' if what else ''}, "
+        f"{_seeds_text(per_seed)}; {_provenance_text(read_provenance(run_dir, results))}. "
+        f"Data: `{source}/results.json`.",
+        "",
+    ]
     arm_rows = []
     for arm in arms:
         values = [per_seed[s][arm][metric] for s in sorted(per_seed) if arm in per_seed[s]]
-        arm_rows.append([_arm_name(arm), _mean_std(values, metric),
-                         f"{_value(min(values), metric)} – {_value(max(values), metric)}",
-                         str(len(values))])
+        arm_rows.append(
+            [
+                _arm_name(arm),
+                _mean_std(values, metric),
+                f"{_value(min(values), metric)} – {_value(max(values), metric)}",
+                str(len(values)),
+            ]
+        )
     lines += _table(["arm", "mean ± std", "min – max", "seeds"], arm_rows)
     comparisons = [c for c in (compare_arms(per_seed, a, b, metric) for a, b in pairs) if c]
     if comparisons:
@@ -267,12 +297,11 @@ def render_run_table(run_dir: str | Path, *, label: str | None = None, metric: s
         rows = []
         for seed in sorted(per_seed):
             entry = per_seed[seed]
-            row = [str(seed)] + [_value(entry[a][metric], metric) if a in entry else "—"
-                                 for a in arms]
-            row += [_diff(entry[c.a][metric] - entry[c.b][metric], metric)
-                    if seed in c.seeds else "—" for c in comparisons]
-            row += [_p(c.mcnemar_per_seed[seed].p) if seed in c.mcnemar_per_seed else "—"
-                    for c in with_mc]
+            row = [str(seed)] + [_value(entry[a][metric], metric) if a in entry else "—" for a in arms]
+            row += [
+                _diff(entry[c.a][metric] - entry[c.b][metric], metric) if seed in c.seeds else "—" for c in comparisons
+            ]
+            row += [_p(c.mcnemar_per_seed[seed].p) if seed in c.mcnemar_per_seed else "—" for c in with_mc]
             rows.append(row)
         lines += ["", *_table(header, rows)]
     lines += ["", _footnote(metric)]
@@ -290,14 +319,16 @@ def _read_sweep_csv(sweep_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
         rows = list(reader)
     needed = ("cell", "seed", "arm")
     if not all(c in columns for c in needed) or columns.index("seed") < columns.index("cell"):
-        raise TableError(f"{path}: expected the columns cell, <swept keys>, seed, arm, metrics "
-                         f"(bissl sweep's format), got {columns}")
-    grid = columns[columns.index("cell") + 1: columns.index("seed")]
+        raise TableError(
+            f"{path}: expected the columns cell, <swept keys>, seed, arm, metrics (bissl sweep's format), got {columns}"
+        )
+    grid = columns[columns.index("cell") + 1 : columns.index("seed")]
     return grid, rows
 
 
-def render_sweep_table(sweep_dir: str | Path, *, label: str | None = None,
-                       metric: str = "test_acc", compare: str | None = None) -> str:
+def render_sweep_table(
+    sweep_dir: str | Path, *, label: str | None = None, metric: str = "test_acc", compare: str | None = None
+) -> str:
     """Markdown table of a sweep directory's ``sweep.csv``: one row per cell (module docstring).
 
     Holm's adjustment runs over the cells of the table, separately for each comparison and test.
@@ -313,22 +344,20 @@ def render_sweep_table(sweep_dir: str | Path, *, label: str | None = None,
         for r in rows:
             cell = cells.setdefault(r["cell"], {"values": [r[k] for k in grid], "per_seed": {}})
             if r.get(metric, "") == "":
-                raise TableError(f"{sweep_dir}/sweep.csv: cell {r['cell']} seed {r['seed']} arm "
-                                 f"{r['arm']} has no {metric}")
+                raise TableError(
+                    f"{sweep_dir}/sweep.csv: cell {r['cell']} seed {r['seed']} arm {r['arm']} has no {metric}"
+                )
             cell["per_seed"].setdefault(int(r["seed"]), {})[r["arm"]] = {metric: float(r[metric])}
     except (KeyError, ValueError) as err:
         if isinstance(err, TableError):
             raise
         raise TableError(f"{sweep_dir}/sweep.csv: malformed row ({err})") from None
-    arms = _arm_order(sorted({a for c in cells.values() for s in c["per_seed"].values()
-                              for a in s}))
+    arms = _arm_order(sorted({a for c in cells.values() for s in c["per_seed"].values() for a in s}))
     pairs = _pairs(arms, compare)
     for arm in {x for pair in pairs for x in pair}:
         if arm not in arms:
-            raise TableError(f"compare: arm {arm!r} is not in {sweep_dir}/sweep.csv "
-                             f"(arms: {', '.join(arms)})")
-    comps = {name: [compare_arms(c["per_seed"], a, b, metric) for a, b in pairs]
-             for name, c in cells.items()}
+            raise TableError(f"compare: arm {arm!r} is not in {sweep_dir}/sweep.csv (arms: {', '.join(arms)})")
+    comps = {name: [compare_arms(c["per_seed"], a, b, metric) for a, b in pairs] for name, c in cells.items()}
     holm_t, holm_w = [], []
     for k in range(len(pairs)):
         ps = [comps[name][k] for name in cells]
@@ -351,26 +380,25 @@ def render_sweep_table(sweep_dir: str | Path, *, label: str | None = None,
                 row += ["—"] * 6
                 continue
             st = c.stats
-            ci = "—" if math.isnan(st.ci_low) else \
-                f"[{_diff(st.ci_low, metric)}, {_diff(st.ci_high, metric)}]"
-            row += [_diff(st.mean, metric), ci, _p(st.p_t), _p(holm_t[k][i]), _p(st.p_wilcoxon),
-                    _p(holm_w[k][i])]
+            ci = "—" if math.isnan(st.ci_low) else f"[{_diff(st.ci_low, metric)}, {_diff(st.ci_high, metric)}]"
+            row += [_diff(st.mean, metric), ci, _p(st.p_t), _p(holm_t[k][i]), _p(st.p_wilcoxon), _p(holm_w[k][i])]
         row.append(str(len(per_seed)))
         table_rows.append(row)
     source = label if label is not None else str(sweep_dir)
     seeds = sorted({s for c in cells.values() for s in c["per_seed"]})
     title = METRIC_NAMES[metric]
-    lines = [f"{title[0].upper()}{title[1:]} per cell, {len(cells)} cells, {_seeds_text(seeds)}; "
-             f"{_provenance_text(read_provenance(sweep_dir))}. Data: `{source}/sweep.csv`.", ""]
+    lines = [
+        f"{title[0].upper()}{title[1:]} per cell, {len(cells)} cells, {_seeds_text(seeds)}; "
+        f"{_provenance_text(read_provenance(sweep_dir))}. Data: `{source}/sweep.csv`.",
+        "",
+    ]
     lines += _table(header, table_rows, right_from=len(grid))
-    lines += ["", _footnote(metric) + " Holm: over the cells of this table, per comparison and "
-              "test."]
+    lines += ["", _footnote(metric) + " Holm: over the cells of this table, per comparison and test."]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- markers
-def render(kind: str, path: str | Path, *, label: str | None = None,
-           options: dict[str, str] | None = None) -> str:
+def render(kind: str, path: str | Path, *, label: str | None = None, options: dict[str, str] | None = None) -> str:
     """The table of ``kind`` (``run`` | ``sweep``) for ``path`` with marker ``options``.
 
     Raises:
@@ -386,8 +414,7 @@ def render(kind: str, path: str | Path, *, label: str | None = None,
         flag = options.get("per_seed", "no")
         if flag not in ("yes", "no"):
             raise TableError(f"per_seed={flag!r}; use yes or no")
-        return render_run_table(path, label=label, metric=metric, show_seeds=flag == "yes",
-                                compare=compare)
+        return render_run_table(path, label=label, metric=metric, show_seeds=flag == "yes", compare=compare)
     if kind == "sweep":
         if "per_seed" in options:
             raise TableError("per_seed is an option of run tables")
@@ -429,11 +456,14 @@ def find_blocks(text: str, where: str = "markdown") -> list[Block]:
         if stripped.startswith("<!-- table:"):
             m = _START.match(stripped)
             if m is None:
-                raise TableError(f"{where}:{i + 1}: malformed marker {stripped!r}; expected "
-                                 "'<!-- table:KIND PATH [key=value ...] -->'")
+                raise TableError(
+                    f"{where}:{i + 1}: malformed marker {stripped!r}; expected "
+                    "'<!-- table:KIND PATH [key=value ...] -->'"
+                )
             if open_block is not None:
-                raise TableError(f"{where}:{i + 1}: table marker inside the block opened at line "
-                                 f"{open_block.start + 1}")
+                raise TableError(
+                    f"{where}:{i + 1}: table marker inside the block opened at line {open_block.start + 1}"
+                )
             opts = dict(o.split("=", 1) for o in m.group("opts").split())
             open_block = Block(m.group("kind"), m.group("path"), opts, i, -1)
         elif stripped == _END:
@@ -460,7 +490,7 @@ def regenerate(text: str, base_dir: str | Path, where: str = "markdown") -> str:
             table = render(b.kind, Path(base_dir) / b.path, label=b.path, options=b.options)
         except TableError as err:
             raise TableError(f"{where}:{b.start + 1}: {err}") from None
-        out += [*lines[pos:b.start + 1], "", *table.split("\n"), ""]
+        out += [*lines[pos : b.start + 1], "", *table.split("\n"), ""]
         pos = b.end
     out += lines[pos:]
     return "\n".join(out)

@@ -50,6 +50,7 @@ Example:
     >>> round(c.mean, 4), c.n, c.p_wilcoxon
     (0.003, 4, 0.125)
 """
+
 from __future__ import annotations
 
 import math
@@ -96,8 +97,7 @@ def _as_vector(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def paired_differences(a: Sequence[float] | np.ndarray,
-                       b: Sequence[float] | np.ndarray) -> np.ndarray:
+def paired_differences(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> np.ndarray:
     """``a − b`` elementwise, float64 ``(n,)``, after checking that the inputs pair up.
 
     Raises:
@@ -105,8 +105,7 @@ def paired_differences(a: Sequence[float] | np.ndarray,
     """
     x, y = _as_vector(a, "the first arm's values"), _as_vector(b, "the second arm's values")
     if x.shape != y.shape:
-        raise ValueError(f"paired values need one value per seed in each arm; got {x.size} and "
-                         f"{y.size} values")
+        raise ValueError(f"paired values need one value per seed in each arm; got {x.size} and {y.size} values")
     return x - y
 
 
@@ -114,8 +113,9 @@ def _rounded(d: np.ndarray) -> np.ndarray:
     return np.round(d, TIE_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def bootstrap_interval(diffs: Sequence[float] | np.ndarray, *, level: float = 0.95,
-                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    diffs: Sequence[float] | np.ndarray, *, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``diffs``.
 
     ``resamples`` samples of ``n`` indices with replacement are drawn from
@@ -244,18 +244,25 @@ class PairedComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN/inf become None, as JSON has neither)."""
+
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
                 return None
             if isinstance(v, tuple):
                 return [clean(x) for x in v]
             return v
+
         return {k: clean(v) for k, v in asdict(self).items()}
 
 
-def compare_paired(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
-                   level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                   seed: int = 0) -> PairedComparison:
+def compare_paired(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> PairedComparison:
     """All paired statistics of ``a − b`` (one value per seed in each, in the same seed order).
 
     Raises:
@@ -266,9 +273,21 @@ def compare_paired(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndar
     t, p_t = paired_t_test(d)
     w, p_w, m = wilcoxon_signed_rank(d)
     return PairedComparison(
-        n=int(d.size), mean=float(d.mean()), std=float(d.std(ddof=1)) if d.size > 1 else math.nan,
-        ci_low=lo, ci_high=hi, t=t, p_t=p_t, w_plus=w, p_wilcoxon=p_w, n_nonzero=m, level=level,
-        resamples=resamples, seed=seed, diffs=tuple(float(x) for x in d))
+        n=int(d.size),
+        mean=float(d.mean()),
+        std=float(d.std(ddof=1)) if d.size > 1 else math.nan,
+        ci_low=lo,
+        ci_high=hi,
+        t=t,
+        p_t=p_t,
+        w_plus=w,
+        p_wilcoxon=p_w,
+        n_nonzero=m,
+        level=level,
+        resamples=resamples,
+        seed=seed,
+        diffs=tuple(float(x) for x in d),
+    )
 
 
 # --------------------------------------------------------------------------- McNemar
@@ -300,8 +319,7 @@ class McNemarResult:
 def _correctness(values: Sequence[Any] | np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D sequence of per-example correctness, got shape "
-                         f"{arr.shape}")
+        raise ValueError(f"{what} must be a 1-D sequence of per-example correctness, got shape {arr.shape}")
     if arr.dtype != bool:
         if arr.size and not np.isin(arr, (0, 1)).all():
             raise ValueError(f"{what} must hold booleans or 0/1 (correct or not per test example)")
@@ -315,8 +333,7 @@ def _exact_binomial_half(k: int, n: int) -> float:
     return 1.0 if n == 0 else float(binomtest(k, n, 0.5, alternative="two-sided").pvalue)
 
 
-def mcnemar(correct_a: Sequence[Any] | np.ndarray,
-            correct_b: Sequence[Any] | np.ndarray) -> McNemarResult:
+def mcnemar(correct_a: Sequence[Any] | np.ndarray, correct_b: Sequence[Any] | np.ndarray) -> McNemarResult:
     """McNemar's exact test for one seed: are the two arms' errors on the same test examples
     equally likely to go either way?
 
@@ -334,14 +351,12 @@ def mcnemar(correct_a: Sequence[Any] | np.ndarray,
     """
     ca, cb = _correctness(correct_a, "correct_a"), _correctness(correct_b, "correct_b")
     if ca.shape != cb.shape:
-        raise ValueError(f"McNemar pairs the same test examples; got {ca.size} and {cb.size} "
-                         "predictions")
+        raise ValueError(f"McNemar pairs the same test examples; got {ca.size} and {cb.size} predictions")
     if ca.size == 0:
         raise ValueError("McNemar needs at least one test example")
     only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
     both, neither = int((ca & cb).sum()), int((~ca & ~cb).sum())
-    return McNemarResult(only_a, only_b, both, neither,
-                         _exact_binomial_half(min(only_a, only_b), only_a + only_b))
+    return McNemarResult(only_a, only_b, both, neither, _exact_binomial_half(min(only_a, only_b), only_a + only_b))
 
 
 def mcnemar_pooled(per_seed: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> McNemarResult:
@@ -363,9 +378,13 @@ def mcnemar_pooled(per_seed: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> M
         raise ValueError("mcnemar_pooled needs at least one seed")
     results = [mcnemar(a, b) for a, b in per_seed]
     only_a, only_b = sum(r.only_a for r in results), sum(r.only_b for r in results)
-    return McNemarResult(only_a, only_b, sum(r.both for r in results),
-                         sum(r.neither for r in results),
-                         _exact_binomial_half(min(only_a, only_b), only_a + only_b))
+    return McNemarResult(
+        only_a,
+        only_b,
+        sum(r.both for r in results),
+        sum(r.neither for r in results),
+        _exact_binomial_half(min(only_a, only_b), only_a + only_b),
+    )
 
 
 # --------------------------------------------------------------------------- multiplicity

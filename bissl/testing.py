@@ -4,6 +4,7 @@ Each builder returns a :class:`BilevelProblem`: a lower (pretext-like) loss and 
 (downstream-like) loss of the same backbone parameter dict, with live modules (a projector, a head)
 captured by the closures, as in BiSSL.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -49,12 +50,22 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     return F.cross_entropy(sim, target)
 
 
-def _problem(backbone: nn.Module, feat: int, x1: Tensor, x2: Tensor, y: Tensor, classes: int,
-             proj_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> BilevelProblem:
+def _problem(
+    backbone: nn.Module,
+    feat: int,
+    x1: Tensor,
+    x2: Tensor,
+    y: Tensor,
+    classes: int,
+    proj_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> BilevelProblem:
     backbone = backbone.to(dtype=dtype, device=device)
     x1, x2, y = x1.to(device), x2.to(device), y.to(device)
     projector = nn.Sequential(nn.Linear(feat, proj_dim), nn.ReLU(), nn.Linear(proj_dim, proj_dim)).to(
-        dtype=dtype, device=device)
+        dtype=dtype, device=device
+    )
     head = nn.Linear(feat, classes).to(dtype=dtype, device=device)
     buffers = dict(backbone.named_buffers())
 
@@ -71,8 +82,9 @@ def _problem(backbone: nn.Module, feat: int, x1: Tensor, x2: Tensor, y: Tensor, 
     return BilevelProblem(backbone, params, lower_loss, upper_loss, {"projector": projector, "head": head})
 
 
-def mlp_problem(*, batch: int = 8, dim: int = 5, hidden: int = 6, dtype: torch.dtype = torch.float64,
-                seed: int = 0) -> BilevelProblem:
+def mlp_problem(
+    *, batch: int = 8, dim: int = 5, hidden: int = 6, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> BilevelProblem:
     """A tiny tanh MLP backbone (a few dozen parameters): dense Hessians are cheap."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -88,12 +100,19 @@ class SmallConvNet(nn.Module):
 
     def __init__(self, channels: int = 1, width: int = 4, norm: str = "batch"):
         super().__init__()
+
         def norm_layer(c: int) -> nn.Module:
             return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(1, c)
+
         self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), norm_layer(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), norm_layer(2 * width), nn.Tanh(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(channels, width, 3, padding=1),
+            norm_layer(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            norm_layer(2 * width),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.out_dim = 2 * width
 
@@ -101,8 +120,15 @@ class SmallConvNet(nn.Module):
         return self.net(x)
 
 
-def cnn_problem(*, batch: int = 6, size: int = 6, width: int = 3, norm: str = "batch",
-                dtype: torch.dtype = torch.float64, seed: int = 0) -> BilevelProblem:
+def cnn_problem(
+    *,
+    batch: int = 6,
+    size: int = 6,
+    width: int = 3,
+    norm: str = "batch",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> BilevelProblem:
     """A tiny conv net with BatchNorm (train mode) on ``size×size`` images."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -113,9 +139,18 @@ def cnn_problem(*, batch: int = 6, size: int = 6, width: int = 3, norm: str = "b
     return _problem(backbone, backbone.out_dim, x, x2, y, 3, 4, dtype)
 
 
-def module_problem(backbone: nn.Module, *, feat: int, batch: int, image: tuple[int, ...],
-                   classes: int = 10, proj_dim: int = 128, dtype: torch.dtype = torch.float32,
-                   seed: int = 0, device: torch.device | str = "cpu") -> BilevelProblem:
+def module_problem(
+    backbone: nn.Module,
+    *,
+    feat: int,
+    batch: int,
+    image: tuple[int, ...],
+    classes: int = 10,
+    proj_dim: int = 128,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> BilevelProblem:
     """A problem around any image backbone (e.g. a ResNet-18 for benchmarks), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -157,10 +192,17 @@ class TinyTransformer(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(seq, dim))
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({
-                "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-                "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
-            }) for _ in range(layers)
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(dim),
+                    "qkv": nn.Linear(dim, 3 * dim),
+                    "proj": nn.Linear(dim, dim),
+                    "ln2": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 4 * dim),
+                    "fc2": nn.Linear(4 * dim, dim),
+                }
+            )
+            for _ in range(layers)
         )
         self.ln_f = nn.LayerNorm(dim)
 
@@ -177,8 +219,16 @@ class TinyTransformer(nn.Module):
         return self.ln_f(h)
 
 
-def transformer_problem(*, batch: int = 8, seq: int = 32, vocab: int = 64, dim: int = 64, layers: int = 2,
-                        dtype: torch.dtype = torch.float32, seed: int = 0) -> BilevelProblem:
+def transformer_problem(
+    *,
+    batch: int = 8,
+    seq: int = 32,
+    vocab: int = 64,
+    dim: int = 64,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> BilevelProblem:
     """GPT-style bilevel problem: next-token loss (lower) and sequence classification (upper)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -220,6 +270,7 @@ def named_problem(name: str, *, batch: int, dtype: torch.dtype = torch.float32, 
         return module_problem(net, feat=cast(int, net.out_dim), batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
     if name == "resnet18":
         from bissl.models import build_backbone
+
         net = build_backbone("resnet18", in_channels=3, small_input=True)
         return module_problem(net, feat=cast(int, net.out_dim), batch=batch, image=(3, 32, 32), dtype=dtype, seed=seed)
     if name == "transformer":

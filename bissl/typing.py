@@ -1,4 +1,5 @@
 """Named types shared across bissl (import-only module, no work at import)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

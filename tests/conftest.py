@@ -5,6 +5,7 @@ those that need hardware or a toolkit CI does not have (a CUDA device, nvcc): a 
 optional part skips only where its extra is missing, and CI installs every extra, so a skip there
 means something that should be tested was not.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,5 +51,7 @@ def pytest_runtest_makereport(item, call):
         reason = _skip_reason(report)
         if not any(allowed in reason for allowed in ALLOWED_SKIPS):
             report.outcome = "failed"
-            report.longrepr = (f"BISSL_REQUIRE_ALL=1: this test skipped ({reason}); CI installs every "
-                               f"extra, so nothing may skip there except for a missing GPU or nvcc")
+            report.longrepr = (
+                f"BISSL_REQUIRE_ALL=1: this test skipped ({reason}); CI installs every "
+                f"extra, so nothing may skip there except for a missing GPU or nvcc"
+            )

@@ -1,4 +1,5 @@
 """``bissl bench``: the command runs on a user's factory, writes JSON, compares, and refuses bad input."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,21 @@ from bissl.bench import build_problem, interleaved_rounds, max_rel_diff, peak_me
 from bissl.cli import build_parser, main
 
 # A tiny positive definite problem (float64 MLP, λ + damping = 1.5): answers must agree closely.
-FAST = ["--batch", "4", "--rounds", "2", "--iters", "3", "--lam", "0.5", "--damping", "1.0",
-        "--dtype", "float64", "--quiet"]
+FAST = [
+    "--batch",
+    "4",
+    "--rounds",
+    "2",
+    "--iters",
+    "3",
+    "--lam",
+    "0.5",
+    "--damping",
+    "1.0",
+    "--dtype",
+    "float64",
+    "--quiet",
+]
 
 
 def test_help_lists_the_options(capsys):
@@ -41,8 +55,25 @@ def test_a_real_run_on_a_factory_writes_json_and_compares(tmp_path, capsys, solv
     assert "speed-up" in printed and "linearized matvec" in printed
 
     again = tmp_path / "again.json"
-    assert main(["bench", "--model", "bissl.testing:mlp_problem", "--solver", solver, "--out", str(again),
-                 "--compare", str(out), "--hvp-mode", "revrev", *FAST]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "bissl.testing:mlp_problem",
+                "--solver",
+                solver,
+                "--out",
+                str(again),
+                "--compare",
+                str(out),
+                "--hvp-mode",
+                "revrev",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "compared with" in printed and "speedup" in printed and "configurations differ" in printed
 
@@ -61,7 +92,8 @@ def test_factories_may_return_a_backbone_or_a_triple(tmp_path, monkeypatch):
         "    return Net()\n"
         "def triple(batch, dtype):\n"
         "    p = mlp_problem(batch=batch, dtype=dtype)\n"
-        "    return p.lower_loss, p.upper_loss, p.params\n")
+        "    return p.lower_loss, p.upper_loss, p.params\n"
+    )
     monkeypatch.chdir(tmp_path)
     prob = build_problem("my_models:backbone", batch=3, dtype=torch.float64, image=(1, 5, 5))
     assert set(prob.params) == {"conv.weight", "conv.bias"} and prob.lower_loss(prob.params).dim() == 0
@@ -72,8 +104,21 @@ def test_factories_may_return_a_backbone_or_a_triple(tmp_path, monkeypatch):
 def test_bad_input_is_refused_with_a_reason(tmp_path, capsys):
     assert main(["bench", "--model", "no_such_module:f", "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
     assert "cannot load" in capsys.readouterr().err
-    assert main(["bench", "--model", "bissl.testing:mlp_problem", "--hvp-mode", "magic", "--quiet",
-                 "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "bissl.testing:mlp_problem",
+                "--hvp-mode",
+                "magic",
+                "--quiet",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     assert "--hvp-mode" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

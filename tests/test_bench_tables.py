@@ -1,4 +1,5 @@
 """The README's performance section is exactly what benchmarks/make_tables.py makes from the JSON."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +21,8 @@ def test_readme_performance_section_is_generated_from_the_results():
         assert (tables.RESULTS / name).exists(), f"benchmarks/results/{name} is missing"
     assert tables.update_readme(check=True), (
         "README.md's performance section differs from benchmarks/make_tables.py's output: "
-        "run python benchmarks/make_tables.py")
+        "run python benchmarks/make_tables.py"
+    )
 
 
 def test_every_network_and_form_has_a_row():

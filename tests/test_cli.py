@@ -1,4 +1,5 @@
 """The command line through ``python -m bissl`` in subprocesses (as a user runs it)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ TINY = Path(__file__).resolve().parent / "trainer" / "tiny.yaml"
 
 def bissl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "bissl", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bissl", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_help_lists_commands():
@@ -65,8 +67,17 @@ def test_run_killed_then_resumed_matches_uninterrupted(tmp_path):
     full = bissl("run", str(TINY), "--out", str(tmp_path / "full"), "--quiet")
     assert full.returncode == 0, full.stderr
     assert "mean ± std" in full.stdout and "BiSSL" in full.stdout
-    killed = bissl("run", str(TINY), "--out", str(tmp_path / "killed"), "--quiet",
-                   "--set", "debug.stop_after_steps=9", "--set", "debug.stop_mode=exit")
+    killed = bissl(
+        "run",
+        str(TINY),
+        "--out",
+        str(tmp_path / "killed"),
+        "--quiet",
+        "--set",
+        "debug.stop_after_steps=9",
+        "--set",
+        "debug.stop_mode=exit",
+    )
     assert killed.returncode == 75 and not (tmp_path / "killed" / "results.json").exists()
     resumed = bissl("run", "--resume", str(tmp_path / "killed"), "--quiet")
     assert resumed.returncode == 0, resumed.stderr

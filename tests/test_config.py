@@ -1,4 +1,5 @@
 """Config: reference defaults, strict validation with one-line errors, overrides, files."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,22 @@ def test_defaults_are_the_reference_tables():
     """docs/method.md §4: the ImageNet-scale values (pretext, BiSSL stage, fine-tuning)."""
     c = Config()
     p, b, f = c.pretext, c.bissl, c.finetune
-    assert (p.method, p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.eta) == \
-        ("simclr", 500, 1024, 4.8, 0.9, 1e-6, 1e-3)
-    assert (p.warmup_epochs, p.final_lr_factor, p.temperature, p.projector_dims, p.byol_ema) == \
-        (10, 1e-3, 0.5, [256, 256, 256], 0.9995)
+    assert (p.method, p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.eta) == (
+        "simclr",
+        500,
+        1024,
+        4.8,
+        0.9,
+        1e-6,
+        1e-3,
+    )
+    assert (p.warmup_epochs, p.final_lr_factor, p.temperature, p.projector_dims, p.byol_ema) == (
+        10,
+        1e-3,
+        0.5,
+        [256, 256, 256],
+        0.9995,
+    )
     assert (b.stages, b.lower_steps, b.upper_steps, b.head_warmup_epochs) == (500, 20, 8, 20)
     assert (b.lam, b.damping, b.gamma, b.cg_iters, b.solver, b.clip_norm) == (1e-3, 10.0, 1.0, 5, "cg", 10.0)
     assert (b.lower.lr, b.lower.weight_decay, b.lower.warmup_steps, b.lower.batch_size) == (1.0, 1e-6, 200, 1024)
@@ -49,32 +62,38 @@ def test_defaults_are_the_reference_tables():
     assert c.model.backbone == "resnet50" and c.baseline.enabled and not c.baseline.compute_matched
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"bissl": {"lamda": 1}}, "config error: unknown key 'bissl.lamda' (did you mean 'lam'?)"),
-    ({"bisl": {}}, "config error: unknown key 'bisl' (did you mean 'bissl'?)"),
-    ({"bissl": {"lower": {"lrr": 1}}}, "config error: unknown key 'bissl.lower.lrr' (did you mean 'lr'?)"),
-    ({"run": {"zzz": 1}}, "config error: unknown key 'run.zzz'"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"bissl": {"lamda": 1}}, "config error: unknown key 'bissl.lamda' (did you mean 'lam'?)"),
+        ({"bisl": {}}, "config error: unknown key 'bisl' (did you mean 'bissl'?)"),
+        ({"bissl": {"lower": {"lrr": 1}}}, "config error: unknown key 'bissl.lower.lrr' (did you mean 'lr'?)"),
+        ({"run": {"zzz": 1}}, "config error: unknown key 'run.zzz'"),
+    ],
+)
 def test_unknown_keys_are_named_with_their_path(raw, expected):
     assert _error(raw) == expected
 
 
-@pytest.mark.parametrize("raw, key, fragment", [
-    ({"bissl": {"lam": "abc"}}, "bissl.lam", "must be a number"),
-    ({"bissl": {"lam": 0}}, "bissl.lam", "must be > 0"),
-    ({"bissl": {"cg_iters": 2.5}}, "bissl.cg_iters", "must be an integer"),
-    ({"bissl": {"cg_iters": True}}, "bissl.cg_iters", "must be an integer"),
-    ({"bissl": {"solver": "gmres"}}, "bissl.solver", "must be one of 'cg', 'cg_layerwise'"),
-    ({"bissl": {"lower": {"momentum": 1.0}}}, "bissl.lower.momentum", "must be in [0, 1)"),
-    ({"pretext": {"projector_dims": [256, 0]}}, "pretext.projector_dims", "item 1 must be >= 1"),
-    ({"pretext": {"method": "moco"}}, "pretext.method", "must be one of 'simclr', 'byol'"),
-    ({"run": {"seeds": [0, 0]}}, "run.seeds", "must not repeat"),
-    ({"run": {"seeds": []}}, "run.seeds", "must not be empty"),
-    ({"run": {"device": "gpu"}}, "run.device", "must be 'auto'"),
-    ({"baseline": {"enabled": "yes"}}, "baseline.enabled", "must be true or false"),
-    ({"bissl": 3}, "bissl", "must be a mapping"),
-    ({"bissl": {"lam": float("nan")}}, "bissl.lam", "must be finite"),
-])
+@pytest.mark.parametrize(
+    "raw, key, fragment",
+    [
+        ({"bissl": {"lam": "abc"}}, "bissl.lam", "must be a number"),
+        ({"bissl": {"lam": 0}}, "bissl.lam", "must be > 0"),
+        ({"bissl": {"cg_iters": 2.5}}, "bissl.cg_iters", "must be an integer"),
+        ({"bissl": {"cg_iters": True}}, "bissl.cg_iters", "must be an integer"),
+        ({"bissl": {"solver": "gmres"}}, "bissl.solver", "must be one of 'cg', 'cg_layerwise'"),
+        ({"bissl": {"lower": {"momentum": 1.0}}}, "bissl.lower.momentum", "must be in [0, 1)"),
+        ({"pretext": {"projector_dims": [256, 0]}}, "pretext.projector_dims", "item 1 must be >= 1"),
+        ({"pretext": {"method": "moco"}}, "pretext.method", "must be one of 'simclr', 'byol'"),
+        ({"run": {"seeds": [0, 0]}}, "run.seeds", "must not repeat"),
+        ({"run": {"seeds": []}}, "run.seeds", "must not be empty"),
+        ({"run": {"device": "gpu"}}, "run.device", "must be 'auto'"),
+        ({"baseline": {"enabled": "yes"}}, "baseline.enabled", "must be true or false"),
+        ({"bissl": 3}, "bissl", "must be a mapping"),
+        ({"bissl": {"lam": float("nan")}}, "bissl.lam", "must be finite"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key, fragment):
     message = _error(raw)
     assert f"'{key}" in message and fragment in message
@@ -87,9 +106,18 @@ def test_cross_field_checks():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["bissl.lam=0.01", "pretext.weight_decay=1e-5", "run.seeds=[3, 4]",
-                             "baseline.compute_matched=true", "bissl.hvp_mode=fwdrev",
-                             "data.root=null", "model.options={width: 8}"])
+    cfg = load_config(
+        None,
+        [
+            "bissl.lam=0.01",
+            "pretext.weight_decay=1e-5",
+            "run.seeds=[3, 4]",
+            "baseline.compute_matched=true",
+            "bissl.hvp_mode=fwdrev",
+            "data.root=null",
+            "model.options={width: 8}",
+        ],
+    )
     assert cfg.bissl.lam == 0.01 and cfg.pretext.weight_decay == 1e-5
     assert isinstance(cfg.pretext.weight_decay, float)  # YAML 1.1 would read '1e-5' as a string
     assert cfg.run.seeds == [3, 4] and cfg.baseline.compute_matched and cfg.bissl.hvp_mode == "fwdrev"
@@ -98,13 +126,16 @@ def test_overrides_parse_yaml_values():
     assert parse_override("a.b=") == (["a", "b"], "")
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("bissl.lamda=1", "unknown key 'bissl.lamda' (did you mean 'lam'?)"),
-    ("bissl", "must look like 'section.key=value'"),
-    ("bissl..lam=1", "must be dotted names"),
-    ("bissl.lam=[1", "cannot parse the value of override 'bissl.lam'"),
-    ("bissl.lam.x=1", "'bissl.lam' must be a number"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("bissl.lamda=1", "unknown key 'bissl.lamda' (did you mean 'lam'?)"),
+        ("bissl", "must look like 'section.key=value'"),
+        ("bissl..lam=1", "must be dotted names"),
+        ("bissl.lam=[1", "cannot parse the value of override 'bissl.lam'"),
+        ("bissl.lam.x=1", "'bissl.lam' must be a number"),
+    ],
+)
 def test_bad_overrides(override, fragment):
     assert fragment in _error(overrides=[override])
 
@@ -148,8 +179,9 @@ def test_reference_config_is_the_reference_at_scale():
     cfg = load_config(CONFIGS / "reference_imagenet_resnet50.yaml")
     assert cfg.model.backbone == "resnet50" and cfg.data.image_size == 96
     default = config_to_dict(Config())
-    changed = diff_configs({k: default[k] for k in ("pretext", "bissl")},
-                           {k: config_to_dict(cfg)[k] for k in ("pretext", "bissl")})
+    changed = diff_configs(
+        {k: default[k] for k in ("pretext", "bissl")}, {k: config_to_dict(cfg)[k] for k in ("pretext", "bissl")}
+    )
     assert changed == ["pretext.augment.preset"]  # 'byol' spelled out instead of 'auto'
 
 

@@ -3,6 +3,7 @@
 Without ``BISSL_REQUIRE_ALL=1`` these tests skip (with the reason) for a missing part; under it
 (``make test``, CI) tests/conftest.py turns those skips, and any other test's, into failures.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,17 +40,19 @@ def test_kernel_backend_runs_on_cpu(name):
 def test_pip_check_is_clean():
     """Everything installed in the venv ``make`` builds has what it declares (``pip check``)."""
     if os.environ.get("BISSL_REQUIRE_ALL") != "1":
-        pytest.skip("pip check runs under BISSL_REQUIRE_ALL=1 (make test, CI): another environment "
-                    "may hold packages that are none of bissl's business")
-    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True,
-                          timeout=120)
+        pytest.skip(
+            "pip check runs under BISSL_REQUIRE_ALL=1 (make test, CI): another environment "
+            "may hold packages that are none of bissl's business"
+        )
+    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_require_all_turns_skips_into_failures(pytester, monkeypatch):
     """The CI flag: a skip for a missing part fails; a skip for a missing GPU or nvcc stays a skip."""
     pytester.makeconftest(CONFTEST.read_text())
-    pytester.makepyfile(test_flag=textwrap.dedent("""
+    pytester.makepyfile(
+        test_flag=textwrap.dedent("""
         import pytest
 
         def test_passes():
@@ -61,7 +64,8 @@ def test_require_all_turns_skips_into_failures(pytester, monkeypatch):
         @pytest.mark.skipif(True, reason="nvcc not found: the CUDA compile check needs the CUDA toolkit")
         def test_needs_nvcc():
             pass
-    """))
+    """)
+    )
     monkeypatch.setenv("BISSL_REQUIRE_ALL", "1")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1, skipped=1)

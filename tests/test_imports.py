@@ -5,6 +5,7 @@ Imports are read from the source (module level and inside functions alike), so a
 a lazy import is found too. An edge goes to the module named by the import: ``from bissl.a import
 b`` is an edge to ``bissl.a.b`` when that is a module, else to ``bissl.a``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt):], nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -91,7 +92,9 @@ def test_the_cycle_finder_finds_cycles():
 def test_config_is_a_leaf():
     assert not {m for m in import_graph()["bissl.config"] if m.startswith("bissl.")}
     # Validating a config file loads neither torch nor any compute module.
-    code = ("import sys; from bissl.config import load_config; load_config(None); "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('bissl.')))")
+    code = (
+        "import sys; from bissl.config import load_config; load_config(None); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('bissl.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['bissl.config']"

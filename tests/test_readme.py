@@ -1,4 +1,5 @@
 """Every Python block of the README must run as written (each in a fresh namespace)."""
+
 from __future__ import annotations
 
 import re
@@ -6,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BLOCKS = re.findall(r"```python\n(.*?)```",
-                    (Path(__file__).resolve().parents[1] / "README.md").read_text(), flags=re.S)
+BLOCKS = re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "README.md").read_text(), flags=re.S)
 #: What each block must print (its own asserts check the numbers).
 EXPECTED = {
     "implicit_hypergrad": ("residual_norm", "0.weight"),

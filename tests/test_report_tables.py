@@ -1,5 +1,6 @@
 """bissl report / make tables: tables from results.json and sweep.csv in the formats bissl run and
 bissl sweep write, marker blocks rewritten exactly, and the docs' tables equal to their data."""
+
 from __future__ import annotations
 
 import statistics
@@ -28,8 +29,7 @@ BISSL = [0.9638, 0.9694, 0.9582, 0.9694]
 
 
 def _metrics(acc: float, **extra) -> dict:
-    return {"test_acc": acc, "val_acc": acc - 0.01, "test_loss": 1 - acc, "val_loss": 1.1 - acc,
-            **extra}
+    return {"test_acc": acc, "val_acc": acc - 0.01, "test_loss": 1 - acc, "val_loss": 1.1 - acc, **extra}
 
 
 def _run_dir(tmp_path: Path, name: str = "run", correct: bool = False) -> Path:
@@ -40,8 +40,10 @@ def _run_dir(tmp_path: Path, name: str = "run", correct: bool = False) -> Path:
         per_seed[s] = {"baseline": _metrics(b, **extra_b), "bissl": _metrics(x, **extra_x)}
     run = tmp_path / name
     run.mkdir()
-    write_json_atomic(summarize(per_seed, meta={"dataset": "digits", "backbone": "small_cnn",
-                                                "pretext": "simclr"}), run / "results.json")
+    write_json_atomic(
+        summarize(per_seed, meta={"dataset": "digits", "backbone": "small_cnn", "pretext": "simclr"}),
+        run / "results.json",
+    )
     return run
 
 
@@ -49,12 +51,19 @@ def _sweep_dir(tmp_path: Path) -> Path:
     out = tmp_path / "sweep"
     out.mkdir()
     rows = []
-    for cell, lam, shift in (("lam=0.001", 0.001, 0.0), ("lam=0.01", 0.01, 0.004),
-                             ("lam=0.1", 0.1, -0.003)):
+    for cell, lam, shift in (("lam=0.001", 0.001, 0.0), ("lam=0.01", 0.01, 0.004), ("lam=0.1", 0.1, -0.003)):
         for seed in range(4):
             for arm, acc in (("bissl", BISSL[seed] + shift * (seed + 1)), ("baseline", BASE[seed])):
-                rows.append({"cell": cell, "lam": lam, "seed": seed, "arm": arm,
-                             **{m: _metrics(acc)[m] for m in METRICS}, "source": cell})
+                rows.append(
+                    {
+                        "cell": cell,
+                        "lam": lam,
+                        "seed": seed,
+                        "arm": arm,
+                        **{m: _metrics(acc)[m] for m in METRICS},
+                        "source": cell,
+                    }
+                )
     write_csv(rows, ["cell", "lam", "seed", "arm", *METRICS, "source"], out / "sweep.csv")
     return out
 
@@ -70,8 +79,10 @@ def test_run_table_numbers(tmp_path):
         ms = f"{100 * statistics.mean(acc):.2f} ± {100 * statistics.stdev(acc):.2f}"
         assert f"| {name} | {ms} | {100 * min(acc):.2f} – {100 * max(acc):.2f} | 4 |" in text
     assert "| baseline | 96.24 ± 0.36 | 95.82 – 96.66 | 4 |" in text
-    row = (f"| BiSSL − baseline | +0.28 | [{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}] | "
-           f"{c.p_t:.3f} | {c.p_wilcoxon:.3f} | — | 4 |")
+    row = (
+        f"| BiSSL − baseline | +0.28 | [{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}] | "
+        f"{c.p_t:.3f} | {c.p_wilcoxon:.3f} | — | 4 |"
+    )
     assert row in text
     assert "| 2 | 95.82 | 95.82 | +0.00 |" in text  # per-seed row
 
@@ -80,8 +91,7 @@ def test_run_table_mcnemar_and_provenance(tmp_path):
     run = _run_dir(tmp_path, correct=True)
     prov = write_provenance(run)
     text = render_run_table(run)
-    pooled = mcnemar_pooled([([1] * 5 + [1, 0] + [1], [1] * 5 + [0] * 2 + [s % 2])
-                             for s in range(4)])
+    pooled = mcnemar_pooled([([1] * 5 + [1, 0] + [1], [1] * 5 + [0] * 2 + [s % 2]) for s in range(4)])
     assert (pooled.only_a, pooled.only_b) == (6, 0)
     assert f"{pooled.p:.3f} (6/0)" in text
     assert f"run on {prov['machine']}, commit `{prov['commit']}`, {prov['date']}" in text
@@ -108,8 +118,7 @@ def test_sweep_table_with_holm(tmp_path):
     text = render_sweep_table(_sweep_dir(tmp_path))
     lines = [line for line in text.splitlines() if line.startswith("| 0.")]
     assert [line.split(" | ")[0] for line in lines] == ["| 0.001", "| 0.01", "| 0.1"]
-    comps = [compare_paired([BISSL[s] + shift * (s + 1) for s in range(4)], BASE)
-             for shift in (0.0, 0.004, -0.003)]
+    comps = [compare_paired([BISSL[s] + shift * (s + 1) for s in range(4)], BASE) for shift in (0.0, 0.004, -0.003)]
     adjusted = holm([c.p_t for c in comps])
     for line, c, adj in zip(lines, comps, adjusted):
         cells = [x.strip() for x in line.strip("|").split("|")]
@@ -135,8 +144,10 @@ def _doc(tmp_path: Path, body: str) -> Path:
 
 
 def test_regenerate_rewrites_only_the_blocks(tmp_path):
-    body = ("# Title\n\nText before.\n<!-- table:run run per_seed=yes -->\nstale | table\n"
-            "<!-- /table -->\nBetween.\n<!-- table:sweep sweep -->\n<!-- /table -->\nAfter.\n")
+    body = (
+        "# Title\n\nText before.\n<!-- table:run run per_seed=yes -->\nstale | table\n"
+        "<!-- /table -->\nBetween.\n<!-- table:sweep sweep -->\n<!-- /table -->\nAfter.\n"
+    )
     doc = _doc(tmp_path, body)
     assert check_files([doc]) == [str(doc)]
     assert update_files([doc]) == [str(doc)]
@@ -151,15 +162,18 @@ def test_regenerate_rewrites_only_the_blocks(tmp_path):
     assert check_files([doc]) == [str(doc)]
 
 
-@pytest.mark.parametrize("body, match", [
-    ("<!-- table:run run -->\nno end\n", "without '<!-- /table -->'"),
-    ("<!-- /table -->\n", "without a table marker"),
-    ("<!-- table:run run -->\n<!-- table:run run -->\n<!-- /table -->\n", "inside the block"),
-    ("<!-- table:run -->\n<!-- /table -->\n", "malformed marker"),
-    ("<!-- table:plot run -->\n<!-- /table -->\n", "unknown table kind 'plot'"),
-    ("<!-- table:run run colour=red -->\n<!-- /table -->\n", "unknown table option"),
-    ("<!-- table:run missing -->\n<!-- /table -->\n", "doc.md:1: .*no results.json"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("<!-- table:run run -->\nno end\n", "without '<!-- /table -->'"),
+        ("<!-- /table -->\n", "without a table marker"),
+        ("<!-- table:run run -->\n<!-- table:run run -->\n<!-- /table -->\n", "inside the block"),
+        ("<!-- table:run -->\n<!-- /table -->\n", "malformed marker"),
+        ("<!-- table:plot run -->\n<!-- /table -->\n", "unknown table kind 'plot'"),
+        ("<!-- table:run run colour=red -->\n<!-- /table -->\n", "unknown table option"),
+        ("<!-- table:run missing -->\n<!-- /table -->\n", "doc.md:1: .*no results.json"),
+    ],
+)
 def test_marker_errors(tmp_path, body, match):
     doc = _doc(tmp_path, body)
     with pytest.raises(TableError, match=match):

@@ -1,5 +1,6 @@
 """bissl.stats against hand-computed and textbook values, scipy where it is exact, and the
 documented degenerate cases."""
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,15 @@ from bissl.stats import (
 
 
 # --------------------------------------------------------------------------- input checks
-@pytest.mark.parametrize("a, b, match", [
-    ([1.0, 2.0, 3.0], [1.0, 2.0], "got 3 and 2 values"),
-    ([], [], "empty"),
-    ([1.0, float("nan")], [1.0, 2.0], "NaN or Inf"),
-    ([[1.0, 2.0]], [[1.0, 2.0]], "1-D"),
-])
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        ([1.0, 2.0, 3.0], [1.0, 2.0], "got 3 and 2 values"),
+        ([], [], "empty"),
+        ([1.0, float("nan")], [1.0, 2.0], "NaN or Inf"),
+        ([[1.0, 2.0]], [[1.0, 2.0]], "1-D"),
+    ],
+)
 def test_unpaired_inputs_raise(a, b, match):
     with pytest.raises(ValueError, match=match):
         paired_differences(a, b)
@@ -167,8 +171,8 @@ def test_mcnemar_no_discordant_pair():
 
 
 def test_mcnemar_pooled_sums_discordant_counts():
-    s1 = ([1] * 9 + [0], [0] * 9 + [1])       # 9 vs 1
-    s2 = ([1, 1, 1, 0], [0, 0, 0, 0])          # 3 vs 0
+    s1 = ([1] * 9 + [0], [0] * 9 + [1])  # 9 vs 1
+    s2 = ([1, 1, 1, 0], [0, 0, 0, 0])  # 3 vs 0
     r = mcnemar_pooled([s1, s2])
     assert (r.only_a, r.only_b) == (12, 1)
     # 2·P(Bin(13, ½) ≤ 1) = 2·(1 + 13)/2^13.
@@ -176,11 +180,14 @@ def test_mcnemar_pooled_sums_discordant_counts():
     assert r.p == pytest.approx(sum(math.comb(13, k) for k in (0, 1, 12, 13)) / 2**13, rel=1e-12)
 
 
-@pytest.mark.parametrize("a, b, match", [
-    ([1, 0], [1, 0, 1], "got 2 and 3"),
-    ([1, 2], [1, 0], "booleans or 0/1"),
-    ([], [], "at least one"),
-])
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        ([1, 0], [1, 0, 1], "got 2 and 3"),
+        ([1, 2], [1, 0], "booleans or 0/1"),
+        ([], [], "at least one"),
+    ],
+)
 def test_mcnemar_bad_inputs(a, b, match):
     with pytest.raises(ValueError, match=match):
         mcnemar(a, b)

@@ -3,6 +3,7 @@
 ``bissl run demo_digits`` (or ``demo_digits.yaml``) finds them by name from any install, a wheel
 included; a path to an existing file always wins over a packaged name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -49,19 +49,13 @@ def _to_tensor_images(x: np.ndarray, key: str) -> Tensor:
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
-            raise ValueError(
-                f"{key}: uint8 images must be (N, H, W, C) or (N, H, W), got shape {x.shape}"
-            )
-        return (
-            torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        )
+            raise ValueError(f"{key}: uint8 images must be (N, H, W, C) or (N, H, W), got shape {x.shape}")
+        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     if np.issubdtype(x.dtype, np.floating):
         if x.ndim == 3:
             x = x[:, None]
         if x.ndim != 4:
-            raise ValueError(
-                f"{key}: float images must be (N, C, H, W) or (N, H, W), got shape {x.shape}"
-            )
+            raise ValueError(f"{key}: float images must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError(f"{key}: float images contain NaN or Inf")
         return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
@@ -97,9 +91,7 @@ def _fill_missing_splits(
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Carve the missing val/test splits out of the training pool (stratified, exact sizes)."""
-    fractions = ([] if val is not None else [val_fraction]) + (
-        [] if test is not None else [test_fraction]
-    )
+    fractions = ([] if val is not None else [val_fraction]) + ([] if test is not None else [test_fraction])
     if fractions:
         rest, *parts = stratified_split(y_train.numpy(), fractions, seed=seed)
         carved = [(x_train[torch.from_numpy(i)], y_train[torch.from_numpy(i)]) for i in parts]
@@ -138,9 +130,7 @@ def _load_npz(
                 "(need x_train, y_train, x_test, y_test; optional x_val, y_val)"
             )
         if ("x_val" in keys) != ("y_val" in keys):
-            raise ValueError(
-                f"{root}: x_val and y_val must be given together, found {sorted(keys)}"
-            )
+            raise ValueError(f"{root}: x_val and y_val must be given together, found {sorted(keys)}")
         loaded = {}
         for split in ("train", "val", "test"):
             if f"x_{split}" not in keys:
@@ -163,18 +153,14 @@ def _load_npz(
     return build_splits("npz", *splits, num_classes=num_classes, class_names=class_names)
 
 
-def _list_images(
-    split_dir: str, class_names: list[str] | None
-) -> tuple[list[str], list[int], list[str]]:
+def _list_images(split_dir: str, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
     """Files and labels under ``split_dir/<class>/``; classes from the dir unless given."""
     found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if class_names is None:
         class_names = found
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(
-            f"{split_dir}: classes {unknown} do not appear in the train split {class_names}"
-        )
+        raise ValueError(f"{split_dir}: classes {unknown} do not appear in the train split {class_names}")
     paths, labels = [], []
     for label, cls in enumerate(class_names):
         cls_dir = os.path.join(split_dir, cls)
@@ -185,9 +171,7 @@ def _list_images(
                 paths.append(os.path.join(cls_dir, fname))
                 labels.append(label)
     if not paths:
-        raise ValueError(
-            f"{split_dir}: no {'/'.join(IMAGE_SUFFIXES)} images in class sub-directories"
-        )
+        raise ValueError(f"{split_dir}: no {'/'.join(IMAGE_SUFFIXES)} images in class sub-directories")
     return paths, labels, class_names
 
 
@@ -205,10 +189,7 @@ def _read_images(paths: list[str], grayscale: bool, image_size: int | None) -> T
             arrays.append(np.asarray(img, dtype=np.uint8))
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
-        raise ValueError(
-            f"images have sizes {sizes[:5]} (H, W); pass image_size to resize them "
-            "to one square size"
-        )
+        raise ValueError(f"images have sizes {sizes[:5]} (H, W); pass image_size to resize them to one square size")
     return _to_tensor_images(np.stack(arrays), "imagefolder")
 
 
@@ -222,8 +203,7 @@ def _load_imagefolder(
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
         raise FileNotFoundError(
-            f"dataset 'imagefolder': no directory {train_dir!r} "
-            "(expected root/train/<class>/*.png|jpg)"
+            f"dataset 'imagefolder': no directory {train_dir!r} (expected root/train/<class>/*.png|jpg)"
         )
     listed = {}
     paths, labels, class_names = _list_images(train_dir, None)
@@ -249,15 +229,11 @@ def _load_imagefolder(
     }
     shapes = {split: tuple(x.shape[1:]) for split, (x, _) in loaded.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(
-            f"{root}: image shapes (C, H, W) differ between splits: {shapes}; pass image_size"
-        )
+        raise ValueError(f"{root}: image shapes (C, H, W) differ between splits: {shapes}; pass image_size")
     splits = _fill_missing_splits(
         *loaded["train"], loaded.get("val"), loaded.get("test"), val_fraction, test_fraction, seed
     )
-    return build_splits(
-        "imagefolder", *splits, num_classes=len(class_names), class_names=class_names
-    )
+    return build_splits("imagefolder", *splits, num_classes=len(class_names), class_names=class_names)
 
 
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
@@ -325,13 +301,18 @@ def load_dataset(
             raise ValueError(f"{label} must lie in [0, 1), got {frac}")
     if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
-    given = {k: v for k, v in (("labels_per_class", labels_per_class),
-                               ("pretext_classes", pretext_classes),
-                               ("downstream_classes", downstream_classes)) if v is not None}
+    given = {
+        k: v
+        for k, v in (
+            ("labels_per_class", labels_per_class),
+            ("pretext_classes", pretext_classes),
+            ("downstream_classes", downstream_classes),
+        )
+        if v is not None
+    }
     accepted = TASK_OPTIONS.get(name, ())
     for key in given:
         if key not in accepted:
             users = sorted(n for n, opts in TASK_OPTIONS.items() if key in opts)
-            raise ValueError(f"{key} is an option of {', '.join(users)}; dataset {name!r} does not "
-                             f"take it")
+            raise ValueError(f"{key} is an option of {', '.join(users)}; dataset {name!r} does not take it")
     return _LOADERS[name](root, val_fraction, test_fraction, seed, image_size, **given)

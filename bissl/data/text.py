@@ -23,6 +23,7 @@ Pipeline (all deterministic):
 6. Downstream: each text's first ``max_length`` tokens, right-padded with ``<PAD>``:
    ``(N, max_length)`` int64, labels ``(N,)`` int64.
 """
+
 from __future__ import annotations
 
 import re
@@ -59,8 +60,7 @@ def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> Ten
     stream = [t for doc in docs for t in (*doc, eos_id)]
     rows = len(stream) // seq_len
     if rows == 0:
-        raise ValueError(f"the pretext corpus has {len(stream)} tokens, fewer than one sequence "
-                         f"of seq_len={seq_len}")
+        raise ValueError(f"the pretext corpus has {len(stream)} tokens, fewer than one sequence of seq_len={seq_len}")
     return torch.tensor(stream[: rows * seq_len], dtype=torch.int64).view(rows, seq_len)
 
 
@@ -114,8 +114,9 @@ class TextData:
         return self.tokenizer.pad_id
 
 
-def group_split(groups: Sequence[str], labels: np.ndarray, fractions: tuple[float, float],
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_split(
+    groups: Sequence[str], labels: np.ndarray, fractions: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train/val/test indices of texts such that every group (e.g. a play) lies in one part.
 
     Groups are stratified by their label (a group's texts must share one label): of the ``n_c``
@@ -147,8 +148,10 @@ def group_split(groups: Sequence[str], labels: np.ndarray, fractions: tuple[floa
         n_val = max(1, round(len(members) * val_fraction)) if val_fraction > 0 else 0
         n_test = max(1, round(len(members) * test_fraction)) if test_fraction > 0 else 0
         if n_val + n_test >= len(members):
-            raise ValueError(f"class {c} has {len(members)} groups: too few for {n_val} val and "
-                             f"{n_test} test groups and at least one for training")
+            raise ValueError(
+                f"class {c} has {len(members)} groups: too few for {n_val} val and "
+                f"{n_test} test groups and at least one for training"
+            )
         order = rng.permutation(len(members))
         for rank, i in enumerate(order):
             part_of[members[i]] = 1 if rank < n_val else 2 if rank < n_val + n_test else 0
@@ -157,8 +160,9 @@ def group_split(groups: Sequence[str], labels: np.ndarray, fractions: tuple[floa
     return train, val, test
 
 
-def kfold_split(labels: np.ndarray, groups: Sequence[str] | None, folds: int, fold: int,
-                val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kfold_split(
+    labels: np.ndarray, groups: Sequence[str] | None, folds: int, fold: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train/val/test indices of fold ``fold`` of a stratified k-fold partition.
 
     Without groups, texts are assigned to folds by :func:`bissl.data.splits.kfold_assignment`
@@ -190,8 +194,7 @@ def kfold_split(labels: np.ndarray, groups: Sequence[str] | None, folds: int, fo
         fold_by_name = dict(zip(names, group_fold.tolist()))
         fold_of = np.asarray([fold_by_name[g] for g in groups])
         rest = np.flatnonzero(fold_of != fold)
-        train_rel, val_rel, _ = group_split([groups[i] for i in rest.tolist()], labels[rest],
-                                            (val_fraction, 0.0), seed)
+        train_rel, val_rel, _ = group_split([groups[i] for i in rest.tolist()], labels[rest], (val_fraction, 0.0), seed)
         train, val = rest[train_rel], rest[val_rel]
     test = np.flatnonzero(fold_of == fold)
     return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64), test.astype(np.int64)
@@ -201,8 +204,10 @@ def _tokenizer_for(kind: str, vocab_size: int, docs: list[str], path: Path | Non
     if path is not None and path.exists():
         tok = load_tokenizer(path)
         if tok.kind != kind or (kind == "bpe" and tok.vocab_size > vocab_size):
-            raise ValueError(f"{path} holds a {tok.kind} tokenizer of {tok.vocab_size} tokens but "
-                             f"the config asks for {kind!r} with vocab_size {vocab_size}")
+            raise ValueError(
+                f"{path} holds a {tok.kind} tokenizer of {tok.vocab_size} tokens but "
+                f"the config asks for {kind!r} with vocab_size {vocab_size}"
+            )
         return tok
     tok = train_tokenizer(kind, docs, vocab_size)
     if path is not None:
@@ -211,11 +216,21 @@ def _tokenizer_for(kind: str, vocab_size: int, docs: list[str], path: Path | Non
     return tok
 
 
-def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str = "bpe",
-                   vocab_size: int = 2048, seq_len: int = 64, max_length: int = 64,
-                   val_fraction: float = 0.1, test_fraction: float = 0.2, split_seed: int = 0,
-                   folds: int | None = None, fold: int = 0,
-                   tokenizer_path: str | Path | None = None) -> TextData:
+def load_text_data(
+    name: str,
+    *,
+    pretext_name: str | None = None,
+    tokenizer: str = "bpe",
+    vocab_size: int = 2048,
+    seq_len: int = 64,
+    max_length: int = 64,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
+    tokenizer_path: str | Path | None = None,
+) -> TextData:
     """Load a labelled text task and a pretext corpus as token tensors (see the module docstring).
 
     Args:
@@ -245,14 +260,11 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
     task = read_labelled_task(name)
     texts = [clean_text(t) for t in task.texts]
     if folds is not None:
-        train_idx, val_idx, test_idx = kfold_split(task.labels, task.groups, folds, fold,
-                                                   val_fraction, split_seed)
+        train_idx, val_idx, test_idx = kfold_split(task.labels, task.groups, folds, fold, val_fraction, split_seed)
     elif task.groups is None:
-        train_idx, val_idx, test_idx = stratified_split(task.labels, (val_fraction, test_fraction),
-                                                        seed=split_seed)
+        train_idx, val_idx, test_idx = stratified_split(task.labels, (val_fraction, test_fraction), seed=split_seed)
     else:
-        train_idx, val_idx, test_idx = group_split(task.groups, task.labels,
-                                                   (val_fraction, test_fraction), split_seed)
+        train_idx, val_idx, test_idx = group_split(task.groups, task.labels, (val_fraction, test_fraction), split_seed)
     if pretext_name is None and task.group_texts is not None and task.groups is not None:
         # The whole text of the training works (uncapped), never a val/test work.
         train_groups = sorted({task.groups[i] for i in train_idx.tolist()})
@@ -260,11 +272,12 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
     elif pretext_name is None:
         pretext_docs = [texts[i] for i in train_idx]
     else:
-        if task.groups is not None and name.startswith("shakespeare") \
-                and "shakespeare" in pretext_name.split("+"):
-            raise ValueError(f"pretext corpus {pretext_name!r} contains the val/test plays of "
-                             f"{name!r}; leave data.pretext_name unset to pretrain on the "
-                             f"training plays only")
+        if task.groups is not None and name.startswith("shakespeare") and "shakespeare" in pretext_name.split("+"):
+            raise ValueError(
+                f"pretext corpus {pretext_name!r} contains the val/test plays of "
+                f"{name!r}; leave data.pretext_name unset to pretrain on the "
+                f"training plays only"
+            )
         pretext_docs = [clean_text(d) for d in read_pretext_corpus(pretext_name)]
     path = Path(tokenizer_path) if tokenizer_path is not None else None
     tok = _tokenizer_for(tokenizer, vocab_size, pretext_docs, path)
@@ -281,7 +294,15 @@ def load_text_data(name: str, *, pretext_name: str | None = None, tokenizer: str
     test_x, test_y = part(test_idx)
     return TextData(
         pretext_x=pack_stream(tok.encode_batch(pretext_docs), seq_len, tok.eos_id),
-        train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
-        num_classes=len(task.class_names), class_names=list(task.class_names), tokenizer=tok,
-        name=name, pretext_name=pretext_name or f"{name}:train",
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=len(task.class_names),
+        class_names=list(task.class_names),
+        tokenizer=tok,
+        name=name,
+        pretext_name=pretext_name or f"{name}:train",
     )

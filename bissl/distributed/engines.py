@@ -15,6 +15,7 @@ CPU: ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported and DeepSpeed's 
 are marked unavailable (its shared-memory all-reduce would otherwise be compiled on first use),
 so nothing is compiled: communication is plain gloo and optimizers are plain torch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,12 +34,20 @@ from bissl.distributed.zero_config import ds_config
 #: that are not defined on a partition: :class:`bissl.distributed.trainable.EngineTrainable` runs
 #: LARS as SGD plus a partition-aware trust-ratio transform of the gradients instead.
 ELEMENTWISE_OPTIMIZERS: tuple[type, ...] = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop,
-    torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adadelta,
 )
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-INSTALL_HINT = ("pip install -e '.[distributed]' (DeepSpeed; install torch first so pip never "
-                "replaces it, see docs/distributed.md)")
+INSTALL_HINT = (
+    "pip install -e '.[distributed]' (DeepSpeed; install torch first so pip never replaces it, see docs/distributed.md)"
+)
 
 
 def import_deepspeed():
@@ -85,17 +94,27 @@ def check_optimizer(opt: torch.optim.Optimizer, module: nn.Module, stage: int) -
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     if in_opt != trainable:
-        raise ValueError(f"the optimizer must hold exactly the trainable parameters of "
-                         f"{type(module).__name__} ({len(in_opt & trainable)} of {len(trainable)} "
-                         f"shared, {len(in_opt - trainable)} foreign)")
+        raise ValueError(
+            f"the optimizer must hold exactly the trainable parameters of "
+            f"{type(module).__name__} ({len(in_opt & trainable)} of {len(trainable)} "
+            f"shared, {len(in_opt - trainable)} foreign)"
+        )
     if stage >= 1 and not isinstance(opt, ELEMENTWISE_OPTIMIZERS):
-        raise ValueError(f"{type(opt).__name__} is not elementwise: ZeRO stage {stage} gives the "
-                         "optimizer flat partitions of the parameters, on which per-tensor rules "
-                         f"are not defined. Use one of {[c.__name__ for c in ELEMENTWISE_OPTIMIZERS]}")
+        raise ValueError(
+            f"{type(opt).__name__} is not elementwise: ZeRO stage {stage} gives the "
+            "optimizer flat partitions of the parameters, on which per-tensor rules "
+            f"are not defined. Use one of {[c.__name__ for c in ELEMENTWISE_OPTIMIZERS]}"
+        )
 
 
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, *, settings: Any,
-                 clip_norm: float | None, scheduler: SchedulerFactory | None = None) -> Any:
+def build_engine(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    settings: Any,
+    clip_norm: float | None,
+    scheduler: SchedulerFactory | None = None,
+) -> Any:
     """Wrap ``module`` in a DeepSpeed engine (call on every rank with identical modules).
 
     Args:
@@ -115,12 +134,17 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, *, setting
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise RuntimeError("build_engine: initialise the process group first "
-                           "(bissl.distributed.init_process_group_from_env)")
+        raise RuntimeError(
+            "build_engine: initialise the process group first (bissl.distributed.init_process_group_from_env)"
+        )
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        config=ds_config(settings, clip_norm=clip_norm), dist_init_required=False)
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config(settings, clip_norm=clip_norm),
+        dist_init_required=False,
+    )
     return engine
 
 

@@ -17,6 +17,7 @@ dot product is one all-reduce of partial sums. The answer is all-gathered once a
 Only these reductions are new here: they are hooks of the core's :func:`implicit_hypergrad`, which
 does everything else (upper gradient, linearisation, solve, indefiniteness policy).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -70,14 +71,18 @@ def distributed_implicit_hypergrad(
     if shard:
         from bissl.distributed.shard import sharded_implicit_hypergrad
 
-        x, result = sharded_implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam,
-                                               settings=settings, group=group, on_rhs=on_rhs)
+        x, result = sharded_implicit_hypergrad(
+            lower_loss, upper_loss, lower_params, lam=lam, settings=settings, group=group, on_rhs=on_rhs
+        )
         return (x, result) if return_info else x
     space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
     # The flags come from averaged vectors, so every rank takes the same branch of the policy.
-    x, result = cast(tuple[Params, SolveResult],  # return_info=True; x in lower_params' form: a dict
-                     implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
-                                        return_info=True, space=space))
+    x, result = cast(
+        tuple[Params, SolveResult],  # return_info=True; x in lower_params' form: a dict
+        implicit_hypergrad(
+            lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True, space=space
+        ),
+    )
     result.num_collectives = space.num_collectives
     return (x, result) if return_info else x
 
@@ -89,8 +94,14 @@ class RankAveraged:
 
     allreduce = None  # the vectors are whole: dots need no reduction
 
-    def __init__(self, *, group: ProcessGroup | None = None, bucket_numel: int | None = None,
-                 on_matvec: MatVecHook | None = None, on_rhs: Callable[[Tensor], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        group: ProcessGroup | None = None,
+        bucket_numel: int | None = None,
+        on_matvec: MatVecHook | None = None,
+        on_rhs: Callable[[Tensor], None] | None = None,
+    ) -> None:
         self.group, self.bucket_numel, self.on_matvec, self.on_rhs = group, bucket_numel, on_matvec, on_rhs
         self._rhs_collectives = 0
         self._matvecs: list[DistributedMatVec] = []
@@ -107,8 +118,9 @@ class RankAveraged:
         return v
 
     def operator(self, matvec: Callable[[Tensor], Tensor]) -> DistributedMatVec:
-        self._matvecs.append(DistributedMatVec(matvec, group=self.group, bucket_numel=self.bucket_numel,
-                                               on_matvec=self.on_matvec))
+        self._matvecs.append(
+            DistributedMatVec(matvec, group=self.group, bucket_numel=self.bucket_numel, on_matvec=self.on_matvec)
+        )
         return self._matvecs[-1]
 
     def solution(self, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ then print one line naming the rank that failed first and how, taken from torchr
 CPU specifics: ``DS_ACCELERATOR=cpu`` (DeepSpeed would otherwise probe for accelerators) and
 ``OMP_NUM_THREADS = cores // nproc`` unless already set, so ranks do not oversubscribe the cores.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -51,9 +52,17 @@ def torchrun_command(nproc: int, argv: Sequence[str], *, master_port: int) -> li
     argv = list(argv)
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         raise ValueError("launch: argv must name a script or '-m module' to run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           f"--master-addr={LOOPBACK}", f"--master-port={master_port}", "--max-restarts=0",
-           "--monitor-interval=0.2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        f"--master-addr={LOOPBACK}",
+        f"--master-port={master_port}",
+        "--max-restarts=0",
+        "--monitor-interval=0.2",
+    ]
     return cmd + argv  # torchrun's own "-m" flag has python's meaning
 
 
@@ -86,13 +95,21 @@ def failure_summary(log_tail: Sequence[str]) -> str | None:
     who, how = _ROOT_CAUSE.search(block), _EXITCODE.search(block)
     if who is None or how is None:
         return None
-    return (f"rank {who.group(1)} (local rank {who.group(2)}, pid {how.group(2)}) failed first: "
-            f"{_describe_exit(int(how.group(1)))}")
+    return (
+        f"rank {who.group(1)} (local rank {who.group(2)}, pid {how.group(2)}) failed first: "
+        f"{_describe_exit(int(how.group(1)))}"
+    )
 
 
-def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
-           env: Mapping[str, str] | None = None, master_port: int | None = None,
-           stream: TextSink | None = None) -> int:
+def launch(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    timeout_s: float | None = None,
+    env: Mapping[str, str] | None = None,
+    master_port: int | None = None,
+    stream: TextSink | None = None,
+) -> int:
     """Run ``argv`` on ``nproc`` local ranks (torchrun, 127.0.0.1) and return the exit code.
 
     Args:
@@ -114,8 +131,7 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
     stream = stream or sys.stderr
     port = master_port if master_port is not None else free_port()
     cmd = torchrun_command(nproc, argv, master_port=port)
-    proc = subprocess.Popen(cmd, env=launch_env(nproc, env), stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=launch_env(nproc, env), stderr=subprocess.PIPE, start_new_session=True)
     tail: deque[str] = deque(maxlen=400)
     # A buffered pipe (Popen's default), which has read1; the stubs type it only as IO[bytes].
     err_pipe = cast("io.BufferedReader | None", proc.stderr)
@@ -155,8 +171,10 @@ def launch(nproc: int, argv: Sequence[str], *, timeout_s: float | None = None,
     reader.join(timeout=5)
     if code != 0:
         who = failure_summary(list(tail)) or "see the first traceback above"
-        stream.write(f"bissl launch: the {nproc}-process job failed ({_describe_exit(code)} from "
-                     f"torchrun): {who}; the other ranks were stopped\n")
+        stream.write(
+            f"bissl launch: the {nproc}-process job failed ({_describe_exit(code)} from "
+            f"torchrun): {who}; the other ranks were stopped\n"
+        )
         stream.flush()
     return code
 

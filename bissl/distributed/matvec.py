@@ -5,6 +5,7 @@ and ``(1/N) Σ_r H_r v`` is the Hessian of the shard-averaged loss, the data-par
 flat all-reduce per matvec (:func:`bissl.distributed.collectives.allreduce_mean_`) replaces the
 reference's one all-reduce per parameter tensor per HVP.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,8 +36,14 @@ class DistributedMatVec:
         num_matvecs: calls so far; ``num_collectives``: collectives issued so far.
     """
 
-    def __init__(self, matvec: MatVec, *, group: ProcessGroup | None = None,
-                 bucket_numel: int | None = None, on_matvec: MatVecHook | None = None) -> None:
+    def __init__(
+        self,
+        matvec: MatVec,
+        *,
+        group: ProcessGroup | None = None,
+        bucket_numel: int | None = None,
+        on_matvec: MatVecHook | None = None,
+    ) -> None:
         if not callable(matvec):
             raise TypeError(f"DistributedMatVec: matvec must be callable, got {type(matvec).__name__}")
         self.matvec = matvec
@@ -49,8 +56,10 @@ class DistributedMatVec:
     def __call__(self, v: Tensor) -> Tensor:
         out = self.matvec(v)
         if not isinstance(out, Tensor) or out.shape != v.shape:
-            raise ValueError(f"DistributedMatVec: the local matvec returned "
-                             f"{getattr(out, 'shape', type(out))}, expected {tuple(v.shape)}")
+            raise ValueError(
+                f"DistributedMatVec: the local matvec returned "
+                f"{getattr(out, 'shape', type(out))}, expected {tuple(v.shape)}"
+            )
         # The reduction is in place: never let it write into the caller's v.
         if out.data_ptr() == v.data_ptr() or not out.is_contiguous():
             out = out.clone()

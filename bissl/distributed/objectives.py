@@ -18,6 +18,7 @@ Under ZeRO-3 the parameters are partitioned outside the submodule that owns them
 gathers them for that moment. Its backward needs only ``g``, never the parameter values, so
 nothing has to stay gathered for the backward pass.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -52,8 +53,10 @@ class BilevelObjective(nn.Module):
     def objective(self, batch: Any) -> Tensor:
         loss = self.loss_fn(self.backbone, self.head, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ValueError(f"{type(self).__name__}: loss_fn must return a scalar tensor, got "
-                             f"{getattr(loss, 'shape', type(loss).__name__)}")
+            raise ValueError(
+                f"{type(self).__name__}: loss_fn must return a scalar tensor, got "
+                f"{getattr(loss, 'shape', type(loss).__name__)}"
+            )
         return loss
 
 
@@ -105,8 +108,9 @@ class UpperObjective(BilevelObjective):
             return loss
         params = list(self.parameters())
         if len(injected) != len(params):
-            raise ValueError(f"UpperObjective: injected has {len(injected)} tensors, the module "
-                             f"has {len(params)} parameters")
+            raise ValueError(
+                f"UpperObjective: injected has {len(injected)} tensors, the module has {len(params)} parameters"
+            )
         direct = None
         if batch is not None:
             # The direct term's forward first: ZeRO-3's hooks fetch and release the parameters
@@ -123,7 +127,8 @@ def injection_term(params: Sequence[nn.Parameter], grads: Sequence[Tensor]) -> T
         terms = []
         for w, g in zip(params, grads):
             if g.shape != w.shape:
-                raise ValueError(f"injection_term: gradient of shape {tuple(g.shape)} for a "
-                                 f"parameter of shape {tuple(w.shape)}")
+                raise ValueError(
+                    f"injection_term: gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(w.shape)}"
+                )
             terms.append(torch.sum(w * g.detach().to(w.dtype)))
     return torch.stack(terms).sum()

@@ -6,6 +6,7 @@ them and picks the backend from the device: NCCL when CUDA is available (one GPU
 gloo otherwise. Without those variables it starts a one-process group on 127.0.0.1, so the same
 code runs unlaunched (DeepSpeed always wants a process group).
 """
+
 from __future__ import annotations
 
 import os
@@ -82,12 +83,21 @@ def init_process_group_from_env(*, backend: str | None = None, timeout_s: float 
         return dist_info()
     present = [k for k in _ENV_KEYS if k in os.environ]
     if not present:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": LOOPBACK,
+                "MASTER_PORT": str(free_port()),
+            }
+        )
     elif len(present) != len(_ENV_KEYS):
         missing = sorted(set(_ENV_KEYS) - set(present))
-        raise RuntimeError(f"incomplete launcher environment: {missing} not set (start with "
-                           "bissl.distributed.launch or torchrun, or set none of them)")
+        raise RuntimeError(
+            f"incomplete launcher environment: {missing} not set (start with "
+            "bissl.distributed.launch or torchrun, or set none of them)"
+        )
     rank, world, local_rank = _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK")
     backend = backend or default_backend()
     if backend not in ("gloo", "nccl"):
@@ -100,8 +110,9 @@ def init_process_group_from_env(*, backend: str | None = None, timeout_s: float 
         # gloo otherwise picks the interface its hostname resolves to, which inside containers can
         # be unreachable; a single-node job only needs loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
     return dist_info()
 
 

@@ -22,6 +22,7 @@ is transient (the gathered θ and the HVP's own input and output while it runs).
 Collectives: NCCL has a reduce-scatter; gloo does not, so there it is an all-reduce of the whole
 vector followed by taking this rank's entries (the same numbers, twice the traffic).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -49,8 +50,7 @@ class ShardLayout:
         device: where the index tensors live.
     """
 
-    def __init__(self, numels: Sequence[int], world: int, rank: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, numels: Sequence[int], world: int, rank: int, device: torch.device | str = "cpu") -> None:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"ShardLayout: rank {rank} outside [0, {world})")
         self.numels = [int(n) for n in numels]
@@ -65,8 +65,8 @@ class ShardLayout:
         for i, (n, c) in enumerate(zip(self.numels, chunks)):
             for r in range(world):
                 lo, hi = min(r * c, n), min((r + 1) * c, n)
-                index[r, slot:slot + hi - lo] = torch.arange(offset + lo, offset + hi)
-            segment[slot:slot + c] = i
+                index[r, slot : slot + hi - lo] = torch.arange(offset + lo, offset + hi)
+            segment[slot : slot + c] = i
             offset += n
             slot += c
         self.index = index.to(device)
@@ -120,8 +120,9 @@ class ShardedSpace:
         on_rhs: called once with the whole rank-averaged right-hand side (gathered for it).
     """
 
-    def __init__(self, layout: ShardLayout, *, group: ProcessGroup | None = None,
-                 on_rhs: Callable[[Tensor], None] | None = None) -> None:
+    def __init__(
+        self, layout: ShardLayout, *, group: ProcessGroup | None = None, on_rhs: Callable[[Tensor], None] | None = None
+    ) -> None:
         self.layout, self.group, self.on_rhs = layout, group, on_rhs
         self.allreduce: Callable[[Tensor], Tensor] | None = self._allreduce if layout.world > 1 else None
 
@@ -151,17 +152,27 @@ class ShardedSpace:
         return self.layout.segments(spec)
 
 
-def sharded_implicit_hypergrad(lower_loss: LossFn, upper_loss: LossFn, lower_params: ParamsLike, *,
-                               lam: float, settings: HypergradSettings,
-                               group: ProcessGroup | None = None,
-                               on_rhs: Callable[[Tensor], None] | None = None) -> tuple[Params, SolveResult]:
+def sharded_implicit_hypergrad(
+    lower_loss: LossFn,
+    upper_loss: LossFn,
+    lower_params: ParamsLike,
+    *,
+    lam: float,
+    settings: HypergradSettings,
+    group: ProcessGroup | None = None,
+    on_rhs: Callable[[Tensor], None] | None = None,
+) -> tuple[Params, SolveResult]:
     """:func:`implicit_hypergrad` with the solver's vectors partitioned across the ranks of
     ``group`` (see the module docstring); same arguments and answer as the unsharded solve."""
     first = next(iter(lower_params.values()))
-    layout = ShardLayout([t.numel() for t in lower_params.values()], world_size(group),
-                         current_rank(group), first.device)
+    layout = ShardLayout(
+        [t.numel() for t in lower_params.values()], world_size(group), current_rank(group), first.device
+    )
     space = ShardedSpace(layout, group=group, on_rhs=on_rhs)
     # return_info=True: (x in lower_params' form, a dict; the solve's info)
-    return cast(tuple[Params, SolveResult],
-                implicit_hypergrad(lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(),
-                                   return_info=True, space=space))
+    return cast(
+        tuple[Params, SolveResult],
+        implicit_hypergrad(
+            lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True, space=space
+        ),
+    )

@@ -6,6 +6,7 @@ along dimension 0: rank ``r`` of ``N`` holds rows ``[r·B/N, (r+1)·B/N)``. The 
 the single-process batch; with equal shard sizes, the mean of the per-shard mean losses is the
 global mean loss (exactly so for losses that are means over samples and do not couple samples).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,11 +24,14 @@ def check_shardable(batch_size: int, world: int, what: str, *, min_shard: int = 
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if batch_size % world:
-        raise ValueError(f"{what} is {batch_size}, not a multiple of the {world} ranks "
-                         "(each rank takes an equal shard of every global batch)")
+        raise ValueError(
+            f"{what} is {batch_size}, not a multiple of the {world} ranks "
+            "(each rank takes an equal shard of every global batch)"
+        )
     if batch_size // world < min_shard:
-        raise ValueError(f"{what} is {batch_size}: {batch_size // world} per rank with {world} "
-                         f"ranks, at least {min_shard} needed")
+        raise ValueError(
+            f"{what} is {batch_size}: {batch_size // world} per rank with {world} ranks, at least {min_shard} needed"
+        )
     return batch_size // world
 
 
@@ -48,4 +52,4 @@ def shard_of(tensors: Sequence[Tensor], rank: int, world: int) -> tuple[Tensor, 
         raise ValueError(f"shard_of: the tensors have different batch sizes {sorted(sizes)}")
     (n,) = sizes
     size = check_shardable(n, world, "the global batch")
-    return tuple(t[rank * size:(rank + 1) * size] for t in tensors)
+    return tuple(t[rank * size : (rank + 1) * size] for t in tensors)

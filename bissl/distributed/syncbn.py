@@ -27,6 +27,7 @@ Semantics (``process_group`` of size ``N``):
 Every rank must run the same train-mode SyncBatchNorm layers in the same order (each issues one
 collective in the forward pass and one in the backward pass).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,24 +54,34 @@ class SyncBatchNorm(_BatchNorm):
         ``(B_r, C, *) -> (B_r, C, *)``; ``B_r`` may differ between ranks.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: ProcessGroup | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm: expected a (B, C, *) input of at least 2 dimensions, "
-                             f"got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"SyncBatchNorm: expected a (B, C, *) input of at least 2 dimensions, got shape {tuple(input.shape)}"
+            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training or world_size(self.process_group) == 1:
             return super().forward(input)
         if input.shape[1] != self.num_features:
-            raise ValueError(f"SyncBatchNorm: expected {self.num_features} channels, got input of shape "
-                             f"{tuple(input.shape)}")
+            raise ValueError(
+                f"SyncBatchNorm: expected {self.num_features} channels, got input of shape {tuple(input.shape)}"
+            )
         return self._global_batch_norm(input)
 
     def _global_batch_norm(self, input: Tensor) -> Tensor:
@@ -85,11 +96,13 @@ class SyncBatchNorm(_BatchNorm):
         record = torch.cat((mean_local, m2_local, x.new_full((1,), float(n_local))))
         # (N, 2C + 1); C is num_features on every rank, so the shape exchange is skipped.
         stats = all_gather_cat(record.unsqueeze(0), 0, self.process_group, check_shapes=False)
-        means, m2s, counts = stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c:]
+        means, m2s, counts = stats[:, :c], stats[:, c : 2 * c], stats[:, 2 * c :]
         n = counts.sum()
         if n_local <= 1 and n.item() <= 1:  # only ranks that may be alone read n: no sync otherwise
-            raise ValueError("SyncBatchNorm: expected more than 1 value per channel in the global batch "
-                             f"when training, got {int(n.item())} (input shape {tuple(input.shape)})")
+            raise ValueError(
+                "SyncBatchNorm: expected more than 1 value per channel in the global batch "
+                f"when training, got {int(n.item())} (input shape {tuple(input.shape)})"
+            )
         mean = (counts * means).sum(0) / n
         m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
         var = m2 / n
@@ -128,8 +141,15 @@ def convert_sync_batchnorm(module: nn.Module, process_group: ProcessGroup | None
         ``module``, or the new layer when ``module`` itself is a BatchNorm.
     """
     if isinstance(module, _PLAIN_BATCHNORMS):
-        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, process_group=process_group, device="meta")
+        sync = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group=process_group,
+            device="meta",
+        )
         # Take over the tensors themselves (no copies), with their devices, dtypes and flags.
         for name, p in module.named_parameters(recurse=False):
             setattr(sync, name, p)

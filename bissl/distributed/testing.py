@@ -4,6 +4,7 @@ SimCLR (NT-Xent through a projector) below, linear classification above, any bac
 are random images, drawn per step from a seed so every rank and the single-process oracle build
 the same global batches, then cut into per-rank shards.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,16 @@ def classification_objective(backbone: nn.Module, head: nn.Module, batch: tuple[
     return F.cross_entropy(head(backbone(x)), y)
 
 
-def bilevel_objectives(backbone: nn.Module, feat_dim: int, *, classes: int, proj_dims: Sequence[int],
-                       gamma: float, seed: int, **simclr: Any) -> tuple[LowerObjective, UpperObjective]:
+def bilevel_objectives(
+    backbone: nn.Module,
+    feat_dim: int,
+    *,
+    classes: int,
+    proj_dims: Sequence[int],
+    gamma: float,
+    seed: int,
+    **simclr: Any,
+) -> tuple[LowerObjective, UpperObjective]:
     """θ = ``backbone`` with a SimCLR head (``simclr``: its extra options); φ = a copy of it with a
     linear head (BiSSL's start)."""
     torch.manual_seed(seed)
@@ -46,14 +55,16 @@ def bilevel_objectives(backbone: nn.Module, feat_dim: int, *, classes: int, proj
     return lower, upper
 
 
-def toy_objectives(*, seed: int = 0, width: int = 4, classes: int = 3,
-                   gamma: float = 1.0, **simclr: Any) -> tuple[LowerObjective, UpperObjective]:
+def toy_objectives(
+    *, seed: int = 0, width: int = 4, classes: int = 3, gamma: float = 1.0, **simclr: Any
+) -> tuple[LowerObjective, UpperObjective]:
     """A :class:`~bissl.models.SmallCNN` (1 input channel, BatchNorm) BiSSL pair, a few thousand
     parameters per copy."""
     torch.manual_seed(seed)
     backbone = SmallCNN(1, width)
-    return bilevel_objectives(backbone, backbone.out_dim, classes=classes, proj_dims=(8,),
-                              gamma=gamma, seed=seed + 1, **simclr)
+    return bilevel_objectives(
+        backbone, backbone.out_dim, classes=classes, proj_dims=(8,), gamma=gamma, seed=seed + 1, **simclr
+    )
 
 
 @dataclass
@@ -81,8 +92,16 @@ def _shards(pair: tuple[Tensor, Tensor], world: int) -> list[tuple[Tensor, Tenso
     return list(zip(pair[0].chunk(world), pair[1].chunk(world)))
 
 
-def step_data(seed: int, step: int, *, world: int, lower_steps: int = 2, batch: int = 8,
-              image: Sequence[int] = (1, 8, 8), classes: int = 3) -> StepData:
+def step_data(
+    seed: int,
+    step: int,
+    *,
+    world: int,
+    lower_steps: int = 2,
+    batch: int = 8,
+    image: Sequence[int] = (1, 8, 8),
+    classes: int = 3,
+) -> StepData:
     """Random two-view pretext batches and labelled downstream batch for BiSSL step ``step``."""
     g = torch.Generator().manual_seed(seed * 100_003 + step)
 
@@ -97,19 +116,25 @@ def step_data(seed: int, step: int, *, world: int, lower_steps: int = 2, batch: 
     return StepData(lower, hvp, _shards((x, y), world))
 
 
-def sgd_factory(lr: float = 0.05, momentum: float = 0.9,
-                weight_decay: float = 1e-4) -> Callable[[nn.Module], torch.optim.Optimizer]:
+def sgd_factory(
+    lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> Callable[[nn.Module], torch.optim.Optimizer]:
     """``module -> SGD`` over its trainable parameters (elementwise, so valid for every ZeRO stage)."""
+
     def build(module: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr,
-                               momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            [p for p in module.parameters() if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+
     return build
 
 
 def decaying_lr(rate: float) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """``optimizer -> LambdaLR`` with factor ``1 / (1 + rate·step)`` (a schedule with state to resume)."""
+
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + rate * step))
+
     return build
 
 

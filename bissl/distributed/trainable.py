@@ -21,6 +21,7 @@ factor) from per-tensor sums — the same update as :class:`bissl.optim.LARS` af
 Floating-point buffers (BatchNorm running statistics) are averaged across ranks after every step,
 so every rank, and every checkpoint, holds one model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,17 +81,18 @@ class OptimizerSpec:
         if self.kind == "lars":
             if partitions:
                 return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=0.0)
-            return LARS(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                        eta=self.eta)
+            return LARS(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, eta=self.eta)
         if self.kind == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
-                                   weight_decay=self.weight_decay)
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self.kind == "adamw":
             # Parameter groups survive ZeRO's flattening (one flat partition per group).
-            groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-            return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                     betas=(self.betas[0], self.betas[1]))
+            groups = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            return torch.optim.AdamW(
+                [g for g in groups if g["params"]], lr=self.lr, betas=(self.betas[0], self.betas[1])
+            )
         raise ValueError(f"unknown optimizer kind {self.kind!r}; choose 'sgd', 'lars' or 'adamw'")
 
 
@@ -121,8 +123,7 @@ class DataParallel:
     def bucket_numel(self) -> int | None:
         return None if self.zero is None else self.zero.hypergrad_bucket_numel
 
-    def trainable(self, module: nn.Module, spec: OptimizerSpec,
-                  scheduler: SchedulerFactory | None = None) -> Trainable:
+    def trainable(self, module: nn.Module, spec: OptimizerSpec, scheduler: SchedulerFactory | None = None) -> Trainable:
         """``module`` under training: a DeepSpeed engine at ZeRO >= 1, else plain torch."""
         if self.zero_stage >= 1:
             return EngineTrainable(module, spec, scheduler, self)
@@ -200,8 +201,9 @@ class Trainable(ABC):
         return [p.detach() for p in params]
 
     @abstractmethod
-    def grad_pass(self, fn: GradFn, params: Sequence[nn.Parameter],
-                  companions: Sequence[Sequence[Tensor]] = ()) -> Tensor | None:
+    def grad_pass(
+        self, fn: GradFn, params: Sequence[nn.Parameter], companions: Sequence[Sequence[Tensor]] = ()
+    ) -> Tensor | None:
         """Read and change the averaged gradients of ``params`` between backward and step.
 
         Args:
@@ -242,8 +244,9 @@ class Trainable(ABC):
 class PlainTrainable(Trainable):
     """A torch optimizer on the full model; several ranks average gradients (ZeRO stage 0)."""
 
-    def __init__(self, module: nn.Module, spec: OptimizerSpec, scheduler: SchedulerFactory | None,
-                 dp: DataParallel) -> None:
+    def __init__(
+        self, module: nn.Module, spec: OptimizerSpec, scheduler: SchedulerFactory | None, dp: DataParallel
+    ) -> None:
         super().__init__(module, spec, dp)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = spec.build(self.params)
@@ -287,11 +290,11 @@ class PlainTrainable(Trainable):
 
     @contextlib.contextmanager
     def full_state(self) -> Iterator[dict[str, Tensor]]:
-        yield {**{k: p.detach() for k, p in self.module.named_parameters()},
-               **dict(self.module.named_buffers())}
+        yield {**{k: p.detach() for k, p in self.module.named_parameters()}, **dict(self.module.named_buffers())}
 
-    def grad_pass(self, fn: GradFn, params: Sequence[nn.Parameter],
-                  companions: Sequence[Sequence[Tensor]] = ()) -> Tensor | None:
+    def grad_pass(
+        self, fn: GradFn, params: Sequence[nn.Parameter], companions: Sequence[Sequence[Tensor]] = ()
+    ) -> Tensor | None:
         sums = []
         for i, p in enumerate(params):
             if p.grad is None:
@@ -320,8 +323,9 @@ def _shape(p: nn.Parameter) -> torch.Size:
 class EngineTrainable(Trainable):
     """A DeepSpeed engine with ZeRO stage 1, 2 or 3 (see the module docstring for LARS)."""
 
-    def __init__(self, module: nn.Module, spec: OptimizerSpec, scheduler: SchedulerFactory | None,
-                 dp: DataParallel) -> None:
+    def __init__(
+        self, module: nn.Module, spec: OptimizerSpec, scheduler: SchedulerFactory | None, dp: DataParallel
+    ) -> None:
         from bissl.distributed.engines import build_engine, meta_copy
 
         super().__init__(module, spec, dp)
@@ -335,8 +339,9 @@ class EngineTrainable(Trainable):
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = spec.build(params, partitions=True)
         # LARS clips inside its transform (the trust ratio needs the clipped gradient).
-        self.engine = build_engine(module, optimizer, settings=dp.zero,
-                                   clip_norm=None if self.lars else spec.clip_norm, scheduler=scheduler)
+        self.engine = build_engine(
+            module, optimizer, settings=dp.zero, clip_norm=None if self.lars else spec.clip_norm, scheduler=scheduler
+        )
         self.module = self.engine.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
@@ -378,8 +383,7 @@ class EngineTrainable(Trainable):
     @contextlib.contextmanager
     def full_state(self) -> Iterator[dict[str, Tensor]]:
         with gathered(self.module.parameters()):
-            yield {**{k: p.detach() for k, p in self.module.named_parameters()},
-                   **dict(self.module.named_buffers())}
+            yield {**{k: p.detach() for k, p in self.module.named_parameters()}, **dict(self.module.named_buffers())}
 
     def param_views(self, params: Sequence[nn.Parameter]) -> list[Tensor]:
         if not self.partitioned:
@@ -388,8 +392,9 @@ class EngineTrainable(Trainable):
 
         return [safe_get_local_fp32_param(p) for p in params]
 
-    def grad_pass(self, fn: GradFn, params: Sequence[nn.Parameter],
-                  companions: Sequence[Sequence[Tensor]] = ()) -> Tensor | None:
+    def grad_pass(
+        self, fn: GradFn, params: Sequence[nn.Parameter], companions: Sequence[Sequence[Tensor]] = ()
+    ) -> Tensor | None:
         from deepspeed.utils import (
             safe_get_full_grad,
             safe_get_local_grad,
@@ -400,8 +405,11 @@ class EngineTrainable(Trainable):
         weights = self.param_views(params)
         sums = []
         for i, (p, w) in enumerate(zip(params, weights)):
-            get, put = ((safe_get_local_grad, safe_set_local_grad) if self.partitioned
-                        else (safe_get_full_grad, safe_set_full_grad))
+            get, put = (
+                (safe_get_local_grad, safe_set_local_grad)
+                if self.partitioned
+                else (safe_get_full_grad, safe_set_full_grad)
+            )
             g = get(p)
             g = torch.zeros_like(w) if g is None else g.detach().clone()
             sums.append(fn(i, w, g, *(c[i] for c in companions)))

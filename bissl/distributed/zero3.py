@@ -5,6 +5,7 @@ needs whole tensors (the hypergradient's functional calls, the injection of a pr
 gradient, BYOL's EMA target update) wraps itself in one of these contexts. Both are no-ops when no
 parameter is partitioned (ZeRO 0-2, plain torch), so callers need no branch.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ Bucket sizes are element counts, and DeepSpeed allocates whole buckets up front 
 elements), so they are part of every rank's memory: our defaults (5e6, 19 MiB) suit ResNet-sized
 models; DeepSpeed's own defaults (5e8) are sized for large language models.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,18 +34,26 @@ def ds_config(section: Any, *, clip_norm: float | None) -> dict[str, Any]:
     if section.config is not None:
         cfg = copy.deepcopy(json.loads(Path(section.config).read_text()))
     zero = dict(cfg.get("zero_optimization", {}))
-    zero.update(stage=section.zero_stage, reduce_bucket_size=section.reduce_bucket_size,
-                allgather_bucket_size=section.allgather_bucket_size,
-                overlap_comm=section.overlap_comm, contiguous_gradients=section.contiguous_gradients)
+    zero.update(
+        stage=section.zero_stage,
+        reduce_bucket_size=section.reduce_bucket_size,
+        allgather_bucket_size=section.allgather_bucket_size,
+        overlap_comm=section.overlap_comm,
+        contiguous_gradients=section.contiguous_gradients,
+    )
     if section.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=section.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=section.stage3_param_persistence_threshold,
-                    stage3_max_live_parameters=section.stage3_max_live_parameters,
-                    stage3_max_reuse_distance=section.stage3_max_reuse_distance)
+        zero.update(
+            stage3_prefetch_bucket_size=section.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=section.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=section.stage3_max_live_parameters,
+            stage3_max_reuse_distance=section.stage3_max_reuse_distance,
+        )
     cfg.update(
         # We never use DeepSpeed's data loader; one engine step per optimizer step.
-        train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
-        gradient_clipping=float(clip_norm or 0.0), zero_optimization=zero,
+        train_micro_batch_size_per_gpu=1,
+        gradient_accumulation_steps=1,
+        gradient_clipping=float(clip_norm or 0.0),
+        zero_optimization=zero,
         # A torch optimizer under ZeRO is "untested" for DeepSpeed; our tests cover it.
         zero_allow_untested_optimizer=True,
     )

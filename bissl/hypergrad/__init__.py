@@ -1,5 +1,6 @@
 """Hypergradients: BiSSL's implicit (IFT) term, a differentiable solution map, and the
 reference-style loop used as a baseline (with the authors' CG solver, faithfully)."""
+
 from __future__ import annotations
 
 from bissl.hypergrad.implicit import ON_INDEFINITE, implicit_hypergrad, solve_ift_system, upper_gradient

@@ -10,6 +10,7 @@ Away from a minimum of ``L_P`` (e.g. at random initialisation) ``H`` can have ei
 it for free (``pᵀAp ≤ 0`` or a non-positive Ritz value, :mod:`bissl.solvers.lanczos`) and
 :func:`implicit_hypergrad`'s ``on_indefinite`` policy decides what happens.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,20 @@ class VectorSpace(Protocol):
         """Parameter-tensor index of each entry of the solver's vectors (layer-wise CG)."""
 
 
-def _solve(name: str, matvec: Callable | None, v: torch.Tensor, spec: FlatSpec, *, lam: float,
-           damping: float, iters: int, backend: str | None, rtol: float | None,
-           space: VectorSpace | None = None, matvec_pieces: bool = False) -> SolveResult:
+def _solve(
+    name: str,
+    matvec: Callable | None,
+    v: torch.Tensor,
+    spec: FlatSpec,
+    *,
+    lam: float,
+    damping: float,
+    iters: int,
+    backend: str | None,
+    rtol: float | None,
+    space: VectorSpace | None = None,
+    matvec_pieces: bool = False,
+) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` (``H x = v`` when ``λ + damping = 0``) by the
     named solver; ``result.x`` is flat.
 
@@ -91,8 +103,13 @@ def _solve(name: str, matvec: Callable | None, v: torch.Tensor, spec: FlatSpec, 
     # scale = 1/(λ+damp), shift = 1: the scaling is fused into the damped-matvec epilogue.
     c = lam + damping
     scale, shift = (1.0 / c, 1.0) if c > 0 else (1.0, 0.0)
-    kwargs: dict[str, Any] = {"iters": iters, "scale": scale, "damping": shift, "strict": False,
-              "allreduce": None if space is None else space.allreduce}
+    kwargs: dict[str, Any] = {
+        "iters": iters,
+        "scale": scale,
+        "damping": shift,
+        "strict": False,
+        "allreduce": None if space is None else space.allreduce,
+    }
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
     if name == "cg_layerwise" and not matvec_pieces:
@@ -206,8 +223,9 @@ def implicit_hypergrad(
     """
     if not lam > 0:
         raise ValueError(f"implicit_hypergrad: lam must be > 0, got {lam}")
-    check_solve_options("implicit_hypergrad", lam=lam, damping=damping, solver=solver,
-                        on_indefinite=on_indefinite, fallback=fallback)
+    check_solve_options(
+        "implicit_hypergrad", lam=lam, damping=damping, solver=solver, on_indefinite=on_indefinite, fallback=fallback
+    )
     _, v = upper_gradient(upper_loss, lower_params)
     if space is not None:
         v = space.rhs(v)
@@ -223,17 +241,31 @@ def implicit_hypergrad(
             matvec = space.operator(op.matvec)
     else:
         _, _, spec, form = as_named(lower_loss, lower_params, "implicit_hypergrad")
-    result = solve_ift_system(matvec, v, spec, lam=lam, damping=damping, solver=solver, iters=iters,
-                              backend=backend, strict=strict, on_indefinite=on_indefinite,
-                              fallback=fallback, rtol=rtol, space=space, matvec_pieces=pieces)
+    result = solve_ift_system(
+        matvec,
+        v,
+        spec,
+        lam=lam,
+        damping=damping,
+        solver=solver,
+        iters=iters,
+        backend=backend,
+        strict=strict,
+        on_indefinite=on_indefinite,
+        fallback=fallback,
+        rtol=rtol,
+        space=space,
+        matvec_pieces=pieces,
+    )
     flat_x = cast(torch.Tensor, result.x)  # _solve leaves it flat
     x = as_form(flat_x if space is None else space.solution(flat_x), spec, form)
     result.x = x
     return (x, result) if return_info else x
 
 
-def check_solve_options(where: str, *, lam: float, damping: float, solver: str, on_indefinite: str,
-                        fallback: str) -> None:
+def check_solve_options(
+    where: str, *, lam: float, damping: float, solver: str, on_indefinite: str, fallback: str
+) -> None:
     """Validate the options of :func:`solve_ift_system` up front (``where`` names the caller).
 
     Raises:
@@ -249,8 +281,10 @@ def check_solve_options(where: str, *, lam: float, damping: float, solver: str, 
     if on_indefinite == "fallback" and fallback == solver:
         raise ValueError(f"{where}: fallback solver must differ from solver ({solver!r})")
     if on_indefinite == "adaptive_damping" and not lam + damping > 0:
-        raise ValueError(f"{where}: on_indefinite='adaptive_damping' needs a positive damping to "
-                         f"start from (it at least doubles λ + damping), got {lam + damping}")
+        raise ValueError(
+            f"{where}: on_indefinite='adaptive_damping' needs a positive damping to "
+            f"start from (it at least doubles λ + damping), got {lam + damping}"
+        )
 
 
 def solve_ift_system(
@@ -291,14 +325,26 @@ def solve_ift_system(
         The :class:`~bissl.solvers.SolveResult` whose flat ``x`` is the answer, with ``action``,
         ``damping_used`` and ``initial`` set.
     """
-    check_solve_options("solve_ift_system", lam=lam, damping=damping, solver=solver,
-                        on_indefinite=on_indefinite, fallback=fallback)
+    check_solve_options(
+        "solve_ift_system", lam=lam, damping=damping, solver=solver, on_indefinite=on_indefinite, fallback=fallback
+    )
 
     def solve(name: str, damp: float) -> SolveResult:
         if matvec is None and name != "identity":
             raise ValueError(f"solve_ift_system: no Hessian for solver {name!r}")
-        return _solve(name, matvec, v, spec, lam=lam, damping=damp, iters=iters, backend=backend,
-                      rtol=rtol, space=space, matvec_pieces=matvec_pieces and name != "identity")
+        return _solve(
+            name,
+            matvec,
+            v,
+            spec,
+            lam=lam,
+            damping=damp,
+            iters=iters,
+            backend=backend,
+            rtol=rtol,
+            space=space,
+            matvec_pieces=matvec_pieces and name != "identity",
+        )
 
     result = solve(solver, damping)
     # Report-only mode never reads a flag, so it stays free of host synchronisation.
@@ -310,18 +356,26 @@ def solve_ift_system(
     return result
 
 
-def _apply_policy(result: SolveResult, policy: str, fallback: str, solver: str, lam: float,
-                  damping: float, solve: Callable[[str, float], SolveResult]) -> SolveResult:
+def _apply_policy(
+    result: SolveResult,
+    policy: str,
+    fallback: str,
+    solver: str,
+    lam: float,
+    damping: float,
+    solve: Callable[[str, float], SolveResult],
+) -> SolveResult:
     """What ``on_indefinite`` does with a solve flagged indefinite; returns the result to use."""
     if policy == "raise":  # only reached with strict=True (report-only mode skips the policy)
         problems = result.problems()
-        raise SolverError("; ".join(problems) if problems else f"{solver}: indefinite system",
-                          result=result)
+        raise SolverError("; ".join(problems) if problems else f"{solver}: indefinite system", result=result)
     if policy == "warn":
         warnings.warn(
             f"implicit_hypergrad: the system I + H/(λ+damping) is indefinite (smallest Ritz value "
             f"{float(result.ritz_min):.3e}); keeping the {solver} answer as on_indefinite='warn' asks",
-            IndefiniteSystemWarning, stacklevel=4)
+            IndefiniteSystemWarning,
+            stacklevel=4,
+        )
         result.action = "warned"
         return result
     if policy == "fallback":

@@ -25,6 +25,7 @@ Built-in rules:
 The thesis behind BiSSL reports that adaptive scaling gave no consistent gain; the rules exist so
 that users can ask the question on their own task (``bissl sweep``), not as a recommended default.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -111,8 +112,9 @@ class GradRatioLam(_Scalar):
         min, max: clip range (default ``lam/100`` and ``lam·100``).
     """
 
-    def __init__(self, lam: float, ratio: float = 1.0, ema: float = 0.9, min: float | None = None,
-                 max: float | None = None) -> None:
+    def __init__(
+        self, lam: float, ratio: float = 1.0, ema: float = 0.9, min: float | None = None, max: float | None = None
+    ) -> None:
         super().__init__(lam)
         lo = lam / 100.0 if min is None else float(min)
         hi = lam * 100.0 if max is None else float(max)
@@ -143,8 +145,7 @@ class DistanceLam(_Scalar):
         max: cap (default ``lam·100``).
     """
 
-    def __init__(self, lam: float, target: float = 0.01, power: float = 1.0,
-                 max: float | None = None) -> None:
+    def __init__(self, lam: float, target: float = 0.01, power: float = 1.0, max: float | None = None) -> None:
         super().__init__(lam)
         if not target > 0:
             raise ValueError(f"distance: target must be > 0, got {target}")
@@ -164,15 +165,16 @@ class DistanceLam(_Scalar):
 
 #: Built-in schedules by config name.
 LAM_SCHEDULES: dict[str, Callable[..., LamSchedule]] = {
-    "constant": ConstantLam, "grad_ratio": GradRatioLam, "distance": DistanceLam,
+    "constant": ConstantLam,
+    "grad_ratio": GradRatioLam,
+    "distance": DistanceLam,
 }
 
 
 def _import_factory(spec: str) -> Callable[..., LamSchedule]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"lam_schedule {spec!r}: use one of {sorted(LAM_SCHEDULES)} or "
-                         "'package.module:factory'")
+        raise ValueError(f"lam_schedule {spec!r}: use one of {sorted(LAM_SCHEDULES)} or 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -196,11 +198,9 @@ def build_lam_schedule(name: str, lam: float, options: dict[str, Any] | None = N
         schedule = factory(lam, **options)
     except TypeError as err:
         raise ValueError(f"lam_schedule {name!r}: bad options {sorted(options)} ({err})") from None
-    missing = [m for m in ("value", "observe", "state_dict", "load_state_dict")
-               if not hasattr(schedule, m)]
+    missing = [m for m in ("value", "observe", "state_dict", "load_state_dict") if not hasattr(schedule, m)]
     if missing:
         raise ValueError(f"lam_schedule {name!r}: the schedule lacks {', '.join(missing)}")
     if not (isinstance(schedule.value, float) and schedule.value > 0):
-        raise ValueError(f"lam_schedule {name!r}: initial value must be a float > 0, "
-                         f"got {schedule.value!r}")
+        raise ValueError(f"lam_schedule {name!r}: initial value must be a float > 0, got {schedule.value!r}")
     return schedule

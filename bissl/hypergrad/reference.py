@@ -28,6 +28,7 @@ still made).
 BatchNorm runs as the caller's modules are set (the authors keep train mode, so each HVP forward
 also moves the running statistics).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -41,8 +42,9 @@ from bissl.typing import LossFn, Params, ParamsLike
 AUTHORS_GUARD = 1e-12
 
 
-def _authors_matvec(lower_loss: LossFn, names: list[str], leaves: list[Tensor], c: float, ds: tuple[Tensor, ...]
-                    ) -> tuple[Tensor, ...]:
+def _authors_matvec(
+    lower_loss: LossFn, names: list[str], leaves: list[Tensor], c: float, ds: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
     """``dᵢ + (H d)ᵢ / c`` per tensor, recomputing the loss and its graph (the authors' HVP)."""
     if torch.cuda.is_available() and leaves[0].is_cuda:
         torch.cuda.empty_cache()
@@ -53,8 +55,14 @@ def _authors_matvec(lower_loss: LossFn, names: list[str], leaves: list[Tensor], 
     return tuple(d + h.div_(c) for d, h in zip(ds, hvps))
 
 
-def authors_cg_solver(mvp: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]], vecs: Sequence[Tensor], *,
-                      iters: int, layerwise: bool, guard: float | None = AUTHORS_GUARD) -> tuple[Tensor, ...]:
+def authors_cg_solver(
+    mvp: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]],
+    vecs: Sequence[Tensor],
+    *,
+    iters: int,
+    layerwise: bool,
+    guard: float | None = AUTHORS_GUARD,
+) -> tuple[Tensor, ...]:
     """The authors' ``cg_solver`` on tuples of tensors, one op per tensor (module docstring).
 
     Args:
@@ -75,25 +83,25 @@ def authors_cg_solver(mvp: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]], v
     rs = tuple(vecs)
     ds = tuple(r.clone() for r in rs)
     if layerwise:
-        new_rdotrs = tuple(torch.sum(r ** 2) for r in rs)
+        new_rdotrs = tuple(torch.sum(r**2) for r in rs)
         for _ in range(iters):
             hds = mvp(ds)
             rdotrs = new_rdotrs
             alphas = tuple(rdotr / (torch.sum(d * hd) + guard) for rdotr, d, hd in zip(rdotrs, ds, hds))
             xs = tuple(x + alpha * d for x, d, alpha in zip(xs, ds, alphas))
             rs = tuple(r - alpha * hd for r, hd, alpha in zip(rs, hds, alphas))
-            new_rdotrs = tuple(torch.sum(r ** 2) for r in rs)
+            new_rdotrs = tuple(torch.sum(r**2) for r in rs)
             betas = tuple(new / (old + guard) for new, old in zip(new_rdotrs, rdotrs))
             ds = tuple(r + beta * d for r, d, beta in zip(rs, ds, betas))
     else:
-        new_rdotr = sum(torch.sum(r ** 2) for r in rs)
+        new_rdotr = sum(torch.sum(r**2) for r in rs)
         for _ in range(iters):
             rdotr = new_rdotr
             hds = mvp(ds)
             alpha = rdotr / (sum(torch.sum(d * hd) for d, hd in zip(ds, hds)) + guard)
             xs = tuple(x + alpha * d for x, d in zip(xs, ds))
             rs = tuple(r - alpha * hd for r, hd in zip(rs, hds))
-            new_rdotr = sum(torch.sum(r ** 2) for r in rs)
+            new_rdotr = sum(torch.sum(r**2) for r in rs)
             beta = new_rdotr / (rdotr + guard)
             ds = tuple(r + beta * d for r, d in zip(rs, ds))
     return tuple(torch.nan_to_num(x) for x in xs)
@@ -130,6 +138,11 @@ def reference_hypergrad(
         up = upper_loss(dict(zip(names, leaves)))
         vecs = torch.autograd.grad(up, leaves)
     c = lam + damping
-    xs = authors_cg_solver(lambda ds: _authors_matvec(lower_loss, names, leaves, c, ds), vecs, iters=iters,
-                           layerwise=layerwise, guard=guard)
+    xs = authors_cg_solver(
+        lambda ds: _authors_matvec(lower_loss, names, leaves, c, ds),
+        vecs,
+        iters=iters,
+        layerwise=layerwise,
+        guard=guard,
+    )
     return dict(zip(names, xs))

@@ -7,6 +7,7 @@ section of a config (:meth:`from_config`), whose defaults are the BiSSL referenc
 5 iterations) — so a setting is defined in one place and flows unchanged into the solve:
 ``implicit_hypergrad(lower, upper, theta, lam=lam, **settings.kwargs())``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,11 +58,18 @@ class HypergradSettings:
         """
         mode = hvp_mode or bissl_section.hvp_mode or cls.hvp_mode
         if mode == "auto":
-            raise ValueError("HypergradSettings.from_config: resolve hvp_mode 'auto' first "
-                             "(bissl.ops.hvp_mode.select_hvp_mode)")
-        return cls(iters=bissl_section.cg_iters, damping=bissl_section.damping,
-                   solver=bissl_section.solver, hvp_mode=mode, backend=bissl_section.backend,
-                   on_indefinite=bissl_section.on_indefinite, fallback=bissl_section.fallback_solver)
+            raise ValueError(
+                "HypergradSettings.from_config: resolve hvp_mode 'auto' first (bissl.ops.hvp_mode.select_hvp_mode)"
+            )
+        return cls(
+            iters=bissl_section.cg_iters,
+            damping=bissl_section.damping,
+            solver=bissl_section.solver,
+            hvp_mode=mode,
+            backend=bissl_section.backend,
+            on_indefinite=bissl_section.on_indefinite,
+            fallback=bissl_section.fallback_solver,
+        )
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`implicit_hypergrad` these settings stand for."""

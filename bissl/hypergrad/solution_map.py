@@ -25,6 +25,7 @@ Only the tensors passed as arguments are differentiated, as ``torch.func`` trans
 ``η`` must reach ``F`` through the call, not through its closure. Tensors ``F`` closes over (a
 projector the lower level also trains) are constants of the backward pass and receive nothing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,14 @@ class SolveOptions:
     on_solve: Callable[[SolveResult], None] | None = None
 
     def check(self, where: str) -> None:
-        check_solve_options(where, lam=0.0, damping=self.damping, solver=self.solver,
-                            on_indefinite=self.on_indefinite, fallback=self.fallback)
+        check_solve_options(
+            where,
+            lam=0.0,
+            damping=self.damping,
+            solver=self.solver,
+            on_indefinite=self.on_indefinite,
+            fallback=self.fallback,
+        )
         _check_mode(self.hvp_mode)
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ValueError(f"{where}: iters must be a positive int, got {self.iters!r}")
@@ -125,12 +132,21 @@ class _Problem:
         v = flatten({k: g.detach() for k, g in zip(self.spec.names, grads)}, self.spec).contiguous()
         matvec = None
         if opts.solver != "identity":
-            matvec = linearize_hvp(lambda p: self.call(p, constants), theta, mode=opts.hvp_mode,
-                                   need_grad=False).matvec
-        result = solve_ift_system(matvec, v, self.spec, lam=0.0, damping=opts.damping,
-                                  solver=opts.solver, iters=opts.iters, backend=opts.backend,
-                                  strict=opts.strict, on_indefinite=opts.on_indefinite,
-                                  fallback=opts.fallback, rtol=opts.rtol)
+            matvec = linearize_hvp(lambda p: self.call(p, constants), theta, mode=opts.hvp_mode, need_grad=False).matvec
+        result = solve_ift_system(
+            matvec,
+            v,
+            self.spec,
+            lam=0.0,
+            damping=opts.damping,
+            solver=opts.solver,
+            iters=opts.iters,
+            backend=opts.backend,
+            strict=opts.strict,
+            on_indefinite=opts.on_indefinite,
+            fallback=opts.fallback,
+            rtol=opts.rtol,
+        )
         if opts.on_solve is not None:
             opts.on_solve(result)
         # solve_ift_system returns x of (I + A/c) x = v for c = damping_used > 0, i.e. c·w.
@@ -175,17 +191,26 @@ class _ImplicitArgmin(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         problem: _Problem = ctx.problem
         n = len(problem.spec.names)
-        wanted = list(ctx.needs_input_grad[1 + n:])
+        wanted = list(ctx.needs_input_grad[1 + n :])
         leaf_grads = problem.hypergradient(ctx.theta, grads, wanted) if any(wanted) else [None] * len(wanted)
         return (None,) * (1 + n) + tuple(leaf_grads)
 
 
-def argmin(objective: Callable[..., Tensor], theta: Tensor | ParamsLike, *args: Any,
-           solver: SolverName = "cg", iters: int = 20, damping: float = 0.0,
-           hvp_mode: HVPMode = "revrev", backend: str | None = None, rtol: float | None = None,
-           strict: bool = True, on_indefinite: IndefinitePolicy = "raise",
-           fallback: SolverName = "minres",
-           on_solve: Callable[[SolveResult], None] | None = None) -> Tensor | Params:
+def argmin(
+    objective: Callable[..., Tensor],
+    theta: Tensor | ParamsLike,
+    *args: Any,
+    solver: SolverName = "cg",
+    iters: int = 20,
+    damping: float = 0.0,
+    hvp_mode: HVPMode = "revrev",
+    backend: str | None = None,
+    rtol: float | None = None,
+    strict: bool = True,
+    on_indefinite: IndefinitePolicy = "raise",
+    fallback: SolverName = "minres",
+    on_solve: Callable[[SolveResult], None] | None = None,
+) -> Tensor | Params:
     """``θ*(args)``: the minimiser ``theta`` of ``objective(θ, *args)``, differentiable in ``args``.
 
     The value is ``theta`` (detached and copied); the backward pass gives every tensor argument
@@ -231,9 +256,18 @@ def argmin(objective: Callable[..., Tensor], theta: Tensor | ParamsLike, *args: 
         >>> w_star = argmin(lambda w, l2: loss(X @ w, y) + l2 / 2 * w.square().sum(), w_fit, l2)
         >>> val_loss(w_star).backward()          # l2.grad: d val_loss / d l2 by the IFT
     """
-    options = SolveOptions(solver=solver, iters=iters, damping=float(damping), hvp_mode=hvp_mode,
-                           backend=backend, rtol=rtol, strict=strict, on_indefinite=on_indefinite,
-                           fallback=fallback, on_solve=on_solve)
+    options = SolveOptions(
+        solver=solver,
+        iters=iters,
+        damping=float(damping),
+        hvp_mode=hvp_mode,
+        backend=backend,
+        rtol=rtol,
+        strict=strict,
+        on_indefinite=on_indefinite,
+        fallback=fallback,
+        on_solve=on_solve,
+    )
     options.check("argmin")
     as_tensor = isinstance(theta, Tensor)
     params: Params = {_TENSOR_KEY: theta} if as_tensor else dict(theta)  # type: ignore[dict-item]
@@ -246,8 +280,9 @@ def argmin(objective: Callable[..., Tensor], theta: Tensor | ParamsLike, *args: 
     return out[0] if as_tensor else dict(zip(spec.names, out))
 
 
-def custom_argmin(objective: Callable[..., Tensor],
-                  **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def custom_argmin(
+    objective: Callable[..., Tensor], **options: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: an inner solver ``fit(*args) -> θ̂`` becomes the differentiable map ``θ*(args)``.
 
     In the spirit of TorchOpt's ``custom_root``: the decorated function runs ``fit`` on detached

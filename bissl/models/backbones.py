@@ -43,16 +43,13 @@ def build_backbone(name: str, *, in_channels: int | None = None, **kwargs: Any) 
             not take.
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown backbone {name!r}; valid names: "
-                         f"{', '.join(sorted(BACKBONES + TEXT_BACKBONES))}")
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(sorted(BACKBONES + TEXT_BACKBONES))}")
     builder = _BUILDERS[name]
     params = set(inspect.signature(builder).parameters)
     accepted = params - {"in_channels"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(
-            f"backbone {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}"
-        )
+        raise ValueError(f"backbone {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}")
     if "in_channels" not in params:
         if in_channels is not None:
             raise ValueError(f"backbone {name!r} takes token ids, not images with in_channels")

@@ -17,6 +17,7 @@ downstream). The pooled feature is the mean of the final hidden states over the 
 positions (masked mean), which uses every token's state rather than only the last one; this is
 the documented choice for ``forward(tokens)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,8 +123,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, heads, attention)
         self.ln2 = nn.LayerNorm(dim)
         # tanh-approximate GELU as in GPT-2; not in place (forward-mode AD).
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * dim, dim)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -156,18 +158,26 @@ class GPT(nn.Module):
         ``forward(tokens, return_sequence=True)``: ``(B, T) -> (B, T, D)``.
     """
 
-    def __init__(self, vocab_size: int, max_len: int, pad_id: int = 0, dim: int = 128,
-                 depth: int = 2, heads: int = 4, mlp_ratio: int = 4,
-                 attention: str = "math") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        pad_id: int = 0,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        attention: str = "math",
+    ) -> None:
         super().__init__()
         if vocab_size < 2 or max_len < 1:
-            raise ValueError(f"GPT: need vocab_size >= 2 and max_len >= 1, got {vocab_size}, "
-                             f"{max_len}")
+            raise ValueError(f"GPT: need vocab_size >= 2 and max_len >= 1, got {vocab_size}, {max_len}")
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"GPT: pad_id {pad_id} is outside the vocabulary [0, {vocab_size})")
         if dim <= 0 or depth <= 0 or heads <= 0 or mlp_ratio <= 0:
-            raise ValueError(f"GPT: dim, depth, heads, mlp_ratio must be positive, got "
-                             f"{dim}, {depth}, {heads}, {mlp_ratio}")
+            raise ValueError(
+                f"GPT: dim, depth, heads, mlp_ratio must be positive, got {dim}, {depth}, {heads}, {mlp_ratio}"
+            )
         if dim % heads:
             raise ValueError(f"GPT: dim {dim} is not divisible by heads {heads}")
         if attention not in ATTENTIONS:
@@ -196,11 +206,9 @@ class GPT(nn.Module):
 
     def _check(self, tokens: Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype != torch.int64:
-            raise ValueError(f"GPT: expected (B, T) int64 token ids, got {tuple(tokens.shape)} "
-                             f"{tokens.dtype}")
+            raise ValueError(f"GPT: expected (B, T) int64 token ids, got {tuple(tokens.shape)} {tokens.dtype}")
         if not 1 <= tokens.shape[1] <= self.max_len:
-            raise ValueError(f"GPT: sequence length {tokens.shape[1]} is outside "
-                             f"[1, {self.max_len}]")
+            raise ValueError(f"GPT: sequence length {tokens.shape[1]} is outside [1, {self.max_len}]")
 
     def hidden_states(self, tokens: Tensor) -> Tensor:
         """``(B, T)`` ids -> ``(B, T, D)`` final (LayerNormed) hidden states."""

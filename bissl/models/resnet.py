@@ -150,9 +150,7 @@ class ResNet(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def resnet18(
-    *, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False
-) -> ResNet:
+def resnet18(*, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False) -> ResNet:
     """ResNet-18 backbone (BasicBlock, 2-2-2-2), 512 output features."""
     return ResNet(
         BasicBlock,
@@ -163,9 +161,7 @@ def resnet18(
     )
 
 
-def resnet50(
-    *, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False
-) -> ResNet:
+def resnet50(*, in_channels: int = 3, small_input: bool = False, zero_init_residual: bool = False) -> ResNet:
     """ResNet-50 backbone (Bottleneck, 3-4-6-3), 2048 output features."""
     return ResNet(
         Bottleneck,

@@ -33,9 +33,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, width: int = 32) -> None:
         super().__init__()
         if in_channels <= 0 or width <= 0:
-            raise ValueError(
-                f"SmallCNN: in_channels and width must be positive, got {in_channels}, {width}"
-            )
+            raise ValueError(f"SmallCNN: in_channels and width must be positive, got {in_channels}, {width}")
         self.features = nn.Sequential(
             _conv_bn_relu(in_channels, width),
             _conv_bn_relu(width, width),

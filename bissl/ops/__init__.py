@@ -3,6 +3,7 @@
 HVPs (:mod:`bissl.ops.hvp`), the BatchNorm policy for them, dict ↔ flat conversion and the fused
 vector ops with their backends.
 """
+
 from __future__ import annotations
 
 from bissl.ops._backends import available_backends, backend_report

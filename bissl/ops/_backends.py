@@ -120,9 +120,7 @@ _WARNED: set[str] = set()
 def _smoke_test(impls: dict[str, Callable], device: torch.device) -> str | None:
     """Run every op once on small float64 inputs against the reference; None if all agree."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    hv, v, x, r, p, ap = (
-        torch.randn(37, generator=g, dtype=torch.float64).to(device) for _ in range(6)
-    )
+    hv, v, x, r, p, ap = (torch.randn(37, generator=g, dtype=torch.float64).to(device) for _ in range(6))
     step = torch.tensor(0.3, dtype=torch.float64, device=device)
     x_k, r_k, p_k = x.clone(), r.clone(), p.clone()
     rr_k = impls["cg_step_"](x_k, r_k, p, ap, step)
@@ -187,12 +185,8 @@ def _probe_cpp() -> BackendStatus:
         return BackendStatus("cpp", False, (), f"bissl._C {problem}")
     _IMPLS["cpp"] = impls
     omp = getattr(module, "openmp", 0)
-    omp_text = (
-        f"OpenMP {omp}, {torch.get_num_threads()} threads" if omp else "no OpenMP (single thread)"
-    )
-    return BackendStatus(
-        "cpp", True, ("cpu",), f"bissl._C ({omp_text}; compiler {getattr(module, 'compiler', '?')})"
-    )
+    omp_text = f"OpenMP {omp}, {torch.get_num_threads()} threads" if omp else "no OpenMP (single thread)"
+    return BackendStatus("cpp", True, ("cpu",), f"bissl._C ({omp_text}; compiler {getattr(module, 'compiler', '?')})")
 
 
 class KernelModuleError(RuntimeError):
@@ -249,9 +243,7 @@ def _probe_triton() -> BackendStatus:
             f"(torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1",
         )
     _IMPLS["triton"] = impls
-    return BackendStatus(
-        "triton", True, ("cuda",), f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-    )
+    return BackendStatus("triton", True, ("cuda",), f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
 
 
 def load_cuda_extension(verbose: bool = False) -> None:
@@ -269,9 +261,7 @@ def load_cuda_extension(verbose: bool = False) -> None:
     cuda_dir = _CSRC / "cuda"
     sources = [*sorted(str(p) for p in cuda_dir.glob("*.cu")), str(cuda_dir / "binding.cpp")]
     if not (cuda_dir / "binding.cpp").exists() or len(sources) < 2:
-        raise FileNotFoundError(
-            f"CUDA sources not found under {cuda_dir} (they ship with the source tree only)"
-        )
+        raise FileNotFoundError(f"CUDA sources not found under {cuda_dir} (they ship with the source tree only)")
     load(
         name="bissl_cuda",
         sources=sources,
@@ -307,9 +297,7 @@ def _probe_cuda() -> BackendStatus:
             )
     missing = [op for op in _library.OP_NAMES if not _library.has_device_kernel(op, "CUDA")]
     if missing:
-        return BackendStatus(
-            "cuda", False, (), f"the CUDA extension loaded but registers no kernel for {missing}"
-        )
+        return BackendStatus("cuda", False, (), f"the CUDA extension loaded but registers no kernel for {missing}")
     impls = _dispatcher_impls()
     try:
         problem = _smoke_test(impls, torch.device("cuda"))
@@ -319,9 +307,7 @@ def _probe_cuda() -> BackendStatus:
         return BackendStatus("cuda", False, (), f"csrc/cuda {problem}")
     _IMPLS["cuda"] = impls
     _CUDA_KEY_OWNER[:] = ["cuda"]
-    return BackendStatus(
-        "cuda", True, ("cuda",), f"csrc/cuda kernels on {torch.cuda.get_device_name()}"
-    )
+    return BackendStatus("cuda", True, ("cuda",), f"csrc/cuda kernels on {torch.cuda.get_device_name()}")
 
 
 _PROBES: dict[str, Callable[[], BackendStatus]] = {
@@ -374,9 +360,7 @@ def _requested(backend: str | None) -> tuple[str, str]:
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     name = name.strip().lower()
     if name not in ("auto", *BACKENDS):
-        raise ValueError(
-            f"unknown backend {name!r} ({source}); choose one of {('auto', *BACKENDS)}"
-        )
+        raise ValueError(f"unknown backend {name!r} ({source}); choose one of {('auto', *BACKENDS)}")
     return name, source
 
 
@@ -417,14 +401,10 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
                     _warn_fallback(device_type, candidate, skipped)
                 return candidate
             skipped.append(status)
-        raise AssertionError(
-            "unreachable: the torch backend is always available"
-        )  # pragma: no cover
+        raise AssertionError("unreachable: the torch backend is always available")  # pragma: no cover
     status = backend_status(name)
     if not status.available:
-        raise BackendUnavailableError(
-            f"backend {name!r} was requested ({source}) but is unavailable: {status.detail}"
-        )
+        raise BackendUnavailableError(f"backend {name!r} was requested ({source}) but is unavailable: {status.detail}")
     if name != "torch" and device_type not in status.devices:
         raise BackendUnavailableError(
             f"backend {name!r} was requested ({source}) but does not run on {device_type} tensors "
@@ -493,8 +473,7 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
     return tuple(
         n
         for n in BACKENDS
-        if n == "torch"
-        or (backend_status(n).available and device_type in backend_status(n).devices)
+        if n == "torch" or (backend_status(n).available and device_type in backend_status(n).devices)
     )
 
 
@@ -508,10 +487,7 @@ def backend_report() -> str:
     for name in BACKENDS:
         s = backend_status(name)
         where = ", ".join(s.devices) if s.available else "-"
-        lines.append(
-            f"  {name:<7} {'available' if s.available else 'unavailable':<12} {where:<16} "
-            f"{s.detail}"
-        )
+        lines.append(f"  {name:<7} {'available' if s.available else 'unavailable':<12} {where:<16} {s.detail}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         with warnings.catch_warnings():

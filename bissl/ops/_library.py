@@ -129,9 +129,7 @@ def register_device_kernels(dispatch_key: str, kernels: dict) -> None:
         raise ValueError(f"register_device_kernels: no kernel for {sorted(missing)}")
     for op in OP_NAMES:
         if has_device_kernel(op, dispatch_key):
-            raise ValueError(
-                f"register_device_kernels: {qualname(op)} already has a {dispatch_key} kernel"
-            )
+            raise ValueError(f"register_device_kernels: {qualname(op)} already has a {dispatch_key} kernel")
     for op in OP_NAMES:
         _LIB.impl(op, kernels[op], dispatch_key)
 

@@ -37,6 +37,7 @@ third derivatives are not supported. Tested against autograd in float64
 ``tanh``: ``f' = 1 − y²``, ``f'' = −2 y (1 − y²)``. ``silu`` (``σ`` the sigmoid):
 ``f' = σ (1 + x (1 − σ))``, ``f'' = σ (1 − σ) (2 + x (1 − 2σ))``. ``relu``: ``f' = [x > 0]``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -18,6 +18,7 @@ it normalises with batch statistics, and skips the in-place ``add_`` BatchNorm m
 their 0-dim integer ``num_batches_tracked`` counter. It works for modules called directly and
 through ``torch.func.functional_call``, under ``torch.func`` transforms and plain autograd.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,8 +72,9 @@ class FrozenBatchNormStats(TorchFunctionMode):
                 bound["running_var"] = None
                 bound["training"] = True
                 if self.fast_double_backward and torch.is_grad_enabled():
-                    return batch_norm_train(bound["input"], bound.get("weight"), bound.get("bias"),
-                                            bound.get("eps", 1e-5))
+                    return batch_norm_train(
+                        bound["input"], bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+                    )
             return func(**bound)
         if (
             func is torch.Tensor.add_

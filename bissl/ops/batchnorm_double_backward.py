@@ -20,6 +20,7 @@ Both Functions also carry forward-mode (jvp) rules, so the forward-over-reverse 
 ``torch.func`` in float64 (``tests/ops/test_double_backward.py``, ``tests/ops/test_hvp.py``).
 Third derivatives are not supported.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,8 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, invstd: Tensor, eps: float):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            gy, x, w, None, None, mean, invstd, True, eps, [True, w is not None, True])
+            gy, x, w, None, None, mean, invstd, True, eps, [True, w is not None, True]
+        )
         ctx.save_for_backward(gy, x, w, mean, invstd, dw if w is not None else db, db)
         ctx.save_for_forward(gy, x, w, mean, invstd, dx, dw, db)
         ctx.has_weight = w is not None
@@ -80,8 +82,11 @@ class _BatchNormBackward(torch.autograd.Function):
             a1, a2 = -ws * m_gyx, gw - ws * m_gx
             m_u = a1 * m_g + a2 * m_gy
             m_ux = a1 * m_gx + a2 * m_gyx
-            d_x = (torch.addcmul(_c(-s * m_u, x), _c(s * a1, x), g_dx)
-                   .addcmul_(_c(s * a2, x), gy).addcmul_(_c(-s * m_ux - ws * s * a / n, x), xhat))
+            d_x = (
+                torch.addcmul(_c(-s * m_u, x), _c(s * a1, x), g_dx)
+                .addcmul_(_c(s * a2, x), gy)
+                .addcmul_(_c(-s * m_ux - ws * s * a / n, x), xhat)
+            )
         return d_gy, d_x, d_w, None, None, None
 
     @staticmethod

@@ -33,6 +33,7 @@ takes gradients of its own is unaffected) the grad-weight kernel is skipped and 
 weight (and bias) gradient is a zero tensor that still carries the node's double backward: a third
 of a convolution's first backward saved, the HVP unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,17 @@ class _ConvConf:
     def backward(self, go: Tensor, x: Tensor, w: Tensor, mask: list[bool]):
         bias_sizes = [w.shape[0]] if mask[2] else None
         return torch.ops.aten.convolution_backward(
-            go, x, w, bias_sizes, self.stride, self.padding, self.dilation,
-            False, [0, 0], self.groups, mask,
+            go,
+            x,
+            w,
+            bias_sizes,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            self.groups,
+            mask,
         )
 
 
@@ -72,8 +82,7 @@ class _Conv2dBackward(torch.autograd.Function):
     """``(grad_out, x, w) -> (grad_x, grad_w, grad_b)``, differentiable once."""
 
     @staticmethod
-    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool,
-                gw_values: bool):
+    def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool, gw_values: bool):
         ctx.save_for_backward(go, x, w)
         ctx.conf = conf
         # Skip the kernels nobody needs (e.g. the input gradient of the first layer's images).
@@ -121,15 +130,19 @@ class _Conv2d(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # Only a backward that builds a graph (``create_graph``) may leave out the values.
         gw_values = ctx.conf.policy.weight_grad_values or not torch.is_grad_enabled()
-        go = go.contiguous(memory_format=torch.channels_last if ctx.conf.policy.channels_last
-                           else torch.contiguous_format)
+        go = go.contiguous(
+            memory_format=torch.channels_last if ctx.conf.policy.channels_last else torch.contiguous_format
+        )
         gx, gw, gb = _Conv2dBackward.apply(go, x, w, ctx.conf, need_x, need_w, gw_values)
         return gx, gw, (gb if need_b else None), None
 
 
 def _layout(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
+    return (
+        torch.channels_last
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        else torch.contiguous_format
+    )
 
 
 class WeightGradPolicy:
@@ -170,8 +183,9 @@ def reroute_conv2d(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tenso
     x, padding = a["input"], a.get("padding", 0)
     if x.dim() != 4 or isinstance(padding, str):
         return None
-    conf = _ConvConf(a.get("stride", 1), padding, a.get("dilation", 1), a.get("groups", 1),
-                     a.get("bias") is not None, policy)
+    conf = _ConvConf(
+        a.get("stride", 1), padding, a.get("dilation", 1), a.get("groups", 1), a.get("bias") is not None, policy
+    )
     if policy.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)  # differentiable; no-op when already NHWC
     return _Conv2d.apply(x, a["weight"], a.get("bias"), conf)

@@ -16,6 +16,7 @@ buffer the solver allocated once:
 * Elsewhere (CUDA) the pieces are concatenated once and the backend's fused kernel runs; its output
   comes from the caching allocator, so the returned ``A v`` may be a new tensor instead of ``out``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -39,12 +40,18 @@ def _block_op(scale: float, shift: float) -> Callable[[Tensor, Tensor, Tensor], 
     def general(hv: Tensor, v: Tensor, out: Tensor) -> None:
         torch.mul(hv, scale, out=out)
         out.add_(v, alpha=shift)
+
     return general
 
 
-def damped_into_(out: Tensor, hv_pieces: Sequence[Tensor], v: Tensor, scale: float, shift: float,
-                 fused: Callable[[Tensor, Tensor, float, float], tuple[Tensor, Tensor]] | None = None
-                 ) -> tuple[Tensor, Tensor]:
+def damped_into_(
+    out: Tensor,
+    hv_pieces: Sequence[Tensor],
+    v: Tensor,
+    scale: float,
+    shift: float,
+    fused: Callable[[Tensor, Tensor, float, float], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
     """``A v = scale·H v + shift·v`` into ``out`` and ``vᵀ(A v)``; ``H v = cat(hv_pieces)``.
 
     Args:
@@ -71,7 +78,7 @@ def damped_into_(out: Tensor, hv_pieces: Sequence[Tensor], v: Tensor, scale: flo
         n = piece.numel()
         for lo in range(0, n, DOT_BLOCK):
             hi = min(n, lo + DOT_BLOCK)
-            vb, ob = v[start + lo:start + hi], out[start + lo:start + hi]
+            vb, ob = v[start + lo : start + hi], out[start + lo : start + hi]
             op(piece[lo:hi], vb, ob)
             partials.append(torch.dot(vb, ob))
         start += n

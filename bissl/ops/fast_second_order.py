@@ -22,6 +22,7 @@ hook, not two (a few µs per op: it matters for small models). The rerouted ops 
 ``torch.autograd.Function`` s, not for ``torch.func`` transforms (the batched HVP keeps ``vmap``
 and the stock ops).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def _layer_norm(args: tuple, kwargs: dict):
 
 def _unary(name: str, fields: tuple[str, ...] = ("input",)):
     """Route ``f(x)`` (no in-place flag set) to :func:`~bissl.ops.activation_double_backward.activation`."""
+
     def route(args: tuple, kwargs: dict):
         a = dict(zip((*fields, "inplace"), args))
         a.update(kwargs)
@@ -62,6 +64,7 @@ def _unary(name: str, fields: tuple[str, ...] = ("input",)):
         if a.get("inplace", False) or not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return None
         return activation(x, name)
+
     return route
 
 
@@ -75,8 +78,13 @@ def _softmax(args: tuple, kwargs: dict):
 
 
 def _true_divide(args: tuple, kwargs: dict):
-    if len(args) == 2 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() \
-            and is_plain_number(args[1]):
+    if (
+        len(args) == 2
+        and not kwargs
+        and isinstance(args[0], torch.Tensor)
+        and args[0].is_floating_point()
+        and is_plain_number(args[1])
+    ):
         return div_by_number(args[0], args[1])
     return None
 
@@ -117,10 +125,19 @@ class FastSecondOrder(FrozenBatchNormStats):
             weight-gradient values).
     """
 
-    def __init__(self, direction: Literal["reverse", "forward"], *, conv: bool = True, linear: bool = True,
-                 batchnorm: bool = True,
-                 gelu: bool = True, layernorm: bool = True, activations: bool = False,
-                 channels_last: bool = False, division_and_cross_entropy: bool = True):
+    def __init__(
+        self,
+        direction: Literal["reverse", "forward"],
+        *,
+        conv: bool = True,
+        linear: bool = True,
+        batchnorm: bool = True,
+        gelu: bool = True,
+        layernorm: bool = True,
+        activations: bool = False,
+        channels_last: bool = False,
+        division_and_cross_entropy: bool = True,
+    ):
         if direction not in ("reverse", "forward"):
             raise ValueError(f"FastSecondOrder: direction must be 'reverse' or 'forward', got {direction!r}")
         reverse = direction == "reverse"

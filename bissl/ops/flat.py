@@ -12,6 +12,7 @@ names are ``"0"``, ``"1"``, ...; a flat tensor is one piece), :func:`as_form` gi
 of a flat buffer in a form, and :func:`pieces` reads a vector of any form back as the flat pieces
 of a spec, in order, without copying.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -214,8 +215,9 @@ def vector_form(v: object, where: str) -> str:
         return "dict"
     if isinstance(v, (tuple, list)) and all(isinstance(t, Tensor) for t in v):
         return "tuple" if isinstance(v, tuple) else "list"
-    raise TypeError(f"{where}: expected a dict of tensors, a tuple/list of tensors or a flat tensor, "
-                    f"got {type(v).__name__}")
+    raise TypeError(
+        f"{where}: expected a dict of tensors, a tuple/list of tensors or a flat tensor, got {type(v).__name__}"
+    )
 
 
 def vector_spec(v: AnyVector, where: str) -> tuple[str, FlatSpec]:
@@ -228,8 +230,10 @@ def vector_spec(v: AnyVector, where: str) -> tuple[str, FlatSpec]:
     form = vector_form(v, where)
     if isinstance(v, Tensor):  # form "flat"
         if v.dim() != 1:
-            raise ValueError(f"{where}: a tensor must be flat (P,), got shape {tuple(v.shape)}; pass a "
-                             "dict or a tuple of tensors for shaped parameters")
+            raise ValueError(
+                f"{where}: a tensor must be flat (P,), got shape {tuple(v.shape)}; pass a "
+                "dict or a tuple of tensors for shaped parameters"
+            )
         spec = FlatSpec(("",), (v.shape,), (0, v.numel()), v.dtype, v.device)
     else:
         named = v if isinstance(v, Mapping) else {str(i): t for i, t in enumerate(v)}
@@ -264,8 +268,10 @@ def pieces(v: AnyVector, spec: FlatSpec, where: str, form: str = "dict") -> list
     """
     if isinstance(v, Tensor):
         if v.dim() != 1 or v.numel() != spec.numel:
-            raise ValueError(f"{where} returned a tensor of shape {tuple(v.shape)}, expected a flat "
-                             f"({spec.numel},) tensor or the form of its input")
+            raise ValueError(
+                f"{where} returned a tensor of shape {tuple(v.shape)}, expected a flat "
+                f"({spec.numel},) tensor or the form of its input"
+            )
         if v.dtype != spec.dtype or v.device != spec.device:
             raise ValueError(f"{where} returned {v.dtype} on {v.device}, expected {spec.dtype} on {spec.device}")
         return [v]
@@ -273,23 +279,27 @@ def pieces(v: AnyVector, spec: FlatSpec, where: str, form: str = "dict") -> list
         if form == "dict":
             if len(v) != len(spec.names) or any(n not in v for n in spec.names):
                 missing = [n for n in spec.names if n not in v][:3]
-                raise ValueError(f"{where} returned a dict with keys {list(v)[:4]}...; expected the keys "
-                                 f"{list(spec.names)[:4]}... (missing {missing})")
+                raise ValueError(
+                    f"{where} returned a dict with keys {list(v)[:4]}...; expected the keys "
+                    f"{list(spec.names)[:4]}... (missing {missing})"
+                )
             names, tensors = list(spec.names), [v[n] for n in spec.names]
         else:
             names, tensors = [str(k) for k in v], list(v.values())
     elif isinstance(v, (tuple, list)):
         names, tensors = [str(i) for i in range(len(v))], list(v)
     else:
-        raise ValueError(f"{where} returned {type(v).__name__}; expected a dict, a tuple/list of tensors "
-                         "or a flat tensor")
+        raise ValueError(
+            f"{where} returned {type(v).__name__}; expected a dict, a tuple/list of tensors or a flat tensor"
+        )
     shapes: Sequence = spec.shapes
     if form == "flat":
         shapes = [t.shape if isinstance(t, Tensor) else None for t in tensors]
         total = sum(t.numel() for t in tensors if isinstance(t, Tensor))
         if total != spec.numel:
-            raise ValueError(f"{where} returned {len(tensors)} tensors of {total} elements in all, "
-                             f"expected {spec.numel}")
+            raise ValueError(
+                f"{where} returned {len(tensors)} tensors of {total} elements in all, expected {spec.numel}"
+            )
     elif len(tensors) != len(spec.names):
         raise ValueError(f"{where} returned {len(tensors)} tensors, expected {len(spec.names)}")
     out = []
@@ -298,8 +308,9 @@ def pieces(v: AnyVector, spec: FlatSpec, where: str, form: str = "dict") -> list
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{where} returned {got} for {name!r}, expected shape {tuple(shape)}")
         if t.dtype != spec.dtype or t.device != spec.device:
-            raise ValueError(f"{where} returned {t.dtype} on {t.device} for {name!r}, expected "
-                             f"{spec.dtype} on {spec.device}")
+            raise ValueError(
+                f"{where} returned {t.dtype} on {t.device} for {name!r}, expected {spec.dtype} on {spec.device}"
+            )
         out.append(t.reshape(-1))
     return out
 
@@ -319,8 +330,11 @@ def one_buffer(parts: Sequence[Tensor]) -> Tensor | None:
     storage, start = first.untyped_storage(), first.storage_offset()
     offset = start
     for t in filled:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr() \
-                or t.storage_offset() != offset:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage.data_ptr()
+            or t.storage_offset() != offset
+        ):
             return None
         offset += t.numel()
     total = offset - start

@@ -60,9 +60,7 @@ def damped_matvec(
     return fn(hv, v, scale, shift)
 
 
-def cg_step_(
-    x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor, *, backend: str | None = None
-) -> Tensor:
+def cg_step_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor, *, backend: str | None = None) -> Tensor:
     """One CG update in place, one pass: ``x += α p``, ``r -= α Ap``; returns the new ``rᵀr``.
 
     Args:
@@ -96,9 +94,7 @@ def cg_direction_(p: Tensor, r: Tensor, beta: Tensor, *, backend: str | None = N
     return p
 
 
-def prox_grad(
-    grad: Tensor, theta: Tensor, phi: Tensor, lam: float, *, backend: str | None = None
-) -> Tensor:
+def prox_grad(grad: Tensor, theta: Tensor, phi: Tensor, lam: float, *, backend: str | None = None) -> Tensor:
     """Gradient of ``L_P(θ) + (λ/2)‖θ − φ‖²`` given ``grad = ∇L_P(θ)``: ``grad + λ (θ − φ)``.
 
     All tensors are flat ``(P,)`` of one dtype/device; returns a new ``(P,)`` tensor.

@@ -16,6 +16,7 @@ same kernels (bit-identical) and carry short jvp rules:
 They are meant for :class:`bissl.ops.fast_second_order.FastSecondOrder` in the ``"forward"``
 direction; the ``log_softmax`` backward is differentiable once (in forward mode) only.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -67,8 +68,10 @@ class _LogSoftmaxBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _u):
-        raise RuntimeError("log_softmax forward-over-reverse rule: its backward is differentiable in "
-                           "forward mode only (use it for mode='fwdrev')")
+        raise RuntimeError(
+            "log_softmax forward-over-reverse rule: its backward is differentiable in "
+            "forward mode only (use it for mode='fwdrev')"
+        )
 
 
 class _LogSoftmax(torch.autograd.Function):
@@ -82,12 +85,12 @@ class _LogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t: Tensor, _dim):
-        y, = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         return x_t - (torch.exp(y) * x_t).sum(ctx.dim, keepdim=True)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        y, = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         return _LogSoftmaxBackward.apply(gy, y, ctx.dim), None
 
 
@@ -106,10 +109,20 @@ def reroute_cross_entropy(args: tuple, kwargs: dict) -> Tensor | None:
     a = dict(zip(_CE_ARGS, args))
     a.update(kwargs)
     x, target = a["input"], a["target"]
-    if (not x.is_floating_point() or x.dim() < 1 or target.is_floating_point()
-            or a.get("label_smoothing", 0.0) != 0.0 or a.get("size_average") is not None
-            or a.get("reduce") is not None):
+    if (
+        not x.is_floating_point()
+        or x.dim() < 1
+        or target.is_floating_point()
+        or a.get("label_smoothing", 0.0) != 0.0
+        or a.get("size_average") is not None
+        or a.get("reduce") is not None
+    ):
         return None
     dim = 0 if x.dim() == 1 else 1
-    return F.nll_loss(log_softmax(x, dim), target, a.get("weight"), ignore_index=a.get("ignore_index", -100),
-                      reduction=a.get("reduction", "mean"))
+    return F.nll_loss(
+        log_softmax(x, dim),
+        target,
+        a.get("weight"),
+        ignore_index=a.get("ignore_index", -100),
+        reduction=a.get("reduction", "mean"),
+    )

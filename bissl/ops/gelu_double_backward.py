@@ -21,6 +21,7 @@ products with ``gelu'(x)`` (float rounding may differ). Third derivatives are no
 ``gelu = x (1 + t)/2`` with ``t = tanh(k (x + c x³))``, ``k = √(2/π)``, ``c = 0.044715``:
 ``gelu'' = (1 − t²) (k (1 + 3 c x²) − x t k² (1 + 3 c x²)² + 3 k c x²)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ _TANH_C = 0.044715
 
 def _third_order_guard(where: str) -> None:
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{where}: third derivatives are not supported (the double backward "
-                           "uses precomputed constants); differentiate at most twice")
+        raise RuntimeError(
+            f"{where}: third derivatives are not supported (the double backward "
+            "uses precomputed constants); differentiate at most twice"
+        )
 
 
 def gelu_second_derivative(x: Tensor, approximate: str = "none") -> Tensor:
@@ -100,7 +103,7 @@ class _Gelu(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t: Tensor, _a):
-        d1, = ctx.saved_tensors
+        (d1,) = ctx.saved_tensors
         return x_t * d1
 
     @staticmethod

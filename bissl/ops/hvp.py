@@ -30,6 +30,7 @@ batch statistics; running buffers are never updated by an HVP). ``loss_fn`` must
 (no dropout sampling) for the HVP to be a fixed linear map; the linearize-once ``revrev`` form is
 immune because it evaluates the loss once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,9 @@ def _check_scalar(loss: Tensor, where: str) -> Tensor:
 def _check_like(params: ParamsLike, v: ParamsLike, where: str) -> None:
     if set(params) != set(v):
         missing, extra = set(params) - set(v), set(v) - set(params)
-        raise ValueError(f"{where}: v must have the keys of params "
-                         f"(missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+        raise ValueError(
+            f"{where}: v must have the keys of params (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
+        )
     for k, p in params.items():
         if v[k].shape != p.shape:
             raise ValueError(f"{where}: v[{k!r}] has shape {tuple(v[k].shape)}, params[{k!r}] has {tuple(p.shape)}")
@@ -95,8 +97,10 @@ def _second_backward(grads: tuple[Tensor, ...], leaves: Params, v: ParamsLike, r
     return {k: torch.zeros_like(p) if h is None else h for (k, p), h in zip(leaves.items(), hv)}
 
 
-_NO_SAVED_TENSOR_HOOKS = ("hvp(mode='fwdrev'): saved-tensor hooks (e.g. activation checkpointing) are not "
-                          "supported under forward-over-reverse; use mode='revrev'")
+_NO_SAVED_TENSOR_HOOKS = (
+    "hvp(mode='fwdrev'): saved-tensor hooks (e.g. activation checkpointing) are not "
+    "supported under forward-over-reverse; use mode='revrev'"
+)
 
 
 def _forward_over_reverse(loss_fn: LossFn, primals: Params, tangents: Params) -> Params:
@@ -116,8 +120,12 @@ def _forward_over_reverse(loss_fn: LossFn, primals: Params, tangents: Params) ->
 
 
 def _dual_number_hvp(loss_fn: LossFn, primals: Params, tangents: Params) -> Params:
-    with fwAD.dual_level(), torch.enable_grad(), FastSecondOrder("forward"), \
-            torch.autograd.graph.disable_saved_tensors_hooks(_NO_SAVED_TENSOR_HOOKS):
+    with (
+        fwAD.dual_level(),
+        torch.enable_grad(),
+        FastSecondOrder("forward"),
+        torch.autograd.graph.disable_saved_tensors_hooks(_NO_SAVED_TENSOR_HOOKS),
+    ):
         leaves = _detached_leaves(primals)
         duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in leaves.items()}
         loss = _check_scalar(loss_fn(duals), "hvp")
@@ -160,8 +168,11 @@ def hvp(loss_fn: LossFn, params: AnyVector, v: AnyVector, *, mode: HVPMode = "fw
     primals = {k: p.detach() for k, p in named.items()}
     tangents = {k: t.detach().view(shape) for k, shape, t in zip(spec.names, spec.shapes, parts)}
     out = _hvp_named(named_loss, primals, tangents, mode)
-    return as_form(torch.cat([t.reshape(-1) for t in out.values()]), spec, form) if form == "flat" else (
-        out if form == "dict" else (tuple if form == "tuple" else list)(out.values()))
+    return (
+        as_form(torch.cat([t.reshape(-1) for t in out.values()]), spec, form)
+        if form == "flat"
+        else (out if form == "dict" else (tuple if form == "tuple" else list)(out.values()))
+    )
 
 
 def _hvp_named(loss_fn: Callable[[Params], Tensor], primals: Params, tangents: Params, mode: str) -> Params:
@@ -210,14 +221,20 @@ def hvp_batched(loss_fn: LossFn, params: ParamsLike, vs: ParamsLike, *, mode: HV
                 out = {kk: torch.zeros_like(t) for kk, t in tangents.items()}
                 if used:
                     gs, names = zip(*used)
-                    hv = torch.autograd.grad(gs, tuple(leaves.values()), tuple(tangents[n] for n in names),
-                                             is_grads_batched=True, allow_unused=True)
+                    hv = torch.autograd.grad(
+                        gs,
+                        tuple(leaves.values()),
+                        tuple(tangents[n] for n in names),
+                        is_grads_batched=True,
+                        allow_unused=True,
+                    )
                     out = {kk: torch.zeros_like(tangents[kk]) if h is None else h for kk, h in zip(leaves, hv)}
     return {kk: t.detach() for kk, t in out.items()}
 
 
-def as_named(loss_fn: Callable, params: AnyVector,
-             where: str) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
+def as_named(
+    loss_fn: Callable, params: AnyVector, where: str
+) -> tuple[Callable[[Params], Tensor], Params, FlatSpec, str]:
     """A loss of a vector in any form, restated on a ``{name: Tensor}`` dict.
 
     Returns ``(loss_of_dict, params_as_dict, spec, form)``: the dict's names are ``spec.names``
@@ -245,9 +262,19 @@ class LinearizedHVP:
     in any form laid out like the parameters; :meth:`matvec_dict` takes a dict.
     """
 
-    def __init__(self, loss_fn: LossFn, params: AnyVector, mode: HVPMode, fast_conv: bool, fast_bn: bool,
-                 fast_gelu_layernorm: bool = True, need_grad: bool = True, fast_activations: bool = False,
-                 channels_last: bool | None = None, fast_linear: bool = True):
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        params: AnyVector,
+        mode: HVPMode,
+        fast_conv: bool,
+        fast_bn: bool,
+        fast_gelu_layernorm: bool = True,
+        need_grad: bool = True,
+        fast_activations: bool = False,
+        channels_last: bool | None = None,
+        fast_linear: bool = True,
+    ):
         _check_mode(mode)
         self.mode = mode
         named_loss, named, self.spec, self.form = as_named(loss_fn, params, "linearize_hvp")
@@ -259,10 +286,16 @@ class LinearizedHVP:
         self.grad: Tensor | None = None
         if mode == "revrev":
             # Build the first-order graph once; every matvec is one double backward over it.
-            fast = FastSecondOrder("reverse", conv=fast_conv, linear=fast_linear, batchnorm=fast_bn,
-                                   gelu=fast_gelu_layernorm,
-                                   layernorm=fast_gelu_layernorm, activations=fast_activations,
-                                   channels_last=channels_last)
+            fast = FastSecondOrder(
+                "reverse",
+                conv=fast_conv,
+                linear=fast_linear,
+                batchnorm=fast_bn,
+                gelu=fast_gelu_layernorm,
+                layernorm=fast_gelu_layernorm,
+                activations=fast_activations,
+                channels_last=channels_last,
+            )
             with torch.enable_grad(), fast:
                 self._leaves = _detached_leaves(self._primals)
                 loss = _check_scalar(named_loss(self._leaves), "linearize_hvp")
@@ -283,8 +316,9 @@ class LinearizedHVP:
                 grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True) if need_grad else None
             self.loss = loss.detach()
             if grads is not None:  # need_grad
-                self.grad = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                       for p, g in zip(leaves.values(), grads)])
+                self.grad = torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves.values(), grads)]
+                )
 
     def hv_pieces(self, v: AnyVector) -> list[Tensor]:
         """``H v`` as one tensor per parameter (autograd's own outputs: nothing is copied).
@@ -293,8 +327,9 @@ class LinearizedHVP:
         """
         if isinstance(v, Tensor):
             if v.dim() != 1 or v.numel() != self.spec.numel:
-                raise ValueError(f"LinearizedHVP: expected a flat vector of {self.spec.numel} elements, "
-                                 f"got {tuple(v.shape)}")
+                raise ValueError(
+                    f"LinearizedHVP: expected a flat vector of {self.spec.numel} elements, got {tuple(v.shape)}"
+                )
             vd = unflatten(v.detach(), self.spec)
         else:
             parts = pieces(v, self.spec, "LinearizedHVP: v", self.form)
@@ -339,10 +374,19 @@ class LinearizedHVP:
         return self.matvec(dict(v))
 
 
-def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev",
-                  fast_conv: bool = True, fast_bn: bool = True, fast_gelu_layernorm: bool = True,
-                  need_grad: bool = True, fast_activations: bool = False,
-                  channels_last: bool | None = None, fast_linear: bool = True) -> LinearizedHVP:
+def linearize_hvp(
+    loss_fn: LossFn,
+    params: AnyVector,
+    *,
+    mode: HVPMode = "revrev",
+    fast_conv: bool = True,
+    fast_bn: bool = True,
+    fast_gelu_layernorm: bool = True,
+    need_grad: bool = True,
+    fast_activations: bool = False,
+    channels_last: bool | None = None,
+    fast_linear: bool = True,
+) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
 
     Args:
@@ -377,6 +421,15 @@ def linearize_hvp(loss_fn: LossFn, params: AnyVector, *, mode: HVPMode = "revrev
         A :class:`LinearizedHVP`; ``op(v) -> H v`` in ``v``'s form (flat ``(P,)``, dict or
         tuple/list); ``op.hv_pieces(v)`` gives autograd's per-parameter products without a copy.
     """
-    return LinearizedHVP(loss_fn, params, mode, fast_conv, fast_bn, fast_gelu_layernorm, need_grad, fast_activations,
-                         channels_last, fast_linear)
-
+    return LinearizedHVP(
+        loss_fn,
+        params,
+        mode,
+        fast_conv,
+        fast_bn,
+        fast_gelu_layernorm,
+        need_grad,
+        fast_activations,
+        channels_last,
+        fast_linear,
+    )

@@ -26,6 +26,7 @@ Measured cost (``docs/text.md``): on the text demo's GPT on CPU, a 5-matvec solv
 linearised ``revrev`` takes less time than with ``fwdrev`` (which re-runs forward and backward
 every matvec); pass ``candidates`` in the order you prefer.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -120,9 +121,13 @@ def probe_hvp_mode(loss_fn: LossFn, params: ParamsLike, mode: str) -> None:
     op(torch.ones(op.spec.numel, dtype=op.spec.dtype, device=op.spec.device))
 
 
-def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,
-                    candidates: Sequence[str] = DEFAULT_CANDIDATES, *,
-                    cache_key: Hashable | None = None) -> str:
+def select_hvp_mode(
+    loss_fn: LossFn,
+    params: ParamsLike,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    *,
+    cache_key: Hashable | None = None,
+) -> str:
     """The first mode in ``candidates`` whose HVP runs on ``loss_fn`` at ``params``.
 
     Args:
@@ -170,4 +175,5 @@ def select_hvp_mode(loss_fn: LossFn, params: ParamsLike,
     raise HVPModeError(
         "no HVP mode works on this lower loss (" + "; ".join(failures) + "). A fused attention "
         "kernel (GPT attention 'sdpa') has no second derivative on this PyTorch; use attention "
-        "'math' or 'sdpa_math'")
+        "'math' or 'sdpa_math'"
+    )

@@ -23,6 +23,7 @@ stock kernels' (bit-identical); only the second derivative is computed different
 rounding). Third derivatives are not supported.
 Tested against autograd in float64 (``tests/ops/test_double_backward.py``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -58,8 +59,19 @@ class _LayerNormBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gy: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, mean: Tensor, rstd: Tensor,
-                xhat: Tensor, shape: Sequence[int], mask: tuple[bool, bool, bool], build_graph: bool):
+    def forward(
+        ctx,
+        gy: Tensor,
+        x: Tensor,
+        w: Tensor | None,
+        b: Tensor | None,
+        mean: Tensor,
+        rstd: Tensor,
+        xhat: Tensor,
+        shape: Sequence[int],
+        mask: tuple[bool, bool, bool],
+        build_graph: bool,
+    ):
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(gy, x, shape, mean, rstd, w, b, list(mask))
         d = _numel(shape)
         ctx.d, ctx.x_shape, ctx.mask, ctx.norm_shape = d, x.shape, mask, list(shape)
@@ -167,13 +179,19 @@ class _LayerNorm(torch.autograd.Function):
         x, w, b, mean, rstd, xhat = ctx.saved_tensors
         _, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (True, w is not None and need_w, b is not None and need_b)
-        gx, gw, gb = _LayerNormBackward.apply(gy.contiguous(), x, w, b, mean, rstd, xhat, ctx.shape, mask,
-                                             torch.is_grad_enabled())
+        gx, gw, gb = _LayerNormBackward.apply(
+            gy.contiguous(), x, w, b, mean, rstd, xhat, ctx.shape, mask, torch.is_grad_enabled()
+        )
         return gx, gw, gb, None, None
 
 
-def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
     """``F.layer_norm`` with the short double backward and forward-over-reverse rules above.
 
     Args:
@@ -183,6 +201,6 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None
         eps: added to the variance.
     """
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != tuple(shape):
+    if tuple(x.shape[x.dim() - len(shape) :]) != tuple(shape):
         raise ValueError(f"layer_norm: input {tuple(x.shape)} does not end with normalized_shape {tuple(shape)}")
     return _LayerNorm.apply(x, weight, bias, shape, eps)

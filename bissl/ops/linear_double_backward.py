@@ -21,6 +21,7 @@ Values are the stock kernels' (``F.linear``); only plain reverse-mode autograd s
 are not supported. Tested against autograd and dense Hessians in float64
 (``tests/ops/test_linear_double_backward.py``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,7 @@ class _LinearBackward(torch.autograd.Function):
     """``(gy, x, W) -> (gx, gW, gb)``, differentiable once."""
 
     @staticmethod
-    def forward(ctx, gy: Tensor, x: Tensor, w: Tensor, has_bias: bool, need_gx: bool, need_gw: bool,
-                gw_values: bool):
+    def forward(ctx, gy: Tensor, x: Tensor, w: Tensor, has_bias: bool, need_gx: bool, need_gw: bool, gw_values: bool):
         ctx.save_for_backward(gy, x, w)
         ctx.has_bias = has_bias
         gx = gy @ w if need_gx else None

@@ -5,6 +5,7 @@ functions and is tested against it. All tensors are flat ``(P,)`` vectors of one
 scalars that change every iteration (``alpha``, ``beta``) are 0-dim tensors so that a CG loop never
 moves them to the host. Functions ending in ``_`` update their first arguments in place.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def dot_ref(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.device.type != "cpu" or a.dtype == torch.float64 or a.numel() <= DOT_BLOCK:
         return torch.sum(a * b, dtype=torch.float64).to(a.dtype)
-    partials = [torch.dot(a[i:i + DOT_BLOCK], b[i:i + DOT_BLOCK]) for i in range(0, a.numel(), DOT_BLOCK)]
+    partials = [torch.dot(a[i : i + DOT_BLOCK], b[i : i + DOT_BLOCK]) for i in range(0, a.numel(), DOT_BLOCK)]
     return torch.stack(partials).sum(dtype=torch.float64).to(a.dtype)
 
 

@@ -25,9 +25,7 @@ class WarmupCosineFactor:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= warmup_steps <= total_steps:
-            raise ValueError(
-                f"warmup_steps must lie in [0, total_steps={total_steps}], got {warmup_steps}"
-            )
+            raise ValueError(f"warmup_steps must lie in [0, total_steps={total_steps}], got {warmup_steps}")
         if not 0.0 <= final_factor <= 1.0:
             raise ValueError(f"final_factor must lie in [0, 1], got {final_factor}")
         self.total_steps = int(total_steps)

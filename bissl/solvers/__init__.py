@@ -5,6 +5,7 @@ Every solver takes ``(matvec, b, *, iters, damping=0.0, scale=1.0, strict=False,
 need a positive definite system; MINRES does not. CG and MINRES also return free Ritz estimates of
 the damped operator's spectrum (:mod:`bissl.solvers.lanczos`).
 """
+
 from __future__ import annotations
 
 from bissl.solvers.cg import cg_layerwise_solve, cg_solve

@@ -18,6 +18,7 @@ All inner products of the solvers go through :meth:`LinearProblem.dot` /
 rank's partition of a vector sharded across ranks (:mod:`bissl.distributed.shard`), ``allreduce``
 sums the partial products there, so every scalar — and every branch — is the same on all ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -133,8 +134,10 @@ class LinearProblem:
                 raise ValueError(f"{self.where}: segments must be an int64 tensor shaped like b")
             seg = segments.to("cpu")
             if seg.numel() and (bool((seg[1:] < seg[:-1]).any()) or int(seg[0]) < 0):
-                raise ValueError(f"{self.where}: segment ids must be non-negative and non-decreasing "
-                                 "(each block a contiguous range of b)")
+                raise ValueError(
+                    f"{self.where}: segment ids must be non-negative and non-decreasing "
+                    "(each block a contiguous range of b)"
+                )
             lengths = torch.bincount(seg).tolist() if seg.numel() else []
         else:
             lengths = [int(k) for k in segments]
@@ -147,12 +150,22 @@ class LinearProblem:
         return bounds or [(0, n)]
 
 
-def linear_problem(matvec: Callable | None, b: Vector, scale: float, shift: float, where: str,
-                   backend: str | None = None, allreduce: AllReduce | None = None) -> LinearProblem:
+def linear_problem(
+    matvec: Callable | None,
+    b: Vector,
+    scale: float,
+    shift: float,
+    where: str,
+    backend: str | None = None,
+    allreduce: AllReduce | None = None,
+) -> LinearProblem:
     """Validate ``b`` and the constants, copy ``b`` into a flat buffer once (module docstring).
     ``allreduce``: ``b`` is this rank's flat partition of a sharded vector (see above)."""
-    if isinstance(scale, bool) or isinstance(shift, bool) or not (
-            isinstance(scale, (int, float)) and isinstance(shift, (int, float))):
+    if (
+        isinstance(scale, bool)
+        or isinstance(shift, bool)
+        or not (isinstance(scale, (int, float)) and isinstance(shift, (int, float)))
+    ):
         raise TypeError(f"{where}: scale and damping must be Python numbers")
     vector_form(b, where)
     try:

@@ -25,6 +25,7 @@ are the Lanczos tridiagonal of the damped operator (:mod:`bissl.solvers.lanczos`
 carries Ritz estimates ``ritz_min``/``ritz_max``/``condition_estimate`` and the flag ``indefinite``
 without any extra matvec; their small eigenvalue problem runs lazily, when first read.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -154,9 +155,17 @@ def cg_solve(
     res_norm = rr.sqrt()
     stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0), x.new_zeros(0))
     result = SolveResult(
-        x=prob.views(x), iters=n_iters, residual_norm=res_norm, b_norm=bb.sqrt(),
-        converged=(rr <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
-        alphas=stacked[0], betas=stacked[1], method="cg", tolerance_requested=use_tol,
+        x=prob.views(x),
+        iters=n_iters,
+        residual_norm=res_norm,
+        b_norm=bb.sqrt(),
+        converged=(rr <= tol2) & ~nonfinite,
+        negative_curvature=negative,
+        nonfinite=nonfinite,
+        alphas=stacked[0],
+        betas=stacked[1],
+        method="cg",
+        tolerance_requested=use_tol,
         tridiagonal=cg_tridiagonal(stacked[0], stacked[1], breakdown_curvature),
     )
     return result.check() if strict else result
@@ -229,8 +238,11 @@ def cg_layerwise_solve(
         negative |= (pap.sum() <= 0) & (rr.sum() > tol2) & ~bad
         step = (rr > tol2 / n_blocks) & (pap.abs() > guard) & ~nonfinite
         alpha = torch.where(step, rr / torch.where(step, pap, 1), 0)
-        rr_new = prob.reduce(torch.stack([ops.cg_step_(xk, rk, pk, apk, ak)
-                                          for xk, rk, pk, apk, ak in zip(xs, rs, ps, aps, alpha.unbind())]))
+        rr_new = prob.reduce(
+            torch.stack(
+                [ops.cg_step_(xk, rk, pk, apk, ak) for xk, rk, pk, apk, ak in zip(xs, rs, ps, aps, alpha.unbind())]
+            )
+        )
         beta = torch.where(step, rr_new / torch.where(step, rr, 1), 0)
         for pk, rk, bk in zip(ps, rs, beta.unbind()):
             ops.cg_direction_(pk, rk, bk)
@@ -239,11 +251,19 @@ def cg_layerwise_solve(
         alphas.append(alpha)
         betas.append(beta)
     total = rr.sum()
-    stacked = ((torch.stack(alphas), torch.stack(betas)) if alphas
-               else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks)))
+    stacked = (
+        (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks))
+    )
     result = SolveResult(
-        x=prob.views(x), iters=n_iters, residual_norm=total.sqrt(), b_norm=bb.sqrt(),
-        converged=(total <= tol2) & ~nonfinite, negative_curvature=negative, nonfinite=nonfinite,
-        alphas=stacked[0], betas=stacked[1], method="cg_layerwise",
+        x=prob.views(x),
+        iters=n_iters,
+        residual_norm=total.sqrt(),
+        b_norm=bb.sqrt(),
+        converged=(total <= tol2) & ~nonfinite,
+        negative_curvature=negative,
+        nonfinite=nonfinite,
+        alphas=stacked[0],
+        betas=stacked[1],
+        method="cg_layerwise",
     )
     return result.check() if strict else result

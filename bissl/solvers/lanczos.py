@@ -25,6 +25,7 @@ synchronisation. Only the eigenvalue computation itself (``torch.linalg.eigvalsh
 matrix) may synchronise — on CUDA it does (PyTorch documents it) — so :class:`SolveResult` runs it
 lazily, when an estimate is first read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -25,6 +25,7 @@ while the remaining matvecs run on. The Lanczos ``α_j, β_{j+1}`` give Ritz est
 spectrum for free (:mod:`bissl.solvers.lanczos`); a negative Ritz value sets ``indefinite``, which
 for MINRES is information, not a problem.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -149,10 +150,18 @@ def minres_solve(
         alphas_t, betas_t = x.new_zeros(0), x.new_zeros(0)
         valid_t = torch.zeros(0, dtype=torch.bool, device=x.device)
     result = SolveResult(
-        x=prob.views(x), iters=n_iters, residual_norm=residual, b_norm=bb.sqrt(),
+        x=prob.views(x),
+        iters=n_iters,
+        residual_norm=residual,
+        b_norm=bb.sqrt(),
         converged=(residual**2 <= tol2) & ~nonfinite,
-        negative_curvature=torch.zeros((), dtype=torch.bool, device=x.device), nonfinite=nonfinite,
-        alphas=alphas_t, betas=betas_t, method="minres", tolerance_requested=use_tol,
-        tridiagonal=lanczos_tridiagonal(alphas_t, betas_t, valid_t), needs_positive_definite=False,
+        negative_curvature=torch.zeros((), dtype=torch.bool, device=x.device),
+        nonfinite=nonfinite,
+        alphas=alphas_t,
+        betas=betas_t,
+        method="minres",
+        tolerance_requested=use_tol,
+        tridiagonal=lanczos_tridiagonal(alphas_t, betas_t, valid_t),
+        needs_positive_definite=False,
     )
     return result.check() if strict else result

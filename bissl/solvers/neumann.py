@@ -1,4 +1,5 @@
 """Cheaper inverse approximations behind the solver signature: truncated Neumann series, identity."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -122,8 +123,7 @@ def neumann_solve(
     """
     _check_iters(iters, "neumann_solve")
     if not isinstance(lanczos_steps, int) or lanczos_steps < 0:
-        raise ValueError("neumann_solve: lanczos_steps must be a non-negative int, got "
-                         f"{lanczos_steps!r}")
+        raise ValueError(f"neumann_solve: lanczos_steps must be a non-negative int, got {lanczos_steps!r}")
     if step is not None and not step > 0:
         raise ValueError(f"neumann_solve: step must be positive, got {step}")
     prob = linear_problem(matvec, b, scale, damping, "neumann_solve", allreduce=allreduce)
@@ -160,9 +160,14 @@ def neumann_solve(
     nonfinite = prob.any_nonfinite(x) | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(
-        x=prob.views(x), iters=torch.tensor(iters, device=x.device), residual_norm=rr.sqrt(),
-        b_norm=bb.sqrt(), converged=(rr <= _tolerance2(bb, None, 0.0)) & ~nonfinite,
-        negative_curvature=zero, nonfinite=nonfinite, method="neumann",
+        x=prob.views(x),
+        iters=torch.tensor(iters, device=x.device),
+        residual_norm=rr.sqrt(),
+        b_norm=bb.sqrt(),
+        converged=(rr <= _tolerance2(bb, None, 0.0)) & ~nonfinite,
+        negative_curvature=zero,
+        nonfinite=nonfinite,
+        method="neumann",
         tridiagonal=tri if m else None,
     )
     if strict:
@@ -172,7 +177,8 @@ def neumann_solve(
             raise SolverError(
                 f"neumann: step {float(step):.4g} times the largest Ritz value {top_ritz:.4g} of the "
                 f"damped operator is >= 2, so the series diverges; use step=None "
-                f"(η = 1/ritz_max) or a step below {2 / top_ritz:.4g}")
+                f"(η = 1/ritz_max) or a step below {2 / top_ritz:.4g}"
+            )
     return result
 
 
@@ -199,9 +205,14 @@ def identity_solve(
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     nonfinite = prob.any_nonfinite(x)
     result = SolveResult(
-        x=prob.views(x), iters=torch.zeros((), dtype=torch.int64, device=x.device),
+        x=prob.views(x),
+        iters=torch.zeros((), dtype=torch.int64, device=x.device),
         residual_norm=torch.full((), float("nan"), dtype=x.dtype, device=x.device),
-        b_norm=b_norm, converged=zero, negative_curvature=zero, nonfinite=nonfinite,
-        method="identity", needs_positive_definite=False,
+        b_norm=b_norm,
+        converged=zero,
+        negative_curvature=zero,
+        nonfinite=nonfinite,
+        method="identity",
+        needs_positive_definite=False,
     )
     return result.check() if strict else result

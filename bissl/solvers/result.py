@@ -1,4 +1,5 @@
 """The one result type every linear solver returns, and its error."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,8 +88,7 @@ class SolveResult:
     def _extremes(self) -> tuple[Tensor, Tensor]:
         if self._ritz is None:
             if self.tridiagonal is None:
-                nan = torch.full((), float("nan"), dtype=self.residual_norm.dtype,
-                                 device=self.residual_norm.device)
+                nan = torch.full((), float("nan"), dtype=self.residual_norm.dtype, device=self.residual_norm.device)
                 self._ritz = (nan, nan)
             else:
                 self._ritz = self.tridiagonal.ritz_extremes()
@@ -181,14 +181,20 @@ class SolveResult:
         indefinite = self.indefinite
         if self.initial is not None:
             indefinite = indefinite | self.initial.indefinite
-        values = torch.stack([
-            self.iters.to(torch.float64), self.residual_norm.to(torch.float64),
-            (self.residual_norm / self.b_norm.clamp_min(1e-300)).to(torch.float64),
-            self.converged.to(torch.float64), self.negative_curvature.to(torch.float64),
-            self.nonfinite.to(torch.float64), self.ritz_min.to(torch.float64),
-            self.ritz_max.to(torch.float64), self.condition_estimate.to(torch.float64),
-            indefinite.to(torch.float64),
-        ]).tolist()
+        values = torch.stack(
+            [
+                self.iters.to(torch.float64),
+                self.residual_norm.to(torch.float64),
+                (self.residual_norm / self.b_norm.clamp_min(1e-300)).to(torch.float64),
+                self.converged.to(torch.float64),
+                self.negative_curvature.to(torch.float64),
+                self.nonfinite.to(torch.float64),
+                self.ritz_min.to(torch.float64),
+                self.ritz_max.to(torch.float64),
+                self.condition_estimate.to(torch.float64),
+                indefinite.to(torch.float64),
+            ]
+        ).tolist()
         return {
             "iters": int(values[0]),
             "residual_norm": values[1],

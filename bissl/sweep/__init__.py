@@ -10,17 +10,28 @@ Example:
     >>> result = run_sweep("bissl/configs/demo_digits.yaml", {"bissl.lam": [1e-3, 1e-2]},
     ...                    seeds=3)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Cell": "grid", "make_cells": "grid", "parse_grid_args": "grid", "validate_grid": "grid",
-    "SweepPlan": "plan", "build_plan": "plan", "read_manifest": "plan",
-    "CellOutcome": "runner", "SweepResult": "runner", "resume_sweep": "runner",
-    "run_plan": "runner", "run_sweep": "runner",
-    "SharingPlan": "sharing", "parts_affected": "sharing", "plan_sharing": "sharing",
+    "Cell": "grid",
+    "make_cells": "grid",
+    "parse_grid_args": "grid",
+    "validate_grid": "grid",
+    "SweepPlan": "plan",
+    "build_plan": "plan",
+    "read_manifest": "plan",
+    "CellOutcome": "runner",
+    "SweepResult": "runner",
+    "resume_sweep": "runner",
+    "run_plan": "runner",
+    "run_sweep": "runner",
+    "SharingPlan": "sharing",
+    "parts_affected": "sharing",
+    "plan_sharing": "sharing",
     "register_sweep_command": "cli",
 }
 

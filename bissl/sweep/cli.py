@@ -3,6 +3,7 @@
 This module imports only argparse and the config at load time (``bissl --help`` stays fast); the
 runner is imported when the command runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,29 +35,49 @@ def register_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
     convention of :func:`bissl.cli.build_parser`; it raises ConfigError for bad usage.
     """
     p = subparsers.add_parser(
-        "sweep", help="run a grid of configs; CSVs and sensitivity plots (resumable)",
+        "sweep",
+        help="run a grid of configs; CSVs and sensitivity plots (resumable)",
         description="Run every combination of the --grid values (all seeds, BiSSL and baseline),\n"
-                    "skip cells that finished earlier, collect the final metrics into CSVs and\n"
-                    "plot test accuracy against each swept key.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML/JSON base config file or packaged config name "
-                                             "(not with --resume)")
-    p.add_argument("--grid", metavar="KEY=V1,V2,...", action="append", default=[],
-                   help="a swept key and its values (repeatable: the cells are the Cartesian "
-                        "product, the first --grid varying slowest)")
-    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                   help="fix a config key in every cell, e.g. --set bissl.stages=10 (repeatable)")
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="run seeds 0..N-1 in every cell (default: the config's run.seeds)")
-    p.add_argument("--out", metavar="DIR",
-                   help="sweep directory (default: <run.out_dir>/sweep_<config name>); an existing "
-                        "sweep of the same grid there is continued, a different one refused")
-    p.add_argument("--resume", metavar="SWEEP_DIR",
-                   help="continue the sweep in SWEEP_DIR (config, grid and seeds from its "
-                        "sweep.json)")
-    p.add_argument("--no-share", action="store_true",
-                   help="run the pretext phase and the baseline arm in every cell, even when the "
-                        "swept keys cannot change them")
+        "skip cells that finished earlier, collect the final metrics into CSVs and\n"
+        "plot test accuracy against each swept key.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML/JSON base config file or packaged config name (not with --resume)")
+    p.add_argument(
+        "--grid",
+        metavar="KEY=V1,V2,...",
+        action="append",
+        default=[],
+        help="a swept key and its values (repeatable: the cells are the Cartesian "
+        "product, the first --grid varying slowest)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="fix a config key in every cell, e.g. --set bissl.stages=10 (repeatable)",
+    )
+    p.add_argument(
+        "--seeds", type=int, metavar="N", help="run seeds 0..N-1 in every cell (default: the config's run.seeds)"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="sweep directory (default: <run.out_dir>/sweep_<config name>); an existing "
+        "sweep of the same grid there is continued, a different one refused",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="SWEEP_DIR",
+        help="continue the sweep in SWEEP_DIR (config, grid and seeds from its sweep.json)",
+    )
+    p.add_argument(
+        "--no-share",
+        action="store_true",
+        help="run the pretext phase and the baseline arm in every cell, even when the swept keys cannot change them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
     return p
@@ -71,39 +92,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     extra = ["run.quiet=true"] if args.quiet else []
     if args.resume:
-        given = [name for name, value in (("CONFIG", args.config), ("--grid", args.grid),
-                                          ("--set", args.set), ("--seeds", args.seeds),
-                                          ("--out", args.out), ("--no-share", args.no_share))
-                 if value]
+        given = [
+            name
+            for name, value in (
+                ("CONFIG", args.config),
+                ("--grid", args.grid),
+                ("--set", args.set),
+                ("--seeds", args.seeds),
+                ("--out", args.out),
+                ("--no-share", args.no_share),
+            )
+            if value
+        ]
         if given:
-            raise ConfigError("--resume takes the config, grid and seeds from "
-                              f"SWEEP_DIR/sweep.json; drop {', '.join(given)}")
+            raise ConfigError(
+                f"--resume takes the config, grid and seeds from SWEEP_DIR/sweep.json; drop {', '.join(given)}"
+            )
         out = args.resume
 
         def run() -> Any:
             return resume_sweep(out, overrides=extra)
     else:
         if not args.config or not args.grid:
-            raise ConfigError("give a CONFIG file and at least one --grid KEY=V1,V2,... "
-                              "(or --resume SWEEP_DIR)")
+            raise ConfigError("give a CONFIG file and at least one --grid KEY=V1,V2,... (or --resume SWEEP_DIR)")
         grid = parse_grid_args(args.grid)
         config = resolve_config(args.config)
         out = args.out or default_out(config, args.set)
 
         def run() -> Any:
-            return run_sweep(config, grid, seeds=args.seeds, out=out,
-                             overrides=[*args.set, *extra], share=not args.no_share)
+            return run_sweep(
+                config, grid, seeds=args.seeds, out=out, overrides=[*args.set, *extra], share=not args.no_share
+            )
+
     try:
         result = run()
     except (KeyboardInterrupt, RunInterrupted) as err:
         reason = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
         print(f"\n{reason}; continue with: bissl sweep --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"\nper run:     {result.csv_path}\nper cell:    {result.summary_path}\n"
-          f"sensitivity: {result.plot_path}")
+    print(f"\nper run:     {result.csv_path}\nper cell:    {result.summary_path}\nsensitivity: {result.plot_path}")
     if result.failed:
         names = ", ".join(o.cell.name for o in result.failed)
-        print(f"{len(result.failed)} cell(s) failed: {names} (see the error column of "
-              f"{result.summary_path.name})", file=sys.stderr)
+        print(
+            f"{len(result.failed)} cell(s) failed: {names} (see the error column of {result.summary_path.name})",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return 0

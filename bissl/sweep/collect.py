@@ -5,6 +5,7 @@ Every number comes from the cells' ``results.json`` (:func:`bissl.trainer.report
 A cell whose baseline the provider ran (:mod:`bissl.sweep.sharing`) gets the provider's baseline
 rows, with ``source`` naming the provider; the BiSSL − baseline difference is paired per seed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,13 +46,22 @@ def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
                     source, metrics = provider, shared["per_seed"].get(str(seed), {}).get(arm)
                 if metrics is None:
                     continue
-                rows.append({"cell": cell.name, **cell.values, "seed": seed, "arm": arm,
-                             **{m: metrics[m] for m in METRICS}, "source": source})
+                rows.append(
+                    {
+                        "cell": cell.name,
+                        **cell.values,
+                        "seed": seed,
+                        "arm": arm,
+                        **{m: metrics[m] for m in METRICS},
+                        "source": source,
+                    }
+                )
     return rows
 
 
-def summarize_cells(plan: SweepPlan, rows: Sequence[dict[str, Any]],
-                    failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def summarize_cells(
+    plan: SweepPlan, rows: Sequence[dict[str, Any]], failed: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Per cell: ``status`` (done / failed / not run), ``seeds`` (finished), per arm and metric
     ``<arm>_<metric>_mean`` and ``_std`` (sample std, ddof=1, as results.json), and
     ``diff_test_acc_mean/_std``: BiSSL − baseline test accuracy paired per seed."""
@@ -61,16 +71,18 @@ def summarize_cells(plan: SweepPlan, rows: Sequence[dict[str, Any]],
         mine = [r for r in rows if r["cell"] == cell.name]
         by_arm = {arm: {r["seed"]: r for r in mine if r["arm"] == arm} for arm in ARM_ORDER}
         status = "done" if mine else ("failed" if cell.name in failed else "not run")
-        row: dict[str, Any] = {"cell": cell.name, **cell.values, "status": status,
-                               "seeds": len(by_arm["bissl"])}
+        row: dict[str, Any] = {"cell": cell.name, **cell.values, "status": status, "seeds": len(by_arm["bissl"])}
         for arm in ARM_ORDER:
             for m in METRICS:
                 stats = mean_std([r[m] for r in by_arm[arm].values()]) if by_arm[arm] else None
                 row[f"{arm}_{m}_mean"] = stats["mean"] if stats else None
                 row[f"{arm}_{m}_std"] = stats["std"] if stats else None
         paired = [s for s in by_arm["bissl"] if s in by_arm["baseline"]]
-        diff = mean_std([by_arm["bissl"][s]["test_acc"] - by_arm["baseline"][s]["test_acc"]
-                         for s in paired]) if paired else None
+        diff = (
+            mean_std([by_arm["bissl"][s]["test_acc"] - by_arm["baseline"][s]["test_acc"] for s in paired])
+            if paired
+            else None
+        )
         row["diff_test_acc_mean"] = diff["mean"] if diff else None
         row["diff_test_acc_std"] = diff["std"] if diff else None
         row["baseline_source"] = next((r["source"] for r in by_arm["baseline"].values()), None)
@@ -104,13 +116,23 @@ def sweep_columns(plan: SweepPlan) -> list[str]:
 
 def summary_columns(plan: SweepPlan) -> list[str]:
     stats = [f"{arm}_{m}_{s}" for arm in ARM_ORDER for m in METRICS for s in ("mean", "std")]
-    return ["cell", *plan.grid, "status", "seeds", *stats, "diff_test_acc_mean",
-            "diff_test_acc_std", "baseline_source", "error"]
+    return [
+        "cell",
+        *plan.grid,
+        "status",
+        "seeds",
+        *stats,
+        "diff_test_acc_mean",
+        "diff_test_acc_std",
+        "baseline_source",
+        "error",
+    ]
 
 
 def format_summary_table(summary: Sequence[dict[str, Any]]) -> str:
     """Test accuracy (%) per cell: BiSSL and baseline mean ± std over seeds, and their paired
     difference."""
+
     def ms(mean: float | None, std: float | None, sign: str = "") -> str:
         return "—" if mean is None or std is None else f"{100 * mean:{sign}.2f} ± {100 * std:.2f}"
 

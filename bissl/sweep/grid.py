@@ -5,6 +5,7 @@ order the keys were given (the last key varies fastest). A cell is applied to th
 ``key=<JSON of the value>`` overrides: JSON is a subset of the YAML that
 :func:`bissl.config.parse_override` reads, so a cell's override reads back as exactly its value.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,9 @@ def override_text(key: str, value: Any) -> str:
     try:
         return f"{key}={json.dumps(value, allow_nan=False)}"
     except (TypeError, ValueError):
-        raise ConfigError(f"--grid {key}: value {value!r} is not a plain number, string, boolean, "
-                          "list or mapping") from None
+        raise ConfigError(
+            f"--grid {key}: value {value!r} is not a plain number, string, boolean, list or mapping"
+        ) from None
 
 
 def split_values(text: str) -> list[str]:
@@ -92,8 +94,7 @@ def parse_grid_args(items: Sequence[str]) -> Grid:
             raise ConfigError(f"--grid {item!r} must look like 'section.key=value1,value2,...'")
         key, text = (s.strip() for s in item.split("=", 1))
         if key in grid:
-            raise ConfigError(f"--grid key '{key}' is given twice; list all its values in one "
-                              "--grid")
+            raise ConfigError(f"--grid key '{key}' is given twice; list all its values in one --grid")
         values = []
         for piece in split_values(text):
             if not piece:
@@ -124,8 +125,7 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
         parts = key.split(".")
         for n in range(1, len(parts) + 1):
             suffix = ".".join(parts[-n:])
-            if not any(other != key and (other == suffix or other.endswith("." + suffix))
-                       for other in keys):
+            if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
                 break
         out[key] = suffix
     return out
@@ -150,7 +150,7 @@ def cell_names(grid: Mapping[str, Sequence[Any]], combos: Sequence[tuple[Any, ..
     for i, (name, combo) in enumerate(zip(names, combos)):
         if len(name) > MAX_NAME_LENGTH or names.count(name) > 1 or name.startswith("."):
             digest = hashlib.sha256(json.dumps(list(combo)).encode()).hexdigest()[:10]
-            names[i] = f"{name[:MAX_NAME_LENGTH - 11].lstrip('.')}_{digest}"
+            names[i] = f"{name[: MAX_NAME_LENGTH - 11].lstrip('.')}_{digest}"
     return names
 
 
@@ -169,8 +169,9 @@ def _check_key(key: str) -> None:
             raise ConfigError(f"--grid cannot sweep '{key}': {why}")
 
 
-def validate_grid(config_path: str | Path | None, grid: Mapping[str, Sequence[Any]],
-                  overrides: Sequence[str]) -> list[Cell]:
+def validate_grid(
+    config_path: str | Path | None, grid: Mapping[str, Sequence[Any]], overrides: Sequence[str]
+) -> list[Cell]:
     """Check every key, every value and every cell against the config; return the cells.
 
     Nothing runs here: a bad key or value fails before the first cell starts.
@@ -212,8 +213,9 @@ def validate_grid(config_path: str | Path | None, grid: Mapping[str, Sequence[An
             raise ConfigError(f"cell {cell.name}: {msg}") from None
         resolved = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
         if resolved in seen:
-            raise ConfigError(f"cells {seen[resolved]} and {cell.name} resolve to the same config "
-                              "(e.g. 1 and 1.0 for a float key); list each value once")
+            raise ConfigError(
+                f"cells {seen[resolved]} and {cell.name} resolve to the same config "
+                "(e.g. 1 and 1.0 for a float key); list each value once"
+            )
         seen[resolved] = cell.name
     return cells
-

@@ -6,6 +6,7 @@ sharing or the config of an existing sweep directory is an error (the sweep is n
 cell names, the provider cell and the baseline every cell is compared with all follow from the
 whole grid, so a changed grid is a new sweep, in a new directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,7 @@ class SweepPlan:
     def run_overrides(self, cell: Cell) -> list[str]:
         """All overrides of ``cell``'s run: fixed, seeds, the cell's values, and
         ``baseline.enabled=false`` for cells whose baseline the provider runs."""
-        extra = (["baseline.enabled=false"]
-                 if self.sharing.baseline and cell.name != self.sharing.provider else [])
+        extra = ["baseline.enabled=false"] if self.sharing.baseline and cell.name != self.sharing.provider else []
         return [*self.overrides, f"run.seeds={json.dumps(self.seeds)}", *cell.overrides(), *extra]
 
     def cell_config(self, cell: Cell) -> Config:
@@ -68,8 +68,7 @@ class SweepPlan:
             "grid": self.grid,
             "share": self.share,
             "sharing": self.sharing.to_json(),
-            "cells": {c.name: {"values": c.values, "overrides": self.run_overrides(c)}
-                      for c in self.cells},
+            "cells": {c.name: {"values": c.values, "overrides": self.run_overrides(c)} for c in self.cells},
             "base_config": self.base_config,
         }
 
@@ -94,13 +93,19 @@ def _as_json(key: str, values: Any) -> Any:
     try:
         return json.loads(json.dumps(list(values)))
     except (TypeError, ValueError):
-        raise ConfigError(f"--grid {key}: values must be plain numbers, strings, booleans, lists "
-                          f"or mappings, got {values!r}") from None
+        raise ConfigError(
+            f"--grid {key}: values must be plain numbers, strings, booleans, lists or mappings, got {values!r}"
+        ) from None
 
 
-def build_plan(config_path: str | Path | None, grid: Mapping[str, Sequence[Any]], *,
-               seeds: int | Sequence[int] | None = None, overrides: Sequence[str] = (),
-               share: bool = True) -> SweepPlan:
+def build_plan(
+    config_path: str | Path | None,
+    grid: Mapping[str, Sequence[Any]],
+    *,
+    seeds: int | Sequence[int] | None = None,
+    overrides: Sequence[str] = (),
+    share: bool = True,
+) -> SweepPlan:
     """Validate the config, the fixed overrides, the seeds and every grid key, value and cell.
 
     Raises:
@@ -119,8 +124,7 @@ def build_plan(config_path: str | Path | None, grid: Mapping[str, Sequence[Any]]
 
 
 def _semantic_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [k for k in diff_configs(saved, current)
-            if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
+    return [k for k in diff_configs(saved, current) if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
 
 
 def write_or_check_manifest(plan: SweepPlan, out: Path) -> bool:
@@ -144,17 +148,18 @@ def write_or_check_manifest(plan: SweepPlan, out: Path) -> bool:
         return {k: v for k, v in manifest.get("sharing", {}).items() if k != "reason"}
 
     # Compared as JSON text: 1 and 1.0 are different cells (and directory names).
-    what = [name for name in ("grid", "seeds", "share")
-            if json.dumps(saved.get(name)) != json.dumps(current[name])]
+    what = [name for name in ("grid", "seeds", "share") if json.dumps(saved.get(name)) != json.dumps(current[name])]
     if decision(saved) != decision(current):
         what.append("sharing")
     changed = _semantic_changes(saved.get("base_config", {}), current["base_config"])
     if changed:
         what.append(f"config ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})")
     if what:
-        raise ConfigError(f"{out} holds a different sweep ({', '.join(what)} differ); a sweep "
-                          "directory is never extended: choose another --out, or continue "
-                          f"that sweep with --resume {out}")
+        raise ConfigError(
+            f"{out} holds a different sweep ({', '.join(what)} differ); a sweep "
+            "directory is never extended: choose another --out, or continue "
+            f"that sweep with --resume {out}"
+        )
     return True  # the manifest stays as first written
 
 
@@ -172,8 +177,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err})") from None
     if data.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(f"{path} has format {data.get('format')!r}; this bissl reads "
-                          f"format {MANIFEST_FORMAT}")
+        raise ConfigError(f"{path} has format {data.get('format')!r}; this bissl reads format {MANIFEST_FORMAT}")
     return data
 
 

@@ -9,6 +9,7 @@ when it is the same in every cell of the panel (always so when the sweep shares 
 (a swept key changes the baseline arm, e.g. ``finetune.lr``) it is a dashed line per combination.
 Drawn on matplotlib's Agg canvas without pyplot, like :mod:`bissl.trainer.plots`.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,10 @@ def axis_kind(values: Sequence[Any]) -> AxisKind:
 
 def _positions(values: Sequence[Any], kind: AxisKind) -> dict[str, float]:
     """x position of each value (keyed by its label): the value, or its index when categorical."""
-    return {value_label(v): (float(i) if kind == "categorical" else float(v))
-            for i, v in enumerate(values)}
+    return {value_label(v): (float(i) if kind == "categorical" else float(v)) for i, v in enumerate(values)}
 
 
-def sensitivity_figure(grid: Mapping[str, Sequence[Any]],
-                       summary: Sequence[dict[str, Any]]) -> Figure:
+def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]]) -> Figure:
     """The figure of :func:`plot_sensitivity` (returned for inspection and tests).
 
     Args:
@@ -66,28 +65,45 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]],
         for r in done:
             label = ", ".join(f"{short[k]}={value_label(r[k])}" for k in others) or "BiSSL"
             lines.setdefault(label, []).append(r)
-        base = {(r["baseline_test_acc_mean"], r["baseline_test_acc_std"]) for r in done
-                if r.get("baseline_test_acc_mean") is not None}
+        base = {
+            (r["baseline_test_acc_mean"], r["baseline_test_acc_std"])
+            for r in done
+            if r.get("baseline_test_acc_mean") is not None
+        }
         for label, rows in lines.items():
             rows = sorted(rows, key=lambda r: pos[value_label(r[key])])
             xs = [pos[value_label(r[key])] for r in rows]
-            bar = ax.errorbar(xs, [100 * r["bissl_test_acc_mean"] for r in rows],
-                              yerr=[100 * r["bissl_test_acc_std"] for r in rows], marker="o", ms=4,
-                              capsize=3, lw=1.2, label=label if others else "BiSSL (mean ± std)")
+            bar = ax.errorbar(
+                xs,
+                [100 * r["bissl_test_acc_mean"] for r in rows],
+                yerr=[100 * r["bissl_test_acc_std"] for r in rows],
+                marker="o",
+                ms=4,
+                capsize=3,
+                lw=1.2,
+                label=label if others else "BiSSL (mean ± std)",
+            )
             with_base = [r for r in rows if r.get("baseline_test_acc_mean") is not None]
             if len(base) > 1 and with_base:
                 color = bar.lines[0].get_color()
-                ax.errorbar([pos[value_label(r[key])] for r in with_base],
-                            [100 * r["baseline_test_acc_mean"] for r in with_base],
-                            yerr=[100 * r["baseline_test_acc_std"] for r in with_base], ls="--",
-                            marker="s", ms=3, capsize=2, lw=0.9, color=color, alpha=0.7,
-                            label=f"baseline{': ' + label if others else ''} (mean ± std)")
+                ax.errorbar(
+                    [pos[value_label(r[key])] for r in with_base],
+                    [100 * r["baseline_test_acc_mean"] for r in with_base],
+                    yerr=[100 * r["baseline_test_acc_std"] for r in with_base],
+                    ls="--",
+                    marker="s",
+                    ms=3,
+                    capsize=2,
+                    lw=0.9,
+                    color=color,
+                    alpha=0.7,
+                    label=f"baseline{': ' + label if others else ''} (mean ± std)",
+                )
         if len(base) == 1:
-            (mean, std), = base
+            ((mean, std),) = base
             ax.axhline(100 * mean, color="tab:gray", lw=1.2, ls="--", label="baseline (mean ± std)")
             if std > 0:
-                ax.axhspan(100 * (mean - std), 100 * (mean + std), color="tab:gray", alpha=0.2,
-                           lw=0)
+                ax.axhspan(100 * (mean - std), 100 * (mean + std), color="tab:gray", alpha=0.2, lw=0)
         if kind == "log":
             ax.set_xscale("log")
         elif kind == "categorical":
@@ -102,8 +118,7 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]],
     return fig
 
 
-def plot_sensitivity(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]],
-                     path: str | Path) -> Path:
+def plot_sensitivity(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write the sensitivity figure to ``path`` (PNG)."""
     path = Path(path)
     sensitivity_figure(grid, summary).savefig(path, dpi=110)

@@ -12,6 +12,7 @@ Resuming: a cell whose ``results.json`` exists is skipped; any other cell is (re
 ``run_experiment`` resumes it from its own checkpoints. A cell that fails (non-finite loss, solver
 error) is reported and the sweep goes on; it is retried, from its last checkpoint, next time.
 """
+
 from __future__ import annotations
 
 import os
@@ -135,8 +136,7 @@ def _share_pretext(plan: SweepPlan, out: Path, cell: Cell) -> list[str]:
     """Pre-seed ``cell``'s seeds that have not started from the first cell (the provider first)
     that finished that seed's pretext; under the sharing rule all of them hold the same one.
     Seeds already started resume their own phases. Returns the donor cells used."""
-    donors = sorted((c for c in plan.cells if c.name != cell.name),
-                    key=lambda c: c.name != plan.sharing.provider)
+    donors = sorted((c for c in plan.cells if c.name != cell.name), key=lambda c: c.name != plan.sharing.provider)
     used: list[str] = []
     for seed in plan.seeds:
         dst = cell_dir(out, cell) / f"seed_{seed}"
@@ -196,8 +196,11 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
     resuming = write_or_check_manifest(plan, out)
     n = len(plan.cells)
     if verbose:
-        print(f"sweep {out} ({'continuing' if resuming else 'new'}): {n} cells x "
-              f"{len(plan.seeds)} seed(s); {plan.sharing.reason}", flush=True)
+        print(
+            f"sweep {out} ({'continuing' if resuming else 'new'}): {n} cells x "
+            f"{len(plan.seeds)} seed(s); {plan.sharing.reason}",
+            flush=True,
+        )
     outcomes = []
     for i, cell in enumerate(plan.cells, 1):
         outcome = _run_cell(plan, out, cell)
@@ -217,10 +220,16 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
     return SweepResult(out, plan, outcomes, rows, summary, csv_path, summary_path, plot_path)
 
 
-def run_sweep(config_path: str | Path | None, grid: dict[str, list[Any]], *,
-              seeds: int | Sequence[int] | None = None, out: str | Path | None = None,
-              overrides: Sequence[str] = (), share: bool = True,
-              verbose: bool = True) -> SweepResult:
+def run_sweep(
+    config_path: str | Path | None,
+    grid: dict[str, list[Any]],
+    *,
+    seeds: int | Sequence[int] | None = None,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    share: bool = True,
+    verbose: bool = True,
+) -> SweepResult:
     """Run a grid of configs (resumable), collect every run's final metrics, plot sensitivities.
 
     Args:
@@ -248,12 +257,10 @@ def run_sweep(config_path: str | Path | None, grid: dict[str, list[Any]], *,
         >>> result.summary[0]["bissl_test_acc_mean"]  # doctest: +SKIP
     """
     plan = build_plan(config_path, grid, seeds=seeds, overrides=overrides, share=share)
-    return run_plan(plan, out if out is not None else default_out(config_path, overrides),
-                    verbose=verbose)
+    return run_plan(plan, out if out is not None else default_out(config_path, overrides), verbose=verbose)
 
 
-def resume_sweep(out: str | Path, *, overrides: Sequence[str] = (),
-                 verbose: bool = True) -> SweepResult:
+def resume_sweep(out: str | Path, *, overrides: Sequence[str] = (), verbose: bool = True) -> SweepResult:
     """Continue the sweep in ``out`` from its ``sweep.json`` (config, grid, seeds, sharing).
 
     Args:
@@ -263,6 +270,12 @@ def resume_sweep(out: str | Path, *, overrides: Sequence[str] = (),
     config = manifest["config"]
     if config is not None and not Path(config).exists():
         raise ConfigError(f"the config of the sweep in {out}, {config}, is missing")
-    return run_sweep(config, manifest["grid"], seeds=manifest["seeds"], out=out,
-                     overrides=[*manifest["overrides"], *overrides], share=manifest["share"],
-                     verbose=verbose)
+    return run_sweep(
+        config,
+        manifest["grid"],
+        seeds=manifest["seeds"],
+        out=out,
+        overrides=[*manifest["overrides"], *overrides],
+        share=manifest["share"],
+        verbose=verbose,
+    )

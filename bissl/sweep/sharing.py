@@ -16,6 +16,7 @@ conservative: a key not known to be confined to the BiSSL stage or to fine-tunin
 everything (data, model, pretext, task, text, deepspeed, run.* keys that change the numerics such
 as ``run.device``, ``run.num_threads`` or ``run.workers``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -84,8 +85,9 @@ class SharingPlan:
         return asdict(self)
 
 
-def plan_sharing(keys: Sequence[str], cell_names: Sequence[str], configs: Iterable[Config], *,
-                 enabled: bool = True) -> SharingPlan:
+def plan_sharing(
+    keys: Sequence[str], cell_names: Sequence[str], configs: Iterable[Config], *, enabled: bool = True
+) -> SharingPlan:
     """Apply the rule to a grid.
 
     Args:
@@ -111,8 +113,7 @@ def plan_sharing(keys: Sequence[str], cell_names: Sequence[str], configs: Iterab
     elif not has_baseline:
         reason = "pretext shared; no baseline arm to share (baseline.enabled is false)"
     elif not baseline:
-        reason = (f"pretext shared; '{blocks_baseline[0]}' changes the baseline arm: it runs "
-                  "per cell")
+        reason = f"pretext shared; '{blocks_baseline[0]}' changes the baseline arm: it runs per cell"
     else:
         reason = "pretext and baseline arm shared: only the BiSSL arm depends on the swept keys"
     return SharingPlan(pretext, baseline, cell_names[0] if pretext else None, reason)

@@ -52,14 +52,10 @@ def _check_images(x: Tensor, op: str) -> None:
 def _rand(n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
     """``(n,)`` uniform [0, 1) numbers from ``generator``, on ``like``'s device and dtype."""
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(n, generator=generator, device=device).to(
-        device=like.device, dtype=like.dtype
-    )
+    return torch.rand(n, generator=generator, device=device).to(device=like.device, dtype=like.dtype)
 
 
-def _uniform(
-    n: int, low: float, high: float, generator: torch.Generator | None, like: Tensor
-) -> Tensor:
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None, like: Tensor) -> Tensor:
     return low + (high - low) * _rand(n, generator, like)
 
 
@@ -153,9 +149,7 @@ def random_resized_crop(
     return out.clamp_(0.0, 1.0)
 
 
-def horizontal_flip(
-    x: Tensor, p: float = 0.5, *, generator: torch.Generator | None = None
-) -> Tensor:
+def horizontal_flip(x: Tensor, p: float = 0.5, *, generator: torch.Generator | None = None) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
     _check_images(x, "horizontal_flip")
     if p <= 0.0:
@@ -185,9 +179,7 @@ def color_jitter(
     if not 0.0 <= hue <= 0.5:
         raise ValueError(f"color_jitter: hue must lie in [0, 0.5], got {hue}")
     if min(brightness, contrast, saturation) < 0.0:
-        raise ValueError(
-            f"color_jitter: strengths must be >= 0, got {(brightness, contrast, saturation)}"
-        )
+        raise ValueError(f"color_jitter: strengths must be >= 0, got {(brightness, contrast, saturation)}")
     if p <= 0.0:
         return x
     bsz = x.shape[0]
@@ -202,9 +194,7 @@ def color_jitter(
         mean = to_grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
         out = (f * out + (1.0 - f) * mean).clamp(0.0, 1.0)
     if colour and saturation > 0:
-        f = _per_sample(
-            _uniform(bsz, 1.0 - saturation, 1.0 + saturation, generator, x).clamp(min=0.0)
-        )
+        f = _per_sample(_uniform(bsz, 1.0 - saturation, 1.0 + saturation, generator, x).clamp(min=0.0))
         out = (f * out + (1.0 - f) * to_grayscale(out)).clamp(0.0, 1.0)
     if colour and hue > 0:
         shift = _uniform(bsz, -hue, hue, generator, x).view(-1, 1, 1)
@@ -214,9 +204,7 @@ def color_jitter(
     return torch.where(_per_sample(apply), out, x)
 
 
-def random_grayscale(
-    x: Tensor, p: float = 0.2, *, generator: torch.Generator | None = None
-) -> Tensor:
+def random_grayscale(x: Tensor, p: float = 0.2, *, generator: torch.Generator | None = None) -> Tensor:
     """Replace RGB images by their luma (kept 3-channel) w.p. ``p``; 1-channel images unchanged."""
     _check_images(x, "random_grayscale")
     if p <= 0.0 or x.shape[1] == 1:
@@ -263,18 +251,12 @@ def gaussian_blur(
     mode = "reflect" if pad < min(height, width) else "replicate"
     # Depthwise conv over B*C "channels" so every image gets its own kernel in one call.
     flat = x.reshape(1, bsz * chans, height, width)
-    flat = F.conv2d(
-        F.pad(flat, (pad, pad, 0, 0), mode=mode), taps.view(-1, 1, 1, k), groups=bsz * chans
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, pad, pad), mode=mode), taps.view(-1, 1, k, 1), groups=bsz * chans
-    )
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode=mode), taps.view(-1, 1, 1, k), groups=bsz * chans)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode=mode), taps.view(-1, 1, k, 1), groups=bsz * chans)
     return torch.where(_per_sample(apply), flat.view_as(x).clamp(0.0, 1.0), x)
 
 
-def solarize(
-    x: Tensor, p: float = 0.2, *, threshold: float = 0.5, generator: torch.Generator | None = None
-) -> Tensor:
+def solarize(x: Tensor, p: float = 0.2, *, threshold: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
     """Invert pixels ``>= threshold`` (``v -> 1 - v``), each image w.p. ``p``."""
     _check_images(x, "solarize")
     if p <= 0.0:
@@ -303,15 +285,11 @@ def augment_view(
     x: Tensor, cfg: ViewConfig, *, size: int | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
     """One view's pipeline (crop, flip, jitter, grayscale, blur, solarize) on ``[0, 1]`` images."""
-    x = random_resized_crop(
-        x, size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, generator=generator
-    )
+    x = random_resized_crop(x, size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, generator=generator)
     x = horizontal_flip(x, cfg.flip_p, generator=generator)
     x = color_jitter(x, *cfg.jitter, p=cfg.jitter_p, generator=generator)
     x = random_grayscale(x, cfg.grayscale_p, generator=generator)
-    x = gaussian_blur(
-        x, cfg.blur_p, sigma=cfg.blur_sigma, kernel_size=cfg.blur_kernel, generator=generator
-    )
+    x = gaussian_blur(x, cfg.blur_p, sigma=cfg.blur_sigma, kernel_size=cfg.blur_kernel, generator=generator)
     return solarize(x, cfg.solarize_p, generator=generator)
 
 
@@ -339,9 +317,7 @@ def resolve_preset(preset: str, image_size: int) -> str:
     if preset == "auto":
         return "tiny" if image_size <= TINY_MAX_SIZE else "byol"
     if preset not in PRESETS:
-        raise ValueError(
-            f"unknown augmentation preset {preset!r}; valid: auto, {', '.join(sorted(PRESETS))}"
-        )
+        raise ValueError(f"unknown augmentation preset {preset!r}; valid: auto, {', '.join(sorted(PRESETS))}")
     return preset
 
 
@@ -392,15 +368,11 @@ class TwoViewAugment:
         v1, v2 = PRESETS[resolve_preset(self.preset, image_size)]
         return (self.view1 or v1, self.view2 or v2)
 
-    def __call__(
-        self, x: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         _check_images(x, "TwoViewAugment")
         if self.mean is not None:
             if len(self.mean) != x.shape[1]:
-                raise ValueError(
-                    f"TwoViewAugment: {len(self.mean)} channel means for {x.shape[1]} channels"
-                )
+                raise ValueError(f"TwoViewAugment: {len(self.mean)} channel means for {x.shape[1]} channels")
             mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             x = (x * std + mean).clamp(0.0, 1.0)

@@ -26,9 +26,7 @@ def build_head(in_dim: int, num_classes: int, kind: str = "linear", hidden: int 
         ``(B, in_dim) -> (B, num_classes)``.
     """
     if in_dim <= 0 or num_classes <= 0:
-        raise ValueError(
-            f"build_head: in_dim and num_classes must be positive, got {in_dim}, {num_classes}"
-        )
+        raise ValueError(f"build_head: in_dim and num_classes must be positive, got {in_dim}, {num_classes}")
     if kind == "linear":
         return nn.Linear(in_dim, num_classes)
     if kind == "mlp":
@@ -47,8 +45,7 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     """Top-1 accuracy in ``[0, 1]`` of ``(B, K)`` logits against ``(B,)`` labels."""
     if logits.ndim != 2 or y.shape != logits.shape[:1]:
         raise ValueError(
-            f"accuracy: expected (B, K) logits and (B,) labels, got {tuple(logits.shape)} "
-            f"and {tuple(y.shape)}"
+            f"accuracy: expected (B, K) logits and (B,) labels, got {tuple(logits.shape)} and {tuple(y.shape)}"
         )
     if y.numel() == 0:
         raise ValueError("accuracy: empty batch")
@@ -76,7 +73,11 @@ def eval_mode(*objs: object) -> Iterator[None]:
 
 
 def predict(
-    backbone: Backbone, head: Backbone, x: Tensor, y: Tensor, batch_size: int = 256,
+    backbone: Backbone,
+    head: Backbone,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 256,
     device: torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example cross-entropy and predicted class of ``head(backbone(x))``.
@@ -112,9 +113,7 @@ def predict(
     return (torch.cat(losses), torch.cat(preds)) if losses else empty
 
 
-def evaluate(
-    backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256
-) -> dict[str, float]:
+def evaluate(backbone: Backbone, head: nn.Module, dataset: Dataset, batch_size: int = 256) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy of ``head(backbone(x))`` over ``dataset``
     (see :func:`predict`).
 

@@ -18,6 +18,7 @@ Checkpoints: :meth:`state_dict` (data order, generators, the λ schedule, and th
 states) in the rank-0 file; under DeepSpeed :meth:`save_engines` writes each engine's partitions
 (all ranks) and the file names them (:func:`bissl.trainer.loop.run_phase`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,8 +62,14 @@ class BisslPhase(Phase):
 
     name = PHASE
 
-    def __init__(self, cfg: Config, data: PipelineData, ctx: RunContext, pretext_result: dict[str, Any],
-                 dp: DataParallel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: PipelineData,
+        ctx: RunContext,
+        pretext_result: dict[str, Any],
+        dp: DataParallel | None = None,
+    ) -> None:
         self.cfg, self.device = cfg, ctx.device
         self.dp = dp or DataParallel()
         self.models = start_models(cfg, data, ctx.device, pretext_result)
@@ -72,7 +79,8 @@ class BisslPhase(Phase):
         super().__init__(self.schedule.total_steps)
         # The head warm-up trains ψ_D alone, data-parallel but never sharded (it is small).
         self.warmup: Trainable = DataParallel(self.dp.world, self.dp.rank).trainable(
-            self.models.head, warmup_spec(cfg), warmup_schedule(cfg, self.schedule.warmup_steps))
+            self.models.head, warmup_spec(cfg), warmup_schedule(cfg, self.schedule.warmup_steps)
+        )
         self.settings = BisslSettings.from_config(cfg)
         b = cfg.bissl
         self.lam_schedule = build_lam_schedule(b.lam_schedule, b.lam, b.lam_options)
@@ -144,13 +152,17 @@ class BisslPhase(Phase):
             # The head moves into the upper copy; its last warm-up gradient must not be added to
             # the first upper step's (an engine's backward accumulates into it).
             self.warmup.zero_grad()
-            lower = self.dp.trainable(LowerObjective(m.theta_net, m.pretext, pretext_objective),
-                                      lower_spec(cfg), lower_schedule(cfg))
+            lower = self.dp.trainable(
+                LowerObjective(m.theta_net, m.pretext, pretext_objective), lower_spec(cfg), lower_schedule(cfg)
+            )
             upper = self.dp.trainable(
                 UpperObjective(m.phi_net, m.head, downstream_objective, gamma=cfg.bissl.gamma),
-                upper_spec(cfg), upper_schedule(cfg))
-            self.step_fn = BisslStep(lower, upper, self.settings, self.lam_schedule,
-                                     lambda: self.describe_step(self.step_idx + 1))
+                upper_spec(cfg),
+                upper_schedule(cfg),
+            )
+            self.step_fn = BisslStep(
+                lower, upper, self.settings, self.lam_schedule, lambda: self.describe_step(self.step_idx + 1)
+            )
         return self.step_fn
 
     # ------------------------------------------------------------------ state
@@ -169,20 +181,31 @@ class BisslPhase(Phase):
         step_fn.upper.load(directory / "upper", tag)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"batches": self.batches.state_dict(), "world_size": self.dp.world,
-                                 "copies": self.step_fn is not None}
+        state: dict[str, Any] = {
+            "batches": self.batches.state_dict(),
+            "world_size": self.dp.world,
+            "copies": self.step_fn is not None,
+        }
         if self.step_fn is None:
-            state.update(models=self.models.state_dicts(), warmup=self.warmup.state_dict(),
-                         lam_schedule=self.lam_schedule.state_dict())
+            state.update(
+                models=self.models.state_dicts(),
+                warmup=self.warmup.state_dict(),
+                lam_schedule=self.lam_schedule.state_dict(),
+            )
         else:
-            state.update(lower=self.step_fn.lower.state_dict(), upper=self.step_fn.upper.state_dict(),
-                         step=self.step_fn.state_dict())
+            state.update(
+                lower=self.step_fn.lower.state_dict(),
+                upper=self.step_fn.upper.state_dict(),
+                step=self.step_fn.state_dict(),
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.dp.world:
-            raise ConfigError(f"the BiSSL checkpoint was written by {state['world_size']} ranks, this "
-                              f"run has {self.dp.world} ('run.nproc' must not change on resume)")
+            raise ConfigError(
+                f"the BiSSL checkpoint was written by {state['world_size']} ranks, this "
+                f"run has {self.dp.world} ('run.nproc' must not change on resume)"
+            )
         self.batches.load_state_dict(state["batches"])
         if not state["copies"]:
             self.models.load_state_dicts(state["models"])
@@ -197,5 +220,9 @@ class BisslPhase(Phase):
     def result(self) -> dict[str, Any]:
         """Full state dicts of both copies (gathered under ZeRO-3; every rank must call it)."""
         m = self.models
-        return {"lower_backbone": full_state_dict(m.theta_net), "pretext": full_state_dict(m.pretext),
-                "upper_backbone": full_state_dict(m.phi_net), "head": full_state_dict(m.head)}
+        return {
+            "lower_backbone": full_state_dict(m.theta_net),
+            "pretext": full_state_dict(m.pretext),
+            "upper_backbone": full_state_dict(m.phi_net),
+            "head": full_state_dict(m.head),
+        }

@@ -12,6 +12,7 @@ must do identically:
 * the optimizers and LR schedules of the stage, the head warm-up loss and the two objectives
   (:func:`pretext_objective`, :func:`downstream_objective`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,8 +55,7 @@ class StageSchedule:
     @classmethod
     def from_config(cls, cfg: Config, upper_steps_per_epoch: int) -> StageSchedule:
         b = cfg.bissl
-        return cls(epochs_to_steps(b.head_warmup_epochs, upper_steps_per_epoch), b.stages,
-                   b.lower_steps, b.upper_steps)
+        return cls(epochs_to_steps(b.head_warmup_epochs, upper_steps_per_epoch), b.stages, b.lower_steps, b.upper_steps)
 
     @property
     def cycle(self) -> int:
@@ -93,16 +93,19 @@ class StageModels:
     head: nn.Module
 
     def state_dicts(self) -> dict[str, dict[str, Any]]:
-        return {"theta_net": self.theta_net.state_dict(), "pretext": self.pretext.state_dict(),
-                "phi_net": self.phi_net.state_dict(), "head": self.head.state_dict()}
+        return {
+            "theta_net": self.theta_net.state_dict(),
+            "pretext": self.pretext.state_dict(),
+            "phi_net": self.phi_net.state_dict(),
+            "head": self.head.state_dict(),
+        }
 
     def load_state_dicts(self, state: dict[str, dict[str, Any]]) -> None:
         for key in ("theta_net", "pretext", "phi_net", "head"):
             getattr(self, key).load_state_dict(state[key])
 
 
-def start_models(cfg: Config, data: PipelineData, device: torch.device,
-                 pretext_result: dict[str, Any]) -> StageModels:
+def start_models(cfg: Config, data: PipelineData, device: torch.device, pretext_result: dict[str, Any]) -> StageModels:
     """Lower model = the pretext result (BYOL: target re-initialised from the online network);
     upper model = a copy of the same backbone and a new downstream head.
 
@@ -138,15 +141,18 @@ class StageBatches:
         dp: the data-parallel layout (default: one process).
     """
 
-    def __init__(self, cfg: Config, data: PipelineData, seed: int, device: torch.device,
-                 dp: DataParallel | None = None) -> None:
+    def __init__(
+        self, cfg: Config, data: PipelineData, seed: int, device: torch.device, dp: DataParallel | None = None
+    ) -> None:
         b = cfg.bissl
         self.data, self.seed, self.device = data, seed, device
         self.dp = dp or DataParallel()
-        self.lower_sampler = EpochSampler(len(data.pretext_x), b.lower.batch_size,
-                                          derive_seed(seed, PHASE, "lower_order"))
-        self.upper_sampler = EpochSampler(len(data.train_x), b.upper.batch_size,
-                                          derive_seed(seed, PHASE, "upper_order"))
+        self.lower_sampler = EpochSampler(
+            len(data.pretext_x), b.lower.batch_size, derive_seed(seed, PHASE, "lower_order")
+        )
+        self.upper_sampler = EpochSampler(
+            len(data.train_x), b.upper.batch_size, derive_seed(seed, PHASE, "upper_order")
+        )
         self.two_view = build_two_view(cfg, data)
         self.down_aug = build_downstream_augment(cfg, data)
         self.lower_gen = make_generator(derive_seed(seed, PHASE, "lower_augment"), device)
@@ -157,12 +163,16 @@ class StageBatches:
     def check_shards(self) -> None:
         """The global batch sizes (after the samplers' cap at the data size) must split evenly."""
         b = self.dp.world
-        for what, size in (("bissl.upper.batch_size", self.upper_sampler.batch_size),
-                           ("bissl.lower.batch_size", self.lower_sampler.batch_size),
-                           ("bissl.hvp_batch_size (default: bissl.lower.batch_size)", self.hvp_batch_size)):
+        for what, size in (
+            ("bissl.upper.batch_size", self.upper_sampler.batch_size),
+            ("bissl.lower.batch_size", self.lower_sampler.batch_size),
+            ("bissl.hvp_batch_size (default: bissl.lower.batch_size)", self.hvp_batch_size),
+        ):
             if size % b or (what != "bissl.upper.batch_size" and size // b < 2):
-                raise ConfigError(f"'{what}' is {size} after capping at the dataset size: it must be "
-                                  f"a multiple of run.nproc {b} with at least 2 samples per rank")
+                raise ConfigError(
+                    f"'{what}' is {size} after capping at the dataset size: it must be "
+                    f"a multiple of run.nproc {b} with at least 2 samples per rank"
+                )
 
     def downstream(self) -> tuple[Tensor, Tensor]:
         """This rank's shard of the next warm-up/upper batch ``(x, y)``: ``(b, C, H, W)``, ``(b,)``."""
@@ -189,9 +199,12 @@ class StageBatches:
         return self._hvp[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lower_sampler": self.lower_sampler.state_dict(),
-                "upper_sampler": self.upper_sampler.state_dict(),
-                "lower_gen": self.lower_gen.get_state(), "upper_gen": self.upper_gen.get_state()}
+        return {
+            "lower_sampler": self.lower_sampler.state_dict(),
+            "upper_sampler": self.upper_sampler.state_dict(),
+            "lower_gen": self.lower_gen.get_state(),
+            "upper_gen": self.upper_gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lower_sampler.load_state_dict(state["lower_sampler"])

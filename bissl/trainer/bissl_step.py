@@ -28,6 +28,7 @@ BatchNorm policy: training forwards (lower steps, the direct term through φ) up
 statistics; derivative-only passes (HVPs, the downstream pass through θ) use batch statistics and
 leave buffers alone (:func:`bissl.ops.batchnorm_stats_frozen`).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,9 +86,16 @@ class BisslSettings:
         auto = b.hvp_mode == "auto"
         hyper = HypergradSettings.from_config(b, hvp_mode="revrev" if auto else None)
         shard = cfg.run.nproc > 1 and cfg.deepspeed.sharded_hypergrad
-        return cls(hyper=hyper, hvp_auto=auto, gamma=b.gamma, direct_term=b.direct_term,
-                   prox_pull=b.prox_pull, on_nonfinite=b.on_nonfinite, shard=shard,
-                   bucket_numel=cfg.deepspeed.hypergrad_bucket_numel)
+        return cls(
+            hyper=hyper,
+            hvp_auto=auto,
+            gamma=b.gamma,
+            direct_term=b.direct_term,
+            prox_pull=b.prox_pull,
+            on_nonfinite=b.on_nonfinite,
+            shard=shard,
+            bucket_numel=cfg.deepspeed.hypergrad_bucket_numel,
+        )
 
 
 def _objective(module: Any) -> BilevelObjective:
@@ -110,13 +118,20 @@ class BisslStep:
         describe: ``() -> str`` naming the current step, for messages.
     """
 
-    def __init__(self, lower: Trainable, upper: Trainable, settings: BisslSettings,
-                 lam_schedule: LamSchedule, describe: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        lower: Trainable,
+        upper: Trainable,
+        settings: BisslSettings,
+        lam_schedule: LamSchedule,
+        describe: Callable[[], str],
+    ) -> None:
         names = _backbone_names(lower)
         shapes = {k: tuple(p.shape) for k, p in _objective(lower.functional).backbone.named_parameters()}
         if shapes != {k: tuple(p.shape) for k, p in _objective(upper.functional).backbone.named_parameters()}:
-            raise ValueError("BisslStep: the lower and upper backbones differ; θ and φ are paired "
-                             "by parameter name and shape")
+            raise ValueError(
+                "BisslStep: the lower and upper backbones differ; θ and φ are paired by parameter name and shape"
+            )
         self.lower, self.upper, self.settings = lower, upper, settings
         self.lam_schedule, self.describe = lam_schedule, describe
         self.names = names
@@ -142,8 +157,7 @@ class BisslStep:
             g.add_(d, alpha=lam)
             return sums
 
-        per_tensor = self.lower.grad_pass(add_prox, self.theta_params,
-                                          [self.upper.param_views(self.phi_params)])
+        per_tensor = self.lower.grad_pass(add_prox, self.theta_params, [self.upper.param_views(self.phi_params)])
         assert per_tensor is not None  # add_prox returns a tensor for every parameter
         sums = per_tensor.sum(0)
         grad_norm = self.lower.step()
@@ -151,13 +165,25 @@ class BisslStep:
         g2, _, d2, phi2 = sums.unbind()
         stats = {"pretext_grad_norm": g2.sqrt(), "distance": d2.sqrt(), "prox_grad_norm": lam * d2.sqrt()}
         if not isinstance(self.lam_schedule, ConstantLam):  # adaptive rules read host floats
-            self.lam_schedule.observe(LowerStepStats(
-                step=self.lower_count, pretext_grad_norm=float(stats["pretext_grad_norm"]),
-                distance=float(stats["distance"]), phi_norm=math.sqrt(float(phi2))))
+            self.lam_schedule.observe(
+                LowerStepStats(
+                    step=self.lower_count,
+                    pretext_grad_norm=float(stats["pretext_grad_norm"]),
+                    distance=float(stats["distance"]),
+                    phi_norm=math.sqrt(float(phi2)),
+                )
+            )
         self.lower_count += 1
         (mean_loss,) = rank_mean(_objective(self.lower.module).last_terms["loss"])
-        return {"part": "lower", "loss": mean_loss, "prox": 0.5 * lam * d2, "lam": lam, "lr": lr,
-                "grad_norm": grad_norm, **stats}
+        return {
+            "part": "lower",
+            "loss": mean_loss,
+            "prox": 0.5 * lam * d2,
+            "lam": lam,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            **stats,
+        }
 
     # ------------------------------------------------------------------ upper step
     def upper_step(self, hvp_views: tuple[Tensor, ...], batch: tuple[Tensor, Tensor]) -> dict[str, Any]:
@@ -176,22 +202,26 @@ class BisslStep:
             head_keys = {f"head.{k}": k for k, _ in _objective(self.upper.module).head.named_parameters()}
             psi = {k: up[key].detach().requires_grad_(True) for key, k in head_keys.items()}
             # L_D(θ, ψ_D) normalises with θ's batch statistics; θ's own buffers complete the state.
-            upper_rest = {**{k: v for k, v in lower_rest.items() if k.startswith("backbone.")},
-                          **{k: v for k, v in up.items() if k.startswith("head.") and k not in head_keys}}
+            upper_rest = {
+                **{k: v for k, v in lower_rest.items() if k.startswith("backbone.")},
+                **{k: v for k, v in up.items() if k.startswith("head.") and k not in head_keys},
+            }
 
             def lower_loss(th: dict[str, Tensor]) -> Tensor:
                 state = {**lower_rest, **{f"backbone.{k}": v for k, v in th.items()}}
                 return functional_call(self.lower.functional, state, (hvp_views,), strict=True)
 
             def upper_loss(th: dict[str, Tensor]) -> Tensor:
-                state = {**upper_rest, **{f"backbone.{k}": v for k, v in th.items()},
-                         **{f"head.{k}": v for k, v in psi.items()}}
+                state = {
+                    **upper_rest,
+                    **{f"backbone.{k}": v for k, v in th.items()},
+                    **{f"head.{k}": v for k, v in psi.items()},
+                }
                 with batchnorm_stats_frozen():
                     loss = functional_call(self.upper.functional, state, (batch,), strict=True)
                 # One forward gives v = ∇_θ L_D (taken by the core) and ∇_ψ L_D (taken here).
                 seen["loss_theta"] = loss.detach()
-                seen["g_psi"] = torch.autograd.grad(loss, tuple(psi.values()), retain_graph=True,
-                                                    allow_unused=True)
+                seen["g_psi"] = torch.autograd.grad(loss, tuple(psi.values()), retain_graph=True, allow_unused=True)
                 return loss
 
             if s.hvp_auto and not self._mode_resolved:
@@ -199,14 +229,23 @@ class BisslStep:
                 self._mode_resolved = True
             keep_v = s.direct_term == "theta"
             try:
-                x, info = cast(tuple[dict[str, Tensor], SolveResult], distributed_implicit_hypergrad(
-                    lower_loss, upper_loss, theta, lam=lam, settings=self.hyper, shard=s.shard,
-                    return_info=True, bucket_numel=s.bucket_numel,
-                    on_rhs=(lambda v: seen.__setitem__("v", v)) if keep_v else None))
+                x, info = cast(
+                    tuple[dict[str, Tensor], SolveResult],
+                    distributed_implicit_hypergrad(
+                        lower_loss,
+                        upper_loss,
+                        theta,
+                        lam=lam,
+                        settings=self.hyper,
+                        shard=s.shard,
+                        return_info=True,
+                        bucket_numel=s.bucket_numel,
+                        on_rhs=(lambda v: seen.__setitem__("v", v)) if keep_v else None,
+                    ),
+                )
             except SolverError as err:
                 if err.result is None or not bool(err.result.nonfinite):
-                    raise SolverError(f"{err} (phase 'bissl', {self.describe()})",
-                                      result=err.result) from err
+                    raise SolverError(f"{err} (phase 'bissl', {self.describe()})", result=err.result) from err
                 return self._skip(err.result, lr, lam, seen)
             if "g_psi" not in seen:
                 raise RuntimeError("implicit_hypergrad did not evaluate upper_loss; cannot form ∇_ψ L_D(θ)")
@@ -219,41 +258,69 @@ class BisslStep:
                 phi = flatten({k: up[f"backbone.{k}"] for k in self.names}, spec)
                 g_phi = g_phi + (s.prox_pull * lam) * (phi - flatten(theta, spec))
             head_scale = 1.0 + s.gamma if keep_v else 1.0
-            by_name = {**{f"backbone.{k}": v for k, v in unflatten(g_phi, spec).items()},
-                       **{key: (torch.zeros_like(psi[k]) if g is None else g.detach()) * head_scale
-                          for (key, k), g in zip(head_keys.items(), seen["g_psi"])}}
+            by_name = {
+                **{f"backbone.{k}": v for k, v in unflatten(g_phi, spec).items()},
+                **{
+                    key: (torch.zeros_like(psi[k]) if g is None else g.detach()) * head_scale
+                    for (key, k), g in zip(head_keys.items(), seen["g_psi"])
+                },
+            }
         injected = [by_name[k] for k, _ in self.upper.module.named_parameters()]
         surrogate = self.upper(None if keep_v else batch, injected)
         self.upper.backward(surrogate)
         grad_norm = self.upper.step()
         direct = seen["loss_theta"] if keep_v else _objective(self.upper.module).last_terms["loss"]
         loss, loss_theta = rank_mean(direct, seen["loss_theta"])
-        return {"part": "upper", "loss": loss, "loss_theta": loss_theta, "lr": lr, "lam": lam,
-                "grad_norm": grad_norm, "skipped": 0, **solver_columns(info.summary()),
-                "always_log": True}
+        return {
+            "part": "upper",
+            "loss": loss,
+            "loss_theta": loss_theta,
+            "lr": lr,
+            "lam": lam,
+            "grad_norm": grad_norm,
+            "skipped": 0,
+            **solver_columns(info.summary()),
+            "always_log": True,
+        }
 
     def _skip(self, result: Any, lr: float, lam: float, seen: dict[str, Any]) -> dict[str, Any]:
         """Skip an upper step whose hypergradient is not finite, or raise (``on_nonfinite``)."""
         where = f"phase 'bissl', {self.describe()}"
         if self.settings.on_nonfinite == "raise":
-            raise SolverError(f"the hypergradient has NaN/Inf entries ({where}; "
-                              "bissl.on_nonfinite is 'raise')", result=result)
+            raise SolverError(
+                f"the hypergradient has NaN/Inf entries ({where}; bissl.on_nonfinite is 'raise')", result=result
+            )
         self.skipped += 1
         self.upper.skip_step()
         with warnings.catch_warnings():
             warnings.simplefilter("always", SkippedStepWarning)
-            warnings.warn(f"BiSSL: skipped the upper step at {self.describe()}: the {result.method} "
-                          f"solve produced NaN/Inf (skipped {self.skipped} so far; "
-                          "bissl.on_nonfinite: raise stops instead)", SkippedStepWarning, stacklevel=3)
+            warnings.warn(
+                f"BiSSL: skipped the upper step at {self.describe()}: the {result.method} "
+                f"solve produced NaN/Inf (skipped {self.skipped} so far; "
+                "bissl.on_nonfinite: raise stops instead)",
+                SkippedStepWarning,
+                stacklevel=3,
+            )
         (loss_theta,) = rank_mean(seen.get("loss_theta", torch.tensor(float("nan"))))
-        return {"part": "upper", "loss_theta": loss_theta, "lr": lr, "lam": lam, "skipped": 1,
-                **solver_columns(result.summary()), "always_log": True}
+        return {
+            "part": "upper",
+            "loss_theta": loss_theta,
+            "lr": lr,
+            "lam": lam,
+            "skipped": 1,
+            **solver_columns(result.summary()),
+            "always_log": True,
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"lam_schedule": self.lam_schedule.state_dict(), "lower_count": self.lower_count,
-                "skipped": self.skipped, "hvp_mode": self.hyper.hvp_mode,
-                "mode_resolved": self._mode_resolved}
+        return {
+            "lam_schedule": self.lam_schedule.state_dict(),
+            "lower_count": self.lower_count,
+            "skipped": self.skipped,
+            "hvp_mode": self.hyper.hvp_mode,
+            "mode_resolved": self._mode_resolved,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lam_schedule.load_state_dict(state["lam_schedule"])
@@ -289,11 +356,16 @@ def rank_mean(*values: Tensor) -> list[Tensor]:
 def solver_columns(diag: dict[str, Any]) -> dict[str, Any]:
     """The ``cg_*`` metrics columns of an upper step from :meth:`bissl.solvers.SolveResult.summary`."""
     return {
-        "cg_iters": diag["iters"], "cg_residual": diag["residual_norm"],
-        "cg_converged": diag["converged"], "cg_negative_curvature": diag["negative_curvature"],
-        "cg_nonfinite": diag["nonfinite"], "cg_indefinite": diag["indefinite"],
+        "cg_iters": diag["iters"],
+        "cg_residual": diag["residual_norm"],
+        "cg_converged": diag["converged"],
+        "cg_negative_curvature": diag["negative_curvature"],
+        "cg_nonfinite": diag["nonfinite"],
+        "cg_indefinite": diag["indefinite"],
         # Estimates a solver cannot give are NaN in the summary; logged as empty cells.
-        **{f"cg_{k}": None if math.isnan(diag[k]) else diag[k]
-           for k in ("ritz_min", "ritz_max", "condition", "damping_used")},
+        **{
+            f"cg_{k}": None if math.isnan(diag[k]) else diag[k]
+            for k in ("ritz_min", "ritz_max", "condition", "damping_used")
+        },
         "cg_action": diag["action"],
     }

@@ -3,6 +3,7 @@
 One place for each construction so that every phase (and a resumed phase) builds the same objects
 in the same order.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,21 +72,32 @@ class PipelineData:
         images when it has them, else the pretext set's train split (default: the downstream
         train split)."""
         if pretext is not None and down.unlabelled is not None:
-            raise ValueError(f"dataset {down.name!r} brings its own pretext images; leave "
-                             "data.pretext_name unset")
+            raise ValueError(f"dataset {down.name!r} brings its own pretext images; leave data.pretext_name unset")
         src = pretext if pretext is not None else down
         if src.in_channels != down.in_channels:
-            raise ValueError(f"the pretext data has {src.in_channels} channels, the downstream data "
-                             f"{down.in_channels}; one backbone cannot take both")
+            raise ValueError(
+                f"the pretext data has {src.in_channels} channels, the downstream data "
+                f"{down.in_channels}; one backbone cannot take both"
+            )
         train_x, train_y = down.train.tensors[:2]
         val_x, val_y = down.val.tensors[:2]
         test_x, test_y = down.test.tensors[:2]
         pretext_x = down.unlabelled if down.unlabelled is not None else src.train.tensors[0]
         return cls(
-            pretext_x=pretext_x, pretext_mean=tuple(src.mean), pretext_std=tuple(src.std),
-            train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x, test_y=test_y,
-            mean=tuple(down.mean), std=tuple(down.std), num_classes=down.num_classes,
-            in_channels=down.in_channels, image_size=down.image_size,
+            pretext_x=pretext_x,
+            pretext_mean=tuple(src.mean),
+            pretext_std=tuple(src.std),
+            train_x=train_x,
+            train_y=train_y,
+            val_x=val_x,
+            val_y=val_y,
+            test_x=test_x,
+            test_y=test_y,
+            mean=tuple(down.mean),
+            std=tuple(down.std),
+            num_classes=down.num_classes,
+            in_channels=down.in_channels,
+            image_size=down.image_size,
         )
 
     def to_dtype(self, dtype: torch.dtype) -> PipelineData:
@@ -102,12 +114,25 @@ class PipelineData:
     def from_text(cls, text: TextData) -> PipelineData:
         """Token tensors of a text experiment (:func:`bissl.data.text.load_text_data`)."""
         return cls(
-            pretext_x=text.pretext_x, pretext_mean=(), pretext_std=(),
-            train_x=text.train_x, train_y=text.train_y, val_x=text.val_x, val_y=text.val_y,
-            test_x=text.test_x, test_y=text.test_y, mean=(), std=(),
-            num_classes=text.num_classes, in_channels=0, image_size=0, task="text",
-            vocab_size=text.vocab_size, pad_id=text.pad_id,
-            max_len=max(text.pretext_x.shape[1], text.train_x.shape[1]), tokenizer=text.tokenizer,
+            pretext_x=text.pretext_x,
+            pretext_mean=(),
+            pretext_std=(),
+            train_x=text.train_x,
+            train_y=text.train_y,
+            val_x=text.val_x,
+            val_y=text.val_y,
+            test_x=text.test_x,
+            test_y=text.test_y,
+            mean=(),
+            std=(),
+            num_classes=text.num_classes,
+            in_channels=0,
+            image_size=0,
+            task="text",
+            vocab_size=text.vocab_size,
+            pad_id=text.pad_id,
+            max_len=max(text.pretext_x.shape[1], text.train_x.shape[1]),
+            tokenizer=text.tokenizer,
         )
 
 
@@ -132,8 +157,7 @@ def build_backbone_from(cfg: Config, data: PipelineData, device: torch.device) -
                 raise ValueError(f"options {clash} are set from the data/tokenizer; remove them")
             model = build_backbone(cfg.model.backbone, **fixed, **cfg.model.options)
         else:
-            model = build_backbone(cfg.model.backbone, in_channels=data.in_channels,
-                                   **cfg.model.options)
+            model = build_backbone(cfg.model.backbone, in_channels=data.in_channels, **cfg.model.options)
     except ValueError as err:
         raise ConfigError(f"'model': {err}") from None
     model = _sync_bn(cfg, model).to(device)
@@ -172,8 +196,13 @@ def build_pretext_from(cfg: Config, backbone: nn.Module, device: torch.device) -
     the GPT language-model head)."""
     p = cfg.pretext
     if p.method == "gpt":
-        module = build_pretext("gpt", backbone=backbone, feat_dim=cast(int, backbone.out_dim),
-                               vocab_size=backbone.vocab_size, pad_id=backbone.pad_id)
+        module = build_pretext(
+            "gpt",
+            backbone=backbone,
+            feat_dim=cast(int, backbone.out_dim),
+            vocab_size=backbone.vocab_size,
+            pad_id=backbone.pad_id,
+        )
         return module.to(device)
     kwargs: dict[str, Any] = {"proj_dims": tuple(p.projector_dims)}
     if p.method == "simclr":
@@ -203,8 +232,7 @@ class TokenBatch:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor]:
         if x.dim() != 2 or x.dtype != torch.int64:
-            raise ValueError(f"TokenBatch: expected (B, T) int64 token ids, got "
-                             f"{tuple(x.shape)} {x.dtype}")
+            raise ValueError(f"TokenBatch: expected (B, T) int64 token ids, got {tuple(x.shape)} {x.dtype}")
         return (x,)
 
 
@@ -232,9 +260,15 @@ class CropFlip:
         aug = build_two_view(cfg, data)
         assert isinstance(aug, TwoViewAugment) and aug.view1 is not None  # image tasks: views set
         crop = aug.view1
-        self.view = ViewConfig(crop_scale=crop.crop_scale, crop_ratio=crop.crop_ratio,
-                               flip_p=crop.flip_p, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
-                               solarize_p=0.0)
+        self.view = ViewConfig(
+            crop_scale=crop.crop_scale,
+            crop_ratio=crop.crop_ratio,
+            flip_p=crop.flip_p,
+            jitter_p=0.0,
+            grayscale_p=0.0,
+            blur_p=0.0,
+            solarize_p=0.0,
+        )
         self.mean, self.std = data.mean, data.std
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -254,10 +288,9 @@ def build_downstream_augment(cfg: Config, data: PipelineData) -> CropFlip | None
     return CropFlip(cfg, data)
 
 
-
-
-def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-           final_factor: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+def cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine schedule with linear warm-up; warm-up is capped at ``total_steps`` (tiny budgets)."""
     total = max(1, total_steps)
     return cosine_with_warmup(optimizer, total, min(warmup_steps, total), final_factor)

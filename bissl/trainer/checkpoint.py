@@ -4,6 +4,7 @@ A checkpoint is written to a temporary file in the same directory, flushed to di
 the old one with ``os.replace`` (atomic on POSIX), so a run killed at any moment leaves either the
 previous checkpoint or the new one, never a truncated file.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,11 @@ def load_checkpoint(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-                      str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        raise CheckpointError(f"{path} is not a checkpoint bissl loads: it holds objects the safe "
-                              f"loader (torch.load weights_only=True) refuses ({detail})") from None
+        detail = next(
+            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+        )
+        raise CheckpointError(
+            f"{path} is not a checkpoint bissl loads: it holds objects the safe "
+            f"loader (torch.load weights_only=True) refuses ({detail})"
+        ) from None

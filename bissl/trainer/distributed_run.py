@@ -15,6 +15,7 @@ process (``ConfigError``, ``NonFiniteLossError``, ``SolverError`` and ``RunInter
 type; anything else, or a rank that died without a word, becomes :class:`DistributedRunError`
 naming the rank). Re-running the same command resumes from the last checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,11 +96,14 @@ def _job_failure(job_dir: Path, code: int, lines: list[str], nproc: int) -> Exce
         for cls in _REraised:
             if kind == cls.__name__:
                 return cls(message)
-        return DistributedRunError(f"rank {report['rank']} of {nproc} failed with {kind}: {message} "
-                                   "(its traceback is above); rerun the same command to resume "
-                                   "from the last checkpoint")
-    what = summary.removeprefix("bissl launch: ") if summary else (
-        f"the {nproc}-process job failed with exit code {code}")
+        return DistributedRunError(
+            f"rank {report['rank']} of {nproc} failed with {kind}: {message} "
+            "(its traceback is above); rerun the same command to resume "
+            "from the last checkpoint"
+        )
+    what = (
+        summary.removeprefix("bissl launch: ") if summary else (f"the {nproc}-process job failed with exit code {code}")
+    )
     return DistributedRunError(f"{what}; rerun the same command to resume from the last checkpoint")
 
 
@@ -111,9 +115,21 @@ def _run_job(cfg: Config, run_dir: Path, env: dict[str, str]) -> None:
     config_path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     stream = _TailStream(sys.stderr)
     try:
-        code = launch(cfg.run.nproc, ["-m", "bissl.trainer.distributed_run", "--config", str(config_path),
-                                      "--run-dir", str(run_dir), "--job-dir", str(job_dir)],
-                      env=env, stream=stream)
+        code = launch(
+            cfg.run.nproc,
+            [
+                "-m",
+                "bissl.trainer.distributed_run",
+                "--config",
+                str(config_path),
+                "--run-dir",
+                str(run_dir),
+                "--job-dir",
+                str(job_dir),
+            ],
+            env=env,
+            stream=stream,
+        )
         if code != 0:
             raise _job_failure(job_dir, code, list(stream.lines), cfg.run.nproc)
     finally:
@@ -140,8 +156,9 @@ def run_distributed(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     jobs = max(1, min(cfg.run.workers, len(seeds)))
     env = dict(os.environ, **{PROGRESS_ENV: "1" if _progress(cfg) and jobs == 1 else "0"})
     # Cores shared among every rank of every concurrent job (unless run.num_threads says).
-    env.setdefault("OMP_NUM_THREADS", str(cfg.run.num_threads or max(1, (os.cpu_count() or 1)
-                                                                       // (cfg.run.nproc * jobs))))
+    env.setdefault(
+        "OMP_NUM_THREADS", str(cfg.run.num_threads or max(1, (os.cpu_count() or 1) // (cfg.run.nproc * jobs)))
+    )
     if jobs == 1:
         _run_job(cfg, run_dir, env)
         return json.loads((run_dir / "results.json").read_text())
@@ -217,17 +234,19 @@ def _report_failure(err: BaseException, job_dir: Path | None) -> None:
         print(f"rank {rank}: {err}", file=sys.stderr)
     if job_dir is not None:
         with contextlib.suppress(OSError):
-            (job_dir / f"rank{rank}.error.json").write_text(json.dumps(
-                {"rank": rank, "type": type(err).__name__, "message": str(err)}))
+            (job_dir / f"rank{rank}.error.json").write_text(
+                json.dumps({"rank": rank, "type": type(err).__name__, "message": str(err)})
+            )
     sys.stdout.flush()
     sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of one rank: ``python -m bissl.trainer.distributed_run --config C --run-dir D``."""
-    parser = argparse.ArgumentParser(prog="python -m bissl.trainer.distributed_run",
-                                     description="One rank of a multi-rank bissl run (start it "
-                                                 "with torchrun, or use `bissl run --nproc N`).")
+    parser = argparse.ArgumentParser(
+        prog="python -m bissl.trainer.distributed_run",
+        description="One rank of a multi-rank bissl run (start it with torchrun, or use `bissl run --nproc N`).",
+    )
     parser.add_argument("--config", required=True, help="YAML config (run.nproc = the number of ranks)")
     parser.add_argument("--run-dir", required=True, help="run directory, shared by all ranks")
     parser.add_argument("--job-dir", help=argparse.SUPPRESS)  # set by run_distributed

@@ -1,4 +1,5 @@
 """Why a run stops early: the exceptions the trainer raises (and the CLI maps to exit statuses)."""
+
 from __future__ import annotations
 
 

@@ -16,6 +16,7 @@ checkpoint is shared by both arms. Running the same command again on the same ru
 resumes from the last checkpoint (or just re-reports a finished run). :func:`run_experiment`
 (``bissl.trainer.runner``) starts N rank processes first when ``run.nproc > 1``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,17 @@ from bissl.trainer.pretext_phase import PretextPhase
 from bissl.trainer.report import METRICS, summarize, write_json_atomic
 
 #: Keys that may change between a run and its resumption (they do not change the results).
-RESUMABLE_CHANGES = ("run.name", "run.out_dir", "run.quiet", "run.seeds", "run.checkpoint_every",
-                     "run.num_threads", "run.workers", "run.device", "run.log_every")
+RESUMABLE_CHANGES = (
+    "run.name",
+    "run.out_dir",
+    "run.quiet",
+    "run.seeds",
+    "run.checkpoint_every",
+    "run.num_threads",
+    "run.workers",
+    "run.device",
+    "run.log_every",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,20 +114,39 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
 
             t = cfg.text
             text = load_text_data(
-                d.name, pretext_name=d.pretext_name, tokenizer=t.tokenizer, vocab_size=t.vocab_size,
-                seq_len=t.seq_len, max_length=t.max_length, val_fraction=d.val_fraction,
-                test_fraction=d.test_fraction, split_seed=d.split_seed, **text_task_options(d),
-                tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json")
+                d.name,
+                pretext_name=d.pretext_name,
+                tokenizer=t.tokenizer,
+                vocab_size=t.vocab_size,
+                seq_len=t.seq_len,
+                max_length=t.max_length,
+                val_fraction=d.val_fraction,
+                test_fraction=d.test_fraction,
+                split_seed=d.split_seed,
+                **text_task_options(d),
+                tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json",
+            )
             return PipelineData.from_text(text)
-        down = load_dataset(d.name, root=d.root, image_size=d.image_size, val_fraction=d.val_fraction,
-                            test_fraction=d.test_fraction, seed=d.split_seed,
-                            **image_task_options(d))
+        down = load_dataset(
+            d.name,
+            root=d.root,
+            image_size=d.image_size,
+            val_fraction=d.val_fraction,
+            test_fraction=d.test_fraction,
+            seed=d.split_seed,
+            **image_task_options(d),
+        )
         pretext = None
         if d.pretext_name is not None:
             # A separate pretext set is unlabelled training data: nothing is held out of it.
-            pretext = load_dataset(d.pretext_name, root=d.pretext_root, val_fraction=0.0,
-                                   test_fraction=0.0, seed=d.split_seed,
-                                   image_size=d.image_size or down.image_size)
+            pretext = load_dataset(
+                d.pretext_name,
+                root=d.pretext_root,
+                val_fraction=0.0,
+                test_fraction=0.0,
+                seed=d.split_seed,
+                image_size=d.image_size or down.image_size,
+            )
         return PipelineData.from_splits(down, pretext).to_dtype(getattr(torch, cfg.run.dtype))
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"'data': {err}") from None
@@ -138,12 +167,13 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     if resuming:
         saved = yaml.safe_load(saved_path.read_text()) or {}
         current = config_to_dict(cfg)
-        changed = [k for k in diff_configs(saved, current)
-                   if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
+        changed = [k for k in diff_configs(saved, current) if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
         if changed:
-            raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}"
-                              f"{' ...' if len(changed) > 4 else ''} differ); resume with the same "
-                              "config or choose another output directory")
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}"
+                f"{' ...' if len(changed) > 4 else ''} differ); resume with the same "
+                "config or choose another output directory"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
     # Fault injection belongs to one process, not to the run: `bissl run --resume DIR` reads this file.
@@ -162,50 +192,95 @@ def _arm_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_seed(cfg: Config, data: PipelineData, seed: int, seed_dir: Path, device: torch.device,
-             budget: StepBudget, bar_position: int = 0,
-             dp: DataParallel | None = None) -> dict[str, dict[str, Any] | None]:
+def run_seed(
+    cfg: Config,
+    data: PipelineData,
+    seed: int,
+    seed_dir: Path,
+    device: torch.device,
+    budget: StepBudget,
+    bar_position: int = 0,
+    dp: DataParallel | None = None,
+) -> dict[str, dict[str, Any] | None]:
     """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``.
 
     Every rank of a multi-rank run calls it (``dp``); only rank 0 writes the metrics file.
     """
     dp = dp or DataParallel()
     metrics = MetricsLog(seed_dir / "metrics.csv") if dp.rank == 0 else NullMetrics()
-    ctx = RunContext(seed=seed, device=device, ckpt_dir=seed_dir / "checkpoints", metrics=metrics,
-                     checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
-                     progress=progress_enabled(cfg.run.quiet) and dp.rank == 0, budget=budget,
-                     bar_position=bar_position, dp=dp)
+    ctx = RunContext(
+        seed=seed,
+        device=device,
+        ckpt_dir=seed_dir / "checkpoints",
+        metrics=metrics,
+        checkpoint_every=cfg.run.checkpoint_every,
+        log_every=cfg.run.log_every,
+        progress=progress_enabled(cfg.run.quiet) and dp.rank == 0,
+        budget=budget,
+        bar_position=bar_position,
+        dp=dp,
+    )
     try:
         pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
         bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre, dp), ctx)
-        out: dict[str, dict[str, Any] | None] = {"bissl": _arm_metrics(run_phase(
-            "finetune_bissl",
-            lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]), ctx))}
+        out: dict[str, dict[str, Any] | None] = {
+            "bissl": _arm_metrics(
+                run_phase(
+                    "finetune_bissl",
+                    lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]),
+                    ctx,
+                )
+            )
+        }
         out["baseline"] = None
         if cfg.baseline.enabled:
             base = pre
             if cfg.baseline.compute_matched:
                 b, lo = cfg.bissl, cfg.bissl.lower
-                base = run_phase("pretext_matched", lambda: PretextPhase(
-                    "pretext_matched", cfg, data, ctx, total_steps=b.stages * b.lower_steps,
-                    opt=lower_spec(cfg), warmup_steps=lo.warmup_steps,
-                    final_lr_factor=lo.final_lr_factor, batch_size=lo.batch_size, init=pre), ctx)
-            out["baseline"] = _arm_metrics(run_phase(
-                "finetune_baseline",
-                lambda: FinetunePhase("finetune_baseline", cfg, data, ctx, base["backbone"]), ctx))
+                base = run_phase(
+                    "pretext_matched",
+                    lambda: PretextPhase(
+                        "pretext_matched",
+                        cfg,
+                        data,
+                        ctx,
+                        total_steps=b.stages * b.lower_steps,
+                        opt=lower_spec(cfg),
+                        warmup_steps=lo.warmup_steps,
+                        final_lr_factor=lo.final_lr_factor,
+                        batch_size=lo.batch_size,
+                        init=pre,
+                    ),
+                    ctx,
+                )
+            out["baseline"] = _arm_metrics(
+                run_phase(
+                    "finetune_baseline",
+                    lambda: FinetunePhase("finetune_baseline", cfg, data, ctx, base["backbone"]),
+                    ctx,
+                )
+            )
     finally:
         metrics.close()
     return out
 
 
-def _seed_worker(raw_cfg: dict[str, Any], run_dir: str, seed: int,
-                 bar_position: int) -> dict[str, dict[str, Any] | None]:
+def _seed_worker(
+    raw_cfg: dict[str, Any], run_dir: str, seed: int, bar_position: int
+) -> dict[str, dict[str, Any] | None]:
     """One seed in a worker process (spawned: nothing is inherited but the arguments)."""
     cfg = config_from_dict(raw_cfg)
     configure_torch(cfg)
     budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
-    return run_seed(cfg, load_pipeline_data(cfg, run_dir), seed, Path(run_dir) / f"seed_{seed}",
-                    resolve_device(cfg.run.device), budget, bar_position)
+    return run_seed(
+        cfg,
+        load_pipeline_data(cfg, run_dir),
+        seed,
+        Path(run_dir) / f"seed_{seed}",
+        resolve_device(cfg.run.device),
+        budget,
+        bar_position,
+    )
 
 
 def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int, Any]:
@@ -213,8 +288,7 @@ def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int,
     raw = config_to_dict(cfg)
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {seed: pool.submit(_seed_worker, raw, str(run_dir), seed, i)
-                   for i, seed in enumerate(cfg.run.seeds)}
+        futures = {seed: pool.submit(_seed_worker, raw, str(run_dir), seed, i) for i, seed in enumerate(cfg.run.seeds)}
         return {seed: future.result() for seed, future in futures.items()}
 
 
@@ -241,14 +315,22 @@ def summarize_done(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         if arms["bissl"] is None:
             raise RuntimeError(f"seed {seed} of {run_dir} has not finished (no finetune_bissl.done.pt)")
         per_seed[seed] = arms
-    meta = {"dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
-            "device": cfg.run.device, "threads": None, "workers": cfg.run.workers,
-            "nproc": cfg.run.nproc, "zero_stage": cfg.deepspeed.zero_stage if cfg.run.nproc > 1 else None}
+    meta = {
+        "dataset": cfg.data.name,
+        "backbone": cfg.model.backbone,
+        "pretext": cfg.pretext.method,
+        "device": cfg.run.device,
+        "threads": None,
+        "workers": cfg.run.workers,
+        "nproc": cfg.run.nproc,
+        "zero_stage": cfg.deepspeed.zero_stage if cfg.run.nproc > 1 else None,
+    }
     return _write_outputs(cfg, run_dir, per_seed, meta)
 
 
-def run_here(cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None,
-             device: torch.device | None = None) -> dict[str, Any]:
+def run_here(
+    cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
     """Run (or resume) every seed of ``cfg`` in this process; write results.json and curves.png.
 
     Seeds run one after another, or (single process only) in ``run.workers`` parallel processes.
@@ -287,12 +369,18 @@ def run_here(cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None
         assert data is not None  # rank 0 loaded it (the only rank of a one-process run)
         stops_here = cfg.debug.stop_rank is None or cfg.debug.stop_rank == dp.rank
         budget = StepBudget(cfg.debug.stop_after_steps if stops_here else None, cfg.debug.stop_mode)
-        per_seed = {seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget, dp=dp)
-                    for seed in cfg.run.seeds}
+        per_seed = {
+            seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget, dp=dp) for seed in cfg.run.seeds
+        }
     meta = {
-        "dataset": cfg.data.name, "backbone": cfg.model.backbone, "pretext": cfg.pretext.method,
-        "device": str(device), "threads": torch.get_num_threads(), "workers": workers,
-        "nproc": dp.world, "zero_stage": cfg.deepspeed.zero_stage if dp.world > 1 else None,
+        "dataset": cfg.data.name,
+        "backbone": cfg.model.backbone,
+        "pretext": cfg.pretext.method,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "workers": workers,
+        "nproc": dp.world,
+        "zero_stage": cfg.deepspeed.zero_stage if dp.world > 1 else None,
         "wall_s_this_process": round(time.perf_counter() - start, 1),
     }
     if dp.rank == 0:

@@ -10,6 +10,7 @@ logged during training; the test split is evaluated once, after the last epoch (
 on test). On N ranks each trains on its shard of every global batch and evaluates its contiguous
 share of the evaluation sets; per-example losses and predictions are gathered in order.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,16 +51,18 @@ class FinetunePhase(Phase):
         backbone_state: the backbone to start from (a ``state_dict``).
     """
 
-    def __init__(self, name: str, cfg: Config, data: PipelineData, ctx: RunContext,
-                 backbone_state: dict[str, Any]) -> None:
+    def __init__(
+        self, name: str, cfg: Config, data: PipelineData, ctx: RunContext, backbone_state: dict[str, Any]
+    ) -> None:
         f = cfg.finetune
         self.name = name
         self.cfg, self.data, self.device, self.dp = cfg, data, ctx.device, ctx.dp
-        self.sampler = EpochSampler(len(data.train_x), f.batch_size,
-                                    derive_seed(ctx.seed, "finetune", "order"))
+        self.sampler = EpochSampler(len(data.train_x), f.batch_size, derive_seed(ctx.seed, "finetune", "order"))
         if self.sampler.batch_size % self.dp.world:
-            raise ConfigError(f"the fine-tuning batch is {self.sampler.batch_size} after capping at "
-                              f"the dataset size: not a multiple of run.nproc {self.dp.world}")
+            raise ConfigError(
+                f"the fine-tuning batch is {self.sampler.batch_size} after capping at "
+                f"the dataset size: not a multiple of run.nproc {self.dp.world}"
+            )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         super().__init__(f.epochs * self.steps_per_epoch)
         backbone = build_backbone_from(cfg, data, ctx.device)
@@ -74,7 +77,8 @@ class FinetunePhase(Phase):
         self.model: Trainable = self.dp.trainable(
             UpperObjective(backbone, head, downstream_objective),
             OptimizerSpec(f.optimizer, f.lr, f.momentum, f.weight_decay, betas=(f.betas[0], f.betas[1])),
-            lambda o: cosine(o, total, 0, f.final_lr_factor))
+            lambda o: cosine(o, total, 0, f.final_lr_factor),
+        )
         self.augment = build_downstream_augment(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, "finetune", "augment"), ctx.device)
 
@@ -100,10 +104,12 @@ class FinetunePhase(Phase):
         (mean_loss,) = rank_mean(loss)
         rows: list[dict[str, Any]] = [{"part": "train", "round": epoch, "loss": mean_loss, "lr": lr}]
         if self.step_idx % self.steps_per_epoch == 0 and (
-                epoch % self.cfg.finetune.eval_every_epochs == 0 or self.step_idx == self.total_steps):
+            epoch % self.cfg.finetune.eval_every_epochs == 0 or self.step_idx == self.total_steps
+        ):
             ev = self.evaluate(self.data.val_x, self.data.val_y)
-            rows.append({"part": "eval", "round": epoch, "val_loss": ev["loss"], "val_acc": ev["acc"],
-                         "always_log": True})
+            rows.append(
+                {"part": "eval", "round": epoch, "val_loss": ev["loss"], "val_acc": ev["acc"], "always_log": True}
+            )
         return rows
 
     def _predict(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,12 +119,19 @@ class FinetunePhase(Phase):
         batch_size = max(256, self.cfg.finetune.batch_size)
         with self.model.full_state() as state:
             fm = cast(UpperObjective, self.model.functional)
-            parts = {p: {k.removeprefix(f"{p}."): v for k, v in state.items() if k.startswith(f"{p}.")}
-                     for p in ("backbone", "head")}
+            parts = {
+                p: {k.removeprefix(f"{p}."): v for k, v in state.items() if k.startswith(f"{p}.")}
+                for p in ("backbone", "head")
+            }
             with eval_mode(fm):
-                loss, pred = predict(lambda xb: functional_call(fm.backbone, parts["backbone"], (xb,)),
-                                     lambda h: functional_call(fm.head, parts["head"], (h,)),
-                                     x[share], y[share], batch_size, device=self.device)
+                loss, pred = predict(
+                    lambda xb: functional_call(fm.backbone, parts["backbone"], (xb,)),
+                    lambda h: functional_call(fm.head, parts["head"], (h,)),
+                    x[share],
+                    y[share],
+                    batch_size,
+                    device=self.device,
+                )
         pieces = gather_objects((loss, pred))
         return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
@@ -137,8 +150,11 @@ class FinetunePhase(Phase):
         self.model.load(directory, tag)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "sampler": self.sampler.state_dict(),
-                "aug_gen": self.aug_gen.get_state()}
+        return {
+            "model": self.model.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -149,10 +165,16 @@ class FinetunePhase(Phase):
         val = self.evaluate(self.data.val_x, self.data.val_y)
         test = self.evaluate(self.data.test_x, self.data.test_y)
         module = cast(UpperObjective, self.model.module)
-        return {"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-                "test_loss": test["loss"], "test_pred": test["pred"],
-                "test_correct": (test["pred"] == self.data.test_y.cpu()).to(torch.int64),
-                "backbone": full_state_dict(module.backbone), "head": full_state_dict(module.head)}
+        return {
+            "val_acc": val["acc"],
+            "val_loss": val["loss"],
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "test_pred": test["pred"],
+            "test_correct": (test["pred"] == self.data.test_y.cpu()).to(torch.int64),
+            "backbone": full_state_dict(module.backbone),
+            "head": full_state_dict(module.head),
+        }
 
     def describe_step(self, step: int) -> str:
         epoch = (step - 1) // self.steps_per_epoch + 1

@@ -16,6 +16,7 @@ every rank of a run alike:
 * it raises :class:`NonFiniteLossError` naming the phase and step when a logged loss is NaN/Inf
   (logged values are rank-averaged, so all ranks raise together).
 """
+
 from __future__ import annotations
 
 import os
@@ -158,16 +159,19 @@ def _save_checkpoint(phase: Phase, ctx: RunContext, path: Path) -> None:
     saved = phase.save_engines(engine_dir, tag)
     _barrier(ctx)
     if ctx.dp.rank == 0:
-        save_atomic({
-            "format": CHECKPOINT_FORMAT,
-            "phase": phase.name,
-            "step_idx": phase.step_idx,
-            "state": phase.state_dict(),
-            "engine_tag": tag if saved else None,
-            "world_size": ctx.dp.world,
-            "rng": capture_global_rng(),
-            "metrics_offset": ctx.metrics.offset(),
-        }, path)
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "phase": phase.name,
+                "step_idx": phase.step_idx,
+                "state": phase.state_dict(),
+                "engine_tag": tag if saved else None,
+                "world_size": ctx.dp.world,
+                "rng": capture_global_rng(),
+                "metrics_offset": ctx.metrics.offset(),
+            },
+            path,
+        )
         if saved:
             _prune_engine_tags(engine_dir, keep=tag)
     _barrier(ctx)
@@ -192,11 +196,15 @@ def restore_phase(phase: Phase, path: Path, ctx: RunContext) -> None:
     """
     state = load_checkpoint(path)
     if state.get("format") != CHECKPOINT_FORMAT or state.get("phase") != phase.name:
-        raise ValueError(f"{path} is not a checkpoint of phase {phase.name!r} (format "
-                         f"{state.get('format')}, phase {state.get('phase')!r})")
+        raise ValueError(
+            f"{path} is not a checkpoint of phase {phase.name!r} (format "
+            f"{state.get('format')}, phase {state.get('phase')!r})"
+        )
     if state.get("world_size", 1) != ctx.dp.world:
-        raise ValueError(f"{path} was written by {state.get('world_size', 1)} ranks, this run has "
-                         f"{ctx.dp.world} ('run.nproc' must not change on resume)")
+        raise ValueError(
+            f"{path} was written by {state.get('world_size', 1)} ranks, this run has "
+            f"{ctx.dp.world} ('run.nproc' must not change on resume)"
+        )
     phase.load_state_dict(state["state"])
     if state.get("engine_tag") is not None:
         phase.load_engines(path.with_suffix(".zero"), state["engine_tag"])
@@ -205,8 +213,9 @@ def restore_phase(phase: Phase, path: Path, ctx: RunContext) -> None:
     ctx.metrics.truncate(state["metrics_offset"])
 
 
-def log_rows(phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_saved: int,
-             start: float, bar: Any) -> None:
+def log_rows(
+    phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_saved: int, start: float, bar: Any
+) -> None:
     """Log what one step returned (every ``log_every`` steps, or rows marked ``always_log``).
 
     Under several ranks every rank runs this: the logged values are rank-averaged, so all ranks
@@ -231,8 +240,15 @@ def log_rows(phase: Phase, rows: list[dict[str, Any]], ctx: RunContext, last_sav
                     f"is at step {last_saved}. Lower the learning rate or raise the "
                     f"damping, and start a new run directory"
                 )
-        ctx.metrics.log({"seed": ctx.seed, "phase": phase.name, "step": step,
-                         "wall_s": round(time.perf_counter() - start, 3), **row})
+        ctx.metrics.log(
+            {
+                "seed": ctx.seed,
+                "phase": phase.name,
+                "step": step,
+                "wall_s": round(time.perf_counter() - start, 3),
+                **row,
+            }
+        )
         if row.get("loss") is not None:
             bar.set_postfix_str(f"{row['part']} loss {row['loss']:.4g}", refresh=False)
 
@@ -243,8 +259,9 @@ def step_until_done(phase: Phase, ctx: RunContext, save: Callable[[], None]) -> 
     the debug step budget counted after each step."""
     last_saved = phase.step_idx
     start = time.perf_counter()
-    bar = progress_bar(phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx,
-                       ctx.progress, ctx.bar_position)
+    bar = progress_bar(
+        phase.total_steps, f"seed {ctx.seed} {phase.name}", phase.step_idx, ctx.progress, ctx.bar_position
+    )
     try:
         while phase.step_idx < phase.total_steps:
             rows = phase.step()
@@ -301,11 +318,19 @@ def run_phase(name: str, build: Callable[[], Phase], ctx: RunContext) -> dict[st
         raise NonFiniteLossError(
             f"{err} in phase '{phase.name}' at {phase.describe_step(phase.step_idx + 1)} (seed "
             f"{ctx.seed}). Lower the learning rate or raise the damping, and start a new run "
-            "directory") from err
+            "directory"
+        ) from err
     result = phase.result()
     if ctx.dp.rank == 0:
-        save_atomic({"format": CHECKPOINT_FORMAT, "phase": phase.name, "result": result,
-                     "metrics_offset": ctx.metrics.offset()}, done_path)
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "phase": phase.name,
+                "result": result,
+                "metrics_offset": ctx.metrics.offset(),
+            },
+            done_path,
+        )
         ckpt_path.unlink(missing_ok=True)
         shutil.rmtree(engine_dir, ignore_errors=True)
     _barrier(ctx)

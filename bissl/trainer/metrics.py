@@ -35,6 +35,7 @@ extra) and ``BISSL_TENSORBOARD`` is not ``0``, every numeric cell is also writte
 rebuilt from it whenever the log is opened on existing rows or truncated, so a resumed run shows no
 duplicated steps.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,11 +51,35 @@ from typing import Any
 from tqdm.auto import tqdm
 
 COLUMNS = (
-    "seed", "phase", "part", "step", "round", "loss", "loss_theta", "prox", "lam", "lr", "grad_norm",
-    "pretext_grad_norm", "prox_grad_norm", "distance", "skipped",
-    "cg_iters", "cg_residual", "cg_converged", "cg_negative_curvature", "cg_nonfinite",
-    "cg_indefinite", "cg_ritz_min", "cg_ritz_max", "cg_condition", "cg_action", "cg_damping_used",
-    "val_loss", "val_acc", "wall_s",
+    "seed",
+    "phase",
+    "part",
+    "step",
+    "round",
+    "loss",
+    "loss_theta",
+    "prox",
+    "lam",
+    "lr",
+    "grad_norm",
+    "pretext_grad_norm",
+    "prox_grad_norm",
+    "distance",
+    "skipped",
+    "cg_iters",
+    "cg_residual",
+    "cg_converged",
+    "cg_negative_curvature",
+    "cg_nonfinite",
+    "cg_indefinite",
+    "cg_ritz_min",
+    "cg_ritz_max",
+    "cg_condition",
+    "cg_action",
+    "cg_damping_used",
+    "val_loss",
+    "val_acc",
+    "wall_s",
 )
 
 
@@ -145,8 +170,9 @@ class MetricsLog:
         self._writer = csv.writer(self._file, lineterminator="\n")
         use_tb = tensorboard_enabled() if tensorboard is None else tensorboard
         if use_tb and importlib.util.find_spec("tensorboard") is None:
-            raise ImportError("MetricsLog(tensorboard=True) needs the tensorboard package "
-                              "(pip install 'bissl[tensorboard]')")
+            raise ImportError(
+                "MetricsLog(tensorboard=True) needs the tensorboard package (pip install 'bissl[tensorboard]')"
+            )
         self._tb = _TensorBoardCopy(self.path.parent / TENSORBOARD_DIR) if use_tb else None
         if self._tb is not None:
             self._tb.rebuild(read_metrics(self.path))  # a resumed run: mirror what the CSV holds
@@ -239,5 +265,13 @@ def progress_enabled(quiet: bool) -> bool:
 def progress_bar(total: int, desc: str, initial: int, enabled: bool, position: int = 0) -> tqdm:
     """A tqdm bar on stderr (a no-op object when disabled); ``position``: its line, for parallel
     seed processes."""
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False,
-                dynamic_ncols=True, file=sys.stderr, position=position)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        position=position,
+    )

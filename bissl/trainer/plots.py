@@ -1,5 +1,6 @@
 """The run's curves as one PNG, drawn from the metrics CSVs (matplotlib's Agg canvas, no pyplot:
 the library never changes the user's global matplotlib backend)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -34,18 +35,22 @@ def _plot_solver_health(ax_ritz, ax_res, rows: list[dict[str, Any]], label: str)
     xs = list(range(1, len(upper) + 1))
     lo = [r.get("cg_ritz_min") for r in upper]
     hi = [r.get("cg_ritz_max") for r in upper]
-    line, = ax_ritz.plot(xs, lo, lw=0.9, label=f"{label}: Ritz min")
+    (line,) = ax_ritz.plot(xs, lo, lw=0.9, label=f"{label}: Ritz min")
     ax_ritz.plot(xs, hi, lw=0.9, ls=":", color=line.get_color(), label=f"{label}: Ritz max")
     bad = [(x, v) for x, v, r in zip(xs, lo, upper) if r.get("cg_indefinite")]
     if bad:
-        ax_ritz.scatter(*zip(*bad), marker="x", color=line.get_color(), s=18,
-                        label=f"{label}: flagged indefinite")
+        ax_ritz.scatter(*zip(*bad), marker="x", color=line.get_color(), s=18, label=f"{label}: flagged indefinite")
     ax_res.plot(xs, [r.get("cg_residual") for r in upper], lw=0.9, color=line.get_color(), label=label)
-    acted = [(x, r.get("cg_residual")) for x, r in zip(xs, upper)
-             if r.get("cg_action") not in (None, "none")]
+    acted = [(x, r.get("cg_residual")) for x, r in zip(xs, upper) if r.get("cg_action") not in (None, "none")]
     if acted:
-        ax_res.scatter(*zip(*acted), marker="o", facecolors="none", edgecolors=line.get_color(), s=22,
-                       label=f"{label}: policy acted ({upper[xs.index(acted[0][0])]['cg_action']})")
+        ax_res.scatter(
+            *zip(*acted),
+            marker="o",
+            facecolors="none",
+            edgecolors=line.get_color(),
+            s=22,
+            label=f"{label}: policy acted ({upper[xs.index(acted[0][0])]['cg_action']})",
+        )
 
 
 def plot_run(metrics_by_seed: dict[int, list[dict[str, Any]]], path: str | Path) -> None:
@@ -66,12 +71,11 @@ def plot_run(metrics_by_seed: dict[int, list[dict[str, Any]]], path: str | Path)
         ax_pre.plot(x, y, lw=0.8, label=label)
         x2, y2 = _series(rows, "pretext_matched", "pretext", "loss")
         if x2:
-            ax_pre.plot([len(x) + s for s in x2], y2, lw=0.8, ls="--",
-                        label=f"{label} (compute-matched continuation)")
+            ax_pre.plot([len(x) + s for s in x2], y2, lw=0.8, ls="--", label=f"{label} (compute-matched continuation)")
         x, y = _series(rows, "bissl", "lower", "loss")
         ax_low.plot(x, y, lw=0.8, label=label)
         x, y = _series(rows, "bissl", "upper", "loss")
-        line, = ax_up.plot(x, y, lw=0.9, label=f"{label}: L_D(φ)")
+        (line,) = ax_up.plot(x, y, lw=0.9, label=f"{label}: L_D(φ)")
         x, y = _series(rows, "bissl", "upper", "loss_theta")
         ax_up.plot(x, y, lw=0.9, ls=":", color=line.get_color(), label=f"{label}: L_D(θ)")
         _plot_solver_health(ax_ritz, ax_res, rows, label)
@@ -79,14 +83,23 @@ def plot_run(metrics_by_seed: dict[int, list[dict[str, Any]]], path: str | Path)
             x, y = _series(rows, arm, "eval", "val_acc")
             epochs = [r["round"] for r in rows if r["phase"] == arm and r["part"] == "eval"]
             if y:
-                ax_ft.plot(epochs, [100 * v for v in y], color=color, lw=1.0, alpha=0.8,
-                           label=_ARM_LABELS[arm] if first else None)
+                ax_ft.plot(
+                    epochs,
+                    [100 * v for v in y],
+                    color=color,
+                    lw=1.0,
+                    alpha=0.8,
+                    label=_ARM_LABELS[arm] if first else None,
+                )
     ax_pre.set(title="Pretext pretraining", xlabel="step", ylabel="pretext loss L_P")
     ax_low.set(title="BiSSL lower level", xlabel="lower step", ylabel="L_P(θ) (without proximal term)")
     ax_up.set(title="BiSSL upper level", xlabel="upper step", ylabel="downstream loss")
     ax_ft.set(title="Fine-tuning (validation split)", xlabel="epoch", ylabel="val top-1 accuracy (%)")
-    ax_ritz.set(title="Solver health: Ritz estimates of I + H/(λ+λ_damp)", xlabel="upper step",
-                ylabel="eigenvalue estimate (≤ 0: indefinite)")
+    ax_ritz.set(
+        title="Solver health: Ritz estimates of I + H/(λ+λ_damp)",
+        xlabel="upper step",
+        ylabel="eigenvalue estimate (≤ 0: indefinite)",
+    )
     ax_ritz.axhline(0.0, color="black", lw=0.6)
     ax_ritz.set_yscale("symlog", linthresh=1.0)
     ax_res.set(title="Solver health: residual norm", xlabel="upper step", ylabel="‖v − A x‖")
@@ -105,4 +118,3 @@ def plot_run_dir(run_dir: str | Path, seeds: Iterable[int]) -> Path:
     out = run_dir / "curves.png"
     plot_run(metrics, out)
     return out
-

@@ -5,6 +5,7 @@ compute stack. What needs the stack is checked here, once, with the same one-lin
 :class:`~bissl.config.ConfigError`: the λ schedule can be built (a user factory imports and accepts
 its options), DeepSpeed is installed when a ZeRO stage asks for it, the device exists.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,8 @@ def preflight(cfg: Config) -> None:
     except ValueError as err:
         raise ConfigError(f"'bissl.lam_schedule': {err}") from None
     if cfg.run.nproc > 1 and cfg.deepspeed.zero_stage >= 1 and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"'deepspeed.zero_stage' is {cfg.deepspeed.zero_stage} but DeepSpeed is not "
-                          "installed (pip install -e '.[distributed]'; stage 0 needs no DeepSpeed)")
+        raise ConfigError(
+            f"'deepspeed.zero_stage' is {cfg.deepspeed.zero_stage} but DeepSpeed is not "
+            "installed (pip install -e '.[distributed]'; stage 0 needs no DeepSpeed)"
+        )
     resolve_device(cfg.run.device)

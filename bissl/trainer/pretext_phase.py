@@ -8,6 +8,7 @@ statistics (``model.sync_bn``) and SimCLR's negatives come from all ranks
 The same phase, started from a finished pretext result with the lower-level optimizer settings,
 is the compute-matched continuation of the baseline (``baseline.compute_matched``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,22 +41,33 @@ class PretextPhase(Phase):
         init: a previous pretext result to start from (``{"backbone", "pretext"}`` state dicts).
     """
 
-    def __init__(self, name: str, cfg: Config, data: PipelineData, ctx: RunContext, *,
-                 total_steps: int | None = None, opt: OptimizerSpec | None = None,
-                 warmup_steps: int = 0, final_lr_factor: float = 0.0, batch_size: int | None = None,
-                 init: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: Config,
+        data: PipelineData,
+        ctx: RunContext,
+        *,
+        total_steps: int | None = None,
+        opt: OptimizerSpec | None = None,
+        warmup_steps: int = 0,
+        final_lr_factor: float = 0.0,
+        batch_size: int | None = None,
+        init: dict[str, Any] | None = None,
+    ) -> None:
         p = cfg.pretext
         self.name = name
         self.cfg, self.data, self.device, self.dp = cfg, data, ctx.device, ctx.dp
         batch = batch_size if opt is not None and batch_size else p.batch_size
         self.sampler = EpochSampler(len(data.pretext_x), batch, derive_seed(ctx.seed, name, "order"))
         if self.sampler.batch_size % self.dp.world:
-            raise ConfigError(f"the {name} batch is {self.sampler.batch_size} after capping at the "
-                              f"dataset size: not a multiple of run.nproc {self.dp.world}")
+            raise ConfigError(
+                f"the {name} batch is {self.sampler.batch_size} after capping at the "
+                f"dataset size: not a multiple of run.nproc {self.dp.world}"
+            )
         spe = self.sampler.steps_per_epoch
         if opt is None:
-            opt = OptimizerSpec(p.optimizer, p.lr, p.momentum, p.weight_decay, p.eta,
-                                betas=(p.betas[0], p.betas[1]))
+            opt = OptimizerSpec(p.optimizer, p.lr, p.momentum, p.weight_decay, p.eta, betas=(p.betas[0], p.betas[1]))
             warmup_steps, final_lr_factor = round(p.warmup_epochs * spe), p.final_lr_factor
         super().__init__(p.epochs * spe if total_steps is None else total_steps)
         backbone = build_backbone_from(cfg, data, ctx.device)
@@ -65,8 +77,10 @@ class PretextPhase(Phase):
             pretext.load_state_dict(init["pretext"])
         total = self.total_steps
         self.model: Trainable = self.dp.trainable(
-            LowerObjective(backbone, pretext, pretext_objective), opt,
-            lambda o: cosine(o, total, warmup_steps, final_lr_factor))
+            LowerObjective(backbone, pretext, pretext_objective),
+            opt,
+            lambda o: cosine(o, total, warmup_steps, final_lr_factor),
+        )
         self.augment = build_two_view(cfg, data)
         self.aug_gen = make_generator(derive_seed(ctx.seed, name, "augment"), ctx.device)
 
@@ -82,8 +96,9 @@ class PretextPhase(Phase):
         module.update_target()  # BYOL's EMA (SimCLR, GPT: nothing)
         self.step_idx += 1
         (mean_loss,) = rank_mean(loss)
-        return [{"part": "pretext", "round": self.sampler.epoch + 1, "loss": mean_loss,
-                 "lr": lr, "grad_norm": grad_norm}]
+        return [
+            {"part": "pretext", "round": self.sampler.epoch + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm}
+        ]
 
     def save_engines(self, directory: Path, tag: str) -> bool:
         if self.dp.zero_stage < 1:
@@ -95,8 +110,11 @@ class PretextPhase(Phase):
         self.model.load(directory, tag)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "sampler": self.sampler.state_dict(),
-                "aug_gen": self.aug_gen.get_state()}
+        return {
+            "model": self.model.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "aug_gen": self.aug_gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

@@ -1,5 +1,6 @@
 """``results.json`` (per-seed and mean ± std accuracies of both arms, paired statistics of their
 difference) and the printed table."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
-              meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    per_seed: dict[int, dict[str, dict[str, float] | None]], *, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Aggregate per-seed results of both arms.
 
     Args:
@@ -49,8 +51,8 @@ def summarize(per_seed: dict[int, dict[str, dict[str, float] | None]], *,
         "per_seed": {str(s): per_seed[s] for s in seeds},
         "summary": summary,
         "notes": "accuracies are top-1 fractions in [0, 1]; std is the sample standard deviation "
-                 "over seeds (ddof=1); test accuracy is of the final fine-tuning epoch (the test "
-                 "split is never used for selection)",
+        "over seeds (ddof=1); test accuracy is of the final fine-tuning epoch (the test "
+        "split is never used for selection)",
         **(meta or {}),
     }
 
@@ -93,8 +95,14 @@ def format_table(results: dict[str, Any]) -> str:
         return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
     base_ms = ms(summary["baseline"]["test_acc"]) if has_base else "—"
-    diff_ms = (f"{100 * summary['bissl_minus_baseline_test_acc']['mean']:+.2f} ± "
-               f"{100 * summary['bissl_minus_baseline_test_acc']['std']:.2f}") if has_base else "—"
+    diff_ms = (
+        (
+            f"{100 * summary['bissl_minus_baseline_test_acc']['mean']:+.2f} ± "
+            f"{100 * summary['bissl_minus_baseline_test_acc']['std']:.2f}"
+        )
+        if has_base
+        else "—"
+    )
     lines.append("-" * len(head))
     lines.append(f"{'mean ± std':>10}  {base_ms:>14}  {ms(summary['bissl']['test_acc']):>14}  {diff_ms:>17}")
     paired = summary.get("bissl_vs_baseline")
@@ -104,12 +112,16 @@ def format_table(results: dict[str, Any]) -> str:
         def p(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.3g}"
 
-        lines.append(f"BiSSL − baseline over {t['n']} seeds: {100 * t['mean']:+.2f} points, "
-                     f"{100 * t['level']:.0f}% bootstrap interval [{100 * t['ci_low']:+.2f}, "
-                     f"{100 * t['ci_high']:+.2f}]; paired t p = {p(t['p_t'])}, Wilcoxon p = "
-                     f"{p(t['p_wilcoxon'])}")
+        lines.append(
+            f"BiSSL − baseline over {t['n']} seeds: {100 * t['mean']:+.2f} points, "
+            f"{100 * t['level']:.0f}% bootstrap interval [{100 * t['ci_low']:+.2f}, "
+            f"{100 * t['ci_high']:+.2f}]; paired t p = {p(t['p_t'])}, Wilcoxon p = "
+            f"{p(t['p_wilcoxon'])}"
+        )
         m = paired["mcnemar"]
         if m:
-            lines.append(f"McNemar (test examples pooled over seeds): only BiSSL right {m['only_a']}, "
-                         f"only baseline right {m['only_b']}, exact p = {p(m['p'])}")
+            lines.append(
+                f"McNemar (test examples pooled over seeds): only BiSSL right {m['only_a']}, "
+                f"only baseline right {m['only_b']}, exact p = {p(m['p'])}"
+            )
     return "\n".join(lines)

@@ -5,6 +5,7 @@ checkpoint) or derived from ``(seed, name, ...)`` with :func:`derive_seed`, so t
 randomness never depends on how much randomness an earlier phase (or an earlier process) consumed.
 That is what makes a resumed run bit-identical to an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,13 @@ def capture_global_rng() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # numpy's legacy MT19937 state: its 624 uint32 keys as an int64 tensor (exact).
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),  # (version, tuple of 625 ints, None)
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -58,8 +64,9 @@ def restore_global_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_global_rng`."""
     torch.set_rng_state(state["torch"])
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

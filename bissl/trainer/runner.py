@@ -4,6 +4,7 @@ The one entry point of the CLI, sweeps and the Python API; it picks where the ru
 leaves the how to :func:`bissl.trainer.experiment.run_here` (this process) and
 :func:`bissl.trainer.distributed_run.run_distributed` (N rank processes, each calling run_here).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Epoch ``e`` visits the samples in ``randperm(n)`` drawn from a generator seeded 
 ``derive_seed(seed, e)``, so the whole data order is a function of ``(seed, epoch, position)`` and
 a checkpoint only needs those counters to continue the exact same sequence of batches.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -57,17 +58,18 @@ class EpochSampler:
             self._perm = None
         start = self.pos * self.batch_size
         self.pos += 1
-        return self._permutation()[start:start + self.batch_size]
+        return self._permutation()[start : start + self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed,
-                "epoch": self.epoch, "pos": self.pos}
+        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("n", "batch_size", "seed"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"EpochSampler: checkpoint has {key}={state[key]}, this run "
-                                 f"{getattr(self, key)} (the data or config changed)")
+                raise ValueError(
+                    f"EpochSampler: checkpoint has {key}={state[key]}, this run "
+                    f"{getattr(self, key)} (the data or config changed)"
+                )
         self.epoch, self.pos, self._perm = state["epoch"], state["pos"], None
 
 

@@ -52,19 +52,13 @@ def test_digits_splits_partition_the_dataset(digits):
     ours = []
     for split in (digits.train, digits.val, digits.test):
         counts = (_raw(split, digits) * 16).round().long().reshape(len(split), -1)
-        ours += [
-            (*r, int(lbl)) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())
-        ]
-    source = [
-        (*r, int(lbl)) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)
-    ]
+        ours += [(*r, int(lbl)) for r, lbl in zip(counts.tolist(), split.tensors[1].tolist())]
+    source = [(*r, int(lbl)) for r, lbl in zip(bunch.data.astype(int).tolist(), bunch.target)]
     assert sorted(ours) == sorted(source)
 
 
 def test_digits_split_is_stratified(digits):
-    total = np.bincount(
-        np.concatenate([s.tensors[1].numpy() for s in (digits.train, digits.val, digits.test)])
-    )
+    total = np.bincount(np.concatenate([s.tensors[1].numpy() for s in (digits.train, digits.val, digits.test)]))
     for split, frac in ((digits.val, 0.1), (digits.test, 0.2)):
         per_class = np.bincount(split.tensors[1].numpy(), minlength=10)
         assert np.all(np.abs(per_class - frac * total) <= 1.0 + 1e-9)
@@ -278,9 +272,7 @@ def test_imagefolder_rgb_with_test_dir(tmp_path):
 def test_imagefolder_grayscale_resized_and_split(tmp_path):
     for cls in ("0", "1", "2"):
         for i in range(10):
-            _write_png(
-                tmp_path / "train" / cls / f"{i}.png", np.full((5, 7), 40 * int(cls), np.uint8)
-            )
+            _write_png(tmp_path / "train" / cls / f"{i}.png", np.full((5, 7), 40 * int(cls), np.uint8))
     data = load_dataset("imagefolder", root=str(tmp_path), image_size=6)
     assert data.in_channels == 1 and data.image_size == 6
     assert (len(data.train), len(data.val), len(data.test)) == (21, 3, 6)

@@ -1,5 +1,6 @@
 """digits_lowlabel and digits_transfer: sizes, label counts, disjointness, determinism, the pretext
 images they bring, normalisation, and the config keys that select them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,12 +47,12 @@ def test_lowlabel_is_deterministic_given_the_split_seed(labels):
 
 
 def test_lowlabel_dataset_images_match_the_indices(labels):
-    data = load_dataset("digits_lowlabel", val_fraction=0.1, test_fraction=0.5, labels_per_class=10,
-                        seed=0)
+    data = load_dataset("digits_lowlabel", val_fraction=0.1, test_fraction=0.5, labels_per_class=10, seed=0)
     assert (len(data.train), len(data.val), len(data.test)) == (100, 180, 898)
     assert data.unlabelled.shape == (719, 1, 8, 8) and data.unlabelled.dtype == torch.float32
-    train, val, test, pool = (_pixels(s, data) for s in (
-        data.train.tensors[0], data.val.tensors[0], data.test.tensors[0], data.unlabelled))
+    train, val, test, pool = (
+        _pixels(s, data) for s in (data.train.tensors[0], data.val.tensors[0], data.test.tensors[0], data.unlabelled)
+    )
     assert train <= pool and not (pool & val) and not (pool & test) and not (val & test)
     assert torch.bincount(data.train.tensors[1]).tolist() == [10] * 10
     # Normalised with the pretext pool's statistics: it has mean 0, std 1.
@@ -59,28 +60,31 @@ def test_lowlabel_dataset_images_match_the_indices(labels):
     assert abs(u.mean().item()) < 1e-6 and abs(u.std(unbiased=False).item() - 1) < 1e-6
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, "needs labels_per_class"),
-    ({"labels_per_class": 200}, "fewer than the 200"),
-    ({"labels_per_class": 5, "pretext_classes": [0]},
-     "pretext_classes is an option of digits_transfer"),
-    ({"labels_per_class": 5, "root": "x"}, "takes no root"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "needs labels_per_class"),
+        ({"labels_per_class": 200}, "fewer than the 200"),
+        ({"labels_per_class": 5, "pretext_classes": [0]}, "pretext_classes is an option of digits_transfer"),
+        ({"labels_per_class": 5, "root": "x"}, "takes no root"),
+    ],
+)
 def test_lowlabel_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_dataset("digits_lowlabel", **kwargs)
 
 
 def test_plain_digits_refuses_task_options():
-    with pytest.raises(ValueError, match="labels_per_class is an option of digits_lowlabel, "
-                                         "digits_transfer; dataset 'digits' does not take it"):
+    with pytest.raises(
+        ValueError,
+        match="labels_per_class is an option of digits_lowlabel, digits_transfer; dataset 'digits' does not take it",
+    ):
         load_dataset("digits", labels_per_class=10)
 
 
 # --------------------------------------------------------------------------- transfer
 def test_transfer_indices(labels):
-    pretext, train, val, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2,
-                                               None, seed=0)
+    pretext, train, val, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2, None, seed=0)
     assert set(labels[pretext]) == {0, 1, 2, 3, 4} and set(labels[train]) == {5, 6, 7, 8, 9}
     assert len(pretext) == int(np.isin(labels, [0, 1, 2, 3, 4]).sum()) == 901
     down = np.flatnonzero(labels >= 5)
@@ -97,8 +101,7 @@ def test_transfer_dataset(labels):
     data = load_dataset("digits_transfer", labels_per_class=7, seed=2)
     assert data.num_classes == 5 and data.class_names == ["5", "6", "7", "8", "9"]
     assert torch.bincount(data.train.tensors[1]).tolist() == [7] * 5
-    pretext, _, _, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2,
-                                         7, 2)
+    pretext, _, _, test = transfer_split(labels, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.1, 0.2, 7, 2)
     x, y = read_digits()
     # Images and relabelled targets are those of the indices (label 5 -> 0, ..., 9 -> 4).
     raw = _pixels(data.test.tensors[0], data)
@@ -112,11 +115,12 @@ def test_transfer_custom_classes_and_errors(labels):
     data = load_dataset("digits_transfer", pretext_classes=[1, 7], downstream_classes=[9, 3])
     assert data.class_names == ["9", "3"]
     assert set(data.train.tensors[1].tolist()) == {0, 1}
-    for kwargs, match in [({"pretext_classes": [0, 5], "downstream_classes": [5, 6]},
-                           "share \\[5\\]"),
-                          ({"downstream_classes": [5]}, "at least two"),
-                          ({"pretext_classes": [10]}, "digits 0-9"),
-                          ({"pretext_classes": [1, 1]}, "repeats")]:
+    for kwargs, match in [
+        ({"pretext_classes": [0, 5], "downstream_classes": [5, 6]}, "share \\[5\\]"),
+        ({"downstream_classes": [5]}, "at least two"),
+        ({"pretext_classes": [10]}, "digits 0-9"),
+        ({"pretext_classes": [1, 1]}, "repeats"),
+    ]:
         with pytest.raises(ValueError, match=match):
             load_dataset("digits_transfer", **kwargs)
 
@@ -125,8 +129,10 @@ def test_transfer_custom_classes_and_errors(labels):
 def test_config_keys_reach_the_loader():
     from bissl.trainer.experiment import load_pipeline_data
 
-    cfg = load_config(None, ["data.name=digits_lowlabel", "data.labels_per_class=10",
-                             "data.test_fraction=0.5", "model.backbone=small_cnn"])
+    cfg = load_config(
+        None,
+        ["data.name=digits_lowlabel", "data.labels_per_class=10", "data.test_fraction=0.5", "model.backbone=small_cnn"],
+    )
     data = load_pipeline_data(cfg)
     assert tuple(data.train_x.shape) == (100, 1, 8, 8) and len(data.test_y) == 898
     assert tuple(data.pretext_x.shape) == (719, 1, 8, 8)  # the pool, not the 100 labelled images
@@ -146,7 +152,6 @@ def test_task_keys_of_the_other_kind_are_refused():
         image_task_options(load_config(None, ["data.fold=1"]).data)
     with pytest.raises(ValueError, match=r"data\.labels_per_class is not used by text tasks"):
         text_task_options(load_config(None, ["data.labels_per_class=3"]).data)
-    cfg = load_config(None, ["data.name=digits_lowlabel", "data.labels_per_class=10",
-                             "data.pretext_name=digits"])
+    cfg = load_config(None, ["data.name=digits_lowlabel", "data.labels_per_class=10", "data.pretext_name=digits"])
     with pytest.raises(ConfigError, match="brings its own pretext images"):
         load_pipeline_data(cfg)

@@ -1,4 +1,5 @@
 """Run a rank program from this folder on two local ranks (shared by the distributed tests)."""
+
 from __future__ import annotations
 
 import io

@@ -11,6 +11,7 @@ Measures, on rank-specific data:
   one for every solver, in float64, with the partition sizes, the collectives it issued and —
   in fixed-iteration, report-only mode — no host synchronisation during the solve.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,13 +62,21 @@ def check_allreduce(rank: int, world: int) -> dict:
             issued, counted = _count(lambda f=flat, b=bucket: allreduce_mean_(f, bucket_numel=b))
             err = (flat - torch.arange(numel, dtype=torch.float64) * expected_factor).abs().max().item()
             want = 1 if bucket is None else math.ceil(numel / bucket)
-            out[f"flat P={numel} bucket={bucket}"] = {"err": err, "issued": issued, "counted": counted,
-                                                      "expected": want}
-    tensors = [torch.full((3, 4), float(rank + 1)), torch.full((5,), 2.0 * (rank + 1)),
-               torch.full((2, 2), 3.0 * (rank + 1), dtype=torch.float64)]
+            out[f"flat P={numel} bucket={bucket}"] = {
+                "err": err,
+                "issued": issued,
+                "counted": counted,
+                "expected": want,
+            }
+    tensors = [
+        torch.full((3, 4), float(rank + 1)),
+        torch.full((5,), 2.0 * (rank + 1)),
+        torch.full((2, 2), 3.0 * (rank + 1), dtype=torch.float64),
+    ]
     issued, counted = _count(lambda: allreduce_mean_tensors_(tensors))
-    err = max((t - t.new_full(t.shape, c * expected_factor)).abs().max().item()
-              for t, c in zip(tensors, (1.0, 2.0, 3.0)))
+    err = max(
+        (t - t.new_full(t.shape, c * expected_factor)).abs().max().item() for t, c in zip(tensors, (1.0, 2.0, 3.0))
+    )
     out["tensors (float32 + float64)"] = {"err": err, "issued": issued, "counted": counted, "expected": 2}
     return out
 
@@ -88,8 +97,9 @@ def _mlp_problem(world: int, seed: int):
     def with_theta(module, th, batch):
         return functional_call(module, {f"backbone.{k}": v for k, v in th.items()}, (batch,))
 
-    shard_losses = [(lambda th, b=b: with_theta(lower, th, b), lambda th, b=d: with_theta(upper, th, b))
-                    for b, d in zip(hvp, down)]
+    shard_losses = [
+        (lambda th, b=b: with_theta(lower, th, b), lambda th, b=d: with_theta(upper, th, b)) for b, d in zip(hvp, down)
+    ]
     return theta, shard_losses
 
 
@@ -99,9 +109,18 @@ def check_hypergrad(rank: int, world: int, seed: int, damping: float, iters: int
     lower_r, upper_r = shards[rank]
     trace: list[tuple[str, str]] = []
     settings = HypergradSettings(iters=iters, damping=damping)
-    (x, info), counted = _count(lambda: distributed_implicit_hypergrad(
-        lower_r, upper_r, theta, lam=lam, settings=settings, return_info=True,
-        bucket_numel=bucket, on_matvec=lambda p, hp: trace.append((tensor_digest(p), tensor_digest(hp)))))
+    (x, info), counted = _count(
+        lambda: distributed_implicit_hypergrad(
+            lower_r,
+            upper_r,
+            theta,
+            lam=lam,
+            settings=settings,
+            return_info=True,
+            bucket_numel=bucket,
+            on_matvec=lambda p, hp: trace.append((tensor_digest(p), tensor_digest(hp))),
+        )
+    )
     x_flat = flatten(x)
 
     # (a) single process, shard-averaged losses, same number of iterations
@@ -119,20 +138,27 @@ def check_hypergrad(rank: int, world: int, seed: int, damping: float, iters: int
     A = torch.eye(H.shape[0], dtype=H.dtype) + (H + H.T) / 2 / (lam + damping)
     x_dense = torch.linalg.solve(A, v)
     # control: the same solve without reductions differs between ranks
-    x_local = flatten(implicit_hypergrad(lower_r, upper_r, theta, lam=lam, iters=iters, damping=damping,
-                                         strict=False))
-    state = {"matvecs": trace, "x": tensor_digest(x_flat), "alphas": tensor_digest(info.alphas),
-             "betas": tensor_digest(info.betas), "iters": int(info.iters)}
+    x_local = flatten(implicit_hypergrad(lower_r, upper_r, theta, lam=lam, iters=iters, damping=damping, strict=False))
+    state = {
+        "matvecs": trace,
+        "x": tensor_digest(x_flat),
+        "alphas": tensor_digest(info.alphas),
+        "betas": tensor_digest(info.betas),
+        "iters": int(info.iters),
+    }
     states = gather_objects(state)
     local_digests = gather_objects(tensor_digest(x_local))
     return {
-        "numel": x_flat.numel(), "iters": iters, "bucket": bucket,
+        "numel": x_flat.numel(),
+        "iters": iters,
+        "bucket": bucket,
         "err_vs_single_process": ((x_flat - x_single).norm() / x_single.norm()).item(),
         "err_vs_dense": ((x_flat - x_dense).norm() / x_dense.norm()).item(),
         "min_eig_A": torch.linalg.eigvalsh(A)[0].item(),
         "cg_state_identical": all(s == states[0] for s in states),
         "num_matvecs": len(trace),
-        "num_collectives_reported": info.num_collectives, "num_collectives_counted": counted,
+        "num_collectives_reported": info.num_collectives,
+        "num_collectives_counted": counted,
         "unreduced_solutions_identical": len(set(local_digests)) == 1,
     }
 
@@ -157,17 +183,25 @@ def check_sharded(rank: int, world: int) -> dict:
     """Sharded vs unsharded solves of the same data-parallel system, every solver."""
     theta, shards = _mlp_problem(world, seed=0)
     lower_r, upper_r = shards[rank]
-    out: dict = {"numel": sum(t.numel() for t in theta.values()),
-                 "local_numel": ShardLayout([t.numel() for t in theta.values()], world, rank).local_numel}
+    out: dict = {
+        "numel": sum(t.numel() for t in theta.values()),
+        "local_numel": ShardLayout([t.numel() for t in theta.values()], world, rank).local_numel,
+    }
     for solver in ("cg", "cg_layerwise", "minres", "neumann", "identity"):
         s = HypergradSettings(iters=7, damping=20.0, solver=solver)
         whole = flatten(distributed_implicit_hypergrad(lower_r, upper_r, theta, lam=0.5, settings=s))
-        (x, info), counted = _count(lambda s=s: distributed_implicit_hypergrad(
-            lower_r, upper_r, theta, lam=0.5, settings=s, shard=True, return_info=True))
+        (x, info), counted = _count(
+            lambda s=s: distributed_implicit_hypergrad(
+                lower_r, upper_r, theta, lam=0.5, settings=s, shard=True, return_info=True
+            )
+        )
         part = flatten(x)
         digests = gather_objects((tensor_digest(part), tensor_digest(info.alphas), tensor_digest(info.betas)))
-        out[solver] = {"rel_err": ((part - whole).norm() / whole.norm()).item(),
-                       "identical_on_ranks": len(set(digests)) == 1, "collectives": counted}
+        out[solver] = {
+            "rel_err": ((part - whole).norm() / whole.norm()).item(),
+            "identical_on_ranks": len(set(digests)) == 1,
+            "collectives": counted,
+        }
     # Fixed iterations, report-only (strict=False): no host sync between the start and the end.
     s = HypergradSettings(iters=5, damping=20.0, strict=False)
     undo = _trap_host_syncs()
@@ -187,11 +221,16 @@ def main() -> None:
     args = parser.parse_args()
     info = init_process_group_from_env(timeout_s=60)
     dist.all_reduce = _counting_all_reduce  # count every collective our code issues
-    result = {"world_size": info.world_size, "allreduce": check_allreduce(info.rank, info.world_size),
-              "hypergrad": [check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=None),
-                            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=100, bucket=None),
-                            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=17)],
-              "sharded": check_sharded(info.rank, info.world_size)}
+    result = {
+        "world_size": info.world_size,
+        "allreduce": check_allreduce(info.rank, info.world_size),
+        "hypergrad": [
+            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=None),
+            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=100, bucket=None),
+            check_hypergrad(info.rank, info.world_size, seed=0, damping=8.0, iters=5, bucket=17),
+        ],
+        "sharded": check_sharded(info.rank, info.world_size),
+    }
     dist.all_reduce = _real_all_reduce
     if info.rank == 0:
         torch.save(result, args.out / "result.pt")

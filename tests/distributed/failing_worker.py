@@ -1,6 +1,7 @@
 """Rank program for the launcher's tests: rank 1 dies, raises or hangs; rank 0 waits in a
 collective (so without the launcher's handling it would hang). Each rank writes its pid. Mode
 ``bar``: rank 0 redraws a progress line on stderr with carriage returns, then succeeds."""
+
 from __future__ import annotations
 
 import argparse

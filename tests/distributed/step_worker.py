@@ -8,6 +8,7 @@ shard of the global batches. A checkpoint is taken after stage ``--resume-at``; 
 parameters of both runs, the metrics rows, and whether parameters, buffers and solver scalars were
 bit-identical on all ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,17 +73,26 @@ def main() -> None:
     info = init_process_group_from_env(timeout_s=120)
     torch.set_num_threads(1)
     torch.set_default_dtype(getattr(torch, args.dtype))
-    zero = config_from_dict({"deepspeed": {
-        "zero_stage": args.stage, "reduce_bucket_size": 500, "allgather_bucket_size": 500,
-        "stage3_prefetch_bucket_size": 500, "stage3_param_persistence_threshold": 10}}).deepspeed
+    zero = config_from_dict(
+        {
+            "deepspeed": {
+                "zero_stage": args.stage,
+                "reduce_bucket_size": 500,
+                "allgather_bucket_size": 500,
+                "stage3_prefetch_bucket_size": 500,
+                "stage3_param_persistence_threshold": 10,
+            }
+        }
+    ).deepspeed
     dp = DataParallel(info.world_size, info.rank, zero if args.stage >= 1 else None)
 
     step = build(args.stage, bool(args.shard), args.seed, dp)
     rows = run(step, range(args.resume_at), args.seed, info.world_size, info.rank)
     ckpt = args.out / "ckpt"
     # A deep copy, as a checkpoint file would hold: state dicts reference live tensors.
-    plain = copy.deepcopy({"lower": step.lower.state_dict(), "upper": step.upper.state_dict(),
-                           "step": step.state_dict()})
+    plain = copy.deepcopy(
+        {"lower": step.lower.state_dict(), "upper": step.upper.state_dict(), "step": step.state_dict()}
+    )
     if args.stage >= 1:
         step.lower.save(ckpt / "lower", "resume")
         step.upper.save(ckpt / "upper", "resume")
@@ -101,8 +111,17 @@ def main() -> None:
     resumed_rows = run(fresh, range(args.resume_at, args.steps), args.seed, info.world_size, info.rank)
     resumed = state(fresh)
     if info.rank == 0:
-        torch.save({"final": final, "resumed": resumed, "rows": rows, "resumed_rows": resumed_rows,
-                    "identical_on_ranks": identical, "world_size": info.world_size}, args.out / "result.pt")
+        torch.save(
+            {
+                "final": final,
+                "resumed": resumed,
+                "rows": rows,
+                "resumed_rows": resumed_rows,
+                "identical_on_ranks": identical,
+                "world_size": info.world_size,
+            },
+            args.out / "result.pt",
+        )
     exit_rank(0)
 
 

@@ -12,6 +12,7 @@ each rank computes itself with plain ``nn.BatchNorm`` and :func:`nt_xent` (no co
   backward and running statistics (momentum=None, two steps);
 * ``errors``: the messages of mismatched ``all_gather_cat`` calls (every rank must raise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,10 @@ def check_model(rank: int, world: int) -> dict:
         want_grad = torch.func.grad(global_loss)(params)
         want_hvp = _double_backward(global_loss, params, vec)
         grads = {"torch.func grad": torch.func.grad(local_loss)(params)}
-        hvps = {"double backward": _double_backward(local_loss, params, vec),
-                "torch.func jvp(grad)": torch.func.jvp(torch.func.grad(local_loss), (params,), (vec,))[1]}
+        hvps = {
+            "double backward": _double_backward(local_loss, params, vec),
+            "torch.func jvp(grad)": torch.func.jvp(torch.func.grad(local_loss), (params,), (vec,))[1],
+        }
     grads["module .grad after backward"] = {k: p.grad for k, p in model.named_parameters()}
     for mode in ("fwdrev", "revrev", "autograd"):
         hvps[f"hvp {mode}"] = hvp(local_loss, params, vec, mode=mode)
@@ -180,7 +183,7 @@ def check_unequal(rank: int, world: int) -> dict:
     # half precision: statistics in float32, output in the input's dtype
     xb = x[rows].bfloat16()
     yb = sync.float()(xb)
-    want_b = bn.float()(torch.cat([x[sum(sizes[:r]):sum(sizes[:r + 1])] for r in range(world)]).bfloat16().float())
+    want_b = bn.float()(torch.cat([x[sum(sizes[:r]) : sum(sizes[: r + 1])] for r in range(world)]).bfloat16().float())
     out["bfloat16 dtype"] = str(yb.dtype)
     out["bfloat16 output"] = (yb.float() - want_b[rows]).abs().max().item()
     return out

@@ -1,6 +1,7 @@
 """Bucketed collectives, the rank-averaged matvec and hypergradient: single-process unit tests,
 and one two-rank gloo job (tests/distributed/collectives_worker.py) checked against a
 single-process run of the shard-averaged losses and a dense float64 solve."""
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,12 @@ def test_distributed_hypergrad_equals_core_on_one_rank():
     float64-accumulated dots sum in a different order (round-off only)."""
     prob = cnn_problem(norm="group")
     settings = HypergradSettings(iters=4, damping=30.0)
-    want, info_want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
-                                         return_info=True, **settings.kwargs())
-    got, info = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
-                                               settings=settings, return_info=True)
+    want, info_want = implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, return_info=True, **settings.kwargs()
+    )
+    got, info = distributed_implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, settings=settings, return_info=True
+    )
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(info.alphas, info_want.alphas, rtol=1e-12, atol=0)
@@ -65,8 +68,9 @@ def test_distributed_hypergrad_validates_like_the_core():
     with pytest.raises(ValueError, match="lam"):
         distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=0.0)
     with pytest.raises(ValueError, match="on_indefinite"):
-        distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
-                                       settings=HypergradSettings(on_indefinite="ignore"))
+        distributed_implicit_hypergrad(
+            prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, settings=HypergradSettings(on_indefinite="ignore")
+        )
 
 
 def test_sharded_hypergrad_equals_core_on_one_rank():
@@ -74,8 +78,9 @@ def test_sharded_hypergrad_equals_core_on_one_rank():
     prob = cnn_problem(norm="group")
     settings = HypergradSettings(iters=4, damping=30.0)
     want = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, **settings.kwargs())
-    got = distributed_implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0,
-                                         settings=settings, shard=True)
+    got = distributed_implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, settings=settings, shard=True
+    )
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
 

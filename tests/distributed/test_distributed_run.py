@@ -15,6 +15,7 @@ What is compared against what:
   to the uninterrupted 2-rank run;
 * every config key is accepted with ``run.nproc: 2``; the text task and ``run.workers`` run there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,14 @@ TINY = Path(__file__).parents[1] / "trainer" / "tiny.yaml"
 TINY_TEXT = Path(__file__).parents[1] / "text" / "tiny_text.yaml"
 PHASES = ("pretext", "bissl", "finetune_bissl", "finetune_baseline")
 F64 = ("run.dtype=float64", "run.num_threads=1")
-VARIANTS = ("bissl.lam_schedule=grad_ratio", "bissl.lam_options={ratio: 0.5}", "bissl.prox_pull=0.5",
-            "bissl.direct_term=theta", "bissl.hvp_mode=auto", "bissl.on_indefinite=fallback")
+VARIANTS = (
+    "bissl.lam_schedule=grad_ratio",
+    "bissl.lam_options={ratio: 0.5}",
+    "bissl.prox_pull=0.5",
+    "bissl.direct_term=theta",
+    "bissl.hvp_mode=auto",
+    "bissl.on_indefinite=fallback",
+)
 
 
 def _tiny(*overrides: str, path: Path = TINY) -> Config:
@@ -50,9 +57,12 @@ def _tiny(*overrides: str, path: Path = TINY) -> Config:
 def _snapshot(run_dir: Path) -> dict:
     ckpts = run_dir / "seed_0" / "checkpoints"
     rows = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir / "seed_0" / "metrics.csv")]
-    return {**{p: load_checkpoint(ckpts / f"{p}.done.pt")["result"] for p in PHASES}, "rows": rows,
-            "leftovers": sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".done.pt"))
-                         + sorted(p.name for p in run_dir.iterdir() if p.name.startswith("."))}
+    return {
+        **{p: load_checkpoint(ckpts / f"{p}.done.pt")["result"] for p in PHASES},
+        "rows": rows,
+        "leftovers": sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".done.pt"))
+        + sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +77,7 @@ def runs(tmp_path_factory):
             results = run_experiment(_tiny(f"run.nproc={nproc}", *overrides, path=path), run_dir)
             cache[key] = (results, _snapshot(run_dir))
         return cache[key]
+
     return get
 
 
@@ -77,11 +88,13 @@ def _assert_same_results(got: dict, want: dict, *, rtol: float, atol: float, wha
                 continue
             for name, value in state.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    torch.testing.assert_close(got[phase][part][name], value, rtol=rtol, atol=atol,
-                                               msg=f"{what}: {phase}.{part}.{name}")
+                    torch.testing.assert_close(
+                        got[phase][part][name], value, rtol=rtol, atol=atol, msg=f"{what}: {phase}.{part}.{name}"
+                    )
     losses = ("loss", "loss_theta", "val_loss", "prox", "grad_norm", "pretext_grad_norm", "lam")
-    assert [(r["phase"], r["part"], r["step"]) for r in got["rows"]] == \
-           [(r["phase"], r["part"], r["step"]) for r in want["rows"]]
+    assert [(r["phase"], r["part"], r["step"]) for r in got["rows"]] == [
+        (r["phase"], r["part"], r["step"]) for r in want["rows"]
+    ]
     for g, w in zip(got["rows"], want["rows"]):
         for col in losses:
             if w.get(col) is not None:
@@ -125,6 +138,7 @@ def _every_key():
                 walk(value, f"{prefix}{f.name}.")
             else:
                 out.append((f"{prefix}{f.name}", f, hints[f.name], value))
+
     walk(cfg, "")
     return out
 
@@ -156,16 +170,36 @@ def test_every_config_key_is_accepted_on_two_ranks():
     untested = {k for k, *_ in _every_key()} - set(accepted)
     # List- and dict-valued keys have no generic candidate (the feature runs below and the
     # trainer tests set them); run.nproc/device, task, pretext.method and the JSON path are below.
-    assert untested == {"bissl.lam_options", "data.downstream_classes", "data.pretext_classes",
-                        "deepspeed.config", "finetune.betas", "model.options", "pretext.augment.view1",
-                        "pretext.augment.view2", "pretext.betas", "pretext.method", "pretext.projector_dims",
-                        "run.device", "run.nproc", "run.seeds", "task"}, sorted(untested)
-    for other in (["task=text", "pretext.method=gpt", "model.backbone=gpt"], ["pretext.method=byol"],
-                  ["deepspeed.zero_stage=3", "pretext.method=byol"], ["run.device=cuda"],
-                  ["pretext.optimizer=adamw", "pretext.betas=[0.8, 0.99]", "finetune.optimizer=adamw",
-                   "finetune.betas=[0.8, 0.99]"],
-                  ["data.name=digits_transfer", "data.pretext_classes=[0, 1, 2]",
-                   "data.downstream_classes=[7, 8, 9]"]):
+    assert untested == {
+        "bissl.lam_options",
+        "data.downstream_classes",
+        "data.pretext_classes",
+        "deepspeed.config",
+        "finetune.betas",
+        "model.options",
+        "pretext.augment.view1",
+        "pretext.augment.view2",
+        "pretext.betas",
+        "pretext.method",
+        "pretext.projector_dims",
+        "run.device",
+        "run.nproc",
+        "run.seeds",
+        "task",
+    }, sorted(untested)
+    for other in (
+        ["task=text", "pretext.method=gpt", "model.backbone=gpt"],
+        ["pretext.method=byol"],
+        ["deepspeed.zero_stage=3", "pretext.method=byol"],
+        ["run.device=cuda"],
+        [
+            "pretext.optimizer=adamw",
+            "pretext.betas=[0.8, 0.99]",
+            "finetune.optimizer=adamw",
+            "finetune.betas=[0.8, 0.99]",
+        ],
+        ["data.name=digits_transfer", "data.pretext_classes=[0, 1, 2]", "data.downstream_classes=[7, 8, 9]"],
+    ):
         _tiny("run.nproc=2", *other)
 
 
@@ -178,8 +212,7 @@ def test_batches_must_split_into_equal_shards():
 
 def test_rank_errors_are_reraised_with_their_type(tmp_path):
     def report(rank, kind, message):
-        (tmp_path / f"rank{rank}.error.json").write_text(json.dumps(
-            {"rank": rank, "type": kind, "message": message}))
+        (tmp_path / f"rank{rank}.error.json").write_text(json.dumps({"rank": rank, "type": kind, "message": message}))
 
     report(1, "NonFiniteLossError", "non-finite loss (nan) in phase 'bissl'")
     from bissl.trainer.errors import NonFiniteLossError
@@ -195,10 +228,13 @@ def test_rank_errors_are_reraised_with_their_type(tmp_path):
 
 
 def test_a_rank_that_dies_silently_is_named(tmp_path):
-    line = ("bissl launch: the 2-process job failed (exit code 1 from torchrun): rank 1 (local rank 1, "
-            "pid 7) failed first: killed by SIGKILL; the other ranks were stopped")
-    (tmp_path / "rank0.error.json").write_text(json.dumps(
-        {"rank": 0, "type": "RuntimeError", "message": "Connection reset by peer"}))
+    line = (
+        "bissl launch: the 2-process job failed (exit code 1 from torchrun): rank 1 (local rank 1, "
+        "pid 7) failed first: killed by SIGKILL; the other ranks were stopped"
+    )
+    (tmp_path / "rank0.error.json").write_text(
+        json.dumps({"rank": 0, "type": "RuntimeError", "message": "Connection reset by peer"})
+    )
     err = _job_failure(tmp_path, 1, ["noise", line, "more noise"], 2)  # rank 0's error came second
     assert isinstance(err, DistributedRunError) and "Connection reset" not in str(err)
     assert str(err).startswith("the 2-process job failed") and "rank 1 (local rank 1" in str(err)
@@ -218,9 +254,11 @@ def test_every_phase_matches_one_process_in_float64(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [VARIANTS, ("pretext.method=byol", "bissl.lam_schedule=distance",
-                                              "bissl.solver=cg_layerwise")],
-                         ids=["variants", "byol"])
+@pytest.mark.parametrize(
+    "extra",
+    [VARIANTS, ("pretext.method=byol", "bissl.lam_schedule=distance", "bissl.solver=cg_layerwise")],
+    ids=["variants", "byol"],
+)
 def test_features_match_one_process_in_float64(runs, extra):
     _, one = runs(*F64, *extra, nproc=1)
     _, two = runs(*F64, *extra)

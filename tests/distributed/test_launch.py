@@ -1,5 +1,6 @@
 """The torchrun launcher: a rank that dies, raises or hangs ends the job with a clear message and a
 non-zero exit code instead of hanging; no rank survives the job."""
+
 from __future__ import annotations
 
 import os

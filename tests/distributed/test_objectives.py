@@ -1,5 +1,6 @@
 """The model modules of the pipeline in plain torch: the upper surrogate gives exactly BiSSL's upper
 gradient, and the lower module's EMA target update is BYOL's."""
+
 from __future__ import annotations
 
 import pytest

@@ -13,6 +13,7 @@ parallel; the hypergradient sharded at stages 1 and 3):
 * a run resumed from a checkpoint after stage 1 into models from another initialisation ends
   bit-identical to the uninterrupted run.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -58,8 +59,21 @@ def two_ranks(request, tmp_path_factory):
         pytest.skip(describe_missing("distributed"))
     dtype, shard = CASES[stage]
     out = tmp_path_factory.mktemp(f"zero{stage}")
-    code, log = run_ranks("step_worker.py", "--stage", str(stage), "--dtype", dtype, "--shard", str(shard),
-                          "--out", str(out), "--steps", str(STEPS), "--seed", str(SEED))
+    code, log = run_ranks(
+        "step_worker.py",
+        "--stage",
+        str(stage),
+        "--dtype",
+        dtype,
+        "--shard",
+        str(shard),
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        str(SEED),
+    )
     assert code == 0, f"ZeRO-{stage} job failed (exit {code}):\n{log[-5000:]}"
     return stage, torch.load(out / "result.pt", weights_only=False)
 
@@ -70,8 +84,11 @@ def test_two_ranks_match_one_process_on_the_global_batch(two_ranks, oracle):
     initial, want = oracle[dtype]
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == "float64" else {"rtol": 2e-5, "atol": 2e-6}
     for part in ("lower", "upper"):
-        moved = max((want[part][k] - initial[part][k]).abs().max().item()
-                    for k in want[part] if want[part][k].is_floating_point())
+        moved = max(
+            (want[part][k] - initial[part][k]).abs().max().item()
+            for k in want[part]
+            if want[part][k].is_floating_point()
+        )
         assert moved > 1e-2  # the steps did something the comparison can see
         for k, v in want[part].items():
             torch.testing.assert_close(r["final"][part][k], v, msg=f"ZeRO-{stage} {part}.{k}", **tol)
@@ -84,7 +101,7 @@ def test_copies_identical_on_every_rank(two_ranks):
 
 def test_resume_is_bit_identical(two_ranks):
     stage, r = two_ranks
-    assert r["resumed_rows"] == r["rows"][-len(r["resumed_rows"]):]
+    assert r["resumed_rows"] == r["rows"][-len(r["resumed_rows"]) :]
     for part in ("lower", "upper"):
         for k, v in r["final"][part].items():
             assert torch.equal(r["resumed"][part][k], v), f"ZeRO-{stage} {part}.{k}"

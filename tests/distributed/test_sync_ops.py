@@ -1,6 +1,7 @@
 """SyncBatchNorm, the differentiable collectives and SimCLR's gathered negatives on two gloo ranks
 (tests/distributed/sync_ops_worker.py), against one process on the concatenated global batch in
 float64: values, gradients, HVPs of every kind, running statistics, unequal shards, bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,12 +29,18 @@ def test_loss_gradients_and_hvps_match_the_global_batch(two_rank_result):
     assert r["local_hvp_differs"] > 1e-3
     assert r["grad_norm"] > 1e-2 and r["hvp_norm"] > 1e-2
     assert r["loss_err"] < TOL and r["train_step_loss_err"] < TOL
-    assert set(r["grad_errors"]) >= {"torch.func grad", "module .grad after backward",
-                                     "linearize_hvp revrev .grad"}
+    assert set(r["grad_errors"]) >= {"torch.func grad", "module .grad after backward", "linearize_hvp revrev .grad"}
     for name, err in r["grad_errors"].items():
         assert err < TOL, name
-    assert set(r["hvp_errors"]) >= {"double backward", "torch.func jvp(grad)", "hvp fwdrev", "hvp revrev",
-                                    "hvp autograd", "linearize_hvp revrev", "linearize_hvp fwdrev"}
+    assert set(r["hvp_errors"]) >= {
+        "double backward",
+        "torch.func jvp(grad)",
+        "hvp fwdrev",
+        "hvp revrev",
+        "hvp autograd",
+        "linearize_hvp revrev",
+        "linearize_hvp fwdrev",
+    }
     for name, err in r["hvp_errors"].items():
         assert err < TOL, name
 

@@ -1,6 +1,7 @@
 """SyncBatchNorm and the differentiable collectives in one process: without a process group and
 in a one-rank gloo group they are BatchNorm / the identity, bit for bit; conversion keeps every
 tensor. The two-rank checks are in test_sync_ops.py."""
+
 from __future__ import annotations
 
 import copy
@@ -57,7 +58,8 @@ def _run(bn: nn.Module, x: torch.Tensor, steps: int = 2) -> tuple[list[torch.Ten
 def test_syncbn_is_bit_identical_to_batchnorm_on_one_rank(group_kind, shape, momentum):
     torch.manual_seed(0)
     plain = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](
-        3, momentum=momentum)
+        3, momentum=momentum
+    )
     with torch.no_grad():
         plain.weight.uniform_(0.5, 1.5)
         plain.bias.uniform_(-1, 1)
@@ -81,9 +83,12 @@ def test_syncbn_errors():
 
 def test_convert_keeps_tensors_flags_and_structure():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2),
-                        nn.Sequential(nn.Flatten(), nn.BatchNorm1d(8, affine=False, momentum=None)),
-                        nn.BatchNorm3d(1, track_running_stats=False)).double()
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.Sequential(nn.Flatten(), nn.BatchNorm1d(8, affine=False, momentum=None)),
+        nn.BatchNorm3d(1, track_running_stats=False),
+    ).double()
     net[1].weight.requires_grad_(False)
     net[1](torch.randn(4, 2, 3, 3, dtype=torch.float64))  # move the running statistics
     net[1].eval()
@@ -123,8 +128,10 @@ def test_hvp_leaves_syncbn_buffers_alone_and_matches_batchnorm():
     before = [b.clone() for b in sync.buffers()]
     out = {}
     for name, net in (("plain", plain), ("sync", sync)):
+
         def loss(p, net=net):
             return torch.func.functional_call(net, p, (x,), strict=False).square().sum()
+
         out[name] = hvp(loss, params, v, mode="revrev")
     assert all(torch.equal(a, b) for a, b in zip(before, sync.buffers()))
     assert all(torch.equal(out["plain"][k], out["sync"][k]) for k in params)

@@ -1,4 +1,5 @@
 """The ``deepspeed`` config section: strict validation, and the DeepSpeed JSON it produces."""
+
 from __future__ import annotations
 
 import json
@@ -35,26 +36,32 @@ def test_sharded_hypergrad_defaults_to_zero3():
     assert not _section(zero_stage=3, shard_hypergrad=False).sharded_hypergrad
 
 
-@pytest.mark.parametrize("section, match", [
-    ({"zero_stgae": 1}, "did you mean 'zero_stage'"),
-    ({"zero_stage": 4}, "one of 0, 1, 2, 3"),
-    ({"zero_stage": True}, "must be an integer"),
-    ({"overlap_comm": "yes"}, "true or false"),
-    ({"reduce_bucket_size": 0}, ">= 1"),
-    ({"config": "/nonexistent/ds.json"}, "cannot read"),
-])
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"zero_stgae": 1}, "did you mean 'zero_stage'"),
+        ({"zero_stage": 4}, "one of 0, 1, 2, 3"),
+        ({"zero_stage": True}, "must be an integer"),
+        ({"overlap_comm": "yes"}, "true or false"),
+        ({"reduce_bucket_size": 0}, ">= 1"),
+        ({"config": "/nonexistent/ds.json"}, "cannot read"),
+    ],
+)
 def test_bad_sections_are_refused_with_one_line(section, match):
     with pytest.raises(ConfigError, match=match) as err:
         _section(**section)
     assert "\n" not in str(err.value) and "deepspeed" in str(err.value)
 
 
-@pytest.mark.parametrize("base, match", [
-    ({"fp16": {"enabled": True}}, "float32"),
-    ({"optimizer": {"type": "Adam"}}, "optimizers are torch optimizers"),
-    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
-])
+@pytest.mark.parametrize(
+    "base, match",
+    [
+        ({"fp16": {"enabled": True}}, "float32"),
+        ({"optimizer": {"type": "Adam"}}, "optimizers are torch optimizers"),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
+    ],
+)
 def test_refused_json_sections(tmp_path, base, match):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(base))
@@ -64,8 +71,15 @@ def test_refused_json_sections(tmp_path, base, match):
 
 def test_json_file_is_the_base_and_keys_override(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1234},
-                                "fp16": {"enabled": False}, "steps_per_print": 7}))
+    path.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "reduce_bucket_size": 1234},
+                "fp16": {"enabled": False},
+                "steps_per_print": 7,
+            }
+        )
+    )
     cfg = ds_config(_section(config=str(path), zero_stage=1, allgather_bucket_size=99), clip_norm=None)
     assert cfg["steps_per_print"] == 7 and cfg["gradient_clipping"] == 0.0
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["zero_optimization"]["allgather_bucket_size"] == 99

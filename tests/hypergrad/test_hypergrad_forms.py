@@ -1,4 +1,5 @@
 """implicit_hypergrad and linearize_hvp take θ as a dict, a tuple/list or a flat tensor (float64)."""
+
 from __future__ import annotations
 
 import pytest

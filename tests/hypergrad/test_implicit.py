@@ -1,4 +1,5 @@
 """implicit_hypergrad against the dense IFT formula and a finite-difference bilevel derivative."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,15 @@ def test_matches_dense_formula(make, hvp_mode):
     lam, damping = 0.5, 1.0
     H, expected = _dense_ift(prob, lam, damping)
     assert torch.linalg.eigvalsh(torch.eye(H.shape[0], dtype=F64) + H / (lam + damping)).min() > 0
-    x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, damping=damping,
-                           iters=H.shape[0] + 10, hvp_mode=hvp_mode)
+    x = implicit_hypergrad(
+        prob.lower_loss,
+        prob.upper_loss,
+        prob.params,
+        lam=lam,
+        damping=damping,
+        iters=H.shape[0] + 10,
+        hvp_mode=hvp_mode,
+    )
     assert list(x) == list(prob.params)
     assert _rel(flatten(x), expected) <= 1e-6
 
@@ -64,8 +72,7 @@ def test_ift_equals_finite_difference_of_the_lower_solution():
         return theta
 
     theta_star = lower_solution(phi0)
-    x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, unflatten(theta_star, spec), lam=lam,
-                           iters=60)
+    x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, unflatten(theta_star, spec), lam=lam, iters=60)
     d = torch.randn(len(phi0), dtype=F64)
     d /= d.norm()
     eps = 1e-5
@@ -91,8 +98,9 @@ def test_solvers_selectable_and_identity_is_the_upper_gradient():
     x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, solver="identity")
     assert torch.equal(flatten(x), v)
     _, expected = _dense_ift(prob, 1.0, 20.0)
-    xn = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, damping=20.0,
-                            iters=80, solver="neumann")
+    xn = implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, damping=20.0, iters=80, solver="neumann"
+    )
     assert _rel(flatten(xn), expected) <= 1e-8
 
 
@@ -105,8 +113,9 @@ def test_indefinite_system_raises_by_default_and_reports_with_strict_false():
     lam = abs(lowest) / 4  # I + H/lam has an eigenvalue 1 + lowest/lam = -3 < 0
     with pytest.raises(SolverError, match="negative curvature"):
         implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, iters=40)
-    x, info = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, iters=40,
-                                 strict=False, return_info=True)
+    x, info = implicit_hypergrad(
+        prob.lower_loss, prob.upper_loss, prob.params, lam=lam, iters=40, strict=False, return_info=True
+    )
     assert bool(info.negative_curvature) and torch.isfinite(flatten(x)).all()
 
 

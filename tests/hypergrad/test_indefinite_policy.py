@@ -1,4 +1,5 @@
 """implicit_hypergrad's on_indefinite policies × strict on a model whose I + H/λ is indefinite."""
+
 from __future__ import annotations
 
 import warnings
@@ -55,8 +56,12 @@ def test_indefinite_system_never_yields_an_unflagged_answer(indefinite, policy, 
     assert not (policy == "raise" and strict), "the default policy must raise"
     summary = info.summary()
     assert summary["indefinite"], "an indefinite system was returned without the indefinite flag"
-    expected_action = {"raise": "none", "warn": "warned", "fallback": "fallback:minres",
-                       "adaptive_damping": "adaptive_damping"}[policy]
+    expected_action = {
+        "raise": "none",
+        "warn": "warned",
+        "fallback": "fallback:minres",
+        "adaptive_damping": "adaptive_damping",
+    }[policy]
     assert summary["action"] == expected_action
     if policy in ("raise", "warn"):  # CG's answer kept: its own flags must condemn it
         assert bool(info.negative_curvature) and info.problems()

@@ -1,4 +1,5 @@
 """The faithful authors' loop: same iterates as our solvers (without the guard) and the authors' work."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,16 +34,16 @@ def _mvp(A, spec):
 def test_global_path_takes_cg_iterates_without_the_guard(iters):
     A, b, spec = _system()
     ours = cg_solve(lambda v: A @ v, b, iters=iters).x
-    theirs = authors_cg_solver(_mvp(A, spec), as_form(b.clone(), spec, "tuple"), iters=iters, layerwise=False,
-                               guard=None)
+    theirs = authors_cg_solver(
+        _mvp(A, spec), as_form(b.clone(), spec, "tuple"), iters=iters, layerwise=False, guard=None
+    )
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in theirs]), ours, rtol=1e-12, atol=1e-14)
 
 
 def test_layerwise_path_takes_layerwise_cg_iterates_without_the_guard():
     A, b, spec = _system(1)
     ours = cg_layerwise_solve(_mvp(A, spec), as_form(b.clone(), spec, "tuple"), iters=4).x
-    theirs = authors_cg_solver(_mvp(A, spec), as_form(b.clone(), spec, "tuple"), iters=4, layerwise=True,
-                               guard=None)
+    theirs = authors_cg_solver(_mvp(A, spec), as_form(b.clone(), spec, "tuple"), iters=4, layerwise=True, guard=None)
     for a, t in zip(ours, theirs):
         torch.testing.assert_close(t, a, rtol=1e-11, atol=1e-13)
 
@@ -80,6 +81,5 @@ def test_reference_hypergradient_matches_ours_on_a_cnn_without_the_guard():
     kw = dict(lam=0.5, damping=1.0, iters=5)
     for solver, layerwise in (("cg", False), ("cg_layerwise", True)):
         ours = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver=solver, **kw)
-        ref = reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, layerwise=layerwise,
-                                  guard=None, **kw)
+        ref = reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, layerwise=layerwise, guard=None, **kw)
         torch.testing.assert_close(flatten(ref), flatten(ours), rtol=1e-10, atol=1e-12, msg=solver)

@@ -1,4 +1,5 @@
 """argmin / custom_argmin against the dense IFT formula, BiSSL's hypergradient and finite differences."""
+
 from __future__ import annotations
 
 import warnings
@@ -29,11 +30,13 @@ def _dense_ift(objective, theta_flat, etas, g):
         w = torch.linalg.solve(A, g)
         out = []
         for j, eta in enumerate(etas):
+
             def grad_theta(e, j=j):
                 args = list(etas)
                 args[j] = e
                 t = theta_flat.detach().requires_grad_(True)
                 return torch.autograd.grad(objective(t, *args), t, create_graph=True)[0]
+
             jac = torch.autograd.functional.jacobian(grad_theta, eta.detach())  # (P, *eta.shape)
             out.append(-(jac.reshape(len(theta_flat), -1).T @ w).reshape(eta.shape))
     return A, out
@@ -59,14 +62,15 @@ def small_mlp():
     return mlp_problem(batch=6, dim=3, hidden=3)  # 24 parameters: exact solves stay cheap
 
 
-
-
 CASES = [(small_mlp, mode, "cg", "dict") for mode in HVP_MODES] + [
-    (small_mlp, "revrev", "minres", "tensor"), (small_mlp, "fwdrev", "cg", "tensor")]
+    (small_mlp, "revrev", "minres", "tensor"),
+    (small_mlp, "fwdrev", "cg", "tensor"),
+]
 
 
-@pytest.mark.parametrize("make, hvp_mode, solver, form", CASES,
-                         ids=[f"{m.__name__}-{h}-{s}-{f}" for m, h, s, f in CASES])
+@pytest.mark.parametrize(
+    "make, hvp_mode, solver, form", CASES, ids=[f"{m.__name__}-{h}-{s}-{f}" for m, h, s, f in CASES]
+)
 def test_matches_dense_ift_formula(make, hvp_mode, solver, form):
     prob, spec, phi0, s0, objective = _general_problem(make)
     theta_hat = flatten(prob.params).detach()
@@ -78,8 +82,9 @@ def test_matches_dense_ift_formula(make, hvp_mode, solver, form):
     s = s0.clone().requires_grad_(True)
     if form == "dict":
         phi_arg = {k: t.clone().requires_grad_(True) for k, t in unflatten(phi0, spec).items()}
-        star = argmin(objective, unflatten(theta_hat, spec), phi_arg, s, solver=solver,
-                      iters=spec.numel + 10, hvp_mode=hvp_mode)
+        star = argmin(
+            objective, unflatten(theta_hat, spec), phi_arg, s, solver=solver, iters=spec.numel + 10, hvp_mode=hvp_mode
+        )
         assert isinstance(star, dict) and list(star) == list(spec.names)
         prob.upper_loss(star).backward()
         got_phi = flatten({k: t.grad for k, t in phi_arg.items()}, spec)
@@ -130,8 +135,7 @@ def test_bissl_proximal_problem_is_a_special_case(damping, iters):
     (prob.upper_loss(star) + gamma * prob.upper_loss(phi)).backward()
 
     x = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, damping=damping, iters=iters)
-    x_ref = reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, damping=damping,
-                                iters=iters)
+    x_ref = reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=lam, damping=damping, iters=iters)
     leaves = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
     direct = dict(zip(leaves, torch.autograd.grad(prob.upper_loss(leaves), tuple(leaves.values()))))
     got = flatten({k: phi[k].grad - gamma * direct[k] for k in phi})
@@ -139,8 +143,9 @@ def test_bissl_proximal_problem_is_a_special_case(damping, iters):
     # The reference's +1e-12 CG denominators move its answer by up to ~1e-6 relative (docs/method.md).
     assert _rel(got, lam / (lam + damping) * flatten(x_ref)) <= 1e-5
     # The head is not in F: its gradient is the ordinary one of both upper terms.
-    head_grads = torch.autograd.grad(prob.upper_loss(prob.params) + gamma * prob.upper_loss(leaves),
-                                     tuple(head.parameters()))
+    head_grads = torch.autograd.grad(
+        prob.upper_loss(prob.params) + gamma * prob.upper_loss(leaves), tuple(head.parameters())
+    )
     for p, want in zip(head.parameters(), head_grads):
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=0)
 
@@ -173,8 +178,10 @@ def test_dict_theta_and_dict_hyperparameters_match_finite_differences():
     def val(theta):
         return F.binary_cross_entropy_with_logits(Xv @ theta["w"] + theta["b"], yv)
 
-    hyper = {"log_l2": torch.tensor([-1.0, 0.0, 0.5, -2.0], dtype=F64, requires_grad=True),
-             "centre": torch.tensor([0.2, -0.1, 0.0, 0.3], dtype=F64, requires_grad=True)}
+    hyper = {
+        "log_l2": torch.tensor([-1.0, 0.0, 0.5, -2.0], dtype=F64, requires_grad=True),
+        "centre": torch.tensor([0.2, -0.1, 0.0, 0.3], dtype=F64, requires_grad=True),
+    }
     seen = []
 
     @custom_argmin(objective, iters=10, on_solve=seen.append)
@@ -229,8 +236,10 @@ def test_adaptive_damping_solves_a_more_damped_system():
     c = torch.arange(1.0, 7.0, dtype=F64)
     infos = []
     eta = eta0.clone().requires_grad_(True)
-    (c @ argmin(objective, theta, eta, iters=12, damping=0.1, on_indefinite="adaptive_damping",
-                on_solve=infos.append)).backward()
+    (
+        c
+        @ argmin(objective, theta, eta, iters=12, damping=0.1, on_indefinite="adaptive_damping", on_solve=infos.append)
+    ).backward()
     d = infos[0].damping_used
     assert infos[0].action == "adaptive_damping" and d > 2.0  # past −λ_min(M) = 2
     assert _rel(eta.grad, torch.linalg.solve(M + d * torch.eye(6, dtype=F64), c)) <= 1e-8

@@ -38,11 +38,7 @@ def backend_params(kernels_only: bool = False) -> list:
             continue
         status = _backends.backend_status(name)
         runs_here = name == "torch" or (status.available and "cpu" in status.devices)
-        marks = (
-            ()
-            if runs_here
-            else pytest.mark.skip(reason=f"{name} backend unavailable on CPU: {status.detail}")
-        )
+        marks = () if runs_here else pytest.mark.skip(reason=f"{name} backend unavailable on CPU: {status.detail}")
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -80,12 +76,8 @@ def assert_within_reference_error(
     err = (got.double() - exact_t).abs().max().item()
     ref_err = (torch_same_precision.double() - exact_t).abs().max().item()
     floor = 2 * torch.finfo(got.dtype).eps * magnitude
-    assert got.dtype == torch_same_precision.dtype, (
-        f"{what}: dtype {got.dtype} != {torch_same_precision.dtype}"
-    )
-    assert err <= 2 * ref_err + floor, (
-        f"{what}: error {err:.3e} exceeds 2 x torch's {ref_err:.3e} + floor {floor:.3e}"
-    )
+    assert got.dtype == torch_same_precision.dtype, f"{what}: dtype {got.dtype} != {torch_same_precision.dtype}"
+    assert err <= 2 * ref_err + floor, f"{what}: error {err:.3e} exceeds 2 x torch's {ref_err:.3e} + floor {floor:.3e}"
 
 
 def non_contiguous(t: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
 """Closed-form tanh/relu/silu/softmax double backwards vs stock autograd and dense Hessians (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,15 +14,19 @@ from bissl.testing import dense_hessian
 
 F64 = torch.float64
 STOCK = {"tanh": torch.tanh, "relu": torch.relu, "silu": F.silu, "softmax": lambda x: torch.softmax(x, -1)}
-OURS = {"tanh": lambda x: activation(x, "tanh"), "relu": lambda x: activation(x, "relu"),
-        "silu": lambda x: activation(x, "silu"), "softmax": lambda x: softmax(x, -1)}
+OURS = {
+    "tanh": lambda x: activation(x, "tanh"),
+    "relu": lambda x: activation(x, "relu"),
+    "silu": lambda x: activation(x, "silu"),
+    "softmax": lambda x: softmax(x, -1),
+}
 
 
 def _double_backward(f, x, gy, u):
     """``(∂/∂x, ∂/∂gy)`` of ``⟨u, gx⟩`` where ``gx = ∂⟨gy, f(x)⟩/∂x`` (built with create_graph)."""
     x = x.clone().requires_grad_(True)
     gy = gy.clone().requires_grad_(True)
-    gx, = torch.autograd.grad(f(x), x, gy, create_graph=True)
+    (gx,) = torch.autograd.grad(f(x), x, gy, create_graph=True)
     return torch.autograd.grad(gx, (x, gy), u, allow_unused=True)
 
 
@@ -32,8 +37,12 @@ def test_first_and_second_derivatives_equal_autograd(name):
     torch.testing.assert_close(OURS[name](x), STOCK[name](x), rtol=0, atol=0)  # same kernel
     xs = x.clone().requires_grad_(True)
     xo = x.clone().requires_grad_(True)
-    torch.testing.assert_close(torch.autograd.grad(OURS[name](xo), xo, gy)[0],
-                               torch.autograd.grad(STOCK[name](xs), xs, gy)[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(OURS[name](xo), xo, gy)[0],
+        torch.autograd.grad(STOCK[name](xs), xs, gy)[0],
+        rtol=1e-14,
+        atol=0,
+    )
     ours = _double_backward(OURS[name], x, gy, u)
     stock = _double_backward(STOCK[name], x, gy, u)
     for a, b, what in zip(ours, stock, ("d/dx", "d/dgy")):
@@ -46,7 +55,7 @@ def test_first_and_second_derivatives_equal_autograd(name):
 
 def test_third_derivatives_are_refused():
     x = torch.randn(4, dtype=F64, requires_grad=True)
-    gx, = torch.autograd.grad(activation(x, "tanh").sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(activation(x, "tanh").sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="third derivatives"):
         torch.autograd.grad(gx.sum(), x, create_graph=True)
 
@@ -72,6 +81,7 @@ def _problem():
 
     def loss(p):
         return (torch.func.functional_call(net, p, (x,)) ** 2).sum().sin()
+
     return loss, params
 
 

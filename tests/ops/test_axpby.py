@@ -32,9 +32,7 @@ def test_axpby_matches_reference(backend, dtype, size):
     out = axpby(A, x, B, y, backend=backend)
 
     assert out.shape == (n,) and out.dtype == dtype
-    assert_within_reference_error(
-        "axpby", out, axpby_ref(A, x, B, y), exact, exact.abs().max().item()
-    )
+    assert_within_reference_error("axpby", out, axpby_ref(A, x, B, y), exact, exact.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", backend_params())

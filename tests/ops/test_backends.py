@@ -42,18 +42,14 @@ def _simulate_missing_cpp(monkeypatch):
     _backends._reset_for_tests()
 
 
-@pytest.mark.skipif(
-    os.environ.get("BISSL_NO_EXT") == "1", reason="BISSL_NO_EXT=1: the extension is off on purpose"
-)
+@pytest.mark.skipif(os.environ.get("BISSL_NO_EXT") == "1", reason="BISSL_NO_EXT=1: the extension is off on purpose")
 @pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None,
     reason="no C++ compiler: setup.py skips the extension",
 )
 def test_cpp_extension_is_built_and_chosen_on_cpu():
     status = _backends.backend_status("cpp")
-    assert status.available, (
-        f"setup.py should have built bissl._C (reinstall the package): {status.detail}"
-    )
+    assert status.available, f"setup.py should have built bissl._C (reinstall the package): {status.detail}"
     assert resolve_backend(None, "cpu") == "cpp"
     assert all(_library.has_device_kernel(op, "CPU") for op in _library.OP_NAMES)
 
@@ -98,8 +94,11 @@ def test_a_broken_kernel_module_fails_loudly(monkeypatch):
 
     monkeypatch.setattr(_backends.importlib, "import_module", import_module)
     _backends._reset_for_tests()
-    with pytest.raises(KernelModuleError, match=r"bissl\.kernels\.cg_step does not import although "
-                                                r"triton does \(SyntaxError: invalid syntax"):
+    with pytest.raises(
+        KernelModuleError,
+        match=r"bissl\.kernels\.cg_step does not import although "
+        r"triton does \(SyntaxError: invalid syntax",
+    ):
         _backends.backend_status("triton")
 
 
@@ -107,9 +106,7 @@ def test_environment_variable_forces_a_backend_and_the_argument_wins(monkeypatch
     monkeypatch.setenv("BISSL_BACKEND", "torch")
     assert resolve_backend(None, "cpu") == "torch"
     assert cg_vector_ops(None, "cpu").name == "torch"
-    assert (
-        resolve_backend("auto", "cpu") != "torch" or not _backends.backend_status("cpp").available
-    )
+    assert resolve_backend("auto", "cpu") != "torch" or not _backends.backend_status("cpp").available
     monkeypatch.setenv("BISSL_BACKEND", " Torch ")
     assert resolve_backend(None, "cpu") == "torch"
 
@@ -131,9 +128,7 @@ def test_unknown_backend_is_a_value_error(monkeypatch):
 
 
 def test_explicit_unavailable_backend_raises_naming_it_and_why(monkeypatch):
-    with pytest.raises(
-        BackendUnavailableError, match=r"backend 'cuda' was requested \(backend='cuda'\).*CUDA"
-    ):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' was requested \(backend='cuda'\).*CUDA"):
         resolve_backend("cuda", "cpu")
     _simulate_missing_cpp(monkeypatch)
     x = torch.randn(8)
@@ -163,9 +158,7 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     x, r, p, ap = (torch.randn(101, dtype=torch.float64) for _ in range(4))
     alpha = torch.tensor(0.5, dtype=torch.float64)
     x_ref, r_ref = x.clone(), r.clone()
-    with pytest.warns(
-        RuntimeWarning, match=r"fall back to the 'torch' backend \(cpp: bissl\._C is not built"
-    ):
+    with pytest.warns(RuntimeWarning, match=r"fall back to the 'torch' backend \(cpp: bissl\._C is not built"):
         rr = cg_step_(x, r, p, ap, alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
@@ -226,7 +219,5 @@ def test_without_the_extension_the_dispatcher_runs_the_reference():
     )
     env = {**os.environ, "BISSL_NO_EXT": "1"}
     env.pop("BISSL_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
 """The HVP BatchNorm policy: no crash in train mode, buffers untouched, batch statistics used."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,9 +27,11 @@ def test_train_mode_batchnorm_buffers_untouched(mode, through_functional_call):
     params = {k: p.detach().clone() for k, p in net.named_parameters()}
 
     if through_functional_call:
+
         def loss(p):
             return functional_call(net, p, (x,)).pow(2).sum()
     else:
+
         def loss(p):  # a closure that ignores p except through a live module is legal too
             return (functional_call(net, p, (x,)) * net(x).detach()).sum()
 
@@ -64,6 +67,7 @@ def test_eval_mode_batchnorm_uses_running_stats():
 
 def test_problem_backbone_buffers_untouched_by_hypergradient_solve():
     from bissl.hypergrad import implicit_hypergrad
+
     prob = cnn_problem()
     before = _buffers(prob.backbone)
     implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=1.0, damping=10.0, iters=3)

@@ -42,9 +42,7 @@ def test_cg_direction_takes_beta_of_another_dtype(backend):
     p, r = randn(100, torch.float32), randn(100, torch.float32)
     beta = torch.tensor(0.3, dtype=torch.float64)
     expected = r + torch.tensor(0.3, dtype=torch.float32) * p
-    torch.testing.assert_close(
-        cg_direction_(p, r, beta, backend=backend), expected, rtol=1.2e-7, atol=1e-7
-    )
+    torch.testing.assert_close(cg_direction_(p, r, beta, backend=backend), expected, rtol=1.2e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -59,6 +57,4 @@ def test_cg_direction_rejects_bad_layouts(backend):
 
 def test_cg_direction_opcheck():
     p, r = randn(37, torch.float64), randn(37, torch.float64)
-    torch.library.opcheck(
-        _library.dispatcher_op("cg_direction_").default, (p, r, step_size(torch.float64))
-    )
+    torch.library.opcheck(_library.dispatcher_op("cg_direction_").default, (p, r, step_size(torch.float64)))

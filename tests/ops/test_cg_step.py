@@ -72,15 +72,9 @@ def test_cg_step_is_deterministic(backend):
         xs, rs = x.clone(), r.clone()
         results.append((cg_step_(xs, rs, p, ap, alpha, backend=backend), xs, rs))
     for rr, xs, rs in results[1:]:
-        assert (
-            torch.equal(rr, results[0][0])
-            and torch.equal(xs, results[0][1])
-            and torch.equal(rs, results[0][2])
-        )
+        assert torch.equal(rr, results[0][0]) and torch.equal(xs, results[0][1]) and torch.equal(rs, results[0][2])
 
 
 def test_cg_step_opcheck():
     x, r, p, ap = (randn(37, torch.float64) for _ in range(4))
-    torch.library.opcheck(
-        _library.dispatcher_op("cg_step_").default, (x, r, p, ap, step_size(torch.float64))
-    )
+    torch.library.opcheck(_library.dispatcher_op("cg_step_").default, (x, r, p, ap, step_size(torch.float64)))

@@ -25,9 +25,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "compile_check.
 )
 def test_cuda_sources_compile():
     env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(
-        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("cuda-check: ok")]
     n_cu = len(list(SCRIPT.parent.glob("*.cu")))

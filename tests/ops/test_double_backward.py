@@ -1,5 +1,6 @@
 """The closed-form second derivatives of conv2d, train-mode BatchNorm, gelu and layer_norm vs
 numerical second derivatives and stock autograd (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,11 +55,10 @@ def test_first_layer_input_gradient_is_skipped_not_wrong():
         ctx = ConvFastDoubleBackward() if fast else torch.enable_grad()
         with ctx:
             y = F.conv2d(x, w, None, 1, 1)
-        g, = torch.autograd.grad((y.tanh() ** 2).sum(), w, create_graph=True)
+        (g,) = torch.autograd.grad((y.tanh() ** 2).sum(), w, create_graph=True)
         return torch.autograd.grad(g, w, v)[0]
 
     torch.testing.assert_close(hv(True), hv(False), rtol=1e-12, atol=1e-12)
-
 
 
 def _hvps(ours, stock, inputs):
@@ -69,8 +69,9 @@ def _hvps(ours, stock, inputs):
     c = torch.randn(stock(*inputs).shape, dtype=F64)
     tangents = tuple(torch.randn_like(t) for t in inputs)
     argnums = tuple(range(len(inputs)))
-    expected = torch.func.jvp(torch.func.grad(lambda *a: (c * torch.tanh(stock(*a))).sum(), argnums),
-                              inputs, tangents)[1]
+    expected = torch.func.jvp(torch.func.grad(lambda *a: (c * torch.tanh(stock(*a))).sum(), argnums), inputs, tangents)[
+        1
+    ]
     loss = lambda *a: (c * torch.tanh(ours(*a))).sum()  # noqa: E731
     with fwAD.dual_level():
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -95,8 +96,11 @@ def test_gelu_second_derivatives(approximate):
     torch.testing.assert_close(revrev[0], expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,normalized,affine", [((3, 4, 5), (5,), True), ((3, 2, 3), (2, 3), True),
-                                                     ((4, 5), (5,), False)], ids=["row", "two-dims", "plain"])
+@pytest.mark.parametrize(
+    "shape,normalized,affine",
+    [((3, 4, 5), (5,), True), ((3, 2, 3), (2, 3), True), ((4, 5), (5,), False)],
+    ids=["row", "two-dims", "plain"],
+)
 def test_layer_norm_second_derivatives(shape, normalized, affine):
     x = torch.randn(*shape, dtype=F64)
     w = torch.rand(normalized, dtype=F64) + 0.5
@@ -119,7 +123,7 @@ def test_gelu_and_layer_norm_refuse_a_third_derivative():
     would be silently wrong, so it raises."""
     x = torch.randn(3, 5, dtype=F64, requires_grad=True)
     for op in (lambda t: gelu(t), lambda t: layer_norm(t, (5,))):
-        g, = torch.autograd.grad(op(x).pow(2).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(op(x).pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="third derivatives"):
             torch.autograd.grad((g * g).sum(), x, create_graph=True)
 

@@ -34,9 +34,7 @@ def test_module_parameters_become_views_of_one_buffer():
 
     buffer, spec = flatten_module_parameters_(net)
 
-    assert (
-        list(net.parameters()) == params_before
-    )  # same Parameter objects (optimizers keep working)
+    assert list(net.parameters()) == params_before  # same Parameter objects (optimizers keep working)
     assert buffer.dim() == 1 and buffer.numel() == sum(p.numel() for p in net.parameters())
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)
     item = buffer.element_size()
@@ -53,11 +51,7 @@ def test_dict_and_flat_convert_without_copies():
     params = dict(net.named_parameters())
 
     flat = flat_view(params, spec)
-    assert (
-        flat.data_ptr() == buffer.data_ptr()
-        and flat.shape == buffer.shape
-        and not flat.requires_grad
-    )
+    assert flat.data_ptr() == buffer.data_ptr() and flat.shape == buffer.shape and not flat.requires_grad
     views = unflatten(buffer, spec)
     assert all(views[k].data_ptr() == params[k].data_ptr() for k in spec.names)
     detached = {k: v.detach() for k, v in params.items()}

@@ -1,4 +1,5 @@
 """HVPs in every mode against the dense Hessian and finite differences (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,11 +54,13 @@ def test_hvp_matches_central_finite_differences(problem):
 
     def grad_at(t):
         from bissl.hypergrad import upper_gradient
+
         return upper_gradient(prob.lower_loss, unflatten(t, spec))[1]
 
     eps = 1e-5
     with torch.no_grad():
         from bissl.ops import batchnorm_stats_frozen
+
         with batchnorm_stats_frozen():
             fd = (grad_at(theta + eps * v) - grad_at(theta - eps * v)) / (2 * eps)
     got = flatten(hvp(prob.lower_loss, prob.params, unflatten(v, spec)))
@@ -144,8 +147,9 @@ def test_transformer_hvp_every_mode_and_the_fast_gelu_layernorm_path():
     fd = _central_difference_hvp(prob.lower_loss, prob.params, v)
     results = {mode: flatten(hvp(prob.lower_loss, prob.params, v, mode=mode)) for mode in HVP_MODES}
     for fast in (True, False):
-        results[f"linearized-fast={fast}"] = linearize_hvp(prob.lower_loss, prob.params,
-                                                           fast_gelu_layernorm=fast)(flatten(v))
+        results[f"linearized-fast={fast}"] = linearize_hvp(prob.lower_loss, prob.params, fast_gelu_layernorm=fast)(
+            flatten(v)
+        )
     ref = results["autograd"]
     assert _rel(ref, fd) <= 1e-7
     for name, got in results.items():
@@ -170,7 +174,7 @@ def test_graph_only_weight_gradients_do_not_leak_into_a_loss_that_takes_gradient
 
     def loss_fn(p):
         inner = torch.nn.functional.conv2d(x, p["net.0.weight"], padding=1).tanh().sum()
-        g_w, = torch.autograd.grad(inner, p["net.0.weight"], create_graph=True)
+        (g_w,) = torch.autograd.grad(inner, p["net.0.weight"], create_graph=True)
         return prob.lower_loss(p) * g_w.detach().norm()
 
     v = flatten(_random_like(prob.params))

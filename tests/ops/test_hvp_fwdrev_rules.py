@@ -1,5 +1,6 @@
 """Forward-over-reverse rules (division by a number, cross_entropy) and the FastSecondOrder mode:
 bit-identical values, HVPs equal to torch.func's on the stock ops (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,11 @@ def _check(loss_fn, params):
         torch.testing.assert_close(got[k], expected[k], rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1},
-                                    {"weight": "w"}], ids=["mean", "sum", "none", "ignore_index", "weight"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1}, {"weight": "w"}],
+    ids=["mean", "sum", "none", "ignore_index", "weight"],
+)
 def test_cross_entropy_rule(kwargs):
     x = torch.randn(6, 5, dtype=F64)
     target = torch.tensor([0, 1, 4, 2, 1, 3])

@@ -1,4 +1,5 @@
 """The rerouted ``linear`` and channels-last convolutions: same derivatives as autograd (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,11 +54,11 @@ def test_graph_only_weight_gradient_is_zero_but_keeps_the_second_derivative():
     w = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
     policy = WeightGradPolicy()
     with policy.graph_only():
-        gw, = torch.autograd.grad(reroute_linear((x, w), {}, policy).tanh().sum(), w, create_graph=True)
+        (gw,) = torch.autograd.grad(reroute_linear((x, w), {}, policy).tanh().sum(), w, create_graph=True)
     assert not bool(gw.any())
     v = torch.randn(3, 4, generator=g, dtype=F64)
-    hv, = torch.autograd.grad(gw, w, v)
-    stock_gw, = torch.autograd.grad(F.linear(x, w).tanh().sum(), w, create_graph=True)
+    (hv,) = torch.autograd.grad(gw, w, v)
+    (stock_gw,) = torch.autograd.grad(F.linear(x, w).tanh().sum(), w, create_graph=True)
     torch.testing.assert_close(hv, torch.autograd.grad(stock_gw, w, v)[0], rtol=1e-12, atol=1e-14)
 
 
@@ -67,8 +68,9 @@ def test_linearized_hvp_with_every_route_matches_the_dense_hessian(make, channel
     prob = make()
     H = dense_hessian(prob.lower_loss, prob.params)
     op = linearize_hvp(prob.lower_loss, prob.params, need_grad=False, channels_last=channels_last)
-    stock = linearize_hvp(prob.lower_loss, prob.params, fast_linear=False, fast_conv=False, fast_bn=False,
-                          fast_activations=False)
+    stock = linearize_hvp(
+        prob.lower_loss, prob.params, fast_linear=False, fast_conv=False, fast_bn=False, fast_activations=False
+    )
     g = torch.Generator().manual_seed(2)
     for _ in range(2):
         v = torch.randn(H.shape[0], generator=g, dtype=F64)
@@ -88,7 +90,7 @@ def test_channels_last_convolution_keeps_values_and_weight_layout():
     _, sw = torch.autograd.grad(F.conv2d(x, w, None, 1, 1).square().sum(), (x, w), create_graph=True)
     torch.testing.assert_close(gw, sw, rtol=1e-12, atol=1e-12)
     v = torch.randn(w.shape, generator=g, dtype=F64)
-    hv, = torch.autograd.grad(gw, w, v)
+    (hv,) = torch.autograd.grad(gw, w, v)
     assert hv.is_contiguous()  # weight-shaped results come back in the weight's own layout
     torch.testing.assert_close(hv, torch.autograd.grad(sw, w, v)[0], rtol=1e-12, atol=1e-12)
     net = nn.Conv2d(3, 4, 3).double()

@@ -38,11 +38,7 @@ def test_values_at_key_steps():
 
 def test_no_warmup_starts_at_base():
     lrs = _lrs(total=10, warmup=0, final=0.0, steps=11)
-    assert (
-        lrs[0] == pytest.approx(0.2)
-        and lrs[5] == pytest.approx(0.1)
-        and lrs[10] == pytest.approx(0.0)
-    )
+    assert lrs[0] == pytest.approx(0.2) and lrs[5] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.0)
 
 
 def test_resume_from_state_dict_continues_identically():

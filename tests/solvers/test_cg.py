@@ -1,4 +1,5 @@
 """CG (global and layer-wise), Neumann and identity against dense float64 solves; failure paths."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,6 +60,7 @@ def test_cg_on_dicts_returns_dicts_and_does_not_alias_b():
 
 def _spec(d):
     from bissl.ops import flat_spec
+
     return flat_spec(d)
 
 
@@ -158,9 +160,18 @@ def test_layerwise_cg_single_block_equals_global_cg():
 def test_layerwise_cg_matches_the_reference_loop_on_a_model():
     """Per-tensor α/β exactly as the reference code's layer-wise CG."""
     from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
+
     prob = mlp_problem()
-    ours = implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=0.5, damping=0.0,
-                              iters=4, solver="cg_layerwise", strict=False)
+    ours = implicit_hypergrad(
+        prob.lower_loss,
+        prob.upper_loss,
+        prob.params,
+        lam=0.5,
+        damping=0.0,
+        iters=4,
+        solver="cg_layerwise",
+        strict=False,
+    )
     ref = reference_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, lam=0.5, iters=4, layerwise=True)
     # The reference adds 1e-12 to its denominators; that alone moves x by ~1e-9 here.
     assert _rel(flatten(ours), flatten(ref)) <= 1e-7

@@ -43,10 +43,7 @@ def test_every_backend_takes_the_same_iterates():
         why = "; ".join(f"{n}: {_backends.backend_status(n).detail}" for n in ("cpp", "triton"))
         pytest.skip(f"no compiled or Triton backend runs on CPU here ({why})")
     a, b = _spd_system(257, cond=1e3)
-    runs = {
-        name: cg_solve(lambda v: a @ v, b, iters=5, backend=name)
-        for name in _backends.available_backends("cpu")
-    }
+    runs = {name: cg_solve(lambda v: a @ v, b, iters=5, backend=name) for name in _backends.available_backends("cpu")}
     ref = runs["torch"]
     for name, res in runs.items():
         # Five iterations from x0 = 0 (the BiSSL setting): far from converged, so any difference in

@@ -1,4 +1,5 @@
 """Ritz estimates from CG's own α/β: against explicit Krylov projections and the dense spectrum."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,9 +94,11 @@ def test_breakdown_on_the_first_direction():
 
 def test_no_estimate_without_iterations():
     A = torch.eye(3, dtype=F64)
-    for res in (cg_solve(lambda v: A @ v, torch.ones(3, dtype=F64), iters=0),
-                cg_solve(lambda v: A @ v, torch.zeros(3, dtype=F64), iters=4),
-                cg_layerwise_solve(lambda v: A @ v, torch.ones(3, dtype=F64), iters=3)):
+    for res in (
+        cg_solve(lambda v: A @ v, torch.ones(3, dtype=F64), iters=0),
+        cg_solve(lambda v: A @ v, torch.zeros(3, dtype=F64), iters=4),
+        cg_layerwise_solve(lambda v: A @ v, torch.ones(3, dtype=F64), iters=3),
+    ):
         assert torch.isnan(res.ritz_min) and torch.isnan(res.ritz_max)
         assert not bool(res.indefinite)
 
@@ -137,8 +140,7 @@ def test_reading_estimates_on_cpu_makes_no_host_sync(solve):
     b = torch.randn(8, dtype=F64)
     res, calls = _forbid_sync(lambda: solve(lambda v: A @ v, b, iters=5))
     assert calls == []
-    (lo, _, _, ind), calls = _forbid_sync(
-        lambda: (res.ritz_min, res.ritz_max, res.condition_estimate, res.indefinite))
+    (lo, _, _, ind), calls = _forbid_sync(lambda: (res.ritz_min, res.ritz_max, res.condition_estimate, res.indefinite))
     assert calls == [] and lo.dim() == 0 and ind.dtype == torch.bool
 
 

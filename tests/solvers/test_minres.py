@@ -1,4 +1,5 @@
 """MINRES against dense float64 solves on indefinite systems, its minimal-residual property, flags."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Neumann series: the Lanczos-chosen step converges where the classic step 1 diverges
 (‖H‖ > λ + damping), against dense float64 solves and the series written out densely."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,8 +29,7 @@ def _system(n: int = 30, top: float = 80.0, seed: int = 0):
 
 
 def _solve(H, b, iters, **kw):
-    return neumann_solve(lambda v: H @ v, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0,
-                         **kw)
+    return neumann_solve(lambda v: H @ v, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0, **kw)
 
 
 def _series(M: torch.Tensor, b: torch.Tensor, eta: float, terms: int) -> torch.Tensor:
@@ -106,8 +106,7 @@ def test_zero_rhs_and_invariant_krylov_space():
 
 def test_dict_and_float32_inputs():
     H, M, b = _system(n=10, top=40.0)
-    res = neumann_solve(lambda v: {"w": H @ v["w"]}, {"w": b}, iters=300, scale=1 / LAM_PLUS_DAMP,
-                        damping=1.0)
+    res = neumann_solve(lambda v: {"w": H @ v["w"]}, {"w": b}, iters=300, scale=1 / LAM_PLUS_DAMP, damping=1.0)
     assert _rel(res.x["w"], torch.linalg.solve(M, b)) <= 1e-10
     H32, b32 = H.float(), b.float()
     res32 = neumann_solve(lambda v: H32 @ v, b32, iters=300, scale=1 / LAM_PLUS_DAMP, damping=1.0)
@@ -115,8 +114,9 @@ def test_dict_and_float32_inputs():
     assert _rel(res32.x.double(), torch.linalg.solve(M, b)) <= 1e-5
 
 
-@pytest.mark.parametrize("kw, match", [({"step": 0.0}, "step"), ({"lanczos_steps": -1}, "lanczos"),
-                                       ({"iters": -1}, "iters")])
+@pytest.mark.parametrize(
+    "kw, match", [({"step": 0.0}, "step"), ({"lanczos_steps": -1}, "lanczos"), ({"iters": -1}, "iters")]
+)
 def test_bad_arguments(kw, match):
     H, _, b = _system(n=4)
     args = {"iters": 3, **kw}
@@ -133,6 +133,5 @@ def test_matvec_count_is_that_of_the_plain_series(iters, lanczos_steps):
         calls.append(1)
         return H @ v
 
-    neumann_solve(mv, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0,
-                  lanczos_steps=lanczos_steps)
+    neumann_solve(mv, b, iters=iters, scale=1 / LAM_PLUS_DAMP, damping=1.0, lanczos_steps=lanczos_steps)
     assert len(calls) == iters - 1

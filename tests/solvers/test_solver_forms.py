@@ -3,6 +3,7 @@
 The caller's matvec must be fed views of the solver's own flat buffer (no copy), and its result
 may come in any form; the answer comes back in the right-hand side's form.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,6 +44,7 @@ def _matvec(A, spec, out_form: str, seen: list | None = None):
             seen.append(v)
         av = A @ _to_flat(v)
         return av if out_form == "flat" else as_form(av.clone(), spec, out_form)
+
     return mv
 
 
@@ -69,16 +71,19 @@ def test_same_answer_for_every_input_and_matvec_form(name):
         assert type(res.x) is type(rhs), (b_form, type(res.x))
         if b_form == "dict":
             assert list(res.x) == list(SHAPES) and all(res.x[k].shape == SHAPES[k] for k in SHAPES)
-        torch.testing.assert_close(_to_flat(res.x), ref, rtol=1e-13, atol=1e-15,
-                                   msg=f"{name}: b {b_form}, matvec returns {mv_form}")
+        torch.testing.assert_close(
+            _to_flat(res.x), ref, rtol=1e-13, atol=1e-15, msg=f"{name}: b {b_form}, matvec returns {mv_form}"
+        )
 
 
 @pytest.mark.parametrize("b_form", ["dict", "tuple", "flat"])
 def test_matvec_gets_views_of_the_solver_buffer_and_b_is_not_aliased(b_form):
     A, b, spec = _system()
     rhs = as_form(b.clone(), spec, b_form)
-    rhs_ptrs = {t.untyped_storage().data_ptr() for t in ([rhs] if b_form == "flat" else
-                                                          (rhs.values() if b_form == "dict" else rhs))}
+    rhs_ptrs = {
+        t.untyped_storage().data_ptr()
+        for t in ([rhs] if b_form == "flat" else (rhs.values() if b_form == "dict" else rhs))
+    }
     before = _to_flat(rhs).clone()
     seen: list = []
     res = cg_solve(_matvec(A, spec, "dict", seen), rhs, iters=5)
@@ -104,8 +109,9 @@ def test_initial_guess_in_another_form():
     A, b, spec = _system()
     x0 = torch.linspace(-1, 1, P, dtype=F64)
     ref = cg_solve(_matvec(A, spec, "flat"), b, iters=30, x0=x0).x
-    got = cg_solve(_matvec(A, spec, "tuple"), as_form(b.clone(), spec, "dict"), iters=30,
-                   x0=as_form(x0.clone(), spec, "tuple")).x
+    got = cg_solve(
+        _matvec(A, spec, "tuple"), as_form(b.clone(), spec, "dict"), iters=30, x0=as_form(x0.clone(), spec, "tuple")
+    ).x
     torch.testing.assert_close(_to_flat(got), ref, rtol=1e-12, atol=1e-14)
 
 

@@ -1,4 +1,5 @@
 """One tiny sweep shared by the tests that need finished cells (two bissl.lam values, two seeds)."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,10 @@ def tiny_sweep(tmp_path_factory) -> SweepResult:
 @pytest.fixture
 def sweep_copy(tiny_sweep, tmp_path) -> Callable[[], Path]:
     """``sweep_copy()`` -> a private copy of the finished tiny sweep directory."""
+
     def copy() -> Path:
         dst = tmp_path / "copy"
         shutil.copytree(tiny_sweep.out, dst)
         return dst
+
     return copy

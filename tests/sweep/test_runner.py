@@ -1,5 +1,6 @@
 """Running a sweep: resume (finished cells are not rerun, partial cells resume), a different grid
 is refused, failures are reported, and the CSVs and the plot hold the cells' results."""
+
 from __future__ import annotations
 
 import csv
@@ -38,6 +39,7 @@ def count_runs(monkeypatch):
     def counted(cfg, run_dir):
         calls.append(Path(run_dir).name)
         return real(cfg, run_dir)
+
     monkeypatch.setattr(runner, "run_experiment", counted)
     return calls
 
@@ -68,6 +70,7 @@ def test_interrupted_shared_cell_resumes_to_the_same_results(tiny_sweep, sweep_c
 
     def interrupted(cfg, run_dir):  # seed 0: pretext skipped, stop inside the BiSSL stage
         return real(dataclasses.replace(cfg, debug=DebugConfig(stop_after_steps=5)), run_dir)
+
     monkeypatch.setattr(runner, "run_experiment", interrupted)
     with pytest.raises(RunInterrupted):
         resume_sweep(out, verbose=False)
@@ -94,8 +97,7 @@ def test_a_different_sweep_in_the_same_directory_is_refused(tiny_sweep, sweep_co
     cells = sorted(c.name for c in tiny_sweep.plan.cells)
     assert sorted(p.name for p in (out / "cells").iterdir()) == cells
     # A change that does not alter results is accepted.
-    run_sweep(TINY, {"bissl.lam": [1e-3, 1e-1]}, seeds=2, out=out, overrides=["run.log_every=5"],
-              verbose=False)
+    run_sweep(TINY, {"bissl.lam": [1e-3, 1e-1]}, seeds=2, out=out, overrides=["run.log_every=5"], verbose=False)
 
 
 def test_a_failed_cell_is_reported_and_the_sweep_goes_on(tiny_sweep, sweep_copy, monkeypatch):
@@ -105,6 +107,7 @@ def test_a_failed_cell_is_reported_and_the_sweep_goes_on(tiny_sweep, sweep_copy,
 
     def diverges(cfg, run_dir):
         raise NonFiniteLossError("non-finite loss (nan) in phase 'bissl' at upper step 1")
+
     monkeypatch.setattr(runner, "run_experiment", diverges)
     result = resume_sweep(out, verbose=False)
     assert [o.status for o in result.outcomes] == ["skipped", "failed"]
@@ -125,12 +128,10 @@ def test_sweep_csv_holds_every_cell_seed_and_arm_from_results_json(tiny_sweep):
             for arm in ("bissl", "baseline"):
                 source = cell.name if arm == "bissl" else provider  # the baseline is shared
                 metrics = _results(out, source)["per_seed"][str(seed)][arm]
-                expected.append((cell.name, str(cell.values["bissl.lam"]), str(seed), arm, source,
-                                 metrics))
+                expected.append((cell.name, str(cell.values["bissl.lam"]), str(seed), arm, source, metrics))
     assert len(rows) == len(expected) == 2 * len(plan.seeds) * len(plan.cells)
     for row, (cell, lam, seed, arm, source, metrics) in zip(rows, expected):
-        assert (row["cell"], row["bissl.lam"], row["seed"], row["arm"], row["source"]) == (
-            cell, lam, seed, arm, source)
+        assert (row["cell"], row["bissl.lam"], row["seed"], row["arm"], row["source"]) == (cell, lam, seed, arm, source)
         for key in ("test_acc", "val_acc", "test_loss", "val_loss"):
             assert float(row[key]) == metrics[key]  # exact: floats are written as repr
 
@@ -160,11 +161,20 @@ def test_sensitivity_plot_is_written(tiny_sweep):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("values, kind", [
-    ([1e-3, 1e-2], "linear"), ([1e-3, 1e-1], "log"), ([1, 5, 20], "log"), ([0.0, 1.0], "linear"),
-    ([-1.0, 100.0], "linear"), (["cg", "identity"], "categorical"), ([True, False], "categorical"),
-    ([[16, 8], [32, 8]], "categorical"), ([1, "a"], "categorical"),
-])
+@pytest.mark.parametrize(
+    "values, kind",
+    [
+        ([1e-3, 1e-2], "linear"),
+        ([1e-3, 1e-1], "log"),
+        ([1, 5, 20], "log"),
+        ([0.0, 1.0], "linear"),
+        ([-1.0, 100.0], "linear"),
+        (["cg", "identity"], "categorical"),
+        ([True, False], "categorical"),
+        ([[16, 8], [32, 8]], "categorical"),
+        ([1, "a"], "categorical"),
+    ],
+)
 def test_axis_kind(values, kind):
     assert axis_kind(values) == kind
 

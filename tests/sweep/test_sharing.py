@@ -1,5 +1,6 @@
 """The sharing rule, and that a cell started from the shared pretext checkpoint is bit-identical
 to the same cell run from scratch."""
+
 from __future__ import annotations
 
 import json
@@ -20,33 +21,39 @@ TINY = Path(__file__).resolve().parents[1] / "trainer" / "tiny.yaml"
 ALL = {PRETEXT, BISSL_ARM, BASELINE_ARM}
 
 
-@pytest.mark.parametrize("key, matched, parts", [
-    ("bissl.lam", False, {BISSL_ARM}),
-    ("bissl.upper.lr", True, {BISSL_ARM}),
-    ("bissl.stages", False, {BISSL_ARM}),
-    ("bissl.stages", True, {BISSL_ARM, BASELINE_ARM}),  # the compute-matched baseline reads it
-    ("bissl.lower.lr", True, {BISSL_ARM, BASELINE_ARM}),
-    ("bissl.lower_steps", True, {BISSL_ARM, BASELINE_ARM}),
-    ("finetune.lr", False, {BISSL_ARM, BASELINE_ARM}),
-    ("baseline.compute_matched", False, {BASELINE_ARM}),
-    ("pretext.lr", False, ALL),
-    ("model.options.width", False, ALL),
-    ("data.split_seed", False, ALL),
-    ("run.num_threads", False, ALL),
-    ("task", False, ALL),
-    ("run.log_every", False, set()),
-])
+@pytest.mark.parametrize(
+    "key, matched, parts",
+    [
+        ("bissl.lam", False, {BISSL_ARM}),
+        ("bissl.upper.lr", True, {BISSL_ARM}),
+        ("bissl.stages", False, {BISSL_ARM}),
+        ("bissl.stages", True, {BISSL_ARM, BASELINE_ARM}),  # the compute-matched baseline reads it
+        ("bissl.lower.lr", True, {BISSL_ARM, BASELINE_ARM}),
+        ("bissl.lower_steps", True, {BISSL_ARM, BASELINE_ARM}),
+        ("finetune.lr", False, {BISSL_ARM, BASELINE_ARM}),
+        ("baseline.compute_matched", False, {BASELINE_ARM}),
+        ("pretext.lr", False, ALL),
+        ("model.options.width", False, ALL),
+        ("data.split_seed", False, ALL),
+        ("run.num_threads", False, ALL),
+        ("task", False, ALL),
+        ("run.log_every", False, set()),
+    ],
+)
 def test_parts_affected(key, matched, parts):
     assert parts_affected(key, compute_matched=matched) == parts
 
 
-@pytest.mark.parametrize("grid, overrides, pretext, baseline, blocker", [
-    ({"bissl.lam": [1e-3, 1e-2], "bissl.solver": ["cg", "identity"]}, [], True, True, None),
-    ({"finetune.lr": [0.01, 0.05]}, [], True, False, "finetune.lr"),
-    ({"bissl.lam": [1e-3, 1e-2]}, ["baseline.enabled=false"], True, False, None),
-    ({"bissl.stages": [1, 2]}, ["baseline.compute_matched=true"], True, False, "bissl.stages"),
-    ({"bissl.lam": [1e-3, 1e-2], "pretext.lr": [0.5, 1.0]}, [], False, False, "pretext.lr"),
-])
+@pytest.mark.parametrize(
+    "grid, overrides, pretext, baseline, blocker",
+    [
+        ({"bissl.lam": [1e-3, 1e-2], "bissl.solver": ["cg", "identity"]}, [], True, True, None),
+        ({"finetune.lr": [0.01, 0.05]}, [], True, False, "finetune.lr"),
+        ({"bissl.lam": [1e-3, 1e-2]}, ["baseline.enabled=false"], True, False, None),
+        ({"bissl.stages": [1, 2]}, ["baseline.compute_matched=true"], True, False, "bissl.stages"),
+        ({"bissl.lam": [1e-3, 1e-2], "pretext.lr": [0.5, 1.0]}, [], False, False, "pretext.lr"),
+    ],
+)
 def test_plan_sharing(grid, overrides, pretext, baseline, blocker):
     plan = build_plan(TINY, grid, seeds=1, overrides=overrides)
     assert (plan.sharing.pretext, plan.sharing.baseline) == (pretext, baseline)
@@ -54,8 +61,11 @@ def test_plan_sharing(grid, overrides, pretext, baseline, blocker):
     if blocker:
         assert f"'{blocker}'" in plan.sharing.reason
     # Only the cells after the provider skip the baseline, and only when it is shared.
-    skip = [c.name for c in plan.cells if "baseline.enabled=false" in plan.run_overrides(c)
-            and "baseline.enabled=false" not in overrides]
+    skip = [
+        c.name
+        for c in plan.cells
+        if "baseline.enabled=false" in plan.run_overrides(c) and "baseline.enabled=false" not in overrides
+    ]
     assert skip == ([c.name for c in plan.cells[1:]] if baseline else [])
 
 
@@ -101,10 +111,14 @@ def test_shared_cell_is_bit_identical_to_a_cell_run_from_scratch(tiny_sweep, tmp
         ours = load_checkpoint(shared_dir / "seed_1" / "checkpoints" / f"{phase}.done.pt")["result"]
         theirs = load_checkpoint(scratch / "seed_1" / "checkpoints" / f"{phase}.done.pt")["result"]
         _states_equal(ours, theirs, phase)
+
     # Same metric rows (the pretext ones copied from the provider), wall times aside.
     def rows(run_dir: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "wall_s"}
-                for r in read_metrics(run_dir / "seed_1" / "metrics.csv")
-                if r["phase"] != "finetune_baseline"]
+        return [
+            {k: v for k, v in r.items() if k != "wall_s"}
+            for r in read_metrics(run_dir / "seed_1" / "metrics.csv")
+            if r["phase"] != "finetune_baseline"
+        ]
+
     assert rows(shared_dir) == rows(scratch)
     assert any(r["phase"] == "pretext" for r in rows(shared_dir))

@@ -42,9 +42,7 @@ def _images(b: int, c: int, s: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, c, s, s, generator=_gen(seed))
 
 
-@pytest.mark.parametrize(
-    "channels, size, preset", [(1, 8, "tiny"), (3, 8, "tiny"), (3, 32, "byol"), (1, 24, "byol")]
-)
+@pytest.mark.parametrize("channels, size, preset", [(1, 8, "tiny"), (3, 8, "tiny"), (3, 32, "byol"), (1, 24, "byol")])
 def test_two_views_deterministic_shapes_and_range(channels, size, preset):
     x = _images(16, channels, size)
     aug = TwoViewAugment(preset)
@@ -68,9 +66,7 @@ def test_preset_choice_and_settings():
     assert aug.views(8) == PRESETS["tiny"] and aug.views(96) == PRESETS["byol"]
     byol1, byol2 = PRESETS["byol"]
     assert (byol1.blur_p, byol2.blur_p, byol1.solarize_p, byol2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
-    assert (
-        byol1.jitter == (0.4, 0.4, 0.2, 0.1) and byol1.jitter_p == 0.8 and byol1.grayscale_p == 0.2
-    )
+    assert byol1.jitter == (0.4, 0.4, 0.2, 0.1) and byol1.jitter_p == 0.8 and byol1.grayscale_p == 0.2
     tiny1, _ = PRESETS["tiny"]
     assert tiny1.flip_p == 0.0 and tiny1.crop_scale == (0.6, 1.0)
     with pytest.raises(ValueError, match="unknown augmentation preset"):
@@ -147,9 +143,7 @@ def test_color_jitter_single_factors():
     assert torch.allclose(luma(sat), luma(mid), atol=1e-12)
     f = ((sat - luma(mid)) / (mid - luma(mid))).flatten(1)
     assert torch.allclose(f, f[:, :1].expand_as(f), atol=1e-9)
-    assert ((f[:, 0] >= 0.5) & (f[:, 0] <= 1.5)).all() and not torch.allclose(
-        f[:, 0], torch.ones(5, dtype=f.dtype)
-    )
+    assert ((f[:, 0] >= 0.5) & (f[:, 0] <= 1.5)).all() and not torch.allclose(f[:, 0], torch.ones(5, dtype=f.dtype))
     # Hue rotation keeps HSV saturation and value.
     hue = color_jitter(x, 0.0, 0.0, 0.0, 0.3, p=1.0, generator=_gen(2))
     assert torch.allclose(rgb_to_hsv(hue)[:, 1:], rgb_to_hsv(x)[:, 1:], atol=1e-9)
@@ -197,9 +191,7 @@ def test_gaussian_blur_matches_scipy(size, sigma, k):
     taps = np.exp(-(offs**2) / (2 * sigma**2))
     kernel2d = np.outer(taps, taps) / taps.sum() ** 2
     # torch's "reflect" padding (edge pixel not repeated) is scipy's "mirror" mode.
-    expect = np.stack(
-        [[ndimage.correlate(img, kernel2d, mode="mirror") for img in imgs] for imgs in x.numpy()]
-    )
+    expect = np.stack([[ndimage.correlate(img, kernel2d, mode="mirror") for img in imgs] for imgs in x.numpy()])
     assert np.allclose(out.numpy(), expect, atol=1e-12)
 
 

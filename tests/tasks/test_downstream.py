@@ -26,18 +26,10 @@ def test_heads():
 
 
 def test_loss_and_accuracy_by_hand():
-    logits = torch.tensor(
-        [[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.5, 0.5], [0.0, 0.0, 4.0]], dtype=torch.float64
-    )
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.5, 0.5], [0.0, 0.0, 4.0]], dtype=torch.float64)
     y = torch.tensor([0, 2, 0, 1])
     assert accuracy(logits, y) == 0.5
-    expect = (
-        sum(
-            -(row[t] - math.log(sum(math.exp(v) for v in row.tolist())))
-            for row, t in zip(logits, y.tolist())
-        )
-        / 4
-    )
+    expect = sum(-(row[t] - math.log(sum(math.exp(v) for v in row.tolist()))) for row, t in zip(logits, y.tolist())) / 4
     assert classification_loss(logits, y).item() == pytest.approx(float(expect), rel=1e-12)
     with pytest.raises(ValueError, match="labels"):
         accuracy(logits, y[:2])
@@ -69,17 +61,13 @@ def test_evaluate_matches_full_batch_and_restores_modes():
     # A plain function of images works as the backbone too; so does a non-tensor Dataset.
     pairs = [(x[i], y[i]) for i in range(23)]
     out_fn = evaluate(lambda imgs: backbone(imgs), head, pairs, batch_size=7)
-    assert out_fn["acc"] == pytest.approx(out["acc"]) and out_fn["loss"] == pytest.approx(
-        out["loss"], rel=1e-5
-    )
+    assert out_fn["acc"] == pytest.approx(out["acc"]) and out_fn["loss"] == pytest.approx(out["loss"], rel=1e-5)
 
 
 def test_evaluate_errors():
     head = build_head(4, 2)
     with pytest.raises(ValueError, match="empty"):
-        evaluate(
-            nn.Identity(), head, TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
-        )
+        evaluate(nn.Identity(), head, TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(
             nn.Identity(),

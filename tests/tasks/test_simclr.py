@@ -36,9 +36,7 @@ def test_nt_xent_matches_explicit_loop(b, d, tau):
     )
     assert nt_xent(z1, z2, tau).item() == pytest.approx(_nt_xent_loop(z1, z2, tau), rel=1e-12)
     # float32 input agrees to float32 rounding.
-    assert nt_xent(z1.float(), z2.float(), tau).item() == pytest.approx(
-        _nt_xent_loop(z1, z2, tau), rel=1e-5
-    )
+    assert nt_xent(z1.float(), z2.float(), tau).item() == pytest.approx(_nt_xent_loop(z1, z2, tau), rel=1e-5)
 
 
 def test_nt_xent_is_symmetric_and_scale_invariant():
@@ -182,9 +180,7 @@ def test_simclr_hvp_with_torch_func_matches_double_backward():
     # normalises with batch statistics either way).
     leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
     loss = head.loss(
-        lambda x: functional_call(
-            backbone, {**leaves, **{k: b.clone() for k, b in buffers.items()}}, (x,)
-        ),
+        lambda x: functional_call(backbone, {**leaves, **{k: b.clone() for k, b in buffers.items()}}, (x,)),
         v1,
         v2,
     )

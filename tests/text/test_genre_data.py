@@ -1,4 +1,5 @@
 """Shakespeare genre task: First Folio labels, split by play, sizes, pretext without test plays."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,9 +46,11 @@ def test_passages_labels_and_sizes():
 
 
 def test_play_dialogue_drops_headings_directions_and_persons():
-    raw = ("HAMLET\n\nPERSONS REPRESENTED.\nClaudius, King of Denmark.\n\nACT I.\n\n"
-           "Scene I. Elsinore.\n\n[Enter Bernardo.]\n\nBer.\nWho's there?\n\nFIRST LORD.\n"
-           "Stand, ho! [Aside.] Who is there?\n")
+    raw = (
+        "HAMLET\n\nPERSONS REPRESENTED.\nClaudius, King of Denmark.\n\nACT I.\n\n"
+        "Scene I. Elsinore.\n\n[Enter Bernardo.]\n\nBer.\nWho's there?\n\nFIRST LORD.\n"
+        "Stand, ho! [Aside.] Who is there?\n"
+    )
     assert play_dialogue(raw) == "Who's there?\nStand, ho!   Who is there?"
 
 
@@ -70,8 +73,11 @@ def test_split_by_play_disjoint_stratified_deterministic():
     for name in ("train_x", "train_y", "val_x", "test_x", "test_y", "pretext_x"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     # 14/10/12 plays per genre -> val 3/2/2, test 4/3/4, train 7/5/6 plays of 60 passages.
-    assert [torch.bincount(y).tolist() for y in (a.train_y, a.val_y, a.test_y)] == \
-        [[420, 300, 360], [180, 120, 120], [240, 180, 240]]
+    assert [torch.bincount(y).tolist() for y in (a.train_y, a.val_y, a.test_y)] == [
+        [420, 300, 360],
+        [180, 120, 120],
+        [240, 180, 240],
+    ]
     assert a.train_x.shape == (1080, 48) and a.num_classes == 3
     other = load_text_data("shakespeare_genre", **{**KW, "val_fraction": 0.2}, split_seed=1)
     assert not torch.equal(other.test_x, a.test_x)  # the split seed picks the plays
@@ -87,6 +93,7 @@ def test_test_plays_never_in_pretext_or_train():
     # Default pretext = full dialogue of the training plays: as many bytes (+ one EOS each) as
     # those plays' cleaned text.
     from bissl.data.text import clean_text
+
     n_bytes = sum(len(clean_text(task.group_texts[p]).encode()) + 1 for p in sorted(train_plays))
     assert data.pretext_x.numel() == n_bytes // 64 * 64
     with pytest.raises(ValueError, match="contains the val/test plays"):

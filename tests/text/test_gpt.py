@@ -1,4 +1,5 @@
 """The GPT backbone: shapes, causal masking, padding invariance, pooling, attention paths agree."""
+
 from __future__ import annotations
 
 import pytest
@@ -78,8 +79,7 @@ def test_attention_paths_agree():
     for kw in ({"attention": "sdpa"}, {"attention": "sdpa_math"}, {"attention": "recompute"}):
         other = _gpt(**kw)
         other.load_state_dict(ref.state_dict())
-        torch.testing.assert_close(other(x, return_sequence=True), ref(x, return_sequence=True),
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(other(x, return_sequence=True), ref(x, return_sequence=True), rtol=1e-10, atol=1e-12)
         g_ref = torch.autograd.grad(ref(x).square().sum(), list(ref.parameters()))
         g_other = torch.autograd.grad(other(x).square().sum(), list(other.parameters()))
         for a, b in zip(g_ref, g_other):
@@ -90,5 +90,5 @@ def test_math_attention_matches_formula():
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
     out = causal_attention(q, k, v, "math")
     for t in range(5):
-        w = torch.softmax((q[:, :, t:t + 1] @ k[:, :, : t + 1].transpose(-2, -1)) / 2.0, dim=-1)
-        torch.testing.assert_close(out[:, :, t:t + 1], w @ v[:, :, : t + 1], rtol=1e-12, atol=1e-12)
+        w = torch.softmax((q[:, :, t : t + 1] @ k[:, :, : t + 1].transpose(-2, -1)) / 2.0, dim=-1)
+        torch.testing.assert_close(out[:, :, t : t + 1], w @ v[:, :, : t + 1], rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
 """The next-token pretext: loss against a hand computation, padding ignored, head untied."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,11 @@ def test_next_token_loss_by_hand():
     want = sum(terms) / len(terms)
     assert len(terms) == 3
     assert next_token_loss(logits, tokens, ignore_id=0).item() == pytest.approx(want, rel=1e-12)
-    all_terms = [math.log(sum(math.exp(z) for z in logits[b, t].tolist()))
-                 - logits[b, t, int(tokens[b, t + 1])].item() for b in range(2) for t in range(3)]
+    all_terms = [
+        math.log(sum(math.exp(z) for z in logits[b, t].tolist())) - logits[b, t, int(tokens[b, t + 1])].item()
+        for b in range(2)
+        for t in range(3)
+    ]
     assert next_token_loss(logits, tokens).item() == pytest.approx(sum(all_terms) / 6, rel=1e-12)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         next_token_loss(logits[:, :1], tokens[:, :1])

@@ -1,5 +1,6 @@
 """Automatic HVP-mode choice on a tiny GPT: the chosen mode per attention path, and its HVP
 against central finite differences of the gradient (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,9 @@ def _problem(**kw):
         def lower_loss(params):
             def encode(*args, **kwargs):
                 return functional_call(net, params, args, kwargs)
+
             return pretext.loss(encode, tokens)
+
         return lower_loss
 
     return make_loss, theta
@@ -37,12 +40,15 @@ def _grad_flat(loss_fn, theta):
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-@pytest.mark.parametrize("kw, expected", [
-    ({"attention": "math"}, "fwdrev"),
-    ({"attention": "sdpa_math"}, "fwdrev"),
-    # A custom autograd.Function with a differentiable backward and no jvp.
-    ({"attention": "recompute"}, "revrev"),
-])
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({"attention": "math"}, "fwdrev"),
+        ({"attention": "sdpa_math"}, "fwdrev"),
+        # A custom autograd.Function with a differentiable backward and no jvp.
+        ({"attention": "recompute"}, "revrev"),
+    ],
+)
 def test_selected_mode_matches_finite_differences(kw, expected):
     clear_hvp_mode_cache()
     make_loss, theta = _problem(**kw)
@@ -68,8 +74,11 @@ def test_selected_mode_matches_finite_differences(kw, expected):
 def test_fused_sdpa_has_no_hvp_and_says_why():
     clear_hvp_mode_cache()
     make_loss, theta = _problem(attention="sdpa")
-    with pytest.raises(HVPModeError, match=r"fwdrev: NotImplementedError.*forward AD.*revrev: "
-                                           r"RuntimeError.*autograd: RuntimeError.*'math'"):
+    with pytest.raises(
+        HVPModeError,
+        match=r"fwdrev: NotImplementedError.*forward AD.*revrev: "
+        r"RuntimeError.*autograd: RuntimeError.*'math'",
+    ):
         select_hvp_mode(make_loss(), theta)
 
 
@@ -99,12 +108,18 @@ def test_cached_per_model_not_per_closure(monkeypatch):
     assert calls == ["fwdrev", "fwdrev", "revrev"]
 
 
-@pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
-                 "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
-                 " -- out of memory"),
-], ids=["OutOfMemoryError", "RuntimeError-message"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+            " -- out of memory"
+        ),
+    ],
+    ids=["OutOfMemoryError", "RuntimeError-message"],
+)
 def test_out_of_memory_is_reraised_not_read_as_unsupported(monkeypatch, error):
     """Running out of memory says nothing about whether a mode is supported: falling through to
     the next candidate would hide it (the old behaviour chose 'revrev' here)."""

@@ -1,4 +1,5 @@
 """Text sources (sizes, labels, no label leak), fixed splits, packing/padding, tokenizer reuse."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,10 @@ def test_labelled_tasks_sizes_and_labels():
 
 
 def test_newsgroup_post_stripping():
-    post = ("From: a@b\nNewsgroups: sci.space\nSubject: orbits\n\nIn article <1@x> c@d writes:\n"
-            "> quoted line\nThe shuttle launch slipped.\n\n-- \n--\nJohn, signature")
+    post = (
+        "From: a@b\nNewsgroups: sci.space\nSubject: orbits\n\nIn article <1@x> c@d writes:\n"
+        "> quoted line\nThe shuttle launch slipped.\n\n-- \n--\nJohn, signature"
+    )
     assert strip_newsgroup_post(post) == "The shuttle launch slipped."
 
 
@@ -57,8 +60,10 @@ def test_pretext_corpora():
 
 
 def test_wiki_markup():
-    markup = ("'''Albedo''' is [[light|the light]] {{cite|x={{y}}}} reflected<ref>Smith</ref>.\n"
-              "==History==\n[[File:A.png|thumb|a [[b]] c]]Measured by [[NASA]].")
+    markup = (
+        "'''Albedo''' is [[light|the light]] {{cite|x={{y}}}} reflected<ref>Smith</ref>.\n"
+        "==History==\n[[File:A.png|thumb|a [[b]] c]]Measured by [[NASA]]."
+    )
     want = "Albedo is the light reflected .\nHistory\n Measured by NASA."
     assert wiki_markup_to_text(markup) == want
 

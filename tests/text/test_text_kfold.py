@@ -1,5 +1,6 @@
 """Repeated stratified k-fold for the text tasks: every labelled text tested exactly once per
 repeat, disjoint parts, stratified folds, plays kept whole, determinism, and the loader path."""
+
 from __future__ import annotations
 
 import numpy as np

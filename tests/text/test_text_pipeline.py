@@ -1,4 +1,5 @@
 """The unchanged pipeline with ``task: text``: builders dispatch, a tiny end-to-end run."""
+
 from __future__ import annotations
 
 import json
@@ -57,13 +58,13 @@ def test_pipeline_data_and_builders(cfg, data):
 
 def test_config_mismatches(data):
     with pytest.raises(ConfigError, match="text runs need 'gpt'"):
-        build_backbone_from(load_config(TINY, ["model.backbone=small_cnn", "model.options={}"]),
-                            data, torch.device("cpu"))
+        build_backbone_from(
+            load_config(TINY, ["model.backbone=small_cnn", "model.options={}"]), data, torch.device("cpu")
+        )
     with pytest.raises(ConfigError, match="text runs support 'none'"):
         build_downstream_augment(load_config(TINY, ["finetune.augment=crop"]), data)
     with pytest.raises(ConfigError, match="are set from the data/tokenizer"):
-        build_backbone_from(load_config(TINY, ["model.options={vocab_size: 9}"]), data,
-                            torch.device("cpu"))
+        build_backbone_from(load_config(TINY, ["model.options={vocab_size: 9}"]), data, torch.device("cpu"))
     with pytest.raises(ConfigError, match="unknown text dataset 'imdb'"):
         load_pipeline_data(load_config(TINY, ["data.name=imdb"]))
 

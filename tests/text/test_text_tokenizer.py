@@ -1,4 +1,5 @@
 """Tokenizers: round trip, deterministic BPE training, save/load, the special ids."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from bissl.extras import describe_missing
 # Skipped (with the reason) without the [text] extra; CI sets BISSL_REQUIRE_ALL=1, where a skip fails.
 pytestmark = pytest.mark.skipif(bool(describe_missing("text")), reason=describe_missing("text"))
 
-SAMPLES = ["the bushfire moved towards hill top .", "Ünïcode — émoji ✓ and 中文",
-           "  leading and trailing spaces  ", "a", "numbers 1,234.5 and tabs\tnewlines\n"]
+SAMPLES = [
+    "the bushfire moved towards hill top .",
+    "Ünïcode — émoji ✓ and 中文",
+    "  leading and trailing spaces  ",
+    "a",
+    "numbers 1,234.5 and tabs\tnewlines\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +90,7 @@ def test_save_load(tmp_path, kind, news_docs):
     json.loads(path.read_text())  # a plain JSON file
     if kind == "bpe":
         from tokenizers import Tokenizer  # the standard tokenizers format
+
         assert Tokenizer.from_file(str(path)).encode(SAMPLES[0]).ids == tok.encode(SAMPLES[0])
 
 

@@ -1,4 +1,5 @@
 """Fixtures for the pipeline tests: the tiny config and one uninterrupted reference run."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,8 +32,9 @@ def snapshot(run_dir: Path) -> dict:
     """What a finished tiny run leaves: each phase's result and the metrics rows (minus wall time)."""
     ckpts = run_dir / "seed_0" / "checkpoints"
     out = {phase: load_checkpoint(ckpts / f"{phase}.done.pt")["result"] for phase in PHASES}
-    out["rows"] = [{k: v for k, v in r.items() if k != "wall_s"}
-                   for r in read_metrics(run_dir / "seed_0" / "metrics.csv")]
+    out["rows"] = [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir / "seed_0" / "metrics.csv")
+    ]
     return out
 
 

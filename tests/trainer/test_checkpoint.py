@@ -1,5 +1,6 @@
 """Checkpoints load with torch.load(weights_only=True): everything we save round-trips, anything
 else (an arbitrary pickled object) is refused without running it."""
+
 from __future__ import annotations
 
 import random
@@ -37,9 +38,21 @@ def test_rng_and_training_state_round_trip(tmp_path):
     opt.step()
     np.random.randn()  # leaves a cached Gaussian in numpy's legacy state
     gen = torch.Generator().manual_seed(3)
-    state = {"format": 3, "phase": "bissl", "step_idx": 7, "rng": capture_global_rng(),
-             "state": {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                       "lams": [1e-3, 2e-3], "name": "x", "flag": True, "none": None}}
+    state = {
+        "format": 3,
+        "phase": "bissl",
+        "step_idx": 7,
+        "rng": capture_global_rng(),
+        "state": {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "lams": [1e-3, 2e-3],
+            "name": "x",
+            "flag": True,
+            "none": None,
+        },
+    }
     expected = _draws()
     save_atomic(state, tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")

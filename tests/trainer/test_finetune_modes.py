@@ -1,5 +1,6 @@
 """Read-outs and optimizers: finetune.mode (full | linear_probe), finetune.optimizer and
 pretext.optimizer (AdamW); the random streams stay those of the seed, so arms stay paired."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,7 @@ from bissl.trainer.rng import seed_everything
 @pytest.fixture(scope="module")
 def data():
     from bissl.config import Config
+
     return load_pipeline_data(Config())
 
 
@@ -78,8 +80,9 @@ def test_linear_probe_resumes_identically(tiny_config, data):
 
 def test_adamw_finetune_decays_matrices_only(tiny_config, data):
     start = _backbone_state(tiny_config, data)
-    cfg = tiny_config("finetune.optimizer=adamw", "finetune.lr=0.001", "finetune.weight_decay=0.01",
-                      "finetune.betas=[0.8, 0.99]")
+    cfg = tiny_config(
+        "finetune.optimizer=adamw", "finetune.lr=0.001", "finetune.weight_decay=0.01", "finetune.betas=[0.8, 0.99]"
+    )
     phase, _, rows = _finetune(cfg, data, start, 2)
     opt = phase.model.optimizer
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.99)
@@ -101,18 +104,29 @@ def test_adamw_pretext_and_lars_for_the_matched_continuation(tiny_config, data):
     phase.step()
     # The compute-matched continuation runs the BiSSL lower level's LARS settings, whatever the
     # pretext optimizer was.
-    matched = PretextPhase("pretext_matched", cfg, data, _ctx(), total_steps=2,
-                           opt=OptimizerSpec("lars", 1.0, 0.9, 1e-6, 1e-3), warmup_steps=1,
-                           batch_size=128, init=phase.result())
+    matched = PretextPhase(
+        "pretext_matched",
+        cfg,
+        data,
+        _ctx(),
+        total_steps=2,
+        opt=OptimizerSpec("lars", 1.0, 0.9, 1e-6, 1e-3),
+        warmup_steps=1,
+        batch_size=128,
+        init=phase.result(),
+    )
     assert isinstance(matched.model.optimizer, LARS)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("finetune.mode=probe", "'finetune.mode' must be one of 'full', 'linear_probe'"),
-    ("finetune.optimizer=lars", "'finetune.optimizer' must be one of 'sgd', 'adamw'"),
-    ("pretext.betas=[0.9]", "'pretext.betas' must have 2 items"),
-    ("finetune.betas=[0.9, 1.0]", "'finetune.betas' item 1 must be in \\[0, 1\\)"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("finetune.mode=probe", "'finetune.mode' must be one of 'full', 'linear_probe'"),
+        ("finetune.optimizer=lars", "'finetune.optimizer' must be one of 'sgd', 'adamw'"),
+        ("pretext.betas=[0.9]", "'pretext.betas' must have 2 items"),
+        ("finetune.betas=[0.9, 1.0]", "'finetune.betas' item 1 must be in \\[0, 1\\)"),
+    ],
+)
 def test_bad_readout_keys(tiny_config, override, match):
     from bissl.config import ConfigError
 

@@ -1,4 +1,5 @@
 """The optional TensorBoard copy of metrics.csv: same scalars, rebuilt on truncation, off by env."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Run outputs: results.json, curves.png, metrics CSV, checkpoints; loop errors."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,12 @@ def test_run_directory_contents(reference_run):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["bissl"]["lam"] == 0.001 and saved["model"]["options"] == {"width": 4}
     ckpts = sorted(p.name for p in (run_dir / "seed_0" / "checkpoints").iterdir())
-    assert ckpts == ["bissl.done.pt", "finetune_baseline.done.pt", "finetune_bissl.done.pt",
-                     "pretext.done.pt"]  # in-progress checkpoints and temporary files are gone
+    assert ckpts == [
+        "bissl.done.pt",
+        "finetune_baseline.done.pt",
+        "finetune_bissl.done.pt",
+        "pretext.done.pt",
+    ]  # in-progress checkpoints and temporary files are gone
     rows = read_metrics(run_dir / "seed_0" / "metrics.csv")
     header = (run_dir / "seed_0" / "metrics.csv").read_text().splitlines()[0]
     assert tuple(header.split(",")) == COLUMNS
@@ -31,9 +36,15 @@ def test_run_directory_contents(reference_run):
     for r in rows:
         by_part.setdefault((r["phase"], r["part"]), []).append(r)
     assert {k: len(v) for k, v in by_part.items()} == {
-        ("pretext", "pretext"): 4, ("bissl", "warmup"): 3, ("bissl", "lower"): 4,
-        ("bissl", "upper"): 4, ("finetune_bissl", "train"): 4, ("finetune_bissl", "eval"): 1,
-        ("finetune_baseline", "train"): 4, ("finetune_baseline", "eval"): 1}
+        ("pretext", "pretext"): 4,
+        ("bissl", "warmup"): 3,
+        ("bissl", "lower"): 4,
+        ("bissl", "upper"): 4,
+        ("finetune_bissl", "train"): 4,
+        ("finetune_bissl", "eval"): 1,
+        ("finetune_baseline", "train"): 4,
+        ("finetune_baseline", "eval"): 1,
+    }
     for r in by_part[("bissl", "upper")]:
         assert r["cg_iters"] >= 1 and r["cg_residual"] >= 0 and r["loss_theta"] > 0
         assert r["cg_converged"] in (0, 1) and r["cg_nonfinite"] == 0
@@ -45,10 +56,16 @@ def test_run_directory_contents(reference_run):
 
 
 def test_summary_statistics_and_table():
-    per_seed = {0: {"bissl": {"test_acc": 0.9, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0},
-                    "baseline": {"test_acc": 0.8, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0}},
-                1: {"bissl": {"test_acc": 0.7, "val_acc": 0.6, "test_loss": 2.0, "val_loss": 1.0},
-                    "baseline": {"test_acc": 0.8, "val_acc": 0.7, "test_loss": 1.5, "val_loss": 1.0}}}
+    per_seed = {
+        0: {
+            "bissl": {"test_acc": 0.9, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0},
+            "baseline": {"test_acc": 0.8, "val_acc": 0.8, "test_loss": 1.0, "val_loss": 1.0},
+        },
+        1: {
+            "bissl": {"test_acc": 0.7, "val_acc": 0.6, "test_loss": 2.0, "val_loss": 1.0},
+            "baseline": {"test_acc": 0.8, "val_acc": 0.7, "test_loss": 1.5, "val_loss": 1.0},
+        },
+    }
     res = summarize(per_seed)
     assert res["summary"]["bissl"]["test_acc"]["mean"] == pytest.approx(0.8)
     assert res["summary"]["bissl"]["test_acc"]["std"] == pytest.approx(math.sqrt(0.02))  # ddof=1
@@ -64,15 +81,21 @@ def test_results_carry_paired_statistics_and_mcnemar():
     per_seed = {}
     for seed, (b, s) in enumerate([(0.90, 0.92), (0.80, 0.81), (0.85, 0.88), (0.70, 0.69)]):
         per_seed[seed] = {
-            "bissl": {"test_acc": s, "val_acc": s, "test_loss": 1.0, "val_loss": 1.0,
-                      "test_correct": [1, 1, 1, 0, 1]},
-            "baseline": {"test_acc": b, "val_acc": b, "test_loss": 1.0, "val_loss": 1.0,
-                         "test_correct": [1, 0, 1, 0, 0]}}
+            "bissl": {"test_acc": s, "val_acc": s, "test_loss": 1.0, "val_loss": 1.0, "test_correct": [1, 1, 1, 0, 1]},
+            "baseline": {
+                "test_acc": b,
+                "val_acc": b,
+                "test_loss": 1.0,
+                "val_loss": 1.0,
+                "test_correct": [1, 0, 1, 0, 0],
+            },
+        }
     paired = summarize(per_seed)["summary"]["bissl_vs_baseline"]
     t = paired["test_acc"]
     assert t["n"] == 4 and t["mean"] == pytest.approx(0.0125)
     assert t["ci_low"] < t["mean"] < t["ci_high"]
     from scipy import stats
+
     assert t["p_t"] == pytest.approx(stats.ttest_1samp([0.02, 0.01, 0.03, -0.01], 0.0).pvalue)
     # 4 seeds × 2 examples only BiSSL got right, none the other way: p = 2 · 0.5^8.
     assert (paired["mcnemar"]["only_a"], paired["mcnemar"]["only_b"]) == (8, 0)
@@ -119,10 +142,18 @@ class _Exploding(Phase):
 
 
 def test_nonfinite_loss_names_phase_and_step(tmp_path):
-    ctx = RunContext(seed=7, device=torch.device("cpu"), ckpt_dir=tmp_path / "ck",
-                     metrics=MetricsLog(tmp_path / "m.csv"), checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in phase 'explode' at toy "
-                                                 r"step 3 \(seed 7\); its last checkpoint is at step 2"):
+    ctx = RunContext(
+        seed=7,
+        device=torch.device("cpu"),
+        ckpt_dir=tmp_path / "ck",
+        metrics=MetricsLog(tmp_path / "m.csv"),
+        checkpoint_every=2,
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss \(nan\) in phase 'explode' at toy "
+        r"step 3 \(seed 7\); its last checkpoint is at step 2",
+    ):
         run_phase("explode", _Exploding, ctx)
     assert (tmp_path / "ck" / "explode.pt").exists()  # the step-2 checkpoint survives
     assert load_checkpoint(tmp_path / "ck" / "explode.pt")["step_idx"] == 2

@@ -1,4 +1,5 @@
 """Each phase on a tiny budget, and the BiSSL gradients against independent computations."""
+
 from __future__ import annotations
 
 import copy
@@ -20,6 +21,7 @@ from bissl.trainer.rng import seed_everything
 @pytest.fixture(scope="module")
 def data():
     from bissl.config import Config
+
     return load_pipeline_data(Config())  # digits, default split
 
 
@@ -53,8 +55,11 @@ def test_pretext_phase_trains_backbone_and_head(tiny_config, data, method):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     if method == "byol":  # EMA: the target moved, but only a little (m = 0.9995)
         t = phase.model.module.head.target_backbone.state_dict()
-        moved = [k for k in before if before[k].is_floating_point() and "running" not in k
-                 and not torch.equal(t[k], before[k])]
+        moved = [
+            k
+            for k in before
+            if before[k].is_floating_point() and "running" not in k and not torch.equal(t[k], before[k])
+        ]
         assert moved
 
 
@@ -99,8 +104,11 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
     twin.theta_net.train()
     twin.pretext.train()
     loss = twin.pretext.loss(twin.theta_net, v1, v2)
-    prox = 0.5 * lam * sum(((t - p.detach()) ** 2).sum()
-                           for t, p in zip(twin.theta_net.parameters(), twin.phi_net.parameters()))
+    prox = (
+        0.5
+        * lam
+        * sum(((t - p.detach()) ** 2).sum() for t, p in zip(twin.theta_net.parameters(), twin.phi_net.parameters()))
+    )
     expected = torch.autograd.grad(loss + prox, twin.lower_params, retain_graph=True)
     for got, want in zip([p.grad for p in phase.lower_params], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -108,7 +116,7 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
     g_pretext = torch.autograd.grad(loss, list(twin.theta_net.parameters()))
     pairs = zip(twin.theta_net.parameters(), twin.phi_net.parameters())
     dist = torch.sqrt(sum(((t - p) ** 2).sum() for t, p in pairs)).detach()
-    grad_norm = torch.sqrt(sum((g ** 2).sum() for g in g_pretext))
+    grad_norm = torch.sqrt(sum((g**2).sum() for g in g_pretext))
     assert float(row["pretext_grad_norm"]) == pytest.approx(float(grad_norm), rel=1e-5)
     assert float(row["distance"]) == pytest.approx(float(dist), rel=1e-6)
     assert float(row["prox_grad_norm"]) == pytest.approx(lam * float(dist), rel=1e-6)
@@ -119,8 +127,13 @@ def test_lower_step_gradient_is_pretext_plus_proximal(tiny_config, data):
 def test_upper_step_gradients_first_order(tiny_config, data, gamma):
     """With the identity solver x = ∇_θ L_D(θ): g_φ = ∇_θ L_D(θ) + γ∇_φ L_D(φ),
     g_ψ = ∇_ψ L_D(θ) + γ∇_ψ L_D(φ); θ's BatchNorm statistics are untouched, φ's move."""
-    cfg = tiny_config("bissl.solver=identity", f"bissl.gamma={gamma}", "bissl.clip_norm=1e9",
-                      "bissl.head_warmup_epochs=0", "bissl.lower_steps=1")
+    cfg = tiny_config(
+        "bissl.solver=identity",
+        f"bissl.gamma={gamma}",
+        "bissl.clip_norm=1e9",
+        "bissl.head_warmup_epochs=0",
+        "bissl.lower_steps=1",
+    )
     phase = _bissl(cfg, data)
     _run(phase, 1)  # one lower step: θ ≠ φ
     twin = copy.deepcopy(phase)
@@ -197,7 +210,8 @@ def test_finetune_is_paired_and_evaluates_val(tiny_config, data):
     rows_a, rows_b = _run(a), _run(b)
     evals = [r for r in rows_a if r["part"] == "eval"]
     assert [r["round"] for r in evals] == [1, 2] and 0.0 <= evals[-1]["val_acc"] <= 1.0
-    assert [float(r["loss"]) for r in rows_a if r["part"] == "train"] == \
-        [float(r["loss"]) for r in rows_b if r["part"] == "train"]  # same backbone: same run
+    assert [float(r["loss"]) for r in rows_a if r["part"] == "train"] == [
+        float(r["loss"]) for r in rows_b if r["part"] == "train"
+    ]  # same backbone: same run
     res = a.result()
     assert 0.0 <= res["test_acc"] <= 1.0 and res["val_acc"] == evals[-1]["val_acc"]

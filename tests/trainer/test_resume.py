@@ -1,4 +1,5 @@
 """A run killed at any step and resumed ends exactly where the uninterrupted run does."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from bissl.trainer import RunInterrupted, run_experiment
 
 PHASES = ("pretext", "bissl", "finetune_bissl", "finetune_baseline")
+
 
 def _assert_same_results(reference: dict, other: dict) -> None:
     for phase in PHASES:
@@ -28,8 +30,7 @@ def _assert_same_results(reference: dict, other: dict) -> None:
 # Stop after: a pretext step (4 = last), mid warm-up, a lower step, mid-upper (HVP batch redrawn),
 # mid fine-tuning of each arm. Checkpoints every 2 steps, so most resumes repeat a step.
 @pytest.mark.parametrize("stop_after", [3, 5, 8, 11, 16, 21])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_config, reference_run, take_snapshot,
-                                              stop_after):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_config, reference_run, take_snapshot, stop_after):
     _, ref_results, reference = reference_run
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -67,8 +68,7 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_config):
 def test_parallel_seed_workers_match_sequential_run(tmp_path, tiny_config):
     """Seeds in spawned worker processes give exactly the in-process results (same threads)."""
     seq = run_experiment(tiny_config("run.seeds=[0, 1]", "run.num_threads=1"), tmp_path / "seq")
-    par = run_experiment(tiny_config("run.seeds=[0, 1]", "run.num_threads=1", "run.workers=2"),
-                         tmp_path / "par")
+    par = run_experiment(tiny_config("run.seeds=[0, 1]", "run.num_threads=1", "run.workers=2"), tmp_path / "par")
     assert par["workers"] == 2 and seq["workers"] == 1
     assert par["per_seed"] == seq["per_seed"]
     assert par["per_seed"]["0"] != par["per_seed"]["1"]  # the seed changes the run

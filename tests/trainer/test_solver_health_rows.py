@@ -1,4 +1,5 @@
 """Upper steps log the solver's health and apply ``bissl.on_indefinite`` (issue 10)."""
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ INDEFINITE = ("bissl.damping=0.0", "bissl.lam=1e-6", "bissl.head_warmup_epochs=0
 @pytest.fixture(scope="module")
 def data():
     from bissl.config import Config
+
     return load_pipeline_data(Config())
 
 
@@ -37,8 +39,7 @@ def _upper_rows(cfg, data):
     return [r for r in rows if r["part"] == "upper"]
 
 
-@pytest.mark.parametrize("policy,action", [("fallback", "fallback:minres"),
-                                           ("adaptive_damping", "adaptive_damping")])
+@pytest.mark.parametrize("policy,action", [("fallback", "fallback:minres"), ("adaptive_damping", "adaptive_damping")])
 def test_policy_acts_and_is_logged(tiny_config, data, policy, action):
     rows = _upper_rows(tiny_config(*INDEFINITE, f"bissl.on_indefinite={policy}"), data)
     assert len(rows) == 2

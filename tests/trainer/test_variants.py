@@ -3,6 +3,7 @@
 Every test replays one BiSSL step on a deep copy of the phase (same state, same generators, so
 the same batches and augmentations) and computes the expected gradient independently.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,6 +33,7 @@ from bissl.trainer.rng import seed_everything
 @pytest.fixture(scope="module")
 def data():
     from bissl.config import Config
+
     return load_pipeline_data(Config())
 
 
@@ -78,14 +80,26 @@ def _upper_terms(twin: BisslPhase, lam: float):
     l_phi = classification_loss(twin.head(twin.phi_net(x)), y)
     g_phi = torch.autograd.grad(l_phi, twin.phi_params + heads)
     n = len(twin.phi_params)
-    return {"x": list(xs.values()), "gt": g_theta[:n], "gt_head": g_theta[n:], "gp": g_phi[:n],
-            "gp_head": g_phi[n:], "theta": list(theta.values()),
-            "phi": [p.detach().clone() for p in twin.phi_params]}
+    return {
+        "x": list(xs.values()),
+        "gt": g_theta[:n],
+        "gt_head": g_theta[n:],
+        "gp": g_phi[:n],
+        "gp_head": g_phi[n:],
+        "theta": list(theta.values()),
+        "phi": [p.detach().clone() for p in twin.phi_params],
+    }
 
 
 def _after_lower_step(tiny_config, data, *overrides):
-    cfg = tiny_config("bissl.clip_norm=1e9", "bissl.head_warmup_epochs=0", "bissl.lower_steps=1",
-                      "bissl.cg_iters=3", "bissl.lam=0.5", *overrides)
+    cfg = tiny_config(
+        "bissl.clip_norm=1e9",
+        "bissl.head_warmup_epochs=0",
+        "bissl.lower_steps=1",
+        "bissl.cg_iters=3",
+        "bissl.lam=0.5",
+        *overrides,
+    )
     phase = _bissl(cfg, data)
     _steps(phase, 1)  # one lower step: θ ≠ φ
     return phase, copy.deepcopy(phase)
@@ -134,8 +148,13 @@ def test_inverse_hvp_approximations(tiny_config, data, solver):
 def test_grad_ratio_lam_drives_lower_and_upper_steps(tiny_config, data):
     """After a lower step λ follows the EMA rule; the lower step's proximal term and the next
     upper step's IFT both use the schedule's current λ."""
-    phase, _ = _after_lower_step(tiny_config, data, "bissl.lam_schedule=grad_ratio",
-                                 "bissl.lam_options={ratio: 0.5, ema: 0.5}", "bissl.lower_steps=2")
+    phase, _ = _after_lower_step(
+        tiny_config,
+        data,
+        "bissl.lam_schedule=grad_ratio",
+        "bissl.lam_options={ratio: 0.5, ema: 0.5}",
+        "bissl.lower_steps=2",
+    )
     # Recompute the rule from the step's own statistics.
     twin = copy.deepcopy(phase)
     theta = torch.cat([p.detach().flatten() for p in twin.theta_net.parameters()])
@@ -208,14 +227,17 @@ def test_custom_lam_schedule_plugs_in(tiny_config, data):
     assert row["lam"] == pytest.approx(0.25) and phase.lam_schedule.value == pytest.approx(0.125)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["bissl.lam_schedule=nope"], "lam_schedule"),
-    (["bissl.lam_schedule=grad_ratio", "bissl.lam_options={ratoi: 1}"], "bad options"),
-    (["bissl.lam_schedule=grad_ratio", "bissl.lam_options={ema: 1.5}"], "ema"),
-    (["bissl.lam_schedule=no_such_module_xyz:f"], "cannot import"),
-    (["bissl.direct_term=psi"], "direct_term"),
-    (["bissl.prox_pull=-1"], "prox_pull"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["bissl.lam_schedule=nope"], "lam_schedule"),
+        (["bissl.lam_schedule=grad_ratio", "bissl.lam_options={ratoi: 1}"], "bad options"),
+        (["bissl.lam_schedule=grad_ratio", "bissl.lam_options={ema: 1.5}"], "ema"),
+        (["bissl.lam_schedule=no_such_module_xyz:f"], "cannot import"),
+        (["bissl.direct_term=psi"], "direct_term"),
+        (["bissl.prox_pull=-1"], "prox_pull"),
+    ],
+)
 def test_bad_variant_config(tiny_config, overrides, match):
     """Caught before any work: by the config's validation or the run's preflight."""
     from bissl.trainer.preflight import preflight
@@ -229,8 +251,7 @@ def test_adaptive_lam_resumes_exactly(tmp_path, tiny_config):
     from bissl.trainer import RunInterrupted, run_experiment
     from bissl.trainer.checkpoint import load_checkpoint
 
-    overrides = ("bissl.lam_schedule=grad_ratio", "bissl.lam_options={ratio: 0.5, ema: 0.5}",
-                 "baseline.enabled=false")
+    overrides = ("bissl.lam_schedule=grad_ratio", "bissl.lam_options={ratio: 0.5, ema: 0.5}", "baseline.enabled=false")
     full = tmp_path / "full"
     run_experiment(tiny_config(*overrides), full)
     cut = tmp_path / "cut"
@@ -243,8 +264,7 @@ def test_adaptive_lam_resumes_exactly(tmp_path, tiny_config):
     b = load_checkpoint(cut / "seed_0/checkpoints/bissl.done.pt")["result"]
     for k, v in a["upper_backbone"].items():
         assert torch.equal(v, b["upper_backbone"][k]), k
-    lams = [[r["lam"] for r in read_metrics(d / "seed_0/metrics.csv") if r["part"] == "upper"]
-            for d in (full, cut)]
+    lams = [[r["lam"] for r in read_metrics(d / "seed_0/metrics.csv") if r["part"] == "upper"] for d in (full, cut)]
     assert lams[0] == lams[1] and len(set(lams[0])) > 1  # same λ trajectory, and it moved
 
 

@@ -44,9 +44,7 @@ def build_pretext(name: str, *, backbone: nn.Module, feat_dim: int, **kwargs: An
     accepted = set(inspect.signature(_CLASSES[name]).parameters) - {"backbone", "feat_dim"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(
-            f"pretext {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}"
-        )
+        raise ValueError(f"pretext {name!r} got unknown options {unknown}; it accepts {sorted(accepted)}")
     if name == "byol":
         return BYOL(backbone, feat_dim, **kwargs)
     if name == "gpt":

@@ -29,8 +29,7 @@ def byol_loss(p: Tensor, t: Tensor) -> Tensor:
     """
     if p.shape != t.shape or p.ndim != 2:
         raise ValueError(
-            f"byol_loss: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} "
-            f"and {tuple(t.shape)}"
+            f"byol_loss: expected two (N, D) tensors of equal shape, got {tuple(p.shape)} and {tuple(t.shape)}"
         )
     cos = (F.normalize(p, dim=1) * F.normalize(t, dim=1)).sum(dim=1)
     return (2.0 - 2.0 * cos).mean()
@@ -41,9 +40,7 @@ def _as_dict(source: ParamsOrModule, what: str) -> dict[str, Tensor]:
         return dict(source.named_parameters())
     if isinstance(source, Mapping):
         return dict(source)
-    raise TypeError(
-        f"{what}: expected an nn.Module or a name -> Tensor mapping, got {type(source).__name__}"
-    )
+    raise TypeError(f"{what}: expected an nn.Module or a name -> Tensor mapping, got {type(source).__name__}")
 
 
 class BYOL(nn.Module):
@@ -72,9 +69,7 @@ class BYOL(nn.Module):
             raise ValueError(f"BYOL: momentum must lie in [0, 1], got {momentum}")
         proj_dims = tuple(int(d) for d in proj_dims)
         self.projector = mlp_head(feat_dim, proj_dims)
-        self.predictor = mlp_head(
-            proj_dims[-1], (pred_hidden,) * (len(proj_dims) - 1) + (proj_dims[-1],)
-        )
+        self.predictor = mlp_head(proj_dims[-1], (pred_hidden,) * (len(proj_dims) - 1) + (proj_dims[-1],))
         self.target_backbone = copy.deepcopy(backbone)
         self.target_projector = copy.deepcopy(self.projector)
         for p in self.target_parameters():
@@ -103,9 +98,7 @@ class BYOL(nn.Module):
             v1, v2: ``(B, C, H, W)`` augmented views.
         """
         if v1.shape != v2.shape:
-            raise ValueError(
-                f"BYOL.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}"
-            )
+            raise ValueError(f"BYOL.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}")
         b = v1.shape[0]
         x = torch.cat((v1, v2), dim=0)
         q = self.predictor(self.projector(encode(x)))
@@ -135,18 +128,14 @@ class BYOL(nn.Module):
         online = _as_dict(backbone_params, "BYOL.update_target")
         target = dict(self.target_backbone.named_parameters())
         missing = sorted(set(target) - set(online))
-        unknown = sorted(
-            set(online) - set(target) - {n for n, _ in self.target_backbone.named_buffers()}
-        )
+        unknown = sorted(set(online) - set(target) - {n for n, _ in self.target_backbone.named_buffers()})
         if missing or unknown:
             raise ValueError(
                 f"BYOL.update_target: backbone names do not match the target; missing "
                 f"{missing[:5]}, unknown {unknown[:5]}"
             )
         t_list: list[Tensor] = [*target.values(), *self.target_projector.parameters()]
-        o_list = [online[n].detach() for n in target] + [
-            p.detach() for p in self.projector.parameters()
-        ]
+        o_list = [online[n].detach() for n in target] + [p.detach() for p in self.projector.parameters()]
         # lerp: t + (1 - m) (o - t) == m t + (1 - m) o, one fused pass per tensor list.
         torch._foreach_lerp_(t_list, o_list, 1.0 - m)
 

@@ -5,6 +5,7 @@ backbone's token embedding: in BiSSL θ is passed to the backbone functionally
 (``functional_call(net, theta, ...)``) and the proximal term and the Hessian cover θ only, so a
 tied head would silently read the module's own embedding instead of θ's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -27,8 +28,10 @@ def next_token_loss(logits: Tensor, tokens: Tensor, ignore_id: int | None = None
         Scalar: the mean over the ``B·(T-1)`` (non-ignored) targets.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"next_token_loss: expected (B, T, V) logits and (B, T) tokens, got "
-                         f"{tuple(logits.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"next_token_loss: expected (B, T, V) logits and (B, T) tokens, got "
+            f"{tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
     if tokens.shape[1] < 2:
         raise ValueError("next_token_loss: sequences need at least 2 tokens")
     pred = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -49,8 +52,7 @@ class GPTPretext(nn.Module):
     def __init__(self, feat_dim: int, vocab_size: int, pad_id: int | None = 0) -> None:
         super().__init__()
         if feat_dim <= 0 or vocab_size < 2:
-            raise ValueError(f"GPTPretext: need feat_dim > 0 and vocab_size >= 2, got "
-                             f"{feat_dim}, {vocab_size}")
+            raise ValueError(f"GPTPretext: need feat_dim > 0 and vocab_size >= 2, got {feat_dim}, {vocab_size}")
         self.lm_head = nn.Linear(feat_dim, vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
         self.pad_id = pad_id
@@ -67,8 +69,7 @@ class GPTPretext(nn.Module):
                 ``(B, T, D)`` hidden states (a :class:`bissl.models.GPT` or its functional call).
             tokens: ``(B, T)`` int64 ids (the single "view" of a text batch).
         """
-        return next_token_loss(self.lm_head(encode(tokens, return_sequence=True)), tokens,
-                               self.pad_id)
+        return next_token_loss(self.lm_head(encode(tokens, return_sequence=True)), tokens, self.pad_id)
 
     def online_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable pretext-head parameters (the LM head)."""

@@ -65,8 +65,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(
-            f"nt_xent: expected two (B, D) tensors of equal shape, got {tuple(z1.shape)} "
-            f"and {tuple(z2.shape)}"
+            f"nt_xent: expected two (B, D) tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
         )
     if z1.shape[0] < 2:
         raise ValueError(f"nt_xent: needs at least 2 samples for negatives, got B={z1.shape[0]}")
@@ -75,9 +74,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     return _nt_xent_of_rows(z, z, torch.arange(z.shape[0], device=z.device), temperature)
 
 
-def nt_xent_across_ranks(
-    z1: Tensor, z2: Tensor, temperature: float = 0.5, group: ProcessGroup | None = None
-) -> Tensor:
+def nt_xent_across_ranks(z1: Tensor, z2: Tensor, temperature: float = 0.5, group: ProcessGroup | None = None) -> Tensor:
     """This rank's part of the NT-Xent of the global batch, negatives gathered from every rank.
 
     Rank ``r`` of ``N`` holds rows ``[r·b, (r+1)·b)`` of each view of the global batch
@@ -172,9 +169,7 @@ class SimCLR(nn.Module):
                 rank; the loss is then this rank's part, see :func:`nt_xent_across_ranks`).
         """
         if v1.shape != v2.shape:
-            raise ValueError(
-                f"SimCLR.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}"
-            )
+            raise ValueError(f"SimCLR.loss: views differ in shape: {tuple(v1.shape)} vs {tuple(v2.shape)}")
         z = self.projector(encode(torch.cat((v1, v2), dim=0)))
         z1, z2 = z.split(v1.shape[0], dim=0)
         if self.gather_negatives:

@@ -22,8 +22,11 @@ def dot_ref(a: Tensor, b: Tensor) -> Tensor:
     ``rᵀr`` at P = 1.1e7, which moves a CG step, and so a hypergradient, by as much. On CPU this
     sums float32 dots of :data:`DOT_BLOCK`-element blocks in float64 (measured 3e-8, 2.2 ms at
     P = 1.1e7; a float64 ``sum(a*b)`` takes 40 ms there, most of it page faults of the temporary).
-    Elsewhere one float64-accumulated ``sum(a*b)``. No host synchronisation either way.
+    Elsewhere one float64-accumulated ``sum(a*b)``. No host synchronisation either way. Tensors of
+    any shape (same shape for both) are read as their flattened entries.
     """
+    if a.dim() != 1:
+        a, b = a.reshape(-1), b.reshape(-1)
     if a.device.type != "cpu" or a.dtype == torch.float64 or a.numel() <= DOT_BLOCK:
         return torch.sum(a * b, dtype=torch.float64).to(a.dtype)
     partials = [torch.dot(a[i : i + DOT_BLOCK], b[i : i + DOT_BLOCK]) for i in range(0, a.numel(), DOT_BLOCK)]

@@ -33,3 +33,12 @@ def test_dot_ref_beats_float32_accumulation_on_long_sums():
     # depends on the BLAS thread split (measured 1.5e-8 with one thread, 3e-7 with two).
     assert ours < 5e-7 and ours < plain / 100
     assert abs(float(dot_ref(a.double(), a.double())) - exact) / exact < 1e-12
+
+
+def test_dot_ref_reads_any_shape_as_its_flattened_entries():
+    # Above the block length the blocks are cut from the flattened tensor, not along dim 0.
+    a, b = torch.randn(64, 32, 3, 3 * 12), torch.randn(64, 32, 3, 3 * 12)
+    assert a.numel() > DOT_BLOCK
+    exact = float((a.double() * b.double()).sum())
+    assert abs(float(dot_ref(a, b)) - exact) <= 1e-6 * abs(exact) + 1e-3
+    assert float(dot_ref(a[:2], b[:2])) == pytest.approx(float((a[:2].double() * b[:2].double()).sum()), rel=1e-6)

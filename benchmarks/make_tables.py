@@ -411,16 +411,22 @@ def _fit_bytes_per_param(stage: int) -> tuple[float, float]:
         if st == stage:
             xs.append(got[0]["params_both_copies"] / world)
             ys.append(max(r["persistent_mib"] for r in got) * 2.0**20)
-    if len(xs) < 2:
-        return 0.0, ys[0] / xs[0]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return (my - b * mx) / 2.0**20, b
 
 
+def _unsharded_bytes_per_param() -> float:
+    """Persistent bytes per parameter of both copies on one rank at ZeRO-0 (nothing sharded)."""
+    _, cells = _zero_rows()
+    got = cells[(0, 1)]
+    return max(r["persistent_mib"] for r in got) * 2.0**20 / got[0]["params_both_copies"]
+
+
 def projection_models() -> dict[str, int]:
     """Backbone parameter counts of the projected models: ResNet-50 and a GPT at GPT-2-medium's
-    dimensions from :mod:`bissl.models` (built on the meta device), ViT-B/16 at 224² counted from
+    dimensions (24 blocks of width 1024, 16 heads, vocabulary 50257, 1024 positions) from
+    :mod:`bissl.models` (built on the meta device), ViT-B/16 at 224² counted from
     its architecture (patch embedding, class token, positions, 12 blocks of attention + MLP with
     their LayerNorms, final LayerNorm)."""
     import torch
@@ -431,9 +437,7 @@ def projection_models() -> dict[str, int]:
     with torch.device("meta"):
         counts = {
             "ResNet-50": sum(p.numel() for p in resnet50().parameters()),
-            "GPT-2-medium (24 × 1024, vocab 50257, 1024 positions)": sum(
-                p.numel() for p in GPT(50257, 1024, dim=1024, depth=24, heads=16).parameters()
-            ),
+            "GPT-2-medium": sum(p.numel() for p in GPT(50257, 1024, dim=1024, depth=24, heads=16).parameters()),
         }
     d, hidden, blocks, tokens = 768, 3072, 12, (224 // 16) ** 2 + 1
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
@@ -444,7 +448,7 @@ def projection_models() -> dict[str, int]:
 def projection_table() -> str:
     """Projected persistent memory per rank for large backbones at ZeRO-3 (on paper)."""
     a3, b3 = _fit_bytes_per_param(3)
-    _, b0 = _fit_bytes_per_param(0)
+    b0 = _unsharded_bytes_per_param()
     head = "| backbone (params) | ZeRO-0, any N | " + " | ".join(f"ZeRO-3, N = {n}" for n in PROJECTED_RANKS) + " |"
     rows = [head, "|---" * (2 + len(PROJECTED_RANKS)) + "|"]
     for name, n_params in projection_models().items():
@@ -454,12 +458,27 @@ def projection_table() -> str:
     return "\n".join(rows)
 
 
+def _peak_sentence() -> str:
+    """What the ZeRO-3 step peak does with N, read from the rows."""
+    _, cells = _zero_rows()
+    peaks = {w: max(r["step_peak_mib"] for r in got) for (st, w), got in cells.items() if st == 3}
+    ranks = sorted(peaks)
+    trend = " / ".join(f"{peaks[w]:.0f}" for w in ranks) + " MiB at " + " / ".join(map(str, ranks))
+    return (
+        f"At ZeRO-3 the step peak per rank is {trend} ranks: the persistent part shrinks as 1/N, "
+        "but during the upper step each rank also holds full-length tensors — the gathered θ and "
+        "φ, each HVP's full result before it is reduced into the partition (on gloo, which has no "
+        "reduce-scatter, through a full-length all-reduce) and the activations of its batch shard "
+        "— so the peak falls more slowly than the persistent memory."
+    )
+
+
 def scale_section() -> str:
     """The generated part of the README's scale section (between the scale markers)."""
     data, _ = _zero_rows()
     m = data["machine"]
     a3, b3 = _fit_bytes_per_param(3)
-    _, b0 = _fit_bytes_per_param(0)
+    b0 = _unsharded_bytes_per_param()
     parts = [
         SCALE_BEGIN,
         "",
@@ -474,6 +493,8 @@ def scale_section() -> str:
         "times at 4 ranks show oversubscription, not scaling.",
         "",
         zero_memory_table(),
+        "",
+        _peak_sentence(),
         "",
         "**Projection (on paper, not measured).** Fitting `persistent(N) = a + b·P/N` to the ZeRO-3 rows "
         f"(P = parameters of both copies) gives b = {b3:.1f} bytes per parameter and a = {a3:.0f} MiB; "

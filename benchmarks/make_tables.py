@@ -269,8 +269,45 @@ def _machine(runs: list[dict[str, dict]]) -> str:
     )
 
 
+def missing_results() -> list[str]:
+    """The result files the performance section needs that are not in ``benchmarks/results/``."""
+    return [name for name in (*RUNS, BENCH_RUN, CG_STEP) if not (RESULTS / name).exists()]
+
+
+def pending_section(missing: list[str]) -> str:
+    """The performance section while the suite's runs on this code are missing: what to run, no
+    number (the earlier runs in ``benchmarks/results/`` measured older code)."""
+    return "\n".join(
+        [
+            BEGIN,
+            "",
+            "The performance suite of this code has not been run yet: "
+            + ", ".join(f"`benchmarks/results/{name}`" for name in missing)
+            + " are missing, so this section shows no numbers (the other JSON files in "
+            "`benchmarks/results/` measured earlier versions of the code). To produce them on a quiet "
+            "machine and regenerate this section:",
+            "",
+            "```bash",
+            "pytest benchmarks/bench_hypergrad.py benchmarks/bench_fast_paths.py benchmarks/bench_cg_forms.py \\",
+            "    benchmarks/bench_hvp.py \\",
+            f"    --benchmark-only --benchmark-json=benchmarks/results/{RUNS[0]}   # then again for run 2",
+            "bissl bench --model resnet18 --batch 16 --damping 100 --rounds 3 \\",
+            f"    --out benchmarks/results/{BENCH_RUN}",
+            "python benchmarks/make_tables.py",
+            "```",
+            "",
+            "What is measured and why is explained in [docs/performance.md](docs/performance.md).",
+            "",
+            END,
+        ]
+    )
+
+
 def section() -> str:
     """The whole generated section (between the markers)."""
+    missing = missing_results()
+    if missing:
+        return pending_section(missing)
     runs = [load_run(name) for name in RUNS]
     medians = [
         statistics.median(

@@ -1,4 +1,5 @@
-"""The README's performance section is exactly what benchmarks/make_tables.py makes from the JSON."""
+"""The README's performance and scale sections are exactly what benchmarks/make_tables.py makes
+from the JSON."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ def _make_tables():
 
 def test_readme_performance_section_is_generated_from_the_results():
     tables = _make_tables()
-    for name in (*tables.RUNS, tables.BENCH_RUN, tables.CG_STEP):
-        assert (tables.RESULTS / name).exists(), f"benchmarks/results/{name} is missing"
     assert tables.update_readme(check=True), (
         "README.md's performance section differs from benchmarks/make_tables.py's output: "
         "run python benchmarks/make_tables.py"
@@ -28,6 +27,12 @@ def test_readme_performance_section_is_generated_from_the_results():
 def test_every_network_and_form_has_a_row():
     tables = _make_tables()
     section = tables.section()
+    missing = tables.missing_results()
+    if missing:
+        # No runs of this code yet: the section says which files are missing and shows no number.
+        assert all(f"benchmarks/results/{name}" in section for name in missing)
+        assert "×" not in section and " ms" not in section
+        return
     for label in tables.PROBLEM_LABELS.values():
         assert label in section
     for row in ("| `cg` | dict |", "| `cg` | tuple |", "| `cg_layerwise` | dict |"):

@@ -6,7 +6,7 @@ Two variants:
   the Conjugate Gradient Method Without the Agonizing Pain", §B2]. Our default.
 * :func:`cg_layerwise_solve` — one α and β per parameter tensor with the matvec computed jointly,
   what the BiSSL reference code runs by default. It is **not** a convergent method (it can stall or
-  diverge; ``shared/REFERENCE.md``): offered for fidelity to the reference only.
+  diverge; ``docs/method.md`` §3): offered for fidelity to the reference only.
 
 Fixed-iteration mode (``rtol=None``) makes **no host synchronisation**: step sizes, flags and
 counters stay 0-dim device tensors and every branch is a ``torch.where``. With a tolerance, the

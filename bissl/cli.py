@@ -97,7 +97,8 @@ def _execute(cfg, run_dir: Path, *, command_hint: str) -> int:
         layout = f"{results['workers']} worker processes"
     else:
         layout = "1 process"
-    print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {results['threads']} thread(s) each)")
+    threads = results["threads"] if results["threads"] is not None else "torch's default"
+    print(f"\nwall time {wall:.1f} s on {results['device']} ({layout}, {threads} thread(s) each)")
     print(
         f"results: {run_dir / 'results.json'}\ncurves:  {run_dir / 'curves.png'}\n"
         f"metrics: {run_dir}/seed_<s>/metrics.csv"

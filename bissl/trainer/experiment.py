@@ -320,7 +320,7 @@ def summarize_done(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         "backbone": cfg.model.backbone,
         "pretext": cfg.pretext.method,
         "device": cfg.run.device,
-        "threads": None,
+        "threads": cfg.run.num_threads,  # each rank's setting (None: torch's default)
         "workers": cfg.run.workers,
         "nproc": cfg.run.nproc,
         "zero_stage": cfg.deepspeed.zero_stage if cfg.run.nproc > 1 else None,

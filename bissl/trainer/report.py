@@ -64,6 +64,8 @@ def paired_statistics(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     from bissl.report_tables import compare_arms
 
     c = compare_arms(per_seed, "bissl", "baseline")
+    if c is None:
+        raise ValueError("paired_statistics: no seed has both arms")
     return {"test_acc": c.stats.to_dict(), "mcnemar": c.mcnemar.to_dict() if c.mcnemar else None}
 
 

@@ -71,20 +71,11 @@ class ShardLayout:
             slot += c
         self.index = index.to(device)
         self.local_index = self.index[rank]
-        # Gathers read real entries only (padding slots are zeroed afterwards): no (P+1,) copy of
-        # a whole vector with a zero appended, which at ResNet-50 size is ~100 MiB per matvec.
-        self._pad = self.index >= self.numel
-        self._safe_index = self.index.clamp_max(max(self.numel - 1, 0))
         self.local_segments = segment.to(device)
-
-    def _take(self, full: Tensor, ranks: slice | int) -> Tensor:
-        """``full`` at the slots of ``ranks`` (padding slots 0), allocating only the result."""
-        out = full[self._safe_index[ranks]]
-        return out.masked_fill_(self._pad[ranks], 0)
 
     def local(self, full: Tensor) -> Tensor:
         """This rank's partition ``(L,)`` of a whole ``(P,)`` vector (no communication)."""
-        return self._take(full, self.rank)
+        return torch.cat([full, full.new_zeros(1)])[self.local_index]
 
     def all_gather(self, part: Tensor, group: ProcessGroup | None = None) -> Tensor:
         """The whole ``(P,)`` vector from every rank's partition (one all-gather)."""
@@ -99,17 +90,16 @@ class ShardLayout:
         full[self.index[: parts.shape[0]].reshape(-1)] = parts.reshape(-1)
         return full[: self.numel]
 
-    def reduce_scatter_mean(self, full: Tensor, group: ProcessGroup | None = None, *, owned: bool = False) -> Tensor:
-        """This rank's partition of the rank-average of a whole ``(P,)`` vector. ``owned``: the
-        caller hands ``full`` over (gloo may then sum into it instead of a copy)."""
+    def reduce_scatter_mean(self, full: Tensor, group: ProcessGroup | None = None) -> Tensor:
+        """This rank's partition of the rank-average of a whole ``(P,)`` vector."""
         if self.world == 1:
             return self.local(full)
         if dist.get_backend(group) == "nccl":
-            parts = self._take(full, slice(None))  # (N, L), rank-major
+            parts = torch.cat([full, full.new_zeros(1)])[self.index]  # (N, L), rank-major
             out = full.new_empty(self.local_numel)
             dist.reduce_scatter_tensor(out, parts.reshape(-1), group=group)
-        else:  # gloo has no reduce-scatter: an all-reduce of the whole vector
-            summed = full if owned else full.clone()
+        else:  # gloo has no reduce-scatter
+            summed = full.clone()
             dist.all_reduce(summed, group=group)
             out = self.local(summed)
         return out.div_(self.world)
@@ -151,10 +141,7 @@ class ShardedSpace:
         layout, group = self.layout, self.group
 
         def sharded(p: Tensor) -> Tensor:
-            hv = matvec(layout.all_gather(p, group))
-            # A fresh HVP result belongs to no one else; one that aliases its input does not.
-            owned = hv._base is None and hv.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
-            return layout.reduce_scatter_mean(hv, group, owned=owned)
+            return layout.reduce_scatter_mean(matvec(layout.all_gather(p, group)), group)
 
         return sharded
 

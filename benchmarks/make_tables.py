@@ -504,7 +504,8 @@ def _peak_sentence() -> str:
     return (
         f"At ZeRO-3 the step peak per rank is {trend} ranks: the persistent part shrinks as 1/N, "
         "but during the upper step each rank also holds full-length tensors — the gathered θ and "
-        "φ, each HVP's full result before it is reduced into the partition (on gloo, which has no "
+        "φ, the partition's int64 index of every slot of every rank (8 bytes per parameter of θ), "
+        "each HVP's full result before it is reduced into the partition (on gloo, which has no "
         "reduce-scatter, through a full-length all-reduce) and the activations of its batch shard "
         "— so the peak falls more slowly than the persistent memory."
     )

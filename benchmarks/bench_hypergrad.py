@@ -19,8 +19,10 @@ asserts a positive definite system; the damping changes no work.
 
 Timing: :func:`bissl.bench.interleaved_rounds`, one round = ours and the reference back to back,
 the order alternating; speed-up = ``median(reference) / median(ours)`` (``extra_info`` also has
-every round's ratio and the load average). The answers must agree: max relative difference
-≤ 1e-5 (float32), asserted. Peak memory: growth of the high-water RSS while one hypergradient
+every round's ratio and the load average). Equal result, asserted: the same hypergradient in
+float64 (same problem cast, same solver) is the exact answer, and ours may be at most twice as far
+from it as the reference (relative 2-norm; or 1e-5). The float32 difference between the two is
+recorded too. Peak memory: growth of the high-water RSS while one hypergradient
 runs, in a fresh process, for each. ``BISSL_BENCH_ROUNDS`` sets the rounds (default 7);
 ``BISSL_BENCH_PROBLEMS`` (comma-separated) restricts the networks.
 """
@@ -35,28 +37,39 @@ import pytest
 import torch
 from conftest import peak_rss_delta_mb
 
-from bissl.bench import interleaved_rounds, load_info, machine_info, max_rel_diff
+from bissl.bench import interleaved_rounds, less_accurate, load_info, machine_info, max_rel_diff, rel_error
 from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
 from bissl.ops import flatten
 from bissl.testing import named_problem
 
-#: name -> (builder(batch) -> BilevelProblem, batch, damping)
+#: name -> (builder(batch, dtype=float32) -> BilevelProblem, batch, damping). A builder's float64
+#: problem is its float32 one cast (same data and weights): the exact answer both routes aim at.
 PROBLEMS = {
-    "reference_cnn": (lambda batch: named_problem("reference_cnn", batch=batch), 32, 10.0),
-    "resnet18": (lambda batch: named_problem("resnet18", batch=batch), 16, 100.0),
-    "transformer": (lambda batch: named_problem("transformer", batch=batch), 16, 10.0),
-    "plain_cnn": (lambda batch: networks.plain_cnn(batch=batch), 32, 10.0),
-    "mlp": (lambda batch: networks.mlp(batch=batch), 64, 10.0),
-    "vit_tiny": (lambda batch: networks.vit_tiny(batch=batch), 8, 300.0),
+    "reference_cnn": (
+        lambda batch, dtype=torch.float32: named_problem("reference_cnn", batch=batch, dtype=dtype),
+        32,
+        10.0,
+    ),
+    "resnet18": (lambda batch, dtype=torch.float32: named_problem("resnet18", batch=batch, dtype=dtype), 16, 100.0),
+    "transformer": (
+        lambda batch, dtype=torch.float32: named_problem("transformer", batch=batch, dtype=dtype),
+        16,
+        10.0,
+    ),
+    "plain_cnn": (lambda batch, dtype=torch.float32: networks.plain_cnn(batch=batch, dtype=dtype), 32, 10.0),
+    "mlp": (lambda batch, dtype=torch.float32: networks.mlp(batch=batch, dtype=dtype), 64, 10.0),
+    "vit_tiny": (lambda batch, dtype=torch.float32: networks.vit_tiny(batch=batch, dtype=dtype), 8, 300.0),
 }
 SELECTED = [p for p in os.environ.get("BISSL_BENCH_PROBLEMS", ",".join(PROBLEMS)).split(",") if p]
 SOLVERS = ("cg", "cg_layerwise")
 ROUNDS = int(os.environ.get("BISSL_BENCH_ROUNDS", "7"))
-MAX_REL_DIFF = 1e-5
-#: Layer-wise CG is not a convergent method (docs/method.md): its per-tensor steps amplify float32
-#: rounding, so the order of the epilogue's float64 partial sums alone moved the reference CNN's
-#: answer by 1.16e-5 (measured on this code; float64 runs agree to round-off in tests/hypergrad).
-MAX_REL_DIFF_LAYERWISE = 3e-5
+#: Equal result: ours may be no further from the float64 answer than ``ACCURACY_FACTOR`` times the
+#: reference's error (or ``ACCURACY_FLOOR``, whichever is larger). A fixed bound on ours − reference
+#: does not work across networks: on ResNet-18 (BatchNorm, batch 16) channels-last and standard
+#: convolutions each sit ~0.5% from float64 and 0.08% from each other (measured), while the other
+#: networks agree to 1e-6.
+ACCURACY_FACTOR = 2.0
+ACCURACY_FLOOR = 1e-5
 
 
 def _kwargs(name: str) -> dict:
@@ -78,6 +91,15 @@ def make_call(name: str, impl: str, solver: str = "cg"):
     )
 
 
+def exact_hypergrad(name: str, solver: str) -> torch.Tensor:
+    """The same hypergradient (same solver, iterations and problem) in float64, flat."""
+    build, batch, _ = PROBLEMS[name]
+    prob = build(batch, dtype=torch.float64)
+    return flatten(
+        implicit_hypergrad(prob.lower_loss, prob.upper_loss, prob.params, solver=solver, strict=False, **_kwargs(name))
+    )
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("name", SELECTED)
 def test_hypergradient(benchmark, medians, name, solver):
@@ -87,6 +109,8 @@ def test_hypergradient(benchmark, medians, name, solver):
     answers = {impl: flatten(call()) for impl, call in calls.items()}
     rel = max_rel_diff(answers["ours"], answers["reference"])
     build, batch, _ = PROBLEMS[name]
+    exact = exact_hypergrad(name, solver)
+    errors = {impl: rel_error(a, exact) for impl, a in answers.items()}
     prob = build(batch)
     _, info = implicit_hypergrad(
         prob.lower_loss, prob.upper_loss, prob.params, solver="cg", strict=False, return_info=True, **_kwargs(name)
@@ -118,6 +142,7 @@ def test_hypergradient(benchmark, medians, name, solver):
             "ours_s": times["ours"],
             "reference_s": times["reference"],
             "max_rel_diff_vs_reference": rel,
+            "rel_error_vs_float64": errors,
             "damping": PROBLEMS[name][2],
             "batch": batch,
             "cg_flags": info.summary(),
@@ -128,8 +153,8 @@ def test_hypergradient(benchmark, medians, name, solver):
         }
     )
     assert not bool(info.indefinite), f"{name}: the benchmark system must be positive definite ({info.summary()})"
-    bound = MAX_REL_DIFF_LAYERWISE if solver == "cg_layerwise" else MAX_REL_DIFF
-    assert rel <= bound, f"{name}/{solver}: ours and the reference differ by {rel:.2e} (max relative)"
+    worse = less_accurate(errors, reference="reference", factor=ACCURACY_FACTOR, floor=ACCURACY_FLOOR)
+    assert not worse, f"{name}/{solver}: less accurate than the reference against float64: {errors}"
 
 
 @pytest.mark.parametrize("name", SELECTED)

@@ -249,6 +249,30 @@ def max_rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-300))
 
 
+def rel_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """``‖got − exact‖ / ‖exact‖`` in float64: a float32 route's error against the float64 answer.
+
+    Two float32 routes to the same exact quantity (e.g. channels-last against standard
+    convolutions) can differ from each other by more than either differs from nothing but
+    rounding; on an ill-conditioned network (ResNet-18 with BatchNorm on a batch of 16) both sit
+    ~0.5% from the float64 answer. Comparing each with float64 says whether one is less accurate.
+    """
+    exact = exact.double().reshape(-1)
+    return float((got.double().reshape(-1) - exact).norm() / exact.norm().clamp_min(1e-300))
+
+
+def less_accurate(
+    errors: dict[str, float], *, reference: str, factor: float = 2.0, floor: float = 0.0
+) -> dict[str, float]:
+    """The routes of ``errors`` (name -> :func:`rel_error`) less accurate than ``reference``.
+
+    A route fails when its error exceeds ``max(factor · errors[reference], floor)``; the benchmarks
+    assert that this is empty (equal result = no route worse than the reference beyond rounding).
+    """
+    limit = max(factor * errors[reference], floor)
+    return {k: e for k, e in errors.items() if e > limit}
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):

@@ -151,13 +151,17 @@ def module_problem(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> BilevelProblem:
-    """A problem around any image backbone (e.g. a ResNet-18 for benchmarks), on ``device``."""
+    """A problem around any image backbone (e.g. a ResNet-18 for benchmarks), on ``device``.
+
+    Data and weights are drawn in float32 and cast, so the float64 problem is the float32 one
+    evaluated exactly: the benchmarks measure each float32 route's error against it.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x = torch.randn(batch, *image, generator=g, dtype=dtype)
-    x2 = x.flip(-1) + 0.1 * torch.randn(batch, *image, generator=g, dtype=dtype)
+    x = torch.randn(batch, *image, generator=g)
+    x2 = x.flip(-1) + 0.1 * torch.randn(batch, *image, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
-    return _problem(backbone, feat, x, x2, y, classes, proj_dim, dtype, device)
+    return _problem(backbone, feat, x.to(dtype), x2.to(dtype), y, classes, proj_dim, dtype, device)
 
 
 def dense_hessian(loss_fn: LossFn, params: Params) -> Tensor:

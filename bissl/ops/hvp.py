@@ -272,14 +272,12 @@ class LinearizedHVP:
         fast_gelu_layernorm: bool = True,
         need_grad: bool = True,
         fast_activations: bool = False,
-        channels_last: bool | None = None,
+        channels_last: bool = False,
         fast_linear: bool = True,
     ):
         _check_mode(mode)
         self.mode = mode
         named_loss, named, self.spec, self.form = as_named(loss_fn, params, "linearize_hvp")
-        if channels_last is None:
-            channels_last = self.spec.device.type == "cpu"
         self.num_matvecs = 0
         self._loss_fn = named_loss
         self._primals = {k: p.detach() for k, p in named.items()}
@@ -384,7 +382,7 @@ def linearize_hvp(
     fast_gelu_layernorm: bool = True,
     need_grad: bool = True,
     fast_activations: bool = False,
-    channels_last: bool | None = None,
+    channels_last: bool = False,
     fast_linear: bool = True,
 ) -> LinearizedHVP:
     """Set up ``v ↦ ∇²loss_fn(params)·v`` once for many matvecs (a CG solve).
@@ -404,8 +402,9 @@ def linearize_hvp(
             second-derivative coefficients once (:mod:`bissl.ops.gelu_double_backward`,
             :mod:`bissl.ops.layernorm_double_backward`).
         channels_last: on the ``revrev`` path with ``fast_conv``, run the convolutions on
-            channels-last activations (:mod:`bissl.ops.conv_double_backward`); default: on CPU
-            (where oneDNN's NHWC kernels are faster, measured), off elsewhere.
+            channels-last activations (:mod:`bissl.ops.conv_double_backward`). Default off: on a
+            2-core AMD EPYC it made the plain CNN's solve work 8% faster, the conv-BN CNN's equal
+            and ResNet-18's 18% slower (``benchmarks/bench_fast_paths.py``); measure your network.
         fast_linear: on the ``revrev`` path, route ``linear`` through
             :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
             is False).

@@ -2,7 +2,7 @@
 
 Examples::
 
-    bissl demo                                   # baseline vs BiSSL on digits, 3 seeds, CPU
+    bissl demo                                   # baseline, compute-matched baseline, BiSSL on digits, 10 seeds
     bissl demo --task text                       # the same on two text tasks with a small GPT
     bissl run demo_digits --nproc 2              # every phase on 2 ranks (gloo; DeepSpeed ZeRO)
     bissl run demo_digits --set bissl.lam=0.01 --out runs/lam0.01
@@ -128,17 +128,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    overrides = [f"run.seeds={list(range(args.seeds))}", *args.set]
+    overrides = ([f"run.seeds={list(range(args.seeds))}"] if args.seeds is not None else []) + list(args.set)
     if args.quiet:
         overrides.append("run.quiet=true")
     names = DEMO_CONFIGS[args.task]
     # Validate every config before the first (minutes-long) run starts.
     paths = [_demo_config_path(name) for name in names]
     cfgs = [load_config(path, overrides) for path in paths]
-    print(f"BiSSL demo: baseline vs BiSSL on {DEMO_DESCRIPTIONS[args.task]}, {args.seeds} seed(s)")
-    hint = f"bissl demo --task {args.task} --seeds {args.seeds}"
+    seeds = sorted({len(cfg.run.seeds) for cfg in cfgs})
+    print(f"BiSSL demo: baseline vs BiSSL on {DEMO_DESCRIPTIONS[args.task]}, {' / '.join(map(str, seeds))} seed(s)")
+    hint = f"bissl demo --task {args.task}" + (f" --seeds {args.seeds}" if args.seeds is not None else "")
     for path, cfg in zip(paths, cfgs):
         out = str(Path(args.out) / path.stem) if args.out and len(paths) > 1 else args.out
         print(f"\n== {path.stem} (config {path})")
@@ -311,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="vision",
         help="'vision' (digits, default) or 'text' (three text classification tasks, one table each)",
     )
-    demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    demo.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the config's; digits: 10)"
+    )
     demo.add_argument(
         "--out",
         metavar="DIR",

@@ -311,6 +311,12 @@ class BisslConfig:
     damping: float = _opt(10.0, "λ_damp: the linear system is (I + H/(λ+λ_damp)) x = v", _ge(0))
     gamma: float = _opt(1.0, "γ: weight of the direct upper term L_D(φ, ψ_D)", _ge(0))
     cg_iters: int = _opt(5, "iterations of the inverse-HVP solver", _ge(0))
+    exact_check_iters: int = _opt(
+        0,
+        "diagnostic: on the first upper step of each stage also solve the same system with MINRES "
+        "to this many iterations and log the hypergradient's cosine to it (metrics 'hg_cos_exact'; 0: off)",
+        _ge(0),
+    )
     solver: Literal["cg", "cg_layerwise", "minres", "neumann", "identity"] = _opt(
         "cg", "inverse-HVP solver ('cg_layerwise' reproduces the reference code; 'minres' handles indefinite systems)"
     )
@@ -397,10 +403,16 @@ class FinetuneConfig:
 class BaselineConfig:
     """The baseline arm: the pretext checkpoint fine-tuned with the identical protocol."""
 
-    enabled: bool = _opt(True, "run the baseline arm")
+    enabled: bool = _opt(True, "run the baseline arm (and the control arms below when they are on)")
     compute_matched: bool = _opt(
         False,
-        "continue pretext training for the BiSSL stage's number of lower steps (same LARS schedule) before fine-tuning",
+        "also run the compute-matched baseline arm 'baseline_matched': pretext training continued for "
+        "the BiSSL stage's number of lower steps (the lower level's optimizer and schedule), then fine-tuned",
+    )
+    ablation_upper0: bool = _opt(
+        False,
+        "also run the ablation arm 'bissl_upper0': the BiSSL stage with upper_steps 0 (its lower steps "
+        "only, φ never updated), then fine-tuned from θ",
     )
 
 

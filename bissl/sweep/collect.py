@@ -18,7 +18,8 @@ from typing import Any
 from bissl.sweep.plan import SweepPlan, cell_dir
 from bissl.trainer.report import METRICS, mean_std
 
-ARM_ORDER = ("bissl", "baseline")
+#: BiSSL, then the control arms (``bissl.trainer.report.ARMS``); a shared baseline brings all three.
+ARM_ORDER = ("bissl", "baseline", "baseline_matched", "bissl_upper0")
 SWEEP_CSV, SUMMARY_CSV = "sweep.csv", "summary.csv"
 
 
@@ -42,7 +43,7 @@ def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
         for seed in plan.seeds:
             for arm in ARM_ORDER:
                 source, metrics = cell.name, res["per_seed"].get(str(seed), {}).get(arm)
-                if metrics is None and arm == "baseline" and shared is not None and provider is not None:
+                if metrics is None and arm != "bissl" and shared is not None and provider is not None:
                     source, metrics = provider, shared["per_seed"].get(str(seed), {}).get(arm)
                 if metrics is None:
                     continue

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bissl.config import ConfigError, load_config
+from bissl.provenance import write_provenance
 from bissl.solvers import SolverError
 from bissl.sweep.collect import (
     SUMMARY_CSV,
@@ -208,6 +209,7 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
         if verbose:
             print(_describe(i, n, outcome, plan), flush=True)
     rows = collect_rows(plan, out)
+    write_provenance(out)  # machine, commit and date of the collected numbers (generated tables show it)
     failed = {o.cell.name: o.error or "" for o in outcomes if o.status == "failed"}
     summary = summarize_cells(plan, rows, failed)
     csv_path, summary_path = out / SWEEP_CSV, out / SUMMARY_CSV

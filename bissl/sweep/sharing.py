@@ -1,7 +1,9 @@
 """What a sweep may compute once and reuse: THE rule, in one place.
 
 Per seed the pipeline is ``pretext`` -> ``bissl`` -> ``finetune_bissl`` (the BiSSL arm) and, from
-the same pretext checkpoint, [``pretext_matched``] -> ``finetune_baseline`` (the baseline arm).
+the same pretext checkpoint, ``finetune_baseline`` and the configured control arms
+(``pretext_matched`` -> ``finetune_baseline_matched``, ``bissl_upper0`` -> ``finetune_bissl_upper0``):
+together "the baseline arm" here, switched by ``baseline.enabled``.
 Every phase seeds itself from ``(seed, phase name)`` only (:func:`bissl.trainer.run_phase`), so a
 phase's result depends on its config keys and its inputs, never on what ran before it. Hence:
 
@@ -41,13 +43,15 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
-def parts_affected(key: str, *, compute_matched: bool = False) -> frozenset[str]:
+def parts_affected(key: str, *, compute_matched: bool = False, ablation_upper0: bool = False) -> frozenset[str]:
     """The parts of the pipeline a dotted config key can change.
 
     Args:
         key: e.g. ``"bissl.lam"``, ``"finetune.lr"``, ``"model.options.width"``.
         compute_matched: whether the baseline arm is compute-matched (it then reads some
             ``bissl.*`` keys, :data:`MATCHED_BASELINE_KEYS`).
+        ablation_upper0: whether the control arms include BiSSL without upper steps (it then
+            reads every ``bissl.*`` key, conservatively).
 
     Returns:
         A subset of ``{PRETEXT, BISSL_ARM, BASELINE_ARM}``.
@@ -55,6 +59,8 @@ def parts_affected(key: str, *, compute_matched: bool = False) -> frozenset[str]
     if key in NO_EFFECT_KEYS:
         return frozenset()
     if _under(key, "bissl"):
+        if ablation_upper0:
+            return frozenset({BISSL_ARM, BASELINE_ARM})
         if compute_matched and any(_under(key, k) for k in MATCHED_BASELINE_KEYS):
             return frozenset({BISSL_ARM, BASELINE_ARM})
         return frozenset({BISSL_ARM})
@@ -102,8 +108,9 @@ def plan_sharing(
         return SharingPlan(False, False, None, "a single cell has nothing to share")
     configs = list(configs)
     matched = any(c.baseline.compute_matched for c in configs)
+    upper0 = any(c.baseline.ablation_upper0 for c in configs)
     has_baseline = all(c.baseline.enabled for c in configs)
-    affected = {key: parts_affected(key, compute_matched=matched) for key in keys}
+    affected = {key: parts_affected(key, compute_matched=matched, ablation_upper0=upper0) for key in keys}
     blocks_pretext = [k for k, parts in affected.items() if PRETEXT in parts]
     blocks_baseline = [k for k, parts in affected.items() if BASELINE_ARM in parts]
     pretext = not blocks_pretext

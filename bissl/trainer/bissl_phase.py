@@ -58,6 +58,7 @@ class BisslPhase(Phase):
         cfg, data, ctx: experiment config, tensors, run context.
         pretext_result: ``{"backbone", "pretext"}`` state dicts from the pretext phase.
         dp: the data-parallel layout (default: one process).
+        name: the phase name (``"bissl"``; ``"bissl_upper0"`` for the ablation arm).
     """
 
     name = PHASE
@@ -69,7 +70,9 @@ class BisslPhase(Phase):
         ctx: RunContext,
         pretext_result: dict[str, Any],
         dp: DataParallel | None = None,
+        name: str = PHASE,
     ) -> None:
+        self.name = name
         self.cfg, self.device = cfg, ctx.device
         self.dp = dp or DataParallel()
         self.models = start_models(cfg, data, ctx.device, pretext_result)
@@ -118,7 +121,7 @@ class BisslPhase(Phase):
         return self.schedule.describe(step)
 
     def step(self) -> list[dict[str, Any]]:
-        part, stage, _ = self.schedule.locate(self.step_idx)
+        part, stage, k = self.schedule.locate(self.step_idx)
         if part == "warmup":
             row = self._warmup_step()
         else:
@@ -126,7 +129,7 @@ class BisslPhase(Phase):
             if part == "lower":
                 row = step_fn.lower_step(self.batches.lower_views())
             else:
-                row = step_fn.upper_step(self.batches.hvp_views(stage), self.batches.downstream())
+                row = step_fn.upper_step(self.batches.hvp_views(stage), self.batches.downstream(), check_exact=k == 0)
         self.step_idx += 1
         row.setdefault("round", stage + 1 if stage >= 0 else self.batches.upper_sampler.epoch + 1)
         return [row]

@@ -65,7 +65,8 @@ class BisslSettings:
         hyper: the solver settings, passed unchanged to the implicit hypergradient (``hvp_mode``
             is the section's, or ``revrev`` until ``auto`` is resolved on the first upper step).
         hvp_auto: ``bissl.hvp_mode`` is ``auto``.
-        gamma, direct_term, prox_pull, on_nonfinite: see :class:`bissl.config.BisslConfig`.
+        gamma, direct_term, prox_pull, on_nonfinite, exact_check_iters: see
+            :class:`bissl.config.BisslConfig`.
         shard: partition the solver's vectors across ranks.
         bucket_numel: all-reduce bucket of the hypergradient's vectors (None: one per vector).
     """
@@ -76,6 +77,7 @@ class BisslSettings:
     direct_term: Literal["phi", "theta"] = "phi"
     prox_pull: float = 0.0
     on_nonfinite: Literal["skip", "raise"] = "skip"
+    exact_check_iters: int = 0
     shard: bool = False
     bucket_numel: int | None = None
 
@@ -93,6 +95,7 @@ class BisslSettings:
             direct_term=b.direct_term,
             prox_pull=b.prox_pull,
             on_nonfinite=b.on_nonfinite,
+            exact_check_iters=b.exact_check_iters,
             shard=shard,
             bucket_numel=cfg.deepspeed.hypergrad_bucket_numel,
         )
@@ -162,8 +165,14 @@ class BisslStep:
         sums = per_tensor.sum(0)
         grad_norm = self.lower.step()
         cast(LowerObjective, self.lower.module).update_target()  # BYOL's EMA on lower steps only
-        g2, _, d2, phi2 = sums.unbind()
-        stats = {"pretext_grad_norm": g2.sqrt(), "distance": d2.sqrt(), "prox_grad_norm": lam * d2.sqrt()}
+        g2, gd, d2, phi2 = sums.unbind()
+        total = (g2 + 2 * lam * gd + lam * lam * d2).clamp_min(0).sqrt()  # ‖∇L_P + λ(θ − φ)‖
+        stats = {
+            "pretext_grad_norm": g2.sqrt(),
+            "distance": d2.sqrt(),
+            "prox_grad_norm": lam * d2.sqrt(),
+            "prox_share": torch.where(total > 0, lam * d2.sqrt() / total, torch.zeros_like(total)),
+        }
         if not isinstance(self.lam_schedule, ConstantLam):  # adaptive rules read host floats
             self.lam_schedule.observe(
                 LowerStepStats(
@@ -186,9 +195,12 @@ class BisslStep:
         }
 
     # ------------------------------------------------------------------ upper step
-    def upper_step(self, hvp_views: tuple[Tensor, ...], batch: tuple[Tensor, Tensor]) -> dict[str, Any]:
+    def upper_step(
+        self, hvp_views: tuple[Tensor, ...], batch: tuple[Tensor, Tensor], *, check_exact: bool = False
+    ) -> dict[str, Any]:
         """One upper step: the hypergradient on this rank's shard of the stage's HVP views, and
-        the upper copy's step on its shard of the downstream batch; returns the metrics row."""
+        the upper copy's step on its shard of the downstream batch; returns the metrics row.
+        ``check_exact`` (with ``exact_check_iters`` > 0) also logs ``hg_cos_exact``."""
         s = self.settings
         lam = self.lam_schedule.value
         self.lower.module.train()
@@ -250,6 +262,9 @@ class BisslStep:
             if "g_psi" not in seen:
                 raise RuntimeError("implicit_hypergrad did not evaluate upper_loss; cannot form ∇_ψ L_D(θ)")
             spec = flat_spec(theta)
+            extra = {}
+            if check_exact and s.exact_check_iters > 0:
+                extra["hg_cos_exact"] = self._cosine_to_exact(lower_loss, upper_loss, theta, lam, flatten(x, spec))
             g_phi = flatten(x, spec)
             if keep_v:
                 g_phi = g_phi + s.gamma * seen["v"]
@@ -280,8 +295,37 @@ class BisslStep:
             "grad_norm": grad_norm,
             "skipped": 0,
             **solver_columns(info.summary()),
+            **extra,
             "always_log": True,
         }
+
+    def _cosine_to_exact(
+        self,
+        lower_loss: Callable[[dict[str, Tensor]], Tensor],
+        upper_loss: Callable[[dict[str, Tensor]], Tensor],
+        theta: dict[str, Tensor],
+        lam: float,
+        x: Tensor,
+    ) -> float:
+        """Cosine between the configured solve ``x`` and the same system solved by MINRES to
+        ``exact_check_iters`` iterations (relative residual 1e-10): how far the few-iteration
+        hypergradient is from the one the implicit-function theorem defines. MINRES, because it
+        converges on symmetric indefinite systems too."""
+        s = self.settings
+        exact = distributed_implicit_hypergrad(
+            lower_loss,
+            upper_loss,
+            theta,
+            lam=lam,
+            settings=self.hyper.replace(
+                solver="minres", iters=s.exact_check_iters, rtol=1e-10, strict=False, on_indefinite="warn"
+            ),
+            shard=s.shard,
+            bucket_numel=s.bucket_numel,
+        )
+        e = flatten(cast(dict[str, Tensor], exact), flat_spec(theta))
+        denom = math.sqrt(float(dot_ref(x, x)) * float(dot_ref(e, e)))
+        return float(dot_ref(x, e)) / denom if denom > 0 else float("nan")
 
     def _skip(self, result: Any, lr: float, lam: float, seen: dict[str, Any]) -> dict[str, Any]:
         """Skip an upper step whose hypergradient is not finite, or raise (``on_nonfinite``)."""

@@ -10,9 +10,12 @@ Run directory layout::
     <run_dir>/seed_<s>/metrics.csv   one row per logged step (see bissl.trainer.metrics)
     <run_dir>/seed_<s>/checkpoints/  <phase>.pt (in progress), <phase>.done.pt (finished)
 
-Per seed the phases are ``pretext``, ``bissl``, ``finetune_bissl``, then (baseline enabled)
-``pretext_matched`` (only with ``baseline.compute_matched``) and ``finetune_baseline``. The pretext
-checkpoint is shared by both arms. Running the same command again on the same run directory
+Per seed the phases are ``pretext``, ``bissl``, ``finetune_bissl`` (arm ``bissl``), then with the
+baseline enabled ``finetune_baseline`` (arm ``baseline``), with ``baseline.compute_matched``
+``pretext_matched`` and ``finetune_baseline_matched`` (arm ``baseline_matched``: as many pretext
+steps on θ as BiSSL's lower level takes), and with ``baseline.ablation_upper0`` ``bissl_upper0`` and
+``finetune_bissl_upper0`` (arm ``bissl_upper0``: BiSSL's lower steps without any upper step). The
+pretext checkpoint is shared by every arm. Running the same command again on the same run directory
 resumes from the last checkpoint (or just re-reports a finished run). :func:`run_experiment`
 (``bissl.trainer.runner``) starts N rank processes first when ``run.nproc > 1``.
 """
@@ -42,6 +45,7 @@ from bissl.config import (
 from bissl.data import load_dataset
 from bissl.data.options import image_task_options, text_task_options
 from bissl.distributed.trainable import DataParallel
+from bissl.provenance import collect_provenance
 from bissl.trainer.bissl_phase import BisslPhase
 from bissl.trainer.bissl_stage import lower_spec
 from bissl.trainer.builders import PipelineData
@@ -51,7 +55,7 @@ from bissl.trainer.loop import RunContext, StepBudget, run_phase
 from bissl.trainer.metrics import MetricsLog, NullMetrics, progress_enabled
 from bissl.trainer.plots import plot_run_dir
 from bissl.trainer.pretext_phase import PretextPhase
-from bissl.trainer.report import METRICS, summarize, write_json_atomic
+from bissl.trainer.report import ARMS, METRICS, bissl_diagnostics, summarize, write_json_atomic
 
 #: Keys that may change between a run and its resumption (they do not change the results).
 RESUMABLE_CHANGES = (
@@ -202,7 +206,9 @@ def run_seed(
     bar_position: int = 0,
     dp: DataParallel | None = None,
 ) -> dict[str, dict[str, Any] | None]:
-    """All phases of one seed; returns ``{"bissl": metrics, "baseline": metrics or None}``.
+    """All phases of one seed; returns ``{arm: metrics}`` with ``"bissl"`` and ``"baseline"`` (None
+    when disabled), plus ``"baseline_matched"`` / ``"bissl_upper0"`` when configured, and
+    ``"diagnostics"`` (rank 0: :func:`bissl.trainer.report.bissl_diagnostics` of the BiSSL stage).
 
     Every rank of a multi-rank run calls it (``dp``); only rank 0 writes the metrics file.
     """
@@ -220,48 +226,44 @@ def run_seed(
         bar_position=bar_position,
         dp=dp,
     )
+
+    def finetune(arm: str, backbone: dict[str, Any]) -> dict[str, Any]:
+        phase = f"finetune_{arm}"
+        return _arm_metrics(run_phase(phase, lambda: FinetunePhase(phase, cfg, data, ctx, backbone), ctx))
+
+    out: dict[str, Any] = {}
     try:
         pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
         bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre, dp), ctx)
-        out: dict[str, dict[str, Any] | None] = {
-            "bissl": _arm_metrics(
-                run_phase(
-                    "finetune_bissl",
-                    lambda: FinetunePhase("finetune_bissl", cfg, data, ctx, bissl["lower_backbone"]),
-                    ctx,
-                )
-            )
-        }
-        out["baseline"] = None
-        if cfg.baseline.enabled:
-            base = pre
-            if cfg.baseline.compute_matched:
-                b, lo = cfg.bissl, cfg.bissl.lower
-                base = run_phase(
+        out["bissl"] = finetune("bissl", bissl["lower_backbone"])
+        out["baseline"] = finetune("baseline", pre["backbone"]) if cfg.baseline.enabled else None
+        if cfg.baseline.enabled and cfg.baseline.compute_matched:
+            b, lo = cfg.bissl, cfg.bissl.lower
+            matched = run_phase(
+                "pretext_matched",
+                lambda: PretextPhase(
                     "pretext_matched",
-                    lambda: PretextPhase(
-                        "pretext_matched",
-                        cfg,
-                        data,
-                        ctx,
-                        total_steps=b.stages * b.lower_steps,
-                        opt=lower_spec(cfg),
-                        warmup_steps=lo.warmup_steps,
-                        final_lr_factor=lo.final_lr_factor,
-                        batch_size=lo.batch_size,
-                        init=pre,
-                    ),
+                    cfg,
+                    data,
                     ctx,
-                )
-            out["baseline"] = _arm_metrics(
-                run_phase(
-                    "finetune_baseline",
-                    lambda: FinetunePhase("finetune_baseline", cfg, data, ctx, base["backbone"]),
-                    ctx,
-                )
+                    total_steps=b.stages * b.lower_steps,
+                    opt=lower_spec(cfg),
+                    warmup_steps=lo.warmup_steps,
+                    final_lr_factor=lo.final_lr_factor,
+                    batch_size=lo.batch_size,
+                    init=pre,
+                ),
+                ctx,
             )
+            out["baseline_matched"] = finetune("baseline_matched", matched["backbone"])
+        if cfg.baseline.enabled and cfg.baseline.ablation_upper0:
+            cfg0 = dataclasses.replace(cfg, bissl=dataclasses.replace(cfg.bissl, upper_steps=0))
+            upper0 = run_phase("bissl_upper0", lambda: BisslPhase(cfg0, data, ctx, pre, dp, name="bissl_upper0"), ctx)
+            out["bissl_upper0"] = finetune("bissl_upper0", upper0["lower_backbone"])
     finally:
         metrics.close()
+    if dp.rank == 0:
+        out["diagnostics"] = bissl_diagnostics(seed_dir / "metrics.csv")
     return out
 
 
@@ -293,6 +295,8 @@ def _run_seeds_in_workers(cfg: Config, run_dir: Path, workers: int) -> dict[int,
 
 
 def _write_outputs(cfg: Config, run_dir: Path, per_seed: dict[int, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    # Machine, commit and date: the generated tables (bissl report) print them under every table.
+    meta = {**meta, "provenance": collect_provenance(None if cfg.run.device == "cpu" else cfg.run.device)}
     results = summarize(per_seed, meta=meta)
     write_json_atomic(results, run_dir / "results.json")
     plot_run_dir(run_dir, cfg.run.seeds)
@@ -308,12 +312,13 @@ def summarize_done(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     for seed in cfg.run.seeds:
         ckpts = run_dir / f"seed_{seed}" / "checkpoints"
         arms: dict[str, Any] = {"bissl": None, "baseline": None}
-        for arm in arms:
+        for arm in ARMS:
             done = ckpts / f"finetune_{arm}.done.pt"
             if done.exists():
                 arms[arm] = _arm_metrics(load_checkpoint(done)["result"])
         if arms["bissl"] is None:
             raise RuntimeError(f"seed {seed} of {run_dir} has not finished (no finetune_bissl.done.pt)")
+        arms["diagnostics"] = bissl_diagnostics(run_dir / f"seed_{seed}" / "metrics.csv")
         per_seed[seed] = arms
     meta = {
         "dataset": cfg.data.name,

@@ -12,6 +12,8 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
 * ``prox``: lower steps: (λ/2)‖θ − φ‖².
 * ``pretext_grad_norm, prox_grad_norm, distance``: lower steps: ‖∇_θ L_P‖ (averaged over ranks,
   before the proximal term and clipping), the proximal gradient's norm λ‖θ − φ‖, and ‖θ − φ‖.
+* ``prox_share``: lower steps: the proximal term's share of the lower gradient,
+  ``‖λ(θ − φ)‖ / ‖∇L_P + λ(θ − φ)‖`` (before clipping).
 * ``skipped``: upper steps: 1 when the step was skipped for a non-finite hypergradient.
 * ``lam``: lower and upper steps: the λ the step used (``bissl.lam_schedule``; constant by default).
 * ``lr``, ``grad_norm`` (before clipping).
@@ -22,6 +24,9 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
   ``I + H/(λ+λ_damp)`` was flagged indefinite, the Ritz estimates of its extreme eigenvalues and
   condition number (NaN where the solver gives none), what ``bissl.on_indefinite`` did, and the
   damping of the system actually solved.
+* ``hg_cos_exact``: the first upper step of each stage when ``bissl.exact_check_iters`` > 0: the
+  cosine between the implicit part of the hypergradient as configured and the same system solved
+  by MINRES to that many iterations (relative residual 1e-10) on the same batch.
 * ``val_loss, val_acc``: evaluation rows.
 * ``wall_s``: seconds since the phase (re)started in this process.
 
@@ -65,6 +70,7 @@ COLUMNS = (
     "pretext_grad_norm",
     "prox_grad_norm",
     "distance",
+    "prox_share",
     "skipped",
     "cg_iters",
     "cg_residual",
@@ -77,6 +83,7 @@ COLUMNS = (
     "cg_condition",
     "cg_action",
     "cg_damping_used",
+    "hg_cos_exact",
     "val_loss",
     "val_acc",
     "wall_s",

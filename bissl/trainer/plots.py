@@ -12,8 +12,18 @@ from matplotlib.figure import Figure
 
 from bissl.trainer.metrics import read_metrics
 
-_ARM_COLORS = {"finetune_baseline": "tab:gray", "finetune_bissl": "tab:blue"}
-_ARM_LABELS = {"finetune_baseline": "baseline", "finetune_bissl": "BiSSL"}
+_ARM_COLORS = {
+    "finetune_baseline": "tab:gray",
+    "finetune_baseline_matched": "tab:brown",
+    "finetune_bissl_upper0": "tab:olive",
+    "finetune_bissl": "tab:blue",
+}
+_ARM_LABELS = {
+    "finetune_baseline": "baseline",
+    "finetune_baseline_matched": "compute-matched baseline",
+    "finetune_bissl_upper0": "BiSSL, no upper step",
+    "finetune_bissl": "BiSSL",
+}
 
 
 def _series(rows: Iterable[dict[str, Any]], phase: str, part: str, column: str) -> tuple[list, list]:

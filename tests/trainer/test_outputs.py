@@ -105,16 +105,62 @@ def test_results_carry_paired_statistics_and_mcnemar():
     assert "bissl_vs_baseline" not in summarize({0: per_seed[0]})["summary"]  # one seed: no test
 
 
-def test_compute_matched_baseline_and_disabled_baseline(tmp_path, tiny_config):
-    res = run_experiment(tiny_config("baseline.compute_matched=true"), tmp_path / "matched")
-    rows = read_metrics(tmp_path / "matched" / "seed_0" / "metrics.csv")
+def test_control_arms_and_disabled_baseline(tmp_path, tiny_config):
+    """Three arms and the ablation: the compute-matched baseline runs stages × lower_steps pretext
+    steps with the lower level's schedule, the ablation runs the BiSSL stage without upper steps;
+    every arm is fine-tuned and compared with BiSSL, paired."""
+    cfg = tiny_config("baseline.compute_matched=true", "baseline.ablation_upper0=true", "run.seeds=[0, 1]")
+    res = run_experiment(cfg, tmp_path / "arms")
+    rows = read_metrics(tmp_path / "arms" / "seed_0" / "metrics.csv")
     matched = [r for r in rows if r["phase"] == "pretext_matched"]
     assert len(matched) == 2 * 2  # stages x lower_steps, with the lower-level LARS schedule
     assert matched[0]["lr"] == 1.0
-    assert res["summary"]["baseline"]["test_acc"]["n"] == 1
-    res = run_experiment(tiny_config("baseline.enabled=false"), tmp_path / "nobase")
+    upper0 = [r for r in rows if r["phase"] == "bissl_upper0"]
+    assert {r["part"] for r in upper0} == {"warmup", "lower"} and sum(r["part"] == "lower" for r in upper0) == 4
+    # Same lower batches as BiSSL's (the stage's data order is the seed's, not the phase's): the
+    # first lower step, before any upper step could differ, gives the same loss.
+    first = {p: next(r for r in rows if r["phase"] == p and r["part"] == "lower") for p in ("bissl", "bissl_upper0")}
+    assert first["bissl"]["loss"] == pytest.approx(first["bissl_upper0"]["loss"], rel=1e-6)
+    for arm in ("baseline", "baseline_matched", "bissl_upper0", "bissl"):
+        assert res["summary"][arm]["test_acc"]["n"] == 2
+        assert all(res["per_seed"][s][arm]["test_correct"] for s in ("0", "1"))
+    for other in ("baseline", "baseline_matched", "bissl_upper0"):
+        assert res["summary"][f"bissl_vs_{other}"]["test_acc"]["n"] == 2
+        diffs = [res["per_seed"][s]["bissl"]["test_acc"] - res["per_seed"][s][other]["test_acc"] for s in ("0", "1")]
+        assert res["summary"][f"bissl_minus_{other}_test_acc"]["mean"] == pytest.approx(sum(diffs) / 2)
+    table = format_table(res)
+    assert "matched" in table.splitlines()[0] and "no upper" in table.splitlines()[0]
+    assert "BiSSL − matched over 2 seeds" in table and "BiSSL − no upper over 2 seeds" in table
+    ckpts = {p.name for p in (tmp_path / "arms" / "seed_1" / "checkpoints").iterdir()}
+    assert {"finetune_baseline_matched.done.pt", "finetune_bissl_upper0.done.pt", "bissl_upper0.done.pt"} <= ckpts
+    res = run_experiment(tiny_config("baseline.enabled=false", "baseline.compute_matched=true"), tmp_path / "nobase")
     assert res["per_seed"]["0"]["baseline"] is None and "baseline" not in res["summary"]
+    assert "baseline_matched" not in res["per_seed"]["0"]  # enabled: false switches every control arm off
     assert "—" in format_table(res)
+
+
+def test_bissl_stage_diagnostics(tmp_path, tiny_config):
+    """prox_share lies where the triangle inequality puts it; the exact-solve cosine is logged on
+    the first upper step of each stage, near 1 when CG runs to convergence; results.json and the
+    table carry their per-seed summary."""
+    res = run_experiment(tiny_config("bissl.cg_iters=200", "bissl.exact_check_iters=400"), tmp_path / "diag")
+    rows = [r for r in read_metrics(tmp_path / "diag" / "seed_0" / "metrics.csv") if r["phase"] == "bissl"]
+    lower = [r for r in rows if r["part"] == "lower"]
+    assert lower[0]["prox_share"] == 0.0  # θ = φ at the first lower step
+    for r in lower[1:]:
+        p, g = r["prox_grad_norm"], r["pretext_grad_norm"]
+        assert p / (g + p) - 1e-9 <= r["prox_share"] <= p / abs(g - p) + 1e-9 and 0 < r["prox_share"] <= 1
+    upper = [r for r in rows if r["part"] == "upper"]
+    checked = [r["hg_cos_exact"] for r in upper if r["hg_cos_exact"] is not None]
+    assert len(checked) == 2 and [r["hg_cos_exact"] is not None for r in upper] == [True, False, True, False]
+    assert min(checked) > 0.999
+    diag = res["per_seed"]["0"]["diagnostics"]
+    assert diag["distance_final"] == lower[-1]["distance"] and diag["hg_cos_exact_min"] == min(checked)
+    assert res["summary"]["diagnostics"]["hg_cos_exact_mean"]["mean"] == pytest.approx(sum(checked) / 2)
+    assert "cosine to an exact solve" in format_table(res)
+    # A one-iteration solve is measurably further from the exact one.
+    res1 = run_experiment(tiny_config("bissl.cg_iters=1", "bissl.exact_check_iters=400"), tmp_path / "diag1")
+    assert res1["per_seed"]["0"]["diagnostics"]["hg_cos_exact_min"] < min(checked)
 
 
 class _Exploding(Phase):

@@ -138,7 +138,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     paths = [_demo_config_path(name) for name in names]
     cfgs = [load_config(path, overrides) for path in paths]
     seeds = sorted({len(cfg.run.seeds) for cfg in cfgs})
-    print(f"BiSSL demo: baseline vs BiSSL on {DEMO_DESCRIPTIONS[args.task]}, {' / '.join(map(str, seeds))} seed(s)")
+    from bissl.report_tables import ARM_NAMES
+    from bissl.trainer.report import ARMS, configured_arms
+
+    arms = [a for a in ARMS if any(a in configured_arms(cfg) for cfg in cfgs)]
+    print(
+        f"BiSSL demo: {', '.join(ARM_NAMES[a] for a in arms)} on {DEMO_DESCRIPTIONS[args.task]}, "
+        f"{' / '.join(map(str, seeds))} seed(s)"
+    )
     hint = f"bissl demo --task {args.task}" + (f" --seeds {args.seeds}" if args.seeds is not None else "")
     for path, cfg in zip(paths, cfgs):
         out = str(Path(args.out) / path.stem) if args.out and len(paths) > 1 else args.out

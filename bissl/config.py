@@ -350,7 +350,9 @@ class BisslConfig:
         "constant",
         "lower-level regularisation scale over training: 'constant' (λ = lam), "
         "'grad_ratio' (λ keeps the proximal gradient λ‖θ−φ‖ at lam_options.ratio × "
-        "the pretext gradient norm), 'distance' (λ grows with ‖θ−φ‖), or "
+        "the pretext gradient norm), 'distance' (λ grows with ‖θ−φ‖), "
+        "'grad_ratio_per_tensor' (grad_ratio per backbone tensor: one λ per tensor in both "
+        "levels), or "
         "'package.module:callable' (see bissl.hypergrad.lam_schedules)",
     )
     lam_options: dict[str, Any] = _opt({}, "options of lam_schedule (e.g. ratio, ema, min, max)")
@@ -558,6 +560,11 @@ class Config:
         if self.bissl.on_indefinite == "fallback" and self.bissl.fallback_solver == self.bissl.solver:
             raise ConfigError(
                 "'bissl.fallback_solver' must differ from 'bissl.solver' when 'bissl.on_indefinite' is 'fallback'"
+            )
+        if self.bissl.lam_schedule == "grad_ratio_per_tensor" and self.bissl.on_indefinite == "adaptive_damping":
+            raise ConfigError(
+                "'bissl.lam_schedule' 'grad_ratio_per_tensor' gives one λ per tensor; "
+                "'bissl.on_indefinite: adaptive_damping' needs a single λ"
             )
         self.deepspeed.validate()
         if self.run.dtype == "float64" and self.run.nproc > 1 and self.deepspeed.zero_stage >= 1:

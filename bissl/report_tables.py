@@ -11,7 +11,8 @@ under ``docs/``; no number is typed by hand. A table sits between marker comment
 The marker names the kind (``run`` or ``sweep``), the directory (relative to the markdown file,
 like a link) and options: ``metric=`` (``test_acc`` default, ``val_acc``, ``test_loss``,
 ``val_loss``), ``per_seed=yes`` (run tables: one row per seed), ``compare=`` (comma-separated
-``a-b`` arm pairs; default: ``bissl`` against every other arm). ``bissl report --update FILE...``
+``a-b`` arm pairs; default: ``bissl`` against every other arm), ``diagnostics=yes`` (sweep
+tables: the BiSSL stage's diagnostics per cell, from ``summary.csv``). ``bissl report --update FILE...``
 rewrites exactly those blocks; ``--check`` reports blocks that differ (a test runs it on the
 README and every doc).
 
@@ -56,9 +57,18 @@ METRIC_NAMES = {
     "test_loss": "test cross-entropy",
     "val_loss": "validation cross-entropy",
 }
+#: Entries of a seed's results that are not arms (the BiSSL stage's diagnostics).
+NOT_ARMS = ("diagnostics",)
 #: Per-example correctness of an arm on the test split (optional; enables McNemar).
 CORRECT_KEY = "test_correct"
-OPTIONS = ("metric", "per_seed", "compare")
+OPTIONS = ("metric", "per_seed", "compare", "diagnostics")
+#: summary.csv's BiSSL-stage diagnostic columns a sweep table can add (``diagnostics=yes``).
+DIAGNOSTIC_COLUMNS = {
+    "diag_distance_final": ("‖θ − φ‖ (last lower step)", ".3g"),
+    "diag_prox_share_final": ("proximal share (last stage)", ".3f"),
+    "diag_hg_cos_exact_mean": ("cosine to exact solve", ".4f"),
+    "diag_hg_cos_exact_min": ("worst stage's cosine", ".4f"),
+}
 _START = re.compile(r"^<!-- table:(?P<kind>\S+) (?P<path>\S+)(?P<opts>(?: \S+=\S+)*) -->$")
 _END = "<!-- /table -->"
 
@@ -116,6 +126,19 @@ def _provenance_text(prov: dict[str, Any] | None) -> str:
         f"run on {prov.get('machine') or 'an unrecorded machine'}, commit "
         f"`{prov.get('commit') or 'unrecorded'}`, {prov.get('date') or 'undated'}"
     )
+
+
+def _wall_text(results: dict[str, Any]) -> str:
+    """The run's wall time as ``bissl run`` recorded it (that of the last process, if resumed)."""
+    wall = results.get("wall_s_this_process")
+    if wall is None:
+        return ""
+    how = ", ".join(
+        f"{results[k]} {name}"
+        for k, name in (("workers", "worker process(es)"), ("threads", "thread(s) each"))
+        if k in results
+    )
+    return f"; wall time {wall:.0f} s{f' ({how})' if how else ''}"
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -254,7 +277,10 @@ def render_run_table(
     run_dir = Path(run_dir)
     results = _read_results(run_dir)
     try:
-        per_seed = {int(s): {arm: m for arm, m in arms.items() if m} for s, arms in results["per_seed"].items()}
+        per_seed = {
+            int(s): {arm: m for arm, m in arms.items() if m and arm not in NOT_ARMS}
+            for s, arms in results["per_seed"].items()
+        }
     except (AttributeError, ValueError) as err:
         raise TableError(f"{run_dir}/results.json: malformed per_seed ({err})") from None
     arms = _arm_order(sorted({a for entry in per_seed.values() for a in entry}))
@@ -270,8 +296,8 @@ def render_run_table(
     title = METRIC_NAMES[metric]
     lines = [
         f"{title[0].upper()}{title[1:]}{f' on {what}' if what else ''}, "
-        f"{_seeds_text(per_seed)}; {_provenance_text(read_provenance(run_dir, results))}. "
-        f"Data: `{source}/results.json`.",
+        f"{_seeds_text(per_seed)}; {_provenance_text(read_provenance(run_dir, results))}"
+        f"{_wall_text(results)}. Data: `{source}/results.json`.",
         "",
     ]
     arm_rows = []
@@ -305,7 +331,33 @@ def render_run_table(
             rows.append(row)
         lines += ["", *_table(header, rows)]
     lines += ["", _footnote(metric)]
+    diagnostics = _diagnostics_text(results.get("summary", {}).get("diagnostics"))
+    if diagnostics:
+        lines += ["", diagnostics]
     return "\n".join(lines)
+
+
+def _diagnostics_text(diag: dict[str, Any] | None) -> str:
+    """One sentence on what the BiSSL stage did (means over seeds of ``bissl_diagnostics``)."""
+    if not diag:
+        return ""
+
+    def mean(key: str, fmt: str) -> str | None:
+        entry = diag.get(key)
+        return None if not entry else format(entry["mean"], fmt)
+
+    parts = [
+        f"‖θ − φ‖ at the last lower step {v}" if (v := mean("distance_final", ".3g")) else None,
+        f"proximal share of the lower gradient in the last stage {v}"
+        if (v := mean("prox_share_final", ".2f"))
+        else None,
+        f"cosine of the hypergradient to a many-iteration MINRES solve {v} (worst stage {w})"
+        if (v := mean("hg_cos_exact_mean", ".4f")) and (w := mean("hg_cos_exact_min", ".4f"))
+        else None,
+        f"upper steps skipped {v}" if (v := mean("skipped", ".3g")) else None,
+    ]
+    text = "; ".join(p for p in parts if p)
+    return f"BiSSL stage, mean over seeds: {text}." if text else ""
 
 
 # --------------------------------------------------------------------------- sweep tables
@@ -327,14 +379,22 @@ def _read_sweep_csv(sweep_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def render_sweep_table(
-    sweep_dir: str | Path, *, label: str | None = None, metric: str = "test_acc", compare: str | None = None
+    sweep_dir: str | Path,
+    *,
+    label: str | None = None,
+    metric: str = "test_acc",
+    compare: str | None = None,
+    diagnostics: bool = False,
 ) -> str:
     """Markdown table of a sweep directory's ``sweep.csv``: one row per cell (module docstring).
 
     Holm's adjustment runs over the cells of the table, separately for each comparison and test.
+    ``diagnostics`` adds a table of the BiSSL stage's diagnostics per cell (means over seeds, from
+    ``summary.csv``'s ``diag_*`` columns).
 
     Raises:
-        TableError: no or malformed sweep.csv, unknown metric or arm.
+        TableError: no or malformed sweep.csv, unknown metric or arm; no diagnostics in
+            summary.csv when asked for them.
     """
     _check_metric(metric)
     sweep_dir = Path(sweep_dir)
@@ -394,7 +454,33 @@ def render_sweep_table(
     ]
     lines += _table(header, table_rows, right_from=len(grid))
     lines += ["", _footnote(metric) + " Holm: over the cells of this table, per comparison and test."]
+    if diagnostics:
+        lines += ["", *_diagnostics_table(sweep_dir, grid, list(cells))]
     return "\n".join(lines)
+
+
+def _diagnostics_table(sweep_dir: Path, grid: list[str], cells: list[str]) -> list[str]:
+    path = sweep_dir / "summary.csv"
+    rows = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = {r["cell"]: r for r in csv.DictReader(f)}
+    if not all(c in rows and rows[c].get("diag_distance_final") for c in cells):
+        raise TableError(f"{path}: diagnostics=yes, but not every cell has the BiSSL stage's diagnostics")
+    body = []
+    for c in cells:
+        r = rows[c]
+        body.append(
+            [r[k] for k in grid]
+            + ["—" if not r.get(col) else format(float(r[col]), fmt) for col, (_, fmt) in DIAGNOSTIC_COLUMNS.items()]
+        )
+    return [
+        "BiSSL stage per cell, means over seeds (`summary.csv`): ‖θ − φ‖ at the last lower step, the "
+        "proximal term's share of the lower gradient over the last stage, and the hypergradient's "
+        "cosine to a many-iteration MINRES solve of the same system (once per stage).",
+        "",
+        *_table([*grid, *(name for name, _ in DIAGNOSTIC_COLUMNS.values())], body, right_from=len(grid)),
+    ]
 
 
 # --------------------------------------------------------------------------- markers
@@ -410,7 +496,12 @@ def render(kind: str, path: str | Path, *, label: str | None = None, options: di
         raise TableError(f"unknown table option(s) {unknown}; valid: {', '.join(OPTIONS)}")
     metric = options.get("metric", "test_acc")
     compare = options.get("compare")
+    for key in ("per_seed", "diagnostics"):
+        if options.get(key, "no") not in ("yes", "no"):
+            raise TableError(f"{key}={options[key]!r}; use yes or no")
     if kind == "run":
+        if "diagnostics" in options:
+            raise TableError("diagnostics is an option of sweep tables (run tables always state them)")
         flag = options.get("per_seed", "no")
         if flag not in ("yes", "no"):
             raise TableError(f"per_seed={flag!r}; use yes or no")
@@ -418,7 +509,9 @@ def render(kind: str, path: str | Path, *, label: str | None = None, options: di
     if kind == "sweep":
         if "per_seed" in options:
             raise TableError("per_seed is an option of run tables")
-        return render_sweep_table(path, label=label, metric=metric, compare=compare)
+        return render_sweep_table(
+            path, label=label, metric=metric, compare=compare, diagnostics=options.get("diagnostics") == "yes"
+        )
     raise TableError(f"unknown table kind {kind!r}; use 'run' or 'sweep'")
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
-from bissl.hypergrad.implicit import implicit_hypergrad
+from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
@@ -39,7 +39,7 @@ def distributed_implicit_hypergrad(
     upper_loss: LossFn,
     lower_params: ParamsLike,
     *,
-    lam: float,
+    lam: LamLike,
     settings: HypergradSettings | None = None,
     shard: bool = False,
     return_info: bool = False,

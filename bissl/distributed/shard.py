@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bissl.distributed.collectives import ProcessGroup, world_size
 from bissl.distributed.collectives import rank as current_rank
-from bissl.hypergrad.implicit import implicit_hypergrad
+from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
@@ -157,7 +157,7 @@ def sharded_implicit_hypergrad(
     upper_loss: LossFn,
     lower_params: ParamsLike,
     *,
-    lam: float,
+    lam: LamLike,
     settings: HypergradSettings,
     group: ProcessGroup | None = None,
     on_rhs: Callable[[Tensor], None] | None = None,

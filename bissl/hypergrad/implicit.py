@@ -5,6 +5,13 @@ With the lower problem ``θ*(φ) = argmin_θ L_P(θ) + (λ/2)‖θ − φ‖²``
 through θ* is ``(I + H/λ)⁻¹ ∇_θ L_D(θ*)``. As the reference code, the linear system may be damped
 separately from the proximal weight: we solve ``(I + H/(λ + damping)) x = ∇_θ L_D(θ)``.
 
+Per-tensor λ. With one weight per parameter tensor, ``Λ = diag(λ_i I)``, the lower problem is
+``L_P(θ) + ½ Σ_i λ_i‖θ_i − φ_i‖²`` and the IFT gives ``dθ*/dφ = (H + Λ)⁻¹ Λ``, so the upper gradient
+through θ* is ``Λ (H + Λ)⁻¹ v``; damped as above, ``x = C (H + C)⁻¹ v`` with ``C = Λ + damping·I``
+(for one λ this is the system above). ``C (H + C)⁻¹`` is not symmetric, so the solvers get the
+congruent system ``(I + C^{-1/2} H C^{-1/2}) z = C^{-1/2} v`` (symmetric, positive definite
+exactly when ``H + C`` is) and ``x = C^{1/2} z``; the scaling is one scalar per tensor.
+
 Away from a minimum of ``L_P`` (e.g. at random initialisation) ``H`` can have eigenvalues below
 ``−(λ + damping)``; the system is then indefinite and CG's answer is meaningless. The solvers detect
 it for free (``pᵀAp ≤ 0`` or a non-positive Ritz value, :mod:`bissl.solvers.lanczos`) and
@@ -15,8 +22,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, cast
 
 import torch
 
@@ -28,6 +35,8 @@ from bissl.solvers import get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
 from bissl.typing import LossFn
 
+#: λ: one value, or one per parameter tensor (a sequence in θ's order, or a ``{name: λ}`` dict).
+LamLike: TypeAlias = "float | Sequence[float] | Mapping[str, float] | torch.Tensor"
 #: Values of ``implicit_hypergrad(on_indefinite=...)``.
 ON_INDEFINITE: tuple[str, ...] = ("raise", "warn", "fallback", "adaptive_damping")
 #: Re-solves ``on_indefinite="adaptive_damping"`` may make; each at least doubles ``λ + damping``.
@@ -125,6 +134,48 @@ def _solve(
     return result
 
 
+def per_tensor_lam(lam: LamLike, spec: FlatSpec, where: str) -> tuple[float, ...] | None:
+    """``lam`` as one float per tensor of ``spec`` (spec order), or None for a single λ.
+
+    Args:
+        lam: a number (or 0-d tensor); a sequence or 1-D tensor with one value per tensor, in
+            ``spec.names`` order; or a ``{name: λ}`` dict with exactly the names of ``spec``.
+
+    Raises:
+        ValueError: wrong count or names, or a value that is not finite and > 0 (names the tensor).
+    """
+    if isinstance(lam, torch.Tensor):
+        if lam.dim() == 0:
+            return None
+        lam = [float(v) for v in lam.detach().reshape(-1).tolist()]
+    if isinstance(lam, (int, float)):
+        return None
+    names = spec.names
+    if isinstance(lam, Mapping):
+        missing, extra = [n for n in names if n not in lam], [k for k in lam if k not in names]
+        if missing or extra:
+            raise ValueError(
+                f"{where}: per-tensor lam must name exactly θ's tensors; missing {missing[:5]}, unknown {extra[:5]}"
+            )
+        values = [float(lam[n]) for n in names]
+    else:
+        values = [float(v) for v in lam]
+        if len(values) != len(names):
+            raise ValueError(f"{where}: per-tensor lam has {len(values)} values but θ has {len(names)} tensors")
+    for name, value in zip(names, values):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{where}: lam of tensor {name!r} must be finite and > 0, got {value}")
+    return tuple(values)
+
+
+def _congruent(matvec: Callable, inv_root: tuple[float, ...], inv_root_flat: torch.Tensor, pieces: bool) -> Callable:
+    """``z ↦ C^{-1/2} H C^{-1/2} z`` from ``H``'s matvec: per-tensor pieces (one scalar each) or
+    flat vectors in the solver's layout (``inv_root_flat`` entry by entry)."""
+    if pieces:
+        return lambda zs: [h * s for h, s in zip(matvec([z * s for z, s in zip(zs, inv_root)]), inv_root)]
+    return lambda z: matvec(z * inv_root_flat) * inv_root_flat
+
+
 def _next_damping(result: SolveResult, lam: float, damping: float) -> float:
     """A damping that should make ``I + H/(λ + damping)`` positive definite, from the Ritz estimate.
 
@@ -143,7 +194,7 @@ def implicit_hypergrad(
     upper_loss: LossFn,
     lower_params: AnyVector,
     *,
-    lam: float,
+    lam: LamLike,
     iters: int = 5,
     damping: float = 0.0,
     solver: SolverName = "cg",
@@ -191,7 +242,10 @@ def implicit_hypergrad(
             the downstream head).
         lower_params: ``θ``: a ``{name: Tensor}`` dict, a tuple/list of tensors or a flat ``(P,)``
             tensor; both losses receive that form.
-        lam: proximal weight λ > 0 (reference: 0.001).
+        lam: proximal weight λ > 0 (reference: 0.001), or one per parameter tensor (a sequence in
+            θ's order or a ``{name: λ}`` dict; the reference code accepts a tuple): then ``x``
+            solves ``(H + C) C⁻¹ x = v``, ``C = diag(λ_i + damping)`` (module docstring).
+            ``on_indefinite="adaptive_damping"`` needs a single λ.
         iters: solver iterations (reference: 5).
         damping: extra damping of the linear system (reference ``cg_lam_dampening``: 10).
         solver: ``"cg"`` (global CG, default), ``"cg_layerwise"`` (the reference's per-tensor CG),
@@ -221,10 +275,16 @@ def implicit_hypergrad(
         ...                        on_indefinite="fallback")
         >>> g_phi = {k: x[k] + gamma * grad_phi[k] for k in x}
     """
-    if not lam > 0:
-        raise ValueError(f"implicit_hypergrad: lam must be > 0, got {lam}")
+    where = "implicit_hypergrad"
+    _, _, spec, form = as_named(lower_loss, lower_params, where)
+    lams = per_tensor_lam(lam, spec, where)
+    scalar_lam = 1.0 if lams is not None else float(cast(float, lam))
+    if lams is None and not scalar_lam > 0:
+        raise ValueError(f"{where}: lam must be > 0, got {lam}")
+    if lams is not None and on_indefinite == "adaptive_damping":
+        raise ValueError(f"{where}: on_indefinite='adaptive_damping' needs a single lam, not one per tensor")
     check_solve_options(
-        "implicit_hypergrad", lam=lam, damping=damping, solver=solver, on_indefinite=on_indefinite, fallback=fallback
+        where, lam=scalar_lam, damping=damping, solver=solver, on_indefinite=on_indefinite, fallback=fallback
     )
     _, v = upper_gradient(upper_loss, lower_params)
     if space is not None:
@@ -233,20 +293,25 @@ def implicit_hypergrad(
     pieces = False
     if solver != "identity":  # identity is never flagged indefinite, so never falls back
         op = linearize_hvp(lower_loss, lower_params, mode=hvp_mode, need_grad=False)
-        spec, form = op.spec, op.form
-        if space is None:
-            # One process: the solver reads the HVP's per-parameter outputs as they are (no copy).
-            matvec, pieces = op.hv_pieces, True
-        else:
-            matvec = space.operator(op.matvec)
-    else:
-        _, _, spec, form = as_named(lower_loss, lower_params, "implicit_hypergrad")
+        # One process: the solver reads the HVP's per-parameter outputs as they are (no copy).
+        pieces = space is None
+        matvec = op.hv_pieces if pieces else cast(VectorSpace, space).operator(op.matvec)
+    root: torch.Tensor | None = None  # C^{1/2} per entry of the solver's vectors (per-tensor λ)
+    if lams is not None:
+        # The congruent system I + C^{-1/2} H C^{-1/2}, built in the solver's own layout (whole or
+        # partitioned vectors), so the space and its hooks see the true v and H.
+        roots = torch.tensor([math.sqrt(x + damping) for x in lams], dtype=v.dtype, device=v.device)
+        root = roots[spec.segment_ids() if space is None else space.segments(spec)]
+        v = v / root
+        if matvec is not None:
+            matvec = _congruent(matvec, tuple(1.0 / float(r) for r in roots), root.reciprocal(), pieces)
     result = solve_ift_system(
         matvec,
         v,
         spec,
-        lam=lam,
-        damping=damping,
+        # A per-tensor λ is folded into the operator above: the solver's system is I + (that).
+        lam=scalar_lam,
+        damping=0.0 if lams is not None else damping,
         solver=solver,
         iters=iters,
         backend=backend,
@@ -258,6 +323,9 @@ def implicit_hypergrad(
         matvec_pieces=pieces,
     )
     flat_x = cast(torch.Tensor, result.x)  # _solve leaves it flat
+    if root is not None:
+        flat_x = flat_x * root
+        result.damping_used = float(damping)
     x = as_form(flat_x if space is None else space.solution(flat_x), spec, form)
     result.x = x
     return (x, result) if return_info else x

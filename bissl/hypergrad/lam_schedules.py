@@ -9,7 +9,8 @@ its schedule and hands it to both.
 Interface (what a user plugs in with ``bissl.lam_schedule: "package.module:factory"``)::
 
     factory(base_lam: float, **lam_options) -> schedule
-    schedule.value -> float                     # λ for the next lower/upper step
+    schedule.value -> float | tuple[float, ...] # λ for the next lower/upper step (one, or one
+                                                # per backbone parameter tensor, in θ's order)
     schedule.observe(stats: LowerStepStats)     # called after every lower step
     schedule.state_dict() / load_state_dict(d)  # checkpointed with the run
 
@@ -21,6 +22,10 @@ Built-in rules:
   clipped to ``[min, max]``. ``ratio`` 1 means the pull and the pretext gradient have equal norm.
 * ``distance`` — stiffen the pull as θ drifts: ``λ = lam · max(1, d / target)^power`` with the
   relative distance ``d = ‖θ − φ‖ / ‖φ‖``, clipped to ``max``.
+* ``grad_ratio_per_tensor`` — ``grad_ratio`` for each backbone parameter tensor separately
+  (``λ_i`` from ``‖∇_{θ_i} L_P‖ / ‖θ_i − φ_i‖``): one λ per tensor, the form the reference code
+  accepts (a tuple of λ). The lower step pulls each tensor with its own ``λ_i`` and the upper step
+  solves the IFT system with ``Λ = diag(λ_i)`` (:mod:`bissl.hypergrad.implicit`).
 
 The thesis behind BiSSL reports that adaptive scaling gave no consistent gain; the rules exist so
 that users can ask the question on their own task (``bissl sweep``), not as a recommended default.
@@ -39,6 +44,7 @@ __all__ = [
     "ConstantLam",
     "DistanceLam",
     "GradRatioLam",
+    "GradRatioPerTensorLam",
     "LamSchedule",
     "LowerStepStats",
     "build_lam_schedule",
@@ -54,19 +60,22 @@ class LowerStepStats:
         pretext_grad_norm: ``‖∇_θ L_P(θ)‖`` (before the proximal term and clipping).
         distance: ``‖θ − φ‖`` before the step.
         phi_norm: ``‖φ‖``.
+        grad_norms, distances: the same two per backbone parameter tensor, in θ's order.
     """
 
     step: int
     pretext_grad_norm: float
     distance: float
     phi_norm: float
+    grad_norms: tuple[float, ...] = ()
+    distances: tuple[float, ...] = ()
 
 
 class LamSchedule(Protocol):
     """A λ schedule: ``value`` now, ``observe`` after each lower step, and its checkpoint state."""
 
     @property
-    def value(self) -> float: ...
+    def value(self) -> float | tuple[float, ...]: ...
 
     def observe(self, stats: LowerStepStats) -> None: ...
 
@@ -163,11 +172,61 @@ class DistanceLam(_Scalar):
         self._lam = min(self.hi, self.base * max(1.0, rel / self.target) ** self.power)
 
 
+class GradRatioPerTensorLam:
+    """λ_i tracks ``ratio · ‖∇_{θ_i} L_P‖ / ‖θ_i − φ_i‖`` per backbone tensor (EMA ``ema``, clipped
+    to ``[min, max]``).
+
+    Every λ_i starts at ``lam``: ``value`` is the float ``lam`` until the first lower step has
+    been observed, then a tuple with one λ per tensor. A tensor with ``θ_i = φ_i`` (or a
+    non-finite gradient) keeps its λ_i.
+
+    Args:
+        lam: initial λ of every tensor (and the centre of the default clip range).
+        ratio: wanted ``λ_i‖θ_i − φ_i‖ / ‖∇_{θ_i} L_P‖``.
+        ema: weight of the previous λ_i in the moving average (0: jump to the target).
+        min, max: clip range (default ``lam/100`` and ``lam·100``).
+    """
+
+    def __init__(
+        self, lam: float, ratio: float = 1.0, ema: float = 0.9, min: float | None = None, max: float | None = None
+    ) -> None:
+        # The scalar rule validates the shared options and holds them.
+        self._rule = GradRatioLam(lam, ratio=ratio, ema=ema, min=min, max=max)
+        self._lam0 = float(lam)
+        self._lams: list[float] = []
+
+    @property
+    def value(self) -> float | tuple[float, ...]:
+        return tuple(self._lams) if self._lams else self._lam0
+
+    def observe(self, stats: LowerStepStats) -> None:
+        if len(stats.grad_norms) != len(stats.distances) or not stats.grad_norms:
+            raise ValueError("grad_ratio_per_tensor: the lower step reported no per-tensor statistics")
+        if not self._lams:
+            self._lams = [self._lam0] * len(stats.grad_norms)
+        if len(self._lams) != len(stats.grad_norms):
+            raise ValueError(
+                f"grad_ratio_per_tensor: {len(stats.grad_norms)} tensors observed, {len(self._lams)} before"
+            )
+        r = self._rule
+        for i, (g, d) in enumerate(zip(stats.grad_norms, stats.distances)):
+            if d > 0 and math.isfinite(g):
+                target = min(r.hi, max(r.lo, r.ratio * g / d))
+                self._lams[i] = r.ema * self._lams[i] + (1.0 - r.ema) * target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self._lam0, "lams": list(self._lams)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._lam0, self._lams = float(state["lam"]), [float(x) for x in state["lams"]]
+
+
 #: Built-in schedules by config name.
 LAM_SCHEDULES: dict[str, Callable[..., LamSchedule]] = {
     "constant": ConstantLam,
     "grad_ratio": GradRatioLam,
     "distance": DistanceLam,
+    "grad_ratio_per_tensor": GradRatioPerTensorLam,
 }
 
 

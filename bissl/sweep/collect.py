@@ -1,5 +1,6 @@
 """Collecting a sweep: ``sweep.csv`` (one row per cell, seed and arm), ``summary.csv`` (one row
-per cell: mean ± std over seeds per arm, BiSSL − baseline) and the printed table.
+per cell: mean ± std over seeds per arm, BiSSL − baseline, the BiSSL stage's diagnostics) and the
+printed table.
 
 Every number comes from the cells' ``results.json`` (:func:`bissl.trainer.report.summarize`).
 A cell whose baseline the provider ran (:mod:`bissl.sweep.sharing`) gets the provider's baseline
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bissl.sweep.plan import SweepPlan, cell_dir
-from bissl.trainer.report import METRICS, mean_std
+from bissl.trainer.report import DIAGNOSTICS, METRICS, mean_std
 
 #: BiSSL, then the control arms (``bissl.trainer.report.ARMS``); a shared baseline brings all three.
 ARM_ORDER = ("bissl", "baseline", "baseline_matched", "bissl_upper0")
@@ -60,13 +61,28 @@ def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cell_diagnostics(plan: SweepPlan, out: Path) -> dict[str, dict[str, float]]:
+    """Per finished cell, the mean over seeds of each BiSSL-stage diagnostic its results.json
+    holds (``summary["diagnostics"]``, :func:`bissl.trainer.report.bissl_diagnostics`)."""
+    found = {}
+    for cell in plan.cells:
+        res = read_results(cell_dir(out, cell))
+        diag = (res or {}).get("summary", {}).get("diagnostics") or {}
+        found[cell.name] = {k: v["mean"] for k, v in diag.items() if k in DIAGNOSTICS}
+    return found
+
+
 def summarize_cells(
-    plan: SweepPlan, rows: Sequence[dict[str, Any]], failed: dict[str, str] | None = None
+    plan: SweepPlan,
+    rows: Sequence[dict[str, Any]],
+    failed: dict[str, str] | None = None,
+    diagnostics: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per cell: ``status`` (done / failed / not run), ``seeds`` (finished), per arm and metric
-    ``<arm>_<metric>_mean`` and ``_std`` (sample std, ddof=1, as results.json), and
-    ``diff_test_acc_mean/_std``: BiSSL − baseline test accuracy paired per seed."""
-    failed = failed or {}
+    ``<arm>_<metric>_mean`` and ``_std`` (sample std, ddof=1, as results.json),
+    ``diff_test_acc_mean/_std``: BiSSL − baseline test accuracy paired per seed, and
+    ``diag_<name>``: the mean over seeds of each BiSSL-stage diagnostic (:func:`cell_diagnostics`)."""
+    failed, diagnostics = failed or {}, diagnostics or {}
     out = []
     for cell in plan.cells:
         mine = [r for r in rows if r["cell"] == cell.name]
@@ -88,6 +104,7 @@ def summarize_cells(
         row["diff_test_acc_std"] = diff["std"] if diff else None
         row["baseline_source"] = next((r["source"] for r in by_arm["baseline"].values()), None)
         row["error"] = failed.get(cell.name) if status == "failed" else None
+        row.update({f"diag_{k}": diagnostics.get(cell.name, {}).get(k) for k in DIAGNOSTICS})
         out.append(row)
     return out
 
@@ -127,6 +144,7 @@ def summary_columns(plan: SweepPlan) -> list[str]:
         "diff_test_acc_std",
         "baseline_source",
         "error",
+        *(f"diag_{k}" for k in DIAGNOSTICS),
     ]
 
 

@@ -29,6 +29,7 @@ from bissl.solvers import SolverError
 from bissl.sweep.collect import (
     SUMMARY_CSV,
     SWEEP_CSV,
+    cell_diagnostics,
     collect_rows,
     format_summary_table,
     summarize_cells,
@@ -211,7 +212,7 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
     rows = collect_rows(plan, out)
     write_provenance(out)  # machine, commit and date of the collected numbers (generated tables show it)
     failed = {o.cell.name: o.error or "" for o in outcomes if o.status == "failed"}
-    summary = summarize_cells(plan, rows, failed)
+    summary = summarize_cells(plan, rows, failed, cell_diagnostics(plan, out))
     csv_path, summary_path = out / SWEEP_CSV, out / SUMMARY_CSV
     write_csv(rows, sweep_columns(plan), csv_path)
     write_csv(summary, summary_columns(plan), summary_path)

@@ -149,6 +149,7 @@ class BisslStep:
     def lower_step(self, views: tuple[Tensor, ...]) -> dict[str, Any]:
         """One lower step on this rank's shard of the pretext views; returns the metrics row."""
         lam = self.lam_schedule.value
+        lams = self._per_tensor(lam)
         self.lower.module.train()
         lr = self.lower.lr
         loss = self.lower(views)
@@ -157,7 +158,7 @@ class BisslStep:
         def add_prox(i: int, w: Tensor, g: Tensor, phi: Tensor) -> Tensor:
             d = w - phi
             sums = torch.stack([dot_ref(g, g), dot_ref(g, d), dot_ref(d, d), dot_ref(phi, phi)])
-            g.add_(d, alpha=lam)
+            g.add_(d, alpha=lam if lams is None else lams[i])
             return sums
 
         per_tensor = self.lower.grad_pass(add_prox, self.theta_params, [self.upper.param_views(self.phi_params)])
@@ -166,20 +167,33 @@ class BisslStep:
         grad_norm = self.lower.step()
         cast(LowerObjective, self.lower.module).update_target()  # BYOL's EMA on lower steps only
         g2, gd, d2, phi2 = sums.unbind()
-        total = (g2 + 2 * lam * gd + lam * lam * d2).clamp_min(0).sqrt()  # ‖∇L_P + λ(θ − φ)‖
+        if lams is None:
+            lam_gd, lam2_d2, lam_d2 = lam * gd, lam * lam * d2, lam * d2
+        else:  # Σ_i over tensors of λ_i·gᵢᵀdᵢ, λ_i²‖dᵢ‖², λ_i‖dᵢ‖²
+            w = torch.tensor(lams, dtype=per_tensor.dtype, device=per_tensor.device)
+            lam_gd, lam2_d2, lam_d2 = (
+                (w * per_tensor[:, 1]).sum(),
+                (w * w * per_tensor[:, 2]).sum(),
+                (w * per_tensor[:, 2]).sum(),
+            )
+        prox_grad = lam2_d2.clamp_min(0).sqrt()  # ‖Λ(θ − φ)‖
+        total = (g2 + 2 * lam_gd + lam2_d2).clamp_min(0).sqrt()  # ‖∇L_P + Λ(θ − φ)‖
         stats = {
             "pretext_grad_norm": g2.sqrt(),
             "distance": d2.sqrt(),
-            "prox_grad_norm": lam * d2.sqrt(),
-            "prox_share": torch.where(total > 0, lam * d2.sqrt() / total, torch.zeros_like(total)),
+            "prox_grad_norm": prox_grad,
+            "prox_share": torch.where(total > 0, prox_grad / total, torch.zeros_like(total)),
         }
         if not isinstance(self.lam_schedule, ConstantLam):  # adaptive rules read host floats
+            per = per_tensor[:, [0, 2]].sqrt().tolist()
             self.lam_schedule.observe(
                 LowerStepStats(
                     step=self.lower_count,
                     pretext_grad_norm=float(stats["pretext_grad_norm"]),
                     distance=float(stats["distance"]),
                     phi_norm=math.sqrt(float(phi2)),
+                    grad_norms=tuple(g for g, _ in per),
+                    distances=tuple(d for _, d in per),
                 )
             )
         self.lower_count += 1
@@ -187,12 +201,23 @@ class BisslStep:
         return {
             "part": "lower",
             "loss": mean_loss,
-            "prox": 0.5 * lam * d2,
-            "lam": lam,
+            "prox": 0.5 * lam_d2,
+            "lam": _lam_column(lam),
             "lr": lr,
             "grad_norm": grad_norm,
             **stats,
         }
+
+    def _per_tensor(self, lam: float | tuple[float, ...]) -> tuple[float, ...] | None:
+        """A per-tensor λ from the schedule, checked against θ's tensors (None: one λ)."""
+        if not isinstance(lam, tuple):
+            return None
+        if len(lam) != len(self.names):
+            raise ValueError(
+                f"lam_schedule gave {len(lam)} values of λ but the backbone has {len(self.names)} tensors "
+                f"(phase 'bissl', {self.describe()})"
+            )
+        return lam
 
     # ------------------------------------------------------------------ upper step
     def upper_step(
@@ -203,6 +228,8 @@ class BisslStep:
         ``check_exact`` (with ``exact_check_iters`` > 0) also logs ``hg_cos_exact``."""
         s = self.settings
         lam = self.lam_schedule.value
+        lams = self._per_tensor(lam)
+        lam_arg: float | dict[str, float] = lam if lams is None else dict(zip(self.names, lams))
         self.lower.module.train()
         self.upper.module.train()
         lr = self.upper.lr
@@ -247,7 +274,7 @@ class BisslStep:
                         lower_loss,
                         upper_loss,
                         theta,
-                        lam=lam,
+                        lam=lam_arg,
                         settings=self.hyper,
                         shard=s.shard,
                         return_info=True,
@@ -258,20 +285,28 @@ class BisslStep:
             except SolverError as err:
                 if err.result is None or not bool(err.result.nonfinite):
                     raise SolverError(f"{err} (phase 'bissl', {self.describe()})", result=err.result) from err
-                return self._skip(err.result, lr, lam, seen)
+                return self._skip(err.result, lr, _lam_column(lam), seen)
             if "g_psi" not in seen:
                 raise RuntimeError("implicit_hypergrad did not evaluate upper_loss; cannot form ∇_ψ L_D(θ)")
             spec = flat_spec(theta)
             extra = {}
             if check_exact and s.exact_check_iters > 0:
-                extra["hg_cos_exact"] = self._cosine_to_exact(lower_loss, upper_loss, theta, lam, flatten(x, spec))
+                extra["hg_cos_exact"] = self._cosine_to_exact(lower_loss, upper_loss, theta, lam_arg, flatten(x, spec))
             g_phi = flatten(x, spec)
             if keep_v:
                 g_phi = g_phi + s.gamma * seen["v"]
             if s.prox_pull > 0:
                 # ρ·λ(φ − θ): the proximal term's own φ-gradient, pulling φ toward θ.
                 phi = flatten({k: up[f"backbone.{k}"] for k in self.names}, spec)
-                g_phi = g_phi + (s.prox_pull * lam) * (phi - flatten(theta, spec))
+                pull = phi - flatten(theta, spec)
+                if lams is None:
+                    g_phi = g_phi + (s.prox_pull * lam) * pull
+                else:
+                    per_entry = torch.repeat_interleave(
+                        torch.tensor(lams, dtype=pull.dtype, device=pull.device),
+                        torch.tensor(spec.numels, device=pull.device),
+                    )
+                    g_phi = g_phi + s.prox_pull * per_entry * pull
             head_scale = 1.0 + s.gamma if keep_v else 1.0
             by_name = {
                 **{f"backbone.{k}": v for k, v in unflatten(g_phi, spec).items()},
@@ -291,7 +326,7 @@ class BisslStep:
             "loss": loss,
             "loss_theta": loss_theta,
             "lr": lr,
-            "lam": lam,
+            "lam": _lam_column(lam),
             "grad_norm": grad_norm,
             "skipped": 0,
             **solver_columns(info.summary()),
@@ -304,7 +339,7 @@ class BisslStep:
         lower_loss: Callable[[dict[str, Tensor]], Tensor],
         upper_loss: Callable[[dict[str, Tensor]], Tensor],
         theta: dict[str, Tensor],
-        lam: float,
+        lam: float | dict[str, float],
         x: Tensor,
     ) -> float:
         """Cosine between the configured solve ``x`` and the same system solved by MINRES to
@@ -395,6 +430,11 @@ def rank_mean(*values: Tensor) -> list[Tensor]:
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
     return list(flat.unbind())
+
+
+def _lam_column(lam: float | tuple[float, ...]) -> float:
+    """The metrics column ``lam``: λ, or the mean over tensors of a per-tensor λ."""
+    return sum(lam) / len(lam) if isinstance(lam, tuple) else lam
 
 
 def solver_columns(diag: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Columns are fixed so every phase writes the same file; cells a phase does not pr
 * ``prox_share``: lower steps: the proximal term's share of the lower gradient,
   ``‖λ(θ − φ)‖ / ‖∇L_P + λ(θ − φ)‖`` (before clipping).
 * ``skipped``: upper steps: 1 when the step was skipped for a non-finite hypergradient.
-* ``lam``: lower and upper steps: the λ the step used (``bissl.lam_schedule``; constant by default).
+* ``lam``: lower and upper steps: the λ the step used (``bissl.lam_schedule``; constant by default;
+  the mean over tensors for a per-tensor λ).
 * ``lr``, ``grad_norm`` (before clipping).
 * ``cg_iters, cg_residual, cg_converged, cg_negative_curvature, cg_nonfinite``: the inverse-HVP
   solver's diagnostics on upper steps.

@@ -18,6 +18,18 @@ _ARM_TITLES = {"baseline": "baseline", "baseline_matched": "matched", "bissl_upp
 METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
 
 
+def configured_arms(cfg: Any) -> tuple[str, ...]:
+    """The arms a run of ``cfg`` (a :class:`bissl.config.Config`) produces, in :data:`ARMS` order."""
+    b = cfg.baseline
+    on = {
+        "baseline": b.enabled,
+        "baseline_matched": b.enabled and b.compute_matched,
+        "bissl_upper0": b.enabled and b.ablation_upper0,
+        "bissl": True,
+    }
+    return tuple(a for a in ARMS if on[a])
+
+
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
     n = len(values)
@@ -90,6 +102,10 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+#: Keys of :func:`bissl_diagnostics` (per seed; averaged in ``summary["diagnostics"]``).
+DIAGNOSTICS = ("distance_final", "prox_share_final", "hg_cos_exact_mean", "hg_cos_exact_min", "skipped")
 
 
 def bissl_diagnostics(metrics_csv: str | Path) -> dict[str, float | None] | None:

@@ -256,15 +256,19 @@ def test_every_phase_matches_one_process_in_float64(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [VARIANTS, ("pretext.method=byol", "bissl.lam_schedule=distance", "bissl.solver=cg_layerwise")],
-    ids=["variants", "byol"],
+    [
+        VARIANTS,
+        ("pretext.method=byol", "bissl.lam_schedule=distance", "bissl.solver=cg_layerwise"),
+        ("bissl.lam_schedule=grad_ratio_per_tensor", "bissl.lam_options={ratio: 0.5}", "bissl.prox_pull=0.5"),
+    ],
+    ids=["variants", "byol", "per_tensor_lam"],
 )
 def test_features_match_one_process_in_float64(runs, extra):
     _, one = runs(*F64, *extra, nproc=1)
     _, two = runs(*F64, *extra)
     _assert_same_results(two, one, rtol=1e-9, atol=1e-11, what=" ".join(extra))
     lam = [r["lam"] for r in two["rows"] if r["part"] == "lower"]
-    if "bissl.lam_schedule=grad_ratio" in extra:
+    if any(e.startswith("bissl.lam_schedule=grad_ratio") for e in extra):
         assert len(set(lam)) > 1  # the adaptive λ did adapt
 
 

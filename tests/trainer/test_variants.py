@@ -18,6 +18,7 @@ from bissl.hypergrad.lam_schedules import (
     ConstantLam,
     DistanceLam,
     GradRatioLam,
+    GradRatioPerTensorLam,
     LowerStepStats,
     build_lam_schedule,
 )
@@ -175,6 +176,44 @@ def test_grad_ratio_lam_drives_lower_and_upper_steps(tiny_config, data):
         torch.testing.assert_close(p.grad, x + gp, rtol=2e-4, atol=1e-6)
 
 
+def test_per_tensor_lam_drives_lower_and_upper_steps(tiny_config, data):
+    """``grad_ratio_per_tensor``: each tensor's λ_i follows the rule from its own gradient and
+    distance; the lower step pulls each tensor with its λ_i, the next upper step solves the IFT
+    system with Λ = diag(λ_i), and the metrics' λ is their mean."""
+    phase, _ = _after_lower_step(
+        tiny_config,
+        data,
+        "bissl.lam_schedule=grad_ratio_per_tensor",
+        "bissl.lam_options={ratio: 0.5, ema: 0.5}",
+        "bissl.lower_steps=2",
+        "bissl.prox_pull=0.5",
+    )
+    before = phase.lam_schedule.value
+    assert before == (0.5,) * len(phase.phi_params)  # θ = φ at the first step: every λ_i kept
+    twin = copy.deepcopy(phase)
+    thetas = [p.detach().clone() for p in twin.theta_net.parameters()]
+    phis = [p.detach().clone() for p in twin.phi_params]
+    (row,) = _steps(phase, 1)
+    assert row["part"] == "lower" and row["lam"] == pytest.approx(0.5)
+    want = []
+    for p, t, f, lam in zip(phase.theta_net.parameters(), thetas, phis, before):
+        g = p.grad - lam * (t - f)  # the step's gradient minus its proximal term
+        target = min(50.0, max(0.005, 0.5 * float(g.norm()) / float((t - f).norm())))
+        want.append(0.5 * lam + 0.5 * target)
+    after = phase.lam_schedule.value
+    assert after == pytest.approx(tuple(want), rel=1e-4) and len(set(after)) > 1  # one λ per tensor
+    twin = copy.deepcopy(phase)
+    (row,) = _steps(phase, 1)
+    assert row["part"] == "upper" and row["lam"] == pytest.approx(sum(after) / len(after))
+    names = [n for n, _ in twin.theta_net.named_parameters()]
+    terms = _upper_terms(twin, dict(zip(names, after)))
+    for p, x, gp, t, f, lam in zip(phase.phi_params, terms["x"], terms["gp"], terms["theta"], terms["phi"], after):
+        torch.testing.assert_close(p.grad, x + gp + 0.5 * lam * (f - t), rtol=2e-4, atol=1e-6)
+    # The per-tensor solve is not the scalar one at the mean λ (the check above can tell them apart).
+    scalar = _upper_terms(copy.deepcopy(twin), sum(after) / len(after))["x"]
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(scalar, terms["x"])) > 1e-3
+
+
 def test_lam_schedules_formulas():
     stats = LowerStepStats(step=0, pretext_grad_norm=3.0, distance=0.5, phi_norm=10.0)
     const = ConstantLam(0.1)
@@ -196,6 +235,17 @@ def test_lam_schedules_formulas():
     restored = GradRatioLam(0.1, ratio=0.2, ema=0.75)
     restored.load_state_dict(ratio.state_dict())
     assert restored.value == ratio.value
+    per = GradRatioPerTensorLam(0.1, ratio=0.2, ema=0.75)
+    assert per.value == 0.1  # one λ until the tensors are known
+    per.observe(LowerStepStats(0, 3.0, 0.5, 10.0, grad_norms=(3.0, 1.0, 2.0), distances=(0.5, 0.0, 1e6)))
+    assert per.value == pytest.approx((0.75 * 0.1 + 0.25 * 1.2, 0.1, 0.75 * 0.1 + 0.25 * 0.001))  # kept, min
+    again = GradRatioPerTensorLam(0.1)
+    again.load_state_dict(per.state_dict())
+    assert again.value == per.value
+    with pytest.raises(ValueError, match="2 tensors observed, 3 before"):
+        per.observe(LowerStepStats(1, 1.0, 1.0, 1.0, grad_norms=(1.0, 1.0), distances=(1.0, 1.0)))
+    with pytest.raises(ValueError, match="no per-tensor statistics"):
+        GradRatioPerTensorLam(0.1).observe(stats)
 
 
 class _Halving:
@@ -236,6 +286,10 @@ def test_custom_lam_schedule_plugs_in(tiny_config, data):
         (["bissl.lam_schedule=no_such_module_xyz:f"], "cannot import"),
         (["bissl.direct_term=psi"], "direct_term"),
         (["bissl.prox_pull=-1"], "prox_pull"),
+        (
+            ["bissl.lam_schedule=grad_ratio_per_tensor", "bissl.on_indefinite=adaptive_damping"],
+            "needs a single λ",
+        ),
     ],
 )
 def test_bad_variant_config(tiny_config, overrides, match):

@@ -148,8 +148,7 @@ class BisslStep:
     # ------------------------------------------------------------------ lower step
     def lower_step(self, views: tuple[Tensor, ...]) -> dict[str, Any]:
         """One lower step on this rank's shard of the pretext views; returns the metrics row."""
-        lam = self.lam_schedule.value
-        lams = self._per_tensor(lam)
+        lam, lams = self._lam()
         self.lower.module.train()
         lr = self.lower.lr
         loss = self.lower(views)
@@ -202,22 +201,24 @@ class BisslStep:
             "part": "lower",
             "loss": mean_loss,
             "prox": 0.5 * lam_d2,
-            "lam": _lam_column(lam),
+            "lam": lam,
             "lr": lr,
             "grad_norm": grad_norm,
             **stats,
         }
 
-    def _per_tensor(self, lam: float | tuple[float, ...]) -> tuple[float, ...] | None:
-        """A per-tensor λ from the schedule, checked against θ's tensors (None: one λ)."""
-        if not isinstance(lam, tuple):
-            return None
-        if len(lam) != len(self.names):
+    def _lam(self) -> tuple[float, tuple[float, ...] | None]:
+        """The schedule's λ now: ``(λ, None)``, or for a per-tensor λ ``(their mean, the λ_i)``
+        checked against θ's tensors. The first is what the metrics' ``lam`` column logs."""
+        value = self.lam_schedule.value
+        if not isinstance(value, tuple):
+            return value, None
+        if len(value) != len(self.names):
             raise ValueError(
-                f"lam_schedule gave {len(lam)} values of λ but the backbone has {len(self.names)} tensors "
+                f"lam_schedule gave {len(value)} values of λ but the backbone has {len(self.names)} tensors "
                 f"(phase 'bissl', {self.describe()})"
             )
-        return lam
+        return sum(value) / len(value), value
 
     # ------------------------------------------------------------------ upper step
     def upper_step(
@@ -227,8 +228,7 @@ class BisslStep:
         the upper copy's step on its shard of the downstream batch; returns the metrics row.
         ``check_exact`` (with ``exact_check_iters`` > 0) also logs ``hg_cos_exact``."""
         s = self.settings
-        lam = self.lam_schedule.value
-        lams = self._per_tensor(lam)
+        lam, lams = self._lam()
         lam_arg: float | dict[str, float] = lam if lams is None else dict(zip(self.names, lams))
         self.lower.module.train()
         self.upper.module.train()
@@ -285,7 +285,7 @@ class BisslStep:
             except SolverError as err:
                 if err.result is None or not bool(err.result.nonfinite):
                     raise SolverError(f"{err} (phase 'bissl', {self.describe()})", result=err.result) from err
-                return self._skip(err.result, lr, _lam_column(lam), seen)
+                return self._skip(err.result, lr, lam, seen)
             if "g_psi" not in seen:
                 raise RuntimeError("implicit_hypergrad did not evaluate upper_loss; cannot form ∇_ψ L_D(θ)")
             spec = flat_spec(theta)
@@ -326,7 +326,7 @@ class BisslStep:
             "loss": loss,
             "loss_theta": loss_theta,
             "lr": lr,
-            "lam": _lam_column(lam),
+            "lam": lam,
             "grad_norm": grad_norm,
             "skipped": 0,
             **solver_columns(info.summary()),
@@ -430,11 +430,6 @@ def rank_mean(*values: Tensor) -> list[Tensor]:
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
     return list(flat.unbind())
-
-
-def _lam_column(lam: float | tuple[float, ...]) -> float:
-    """The metrics column ``lam``: λ, or the mean over tensors of a per-tensor λ."""
-    return sum(lam) / len(lam) if isinstance(lam, tuple) else lam
 
 
 def solver_columns(diag: dict[str, Any]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ DIAGNOSTIC_COLUMNS = {
     "diag_distance_final": ("‖θ − φ‖ (last lower step)", ".3g"),
     "diag_prox_share_final": ("proximal share (last stage)", ".3f"),
     "diag_hg_cos_exact_mean": ("cosine to exact solve", ".4f"),
-    "diag_hg_cos_exact_min": ("worst stage's cosine", ".4f"),
+    "diag_hg_cos_exact_min": ("each seed's worst stage", ".4f"),
 }
 _START = re.compile(r"^<!-- table:(?P<kind>\S+) (?P<path>\S+)(?P<opts>(?: \S+=\S+)*) -->$")
 _END = "<!-- /table -->"
@@ -351,7 +351,7 @@ def _diagnostics_text(diag: dict[str, Any] | None) -> str:
         f"proximal share of the lower gradient in the last stage {v}"
         if (v := mean("prox_share_final", ".2f"))
         else None,
-        f"cosine of the hypergradient to a many-iteration MINRES solve {v} (worst stage {w})"
+        f"cosine of the hypergradient to a many-iteration MINRES solve {v} (each seed's worst stage: {w})"
         if (v := mean("hg_cos_exact_mean", ".4f")) and (w := mean("hg_cos_exact_min", ".4f"))
         else None,
         f"upper steps skipped {v}" if (v := mean("skipped", ".3g")) else None,

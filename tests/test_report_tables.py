@@ -126,7 +126,7 @@ def test_run_table_diagnostics_and_wall_time(tmp_path):
     assert (
         "BiSSL stage, mean over seeds: ‖θ − φ‖ at the last lower step 2; proximal share of the lower "
         "gradient in the last stage 0.01; cosine of the hypergradient to a many-iteration MINRES "
-        "solve 0.9900 (worst stage 0.9650); upper steps skipped 0."
+        "solve 0.9900 (each seed's worst stage: 0.9650); upper steps skipped 0."
     ) in text
 
 

@@ -30,10 +30,15 @@ def read_results(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
-    """One row per finished (cell, seed, arm): ``cell``, the swept keys, ``seed``, ``arm``,
-    :data:`METRICS`, ``source`` (the cell whose run produced the numbers)."""
-    results = {c.name: read_results(cell_dir(out, c)) for c in plan.cells}
+def read_cell_results(plan: SweepPlan, out: Path) -> dict[str, dict[str, Any] | None]:
+    """Every cell's ``results.json`` by cell name (None: not finished), read once per collect."""
+    return {c.name: read_results(cell_dir(out, c)) for c in plan.cells}
+
+
+def collect_rows(plan: SweepPlan, results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One row per finished (cell, seed, arm) of ``results`` (:func:`read_cell_results`): ``cell``,
+    the swept keys, ``seed``, ``arm``, :data:`METRICS`, ``source`` (the cell whose run produced the
+    numbers)."""
     provider = plan.sharing.provider if plan.sharing.baseline else None
     shared = results.get(provider) if provider is not None else None
     rows = []
@@ -61,14 +66,14 @@ def collect_rows(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def cell_diagnostics(plan: SweepPlan, out: Path) -> dict[str, dict[str, float]]:
-    """Per finished cell, the mean over seeds of each BiSSL-stage diagnostic its results.json
-    holds (``summary["diagnostics"]``, :func:`bissl.trainer.report.bissl_diagnostics`)."""
+def cell_diagnostics(results: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, float]]:
+    """Per cell of ``results`` (:func:`read_cell_results`), the mean over seeds of each BiSSL-stage
+    diagnostic its results.json holds (``summary["diagnostics"]``,
+    :func:`bissl.trainer.report.bissl_diagnostics`)."""
     found = {}
-    for cell in plan.cells:
-        res = read_results(cell_dir(out, cell))
+    for name, res in results.items():
         diag = (res or {}).get("summary", {}).get("diagnostics") or {}
-        found[cell.name] = {k: v["mean"] for k, v in diag.items() if k in DIAGNOSTICS}
+        found[name] = {k: v["mean"] for k, v in diag.items() if k in DIAGNOSTICS}
     return found
 
 

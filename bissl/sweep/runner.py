@@ -32,6 +32,7 @@ from bissl.sweep.collect import (
     cell_diagnostics,
     collect_rows,
     format_summary_table,
+    read_cell_results,
     summarize_cells,
     summary_columns,
     sweep_columns,
@@ -209,10 +210,11 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
         outcomes.append(outcome)
         if verbose:
             print(_describe(i, n, outcome, plan), flush=True)
-    rows = collect_rows(plan, out)
+    results = read_cell_results(plan, out)
+    rows = collect_rows(plan, results)
     write_provenance(out)  # machine, commit and date of the collected numbers (generated tables show it)
     failed = {o.cell.name: o.error or "" for o in outcomes if o.status == "failed"}
-    summary = summarize_cells(plan, rows, failed, cell_diagnostics(plan, out))
+    summary = summarize_cells(plan, rows, failed, cell_diagnostics(results))
     csv_path, summary_path = out / SWEEP_CSV, out / SUMMARY_CSV
     write_csv(rows, sweep_columns(plan), csv_path)
     write_csv(summary, summary_columns(plan), summary_path)

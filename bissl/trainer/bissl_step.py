@@ -302,10 +302,7 @@ class BisslStep:
                 if lams is None:
                     g_phi = g_phi + (s.prox_pull * lam) * pull
                 else:
-                    per_entry = torch.repeat_interleave(
-                        torch.tensor(lams, dtype=pull.dtype, device=pull.device),
-                        torch.tensor(spec.numels, device=pull.device),
-                    )
+                    per_entry = torch.tensor(lams, dtype=pull.dtype, device=pull.device)[spec.segment_ids()]
                     g_phi = g_phi + s.prox_pull * per_entry * pull
             head_scale = 1.0 + s.gamma if keep_v else 1.0
             by_name = {

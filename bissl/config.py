@@ -204,6 +204,13 @@ class DataConfig:
         _ge(2),
     )
     fold: int = _opt(0, "with 'folds': the test fold, 0..folds-1", _ge(0))
+    fold_by_seed: bool = _opt(
+        False,
+        "with 'folds' (repeated k-fold): seed s tests fold s mod folds of the partition "
+        "split_seed + s div folds, so seeds 0..r*folds-1 are r repeats and every labelled text "
+        "is tested r times; each seed's split (and, when the pretext corpus is the training "
+        "split, its tokenizer) is its own",
+    )
 
 
 @dataclass
@@ -447,6 +454,11 @@ class TextConfig:
     vocab_size: int = _opt(2048, "BPE vocabulary size (specials included)", _ge(260))
     seq_len: int = _opt(64, "tokens per pretext (next-token) training sequence", _ge(2))
     max_length: int = _opt(64, "downstream texts are truncated/padded to this many tokens", _ge(2))
+    probes: bool = _opt(
+        True,
+        "also report, per seed and on the same split and tokens, the majority class of the "
+        "training split and a bag-of-tokens logistic regression (arms 'majority', 'bag_of_tokens')",
+    )
 
 
 #: DeepSpeed JSON sections that would fight the BiSSL step, and why (refused in ``deepspeed.config``).
@@ -574,6 +586,11 @@ class Config:
             )
         if self.run.nproc > 1:
             self._validate_ranks()
+        if self.data.fold_by_seed and (self.data.folds is None or self.data.fold != 0):
+            raise ConfigError(
+                "'data.fold_by_seed' needs 'data.folds' (the number of folds) and leaves "
+                f"'data.fold' at 0 (each seed picks its fold); got folds {self.data.folds}, fold {self.data.fold}"
+            )
         text_pretext = self.pretext.method == "gpt"
         if (self.task == "text") != text_pretext:
             raise ConfigError(
@@ -806,6 +823,23 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config (every key) as YAML."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     Path(path).write_text(text)
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict (a run's config.yaml, a sweep's base config) with the keys it lacks
+    filled from the defaults: a key added to bissl after the run was made takes its default, so
+    resuming that run is not refused as a config change unless the key is set otherwise."""
+
+    def merge(default: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        out = dict(given)
+        for key, value in default.items():
+            if key not in given:
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(given[key], dict) and key != "options":
+                out[key] = merge(value, given[key])
+        return out
+
+    return merge(config_to_dict(Config()), saved)
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -46,6 +46,8 @@ from bissl.stats import BOOTSTRAP_RESAMPLES, compare_paired, holm, mcnemar_poole
 
 #: Arms in display order, with their display names; other arms follow alphabetically.
 ARM_NAMES = {
+    "majority": "majority class (training split)",
+    "bag_of_tokens": "bag-of-tokens logistic regression",
     "baseline": "baseline",
     "baseline_matched": "compute-matched baseline",
     "bissl_upper0": "BiSSL, no upper step",
@@ -57,8 +59,8 @@ METRIC_NAMES = {
     "test_loss": "test cross-entropy",
     "val_loss": "validation cross-entropy",
 }
-#: Entries of a seed's results that are not arms (the BiSSL stage's diagnostics).
-NOT_ARMS = ("diagnostics",)
+#: Entries of a seed's results that are not arms (the BiSSL stage's diagnostics, a k-fold seed's split).
+NOT_ARMS = ("diagnostics", "split")
 #: Per-example correctness of an arm on the test split (optional; enables McNemar).
 CORRECT_KEY = "test_correct"
 OPTIONS = ("metric", "per_seed", "compare", "diagnostics")
@@ -139,6 +141,29 @@ def _wall_text(results: dict[str, Any]) -> str:
         if k in results
     )
     return f"; wall time {wall:.0f} s{f' ({how})' if how else ''}"
+
+
+def _split_text(results: dict[str, Any]) -> str:
+    """How a k-fold run's seeds split the data (empty for a fixed split)."""
+    found = [e.get("split") for e in results["per_seed"].values() if isinstance(e, dict)]
+    splits: list[dict[str, Any]] = [sp for sp in found if isinstance(sp, dict)]
+    if not splits or len(splits) < len(found):
+        return ""
+    folds = {sp["folds"] for sp in splits}
+    repeats = sorted({sp["split_seed"] for sp in splits})
+    per_repeat = {r: sorted(sp["fold"] for sp in splits if sp["split_seed"] == r) for r in repeats}
+    k = folds.pop() if len(folds) == 1 else None
+    if k is None:
+        return " Seeds use different numbers of folds."
+    complete = [r for r in repeats if per_repeat[r] == list(range(k))]
+    texts = sum(sp["test_n"] for sp in splits if sp["split_seed"] == complete[0]) if complete else None
+    covered = f"; {len(complete)} complete repeat(s), each testing all {texts} labelled texts once" if complete else ""
+    return (
+        f" Stratified {k}-fold, repeated with split seed(s) {', '.join(map(str, repeats))}: each seed trains "
+        f"on its own split and is tested on its fold ({min(sp['test_n'] for sp in splits)}–"
+        f"{max(sp['test_n'] for sp in splits)} texts){covered}; paired statistics pair the arms per seed, "
+        "McNemar pools every seed's test texts."
+    )
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -297,7 +322,7 @@ def render_run_table(
     lines = [
         f"{title[0].upper()}{title[1:]}{f' on {what}' if what else ''}, "
         f"{_seeds_text(per_seed)}; {_provenance_text(read_provenance(run_dir, results))}"
-        f"{_wall_text(results)}. Data: `{source}/results.json`.",
+        f"{_wall_text(results)}. Data: `{source}/results.json`.{_split_text(results)}",
         "",
     ]
     arm_rows = []

@@ -196,3 +196,24 @@ def test_packaged_configs_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
     assert resolve_config("no_such_config") == Path("no_such_config")
     with pytest.raises(ConfigError, match="cannot read no_such_config"):
         load_config(resolve_config("no_such_config"))
+
+
+def test_a_key_added_after_a_run_takes_its_default_when_resuming(tmp_path):
+    """A run directory written before a key existed resumes; setting that key otherwise is a change."""
+    import yaml
+
+    from bissl.config import Config, config_to_dict, with_defaults
+    from bissl.trainer import prepare_run_dir
+
+    cfg = Config()
+    run_dir = tmp_path / "run"
+    prepare_run_dir(cfg, run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["text"]["probes"], saved["data"]["fold_by_seed"]  # as written by an older bissl
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert with_defaults(saved) == config_to_dict(cfg)
+    assert prepare_run_dir(cfg, run_dir) is True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    changed = load_config(None, ["text.probes=false"])
+    with pytest.raises(ConfigError, match=r"text\.probes"):
+        prepare_run_dir(changed, run_dir)

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 #: Keys that only image tasks read, and only text tasks.
 IMAGE_ONLY = ("labels_per_class", "pretext_classes", "downstream_classes")
 TEXT_ONLY = ("folds",)
+#: Text-only switches (booleans; refused when true for an image task).
+TEXT_ONLY_FLAGS = ("fold_by_seed",)
 
 
 class DataKeys(Protocol):
@@ -25,6 +27,10 @@ class DataKeys(Protocol):
     def folds(self) -> int | None: ...
     @property
     def fold(self) -> int: ...
+    @property
+    def fold_by_seed(self) -> bool: ...
+    @property
+    def split_seed(self) -> int: ...
 
 
 def _refuse(d: DataKeys, keys: Sequence[str], kind: str) -> None:
@@ -45,14 +51,28 @@ def image_task_options(d: DataKeys) -> dict[str, Any]:
     _refuse(d, TEXT_ONLY, "image")
     if d.fold != 0:
         raise ValueError(f"data.fold is {d.fold} but k-fold splits exist for text tasks only")
+    for flag in TEXT_ONLY_FLAGS:
+        if getattr(d, flag):
+            raise ValueError(f"data.{flag} is set but k-fold splits exist for text tasks only; remove it")
     return {k: getattr(d, k) for k in IMAGE_ONLY}
 
 
-def text_task_options(d: DataKeys) -> dict[str, Any]:
-    """Keyword arguments of :func:`bissl.data.text.load_text_data` beyond the split fractions.
+def seed_split(d: DataKeys, seed: int | None) -> tuple[int, int]:
+    """``(split_seed, fold)`` of a run's seed: the configured ones, or with ``data.fold_by_seed``
+    fold ``seed mod folds`` of the partition ``split_seed + seed div folds`` (seed 0 when None)."""
+    if not d.fold_by_seed or d.folds is None:
+        return d.split_seed, d.fold
+    s = seed or 0
+    return d.split_seed + s // d.folds, s % d.folds
+
+
+def text_task_options(d: DataKeys, seed: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`bissl.data.text.load_text_data` beyond the split fractions
+    (``folds``, ``fold`` and ``split_seed``; ``seed`` picks the fold under ``data.fold_by_seed``).
 
     Raises:
         ValueError: an image-only key is set.
     """
     _refuse(d, IMAGE_ONLY, "text")
-    return {"folds": d.folds, "fold": d.fold}
+    split_seed, fold = seed_split(d, seed)
+    return {"folds": d.folds, "fold": fold, "split_seed": split_seed}

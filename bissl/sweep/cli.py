@@ -19,6 +19,9 @@ examples:
   bissl sweep demo_digits --grid bissl.lam=1e-3,1e-2 \\
       --grid bissl.solver=cg,identity --set bissl.stages=10 --out runs/lam_solver
   bissl sweep --resume runs/lam_solver       # continue (finished cells are not rerun)
+  bissl sweep demo_digits --axis bissl.gamma=0.01 --axis bissl.stages=5,20
+      # one factor at a time: the config as it is (cell 'base'), gamma=0.01,
+      # stages=5 and stages=20, each with every other key at its base value
 
 Values are YAML like --set (1e-3 is a number, cg a string; lists in brackets:
 --grid pretext.projector_dims=[16,16,8],[32,32,8]). Cells run in order, each in
@@ -51,6 +54,15 @@ def register_sweep_command(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         help="a swept key and its values (repeatable: the cells are the Cartesian "
         "product, the first --grid varying slowest)",
+    )
+    p.add_argument(
+        "--axis",
+        metavar="KEY=V1,V2,...",
+        action="append",
+        default=[],
+        help="a key varied one factor at a time (repeatable, not with --grid): the cells are "
+        "the config unchanged ('base') and one per other value of each --axis, every other "
+        "key at its base value",
     )
     p.add_argument(
         "--set",
@@ -97,6 +109,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             for name, value in (
                 ("CONFIG", args.config),
                 ("--grid", args.grid),
+                ("--axis", args.axis),
                 ("--set", args.set),
                 ("--seeds", args.seeds),
                 ("--out", args.out),
@@ -113,15 +126,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         def run() -> Any:
             return resume_sweep(out, overrides=extra)
     else:
-        if not args.config or not args.grid:
-            raise ConfigError("give a CONFIG file and at least one --grid KEY=V1,V2,... (or --resume SWEEP_DIR)")
-        grid = parse_grid_args(args.grid)
+        if args.grid and args.axis:
+            raise ConfigError("give --grid (every combination) or --axis (one factor at a time), not both")
+        if not args.config or not (args.grid or args.axis):
+            raise ConfigError(
+                "give a CONFIG file and at least one --grid KEY=V1,V2,... or --axis KEY=V1,V2,... "
+                "(or --resume SWEEP_DIR)"
+            )
+        design = "axes" if args.axis else "grid"
+        grid = parse_grid_args(args.axis, "--axis") if args.axis else parse_grid_args(args.grid)
         config = resolve_config(args.config)
         out = args.out or default_out(config, args.set)
 
         def run() -> Any:
             return run_sweep(
-                config, grid, seeds=args.seeds, out=out, overrides=[*args.set, *extra], share=not args.no_share
+                config,
+                grid,
+                seeds=args.seeds,
+                out=out,
+                overrides=[*args.set, *extra],
+                share=not args.no_share,
+                design=design,
             )
 
     try:

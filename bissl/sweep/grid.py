@@ -1,7 +1,13 @@
 """Sweep grids: ``--grid key=v1,v2,...`` parsing, validation against the config, cells and names.
 
-A grid maps dotted config keys to lists of values; its cells are the Cartesian product, in the
-order the keys were given (the last key varies fastest). A cell is applied to the base config as
+A grid maps dotted config keys to lists of values. Two designs turn it into cells:
+
+* ``grid`` (``--grid``): the Cartesian product, in the order the keys were given (the last key
+  varies fastest);
+* ``axes`` (``--axis``): one factor at a time, as sensitivity studies vary hyperparameters: a
+  ``base`` cell (the config as it is) and, per key, one cell for each value that differs from the
+  base, every other key at its base value. ``k`` axes of ``n`` values cost ``1 + k(n-1)`` cells
+  where the product costs ``n^k``. A cell is applied to the base config as
 ``key=<JSON of the value>`` overrides: JSON is a subset of the YAML that
 :func:`bissl.config.parse_override` reads, so a cell's override reads back as exactly its value.
 """
@@ -30,6 +36,10 @@ FORBIDDEN_PREFIXES = {"debug.": "fault injection is not a hyperparameter"}
 MAX_NAME_LENGTH = 120
 
 Grid = dict[str, list[Any]]
+#: How a grid becomes cells: the Cartesian product or one factor at a time.
+DESIGNS = ("grid", "axes")
+#: The name of the axes design's cell that runs the config unchanged.
+BASE_CELL = "base"
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def parse_grid_args(items: Sequence[str]) -> Grid:
+def parse_grid_args(items: Sequence[str], flag: str = "--grid") -> Grid:
     """``["bissl.lam=1e-3,1e-2", "bissl.solver=cg,identity"]`` -> ``{key: [values]}``.
 
     Values are read as YAML (like ``--set``), so ``1e-3`` is a float and ``cg`` a string.
@@ -91,14 +101,14 @@ def parse_grid_args(items: Sequence[str]) -> Grid:
     grid: Grid = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--grid {item!r} must look like 'section.key=value1,value2,...'")
+            raise ConfigError(f"{flag} {item!r} must look like 'section.key=value1,value2,...'")
         key, text = (s.strip() for s in item.split("=", 1))
         if key in grid:
-            raise ConfigError(f"--grid key '{key}' is given twice; list all its values in one --grid")
+            raise ConfigError(f"{flag} key '{key}' is given twice; list all its values in one {flag}")
         values = []
         for piece in split_values(text):
             if not piece:
-                raise ConfigError(f"--grid {key}: empty value in {text!r}")
+                raise ConfigError(f"{flag} {key}: empty value in {text!r}")
             values.append(parse_override(f"{key}={piece}")[1])
         grid[key] = values
     return grid
@@ -143,10 +153,13 @@ def cell_names(grid: Mapping[str, Sequence[Any]], combos: Sequence[tuple[Any, ..
     :data:`MAX_NAME_LENGTH`, or equal after making them safe, get a hash of the cell's values.
     """
     short = short_keys(list(grid))
-    names = []
-    for combo in combos:
-        name = "__".join(_safe(f"{short[k]}={value_label(v)}") for k, v in zip(grid, combo))
-        names.append(name)
+    names = ["__".join(_safe(f"{short[k]}={value_label(v)}") for k, v in zip(grid, combo)) for combo in combos]
+    return _bounded(names, combos)
+
+
+def _bounded(names: list[str], combos: Sequence[Any]) -> list[str]:
+    """``names`` with each too long, duplicated or hidden one cut and suffixed with a hash of its
+    cell's values."""
     for i, (name, combo) in enumerate(zip(names, combos)):
         if len(name) > MAX_NAME_LENGTH or names.count(name) > 1 or name.startswith("."):
             digest = hashlib.sha256(json.dumps(list(combo)).encode()).hexdigest()[:10]
@@ -169,6 +182,55 @@ def _check_key(key: str) -> None:
             raise ConfigError(f"--grid cannot sweep '{key}': {why}")
 
 
+def _check_values(
+    config_path: str | Path | None, grid: Mapping[str, Sequence[Any]], overrides: Sequence[str], flag: str
+) -> None:
+    """Every key sweepable, not also fixed, with a non-empty list of valid, distinct values."""
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"the grid must map keys to lists of values, got {type(grid).__name__}")
+    if not grid:
+        raise ConfigError(f"the grid is empty: give at least one {flag} KEY=VALUE1,VALUE2,...")
+    fixed = {".".join(parse_override(o)[0]) for o in overrides}
+    for key, values in grid.items():
+        _check_key(key)
+        if key in fixed:
+            raise ConfigError(f"'{key}' is both swept ({flag}) and fixed (--set); choose one")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"{flag} {key}: needs a non-empty list of values, got {values!r}")
+        for value in values:
+            try:
+                load_config(config_path, [*overrides, override_text(key, value)])
+            except ConfigError as err:
+                msg = str(err).removeprefix("config error: ")
+                raise ConfigError(f"{flag} {key}={value_label(value)}: {msg}") from None
+    for key, values in grid.items():
+        labels = [json.dumps(v, sort_keys=True) for v in values]
+        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+        if dupes:
+            raise ConfigError(f"{flag} {key}: value {dupes[0]} is listed twice")
+
+
+def _resolved(config_path: str | Path | None, overrides: Sequence[str], cell: Cell) -> str:
+    try:
+        cfg = load_config(config_path, [*overrides, *cell.overrides()])
+    except ConfigError as err:
+        msg = str(err).removeprefix("config error: ")
+        raise ConfigError(f"cell {cell.name}: {msg}") from None
+    return json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+
+
+def _check_distinct(config_path: str | Path | None, cells: Sequence[Cell], overrides: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for cell in cells:
+        resolved = _resolved(config_path, overrides, cell)
+        if resolved in seen:
+            raise ConfigError(
+                f"cells {seen[resolved]} and {cell.name} resolve to the same config "
+                "(e.g. 1 and 1.0 for a float key); list each value once"
+            )
+        seen[resolved] = cell.name
+
+
 def validate_grid(
     config_path: str | Path | None, grid: Mapping[str, Sequence[Any]], overrides: Sequence[str]
 ) -> list[Cell]:
@@ -181,41 +243,54 @@ def validate_grid(
             type or range, a key also fixed with ``--set``, duplicate values, a cell whose
             combination of values is invalid, two cells with the same resolved config).
     """
-    if not isinstance(grid, Mapping):
-        raise ConfigError(f"the grid must map keys to lists of values, got {type(grid).__name__}")
-    if not grid:
-        raise ConfigError("the grid is empty: give at least one --grid KEY=VALUE1,VALUE2,...")
-    fixed = {".".join(parse_override(o)[0]) for o in overrides}
-    for key, values in grid.items():
-        _check_key(key)
-        if key in fixed:
-            raise ConfigError(f"'{key}' is both swept (--grid) and fixed (--set); choose one")
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-            raise ConfigError(f"--grid {key}: needs a non-empty list of values, got {values!r}")
-        for value in values:
-            try:
-                load_config(config_path, [*overrides, override_text(key, value)])
-            except ConfigError as err:
-                msg = str(err).removeprefix("config error: ")
-                raise ConfigError(f"--grid {key}={value_label(value)}: {msg}") from None
-    for key, values in grid.items():
-        labels = [json.dumps(v, sort_keys=True) for v in values]
-        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
-        if dupes:
-            raise ConfigError(f"--grid {key}: value {dupes[0]} is listed twice")
+    _check_values(config_path, grid, overrides, "--grid")
     cells = make_cells(grid)
-    seen: dict[str, str] = {}
-    for cell in cells:
-        try:
-            cfg = load_config(config_path, [*overrides, *cell.overrides()])
-        except ConfigError as err:
-            msg = str(err).removeprefix("config error: ")
-            raise ConfigError(f"cell {cell.name}: {msg}") from None
-        resolved = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
-        if resolved in seen:
-            raise ConfigError(
-                f"cells {seen[resolved]} and {cell.name} resolve to the same config "
-                "(e.g. 1 and 1.0 for a float key); list each value once"
-            )
-        seen[resolved] = cell.name
+    _check_distinct(config_path, cells, overrides)
     return cells
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a nested config dict (``config_to_dict``)."""
+    node: Any = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_axes(
+    config_path: str | Path | None, axes: Mapping[str, Sequence[Any]], overrides: Sequence[str]
+) -> tuple[list[Cell], Grid]:
+    """One-factor-at-a-time cells (the ``axes`` design), checked like :func:`validate_grid`.
+
+    A listed value that resolves to the config's own value is the base cell's, not a cell of its
+    own; every axis without such a value gets the config's value put first, so each axis of the
+    returned grid holds its base value and reads back (``--resume``) as the same cells.
+
+    Returns:
+        ``(cells, grid)``: the ``base`` cell, then per axis in order one cell per other value
+        (``Cell.values`` holds every axis, the others at their base values); and the grid with
+        the base values included.
+
+    Raises:
+        ConfigError: as :func:`validate_grid`.
+    """
+    _check_values(config_path, axes, overrides, "--axis")
+    base_cfg = load_config(config_path, list(overrides))
+    base_dict = config_to_dict(base_cfg)
+    base_text = json.dumps(base_dict, sort_keys=True, default=str)
+    grid: Grid = {}
+    base: dict[str, Any] = {}
+    others: dict[str, list[Any]] = {}
+    for key, values in axes.items():
+        at_base = [v for v in values if _resolved(config_path, overrides, Cell("", {key: v})) == base_text]
+        base[key] = at_base[0] if at_base else config_value(base_dict, key)
+        grid[key] = list(values) if at_base else [base[key], *values]
+        others[key] = [v for v in values if not at_base or v is not at_base[0]]
+    short = short_keys(list(axes))
+    varied = [(key, v) for key, values in others.items() for v in values]
+    names = _bounded([_safe(f"{short[k]}={value_label(v)}") for k, v in varied], [[k, v] for k, v in varied])
+    cells = [Cell(BASE_CELL, dict(base))] + [Cell(n, {**base, k: v}) for n, (k, v) in zip(names, varied)]
+    if BASE_CELL in names:
+        raise ConfigError(f"a cell of the axes would be named '{BASE_CELL}', the name of the unchanged config")
+    _check_distinct(config_path, cells, overrides)
+    return cells, grid

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bissl.config import Config, ConfigError, config_to_dict, diff_configs, load_config
-from bissl.sweep.grid import Cell, Grid, validate_grid
+from bissl.config import Config, ConfigError, config_to_dict, diff_configs, load_config, with_defaults
+from bissl.sweep.grid import BASE_CELL, DESIGNS, Cell, Grid, validate_axes, validate_grid
 from bissl.sweep.sharing import SharingPlan, plan_sharing
 from bissl.trainer.experiment import RESUMABLE_CHANGES
 from bissl.trainer.report import write_json_atomic
@@ -32,13 +32,16 @@ class SweepPlan:
 
     Attributes:
         config_path: the base config file (``None``: the built-in defaults).
-        grid: swept key -> values, in the order given.
+        grid: swept key -> values, in the order given (``axes``: each axis with its base value).
         overrides: the fixed ``--set`` overrides (without ``run.seeds``).
         seeds: the seeds every cell runs.
-        cells: the Cartesian product of the grid, first key slowest.
+        cells: the Cartesian product of the grid, first key slowest; or (``axes``) the base cell
+            and one cell per other value of each axis.
         sharing: what the cells share (:mod:`bissl.sweep.sharing`).
         base_config: the resolved config before the grid is applied (``config_to_dict``).
         share: whether sharing was asked for (``False``: ``--no-share``).
+        design: ``"grid"`` (Cartesian product, ``--grid``) or ``"axes"`` (one factor at a time,
+            ``--axis``).
     """
 
     config_path: Path | None
@@ -49,6 +52,14 @@ class SweepPlan:
     sharing: SharingPlan
     base_config: dict[str, Any]
     share: bool = True
+    design: str = "grid"
+
+    @property
+    def base_values(self) -> dict[str, Any] | None:
+        """The axes design's base value of every swept key (None for a Cartesian grid)."""
+        if self.design != "axes":
+            return None
+        return next(dict(c.values) for c in self.cells if c.name == BASE_CELL)
 
     def run_overrides(self, cell: Cell) -> list[str]:
         """All overrides of ``cell``'s run: fixed, seeds, the cell's values, and
@@ -62,6 +73,7 @@ class SweepPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
+            "design": self.design,
             "config": str(self.config_path) if self.config_path is not None else None,
             "overrides": self.overrides,
             "seeds": self.seeds,
@@ -105,8 +117,12 @@ def build_plan(
     seeds: int | Sequence[int] | None = None,
     overrides: Sequence[str] = (),
     share: bool = True,
+    design: str = "grid",
 ) -> SweepPlan:
     """Validate the config, the fixed overrides, the seeds and every grid key, value and cell.
+
+    ``design`` is ``"grid"`` (the Cartesian product of the values) or ``"axes"`` (one factor at a
+    time around the config: :func:`bissl.sweep.grid.validate_axes`).
 
     Raises:
         ConfigError: one line naming the bad key or value; nothing has run.
@@ -117,10 +133,15 @@ def build_plan(
     fixed = [*overrides, f"run.seeds={json.dumps(seed_list)}"]
     base = load_config(path, fixed)
     grid_lists: dict[str, list[Any]] = {str(k): _as_json(k, v) for k, v in grid.items()}
-    cells = validate_grid(path, grid_lists, fixed)
+    if design not in DESIGNS:
+        raise ConfigError(f"sweep design must be one of {', '.join(DESIGNS)}, got {design!r}")
+    if design == "axes":
+        cells, grid_lists = validate_axes(path, grid_lists, fixed)
+    else:
+        cells = validate_grid(path, grid_lists, fixed)
     configs = (load_config(path, [*fixed, *c.overrides()]) for c in cells)
     sharing = plan_sharing(list(grid_lists), [c.name for c in cells], configs, enabled=share)
-    return SweepPlan(path, grid_lists, overrides, seed_list, cells, sharing, config_to_dict(base), share)
+    return SweepPlan(path, grid_lists, overrides, seed_list, cells, sharing, config_to_dict(base), share, design)
 
 
 def _semantic_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -148,10 +169,15 @@ def write_or_check_manifest(plan: SweepPlan, out: Path) -> bool:
         return {k: v for k, v in manifest.get("sharing", {}).items() if k != "reason"}
 
     # Compared as JSON text: 1 and 1.0 are different cells (and directory names).
-    what = [name for name in ("grid", "seeds", "share") if json.dumps(saved.get(name)) != json.dumps(current[name])]
+    saved = {"design": "grid", **saved}  # manifests written before the axes design
+    what = [
+        name
+        for name in ("design", "grid", "seeds", "share")
+        if json.dumps(saved.get(name)) != json.dumps(current[name])
+    ]
     if decision(saved) != decision(current):
         what.append("sharing")
-    changed = _semantic_changes(saved.get("base_config", {}), current["base_config"])
+    changed = _semantic_changes(with_defaults(saved.get("base_config", {})), current["base_config"])
     if changed:
         what.append(f"config ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})")
     if what:

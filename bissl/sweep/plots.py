@@ -43,13 +43,17 @@ def _positions(values: Sequence[Any], kind: AxisKind) -> dict[str, float]:
     return {value_label(v): (float(i) if kind == "categorical" else float(v)) for i, v in enumerate(values)}
 
 
-def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]]) -> Figure:
+def sensitivity_figure(
+    grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]], base: Mapping[str, Any] | None = None
+) -> Figure:
     """The figure of :func:`plot_sensitivity` (returned for inspection and tests).
 
     Args:
         grid: swept key -> values, in grid order.
         summary: :func:`bissl.sweep.collect.summarize_cells` rows (cells without results are
             skipped).
+        base: the axes design's base values: each key's panel then shows only the cells whose
+            other keys are at their base values (that axis and the base cell).
     """
     keys = list(grid)
     short = short_keys(keys)
@@ -61,11 +65,17 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict
         kind = axis_kind(grid[key])
         pos = _positions(grid[key], kind)
         others = [k for k in keys if k != key]
+        if base is not None:
+            # One factor at a time: this axis is the base cell and the cells that vary only it.
+            rows_here = [r for r in done if all(value_label(r[k]) == value_label(base[k]) for k in others)]
+            others = []
+        else:
+            rows_here = done
         lines: dict[str, list[dict[str, Any]]] = {}
-        for r in done:
+        for r in rows_here:
             label = ", ".join(f"{short[k]}={value_label(r[k])}" for k in others) or "BiSSL"
             lines.setdefault(label, []).append(r)
-        base = {
+        baselines = {
             (r["baseline_test_acc_mean"], r["baseline_test_acc_std"])
             for r in done
             if r.get("baseline_test_acc_mean") is not None
@@ -84,7 +94,7 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict
                 label=label if others else "BiSSL (mean ± std)",
             )
             with_base = [r for r in rows if r.get("baseline_test_acc_mean") is not None]
-            if len(base) > 1 and with_base:
+            if len(baselines) > 1 and with_base:
                 color = bar.lines[0].get_color()
                 ax.errorbar(
                     [pos[value_label(r[key])] for r in with_base],
@@ -99,8 +109,8 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict
                     alpha=0.7,
                     label=f"baseline{': ' + label if others else ''} (mean ± std)",
                 )
-        if len(base) == 1:
-            ((mean, std),) = base
+        if len(baselines) == 1:
+            ((mean, std),) = baselines
             ax.axhline(100 * mean, color="tab:gray", lw=1.2, ls="--", label="baseline (mean ± std)")
             if std > 0:
                 ax.axhspan(100 * (mean - std), 100 * (mean + std), color="tab:gray", alpha=0.2, lw=0)
@@ -118,8 +128,13 @@ def sensitivity_figure(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict
     return fig
 
 
-def plot_sensitivity(grid: Mapping[str, Sequence[Any]], summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write the sensitivity figure to ``path`` (PNG)."""
+def plot_sensitivity(
+    grid: Mapping[str, Sequence[Any]],
+    summary: Sequence[dict[str, Any]],
+    path: str | Path,
+    base: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the sensitivity figure to ``path`` (PNG); ``base`` as :func:`sensitivity_figure`."""
     path = Path(path)
-    sensitivity_figure(grid, summary).savefig(path, dpi=110)
+    sensitivity_figure(grid, summary, base).savefig(path, dpi=110)
     return path

@@ -218,7 +218,7 @@ def run_plan(plan: SweepPlan, out: str | Path, *, verbose: bool = True) -> Sweep
     csv_path, summary_path = out / SWEEP_CSV, out / SUMMARY_CSV
     write_csv(rows, sweep_columns(plan), csv_path)
     write_csv(summary, summary_columns(plan), summary_path)
-    plot_path = plot_sensitivity(plan.grid, summary, out / SENSITIVITY_PNG)
+    plot_path = plot_sensitivity(plan.grid, summary, out / SENSITIVITY_PNG, base=plan.base_values)
     if verbose:
         print(f"\ntest top-1 accuracy (%), mean ± std over seeds {plan.seeds}:")
         print(format_summary_table(summary))
@@ -234,6 +234,7 @@ def run_sweep(
     overrides: Sequence[str] = (),
     share: bool = True,
     verbose: bool = True,
+    design: str = "grid",
 ) -> SweepResult:
     """Run a grid of configs (resumable), collect every run's final metrics, plot sensitivities.
 
@@ -248,6 +249,9 @@ def run_sweep(
         share: run the pretext phase and the baseline arm once per seed when the swept keys
             cannot change them (:mod:`bissl.sweep.sharing`).
         verbose: print one line per cell and the final table.
+        design: ``"grid"``: the cells are the Cartesian product of the grid; ``"axes"``: one
+            factor at a time, a ``base`` cell (the config unchanged) and one cell per other value
+            of each key, the other keys at their base values.
 
     Returns:
         The outcomes, the collected rows and the paths of sweep.csv, summary.csv, sensitivity.png.
@@ -261,7 +265,7 @@ def run_sweep(
         ...                    seeds=3)  # doctest: +SKIP
         >>> result.summary[0]["bissl_test_acc_mean"]  # doctest: +SKIP
     """
-    plan = build_plan(config_path, grid, seeds=seeds, overrides=overrides, share=share)
+    plan = build_plan(config_path, grid, seeds=seeds, overrides=overrides, share=share, design=design)
     return run_plan(plan, out if out is not None else default_out(config_path, overrides), verbose=verbose)
 
 
@@ -283,4 +287,5 @@ def resume_sweep(out: str | Path, *, overrides: Sequence[str] = (), verbose: boo
         overrides=[*manifest["overrides"], *overrides],
         share=manifest["share"],
         verbose=verbose,
+        design=manifest.get("design", "grid"),
     )

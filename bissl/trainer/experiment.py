@@ -41,9 +41,10 @@ from bissl.config import (
     config_to_dict,
     diff_configs,
     dump_config,
+    with_defaults,
 )
 from bissl.data import load_dataset
-from bissl.data.options import image_task_options, text_task_options
+from bissl.data.options import image_task_options, seed_split, text_task_options
 from bissl.distributed.trainable import DataParallel
 from bissl.provenance import collect_provenance
 from bissl.trainer.bissl_phase import BisslPhase
@@ -103,13 +104,22 @@ def configure_torch(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> PipelineData:
+def tokenizer_path(cfg: Config, run_dir: str | Path, seed: int | None = None) -> Path:
+    """Where a text run keeps its tokenizer: ``<run_dir>/tokenizer.json``, or, when each seed has
+    its own split (``data.fold_by_seed``) and the pretext corpus is that split's training texts,
+    ``<run_dir>/seed_<seed>/tokenizer.json``."""
+    if cfg.data.fold_by_seed and cfg.data.pretext_name is None:
+        return Path(run_dir) / f"seed_{seed or 0}" / "tokenizer.json"
+    return Path(run_dir) / "tokenizer.json"
+
+
+def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None, seed: int | None = None) -> PipelineData:
     """Load the downstream (and optional separate pretext) dataset named by ``cfg.data``.
 
-    Text runs (``task: text``) tokenise with the tokenizer saved as ``<run_dir>/tokenizer.json``
-    when it exists; otherwise one is trained on the pretext corpus and saved there (kept in
-    memory only when ``run_dir`` is None). Training is deterministic, so every process of a run
-    gets the same tokenizer either way.
+    Text runs (``task: text``) tokenise with the tokenizer saved at :func:`tokenizer_path` when it
+    exists; otherwise one is trained on the pretext corpus and saved there (kept in memory only
+    when ``run_dir`` is None). Training is deterministic, so every process of a run gets the same
+    tokenizer either way. ``seed`` matters only under ``data.fold_by_seed`` (each seed its fold).
     """
     d = cfg.data
     try:
@@ -126,9 +136,8 @@ def load_pipeline_data(cfg: Config, run_dir: str | Path | None = None) -> Pipeli
                 max_length=t.max_length,
                 val_fraction=d.val_fraction,
                 test_fraction=d.test_fraction,
-                split_seed=d.split_seed,
-                **text_task_options(d),
-                tokenizer_path=None if run_dir is None else Path(run_dir) / "tokenizer.json",
+                **text_task_options(d, seed),
+                tokenizer_path=None if run_dir is None else tokenizer_path(cfg, run_dir, seed),
             )
             return PipelineData.from_text(text)
         down = load_dataset(
@@ -169,7 +178,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
     saved_path = run_dir / "config.yaml"
     resuming = saved_path.exists()
     if resuming:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
+        saved = with_defaults(yaml.safe_load(saved_path.read_text()) or {})
         current = config_to_dict(cfg)
         changed = [k for k in diff_configs(saved, current) if k not in RESUMABLE_CHANGES and not k.startswith("debug.")]
         if changed:
@@ -207,8 +216,10 @@ def run_seed(
     dp: DataParallel | None = None,
 ) -> dict[str, dict[str, Any] | None]:
     """All phases of one seed; returns ``{arm: metrics}`` with ``"bissl"`` and ``"baseline"`` (None
-    when disabled), plus ``"baseline_matched"`` / ``"bissl_upper0"`` when configured, and
-    ``"diagnostics"`` (rank 0: :func:`bissl.trainer.report.bissl_diagnostics` of the BiSSL stage).
+    when disabled), plus ``"baseline_matched"`` / ``"bissl_upper0"`` when configured, the text
+    probes ``"majority"`` / ``"bag_of_tokens"`` (``text.probes``), ``"split"`` (k-fold runs: the
+    seed's ``split_seed``, ``fold``, ``folds`` and test size) and ``"diagnostics"`` (rank 0:
+    :func:`bissl.trainer.report.bissl_diagnostics` of the BiSSL stage).
 
     Every rank of a multi-rank run calls it (``dp``); only rank 0 writes the metrics file.
     """
@@ -232,6 +243,13 @@ def run_seed(
         return _arm_metrics(run_phase(phase, lambda: FinetunePhase(phase, cfg, data, ctx, backbone), ctx))
 
     out: dict[str, Any] = {}
+    if cfg.task == "text" and cfg.text.probes and dp.rank == 0:
+        from bissl.tasks.probes import text_probes
+
+        out.update(text_probes(data))  # deterministic and cheap: recomputed when a seed resumes
+    if cfg.data.folds is not None:
+        split_seed, fold = seed_split(cfg.data, seed)
+        out["split"] = {"split_seed": split_seed, "fold": fold, "folds": cfg.data.folds, "test_n": len(data.test_y)}
     try:
         pre = run_phase("pretext", lambda: PretextPhase("pretext", cfg, data, ctx), ctx)
         bissl = run_phase("bissl", lambda: BisslPhase(cfg, data, ctx, pre, dp), ctx)
@@ -276,7 +294,7 @@ def _seed_worker(
     budget = StepBudget(cfg.debug.stop_after_steps, cfg.debug.stop_mode)
     return run_seed(
         cfg,
-        load_pipeline_data(cfg, run_dir),
+        load_pipeline_data(cfg, run_dir, seed),
         seed,
         Path(run_dir) / f"seed_{seed}",
         resolve_device(cfg.run.device),
@@ -333,6 +351,18 @@ def summarize_done(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     return _write_outputs(cfg, run_dir, per_seed, meta)
 
 
+def _load_rank0_first(cfg: Config, run_dir: Path, seed: int | None, dp: DataParallel) -> PipelineData:
+    """Rank 0 loads first (training and saving a text run's tokenizer); the others then read it."""
+    data = load_pipeline_data(cfg, run_dir, seed) if dp.rank == 0 else None
+    if dp.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        data = data or load_pipeline_data(cfg, run_dir, seed)
+    assert data is not None  # rank 0 loaded it (the only rank of a one-process run)
+    return data
+
+
 def run_here(
     cfg: Config, run_dir: str | Path, *, dp: DataParallel | None = None, device: torch.device | None = None
 ) -> dict[str, Any]:
@@ -361,21 +391,24 @@ def run_here(
         prepare_run_dir(cfg, run_dir)
     workers = min(cfg.run.workers, len(cfg.run.seeds)) if dp.world == 1 else 1
     if workers > 1:
-        load_pipeline_data(cfg, run_dir)  # fail here, once, on a data error (saves the tokenizer)
+        # Fail here, once, on a data error (and save a shared tokenizer before the workers start).
+        load_pipeline_data(cfg, run_dir, cfg.run.seeds[0])
         per_seed = _run_seeds_in_workers(cfg, run_dir, workers)
     else:
-        # Rank 0 trains (and saves) a text run's tokenizer first; the others then read it.
-        data = load_pipeline_data(cfg, run_dir) if dp.rank == 0 else None
-        if dp.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-            data = data or load_pipeline_data(cfg, run_dir)
-        assert data is not None  # rank 0 loaded it (the only rank of a one-process run)
         stops_here = cfg.debug.stop_rank is None or cfg.debug.stop_rank == dp.rank
         budget = StepBudget(cfg.debug.stop_after_steps if stops_here else None, cfg.debug.stop_mode)
+        shared = None if cfg.data.fold_by_seed else _load_rank0_first(cfg, run_dir, None, dp)
         per_seed = {
-            seed: run_seed(cfg, data, seed, run_dir / f"seed_{seed}", device, budget, dp=dp) for seed in cfg.run.seeds
+            seed: run_seed(
+                cfg,
+                shared or _load_rank0_first(cfg, run_dir, seed, dp),
+                seed,
+                run_dir / f"seed_{seed}",
+                device,
+                budget,
+                dp=dp,
+            )
+            for seed in cfg.run.seeds
         }
     meta = {
         "dataset": cfg.data.name,

@@ -10,10 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: Every arm a run can have, in display order: the baseline, the compute-matched baseline
-#: (``baseline.compute_matched``), BiSSL without upper steps (``baseline.ablation_upper0``), BiSSL.
-ARMS = ("baseline", "baseline_matched", "bissl_upper0", "bissl")
-_ARM_TITLES = {"baseline": "baseline", "baseline_matched": "matched", "bissl_upper0": "no upper", "bissl": "BiSSL"}
+#: Every arm a run can have, in display order: a text run's probes (``text.probes``: the
+#: training majority class, a bag-of-tokens logistic regression), the baseline, the
+#: compute-matched baseline (``baseline.compute_matched``), BiSSL without upper steps
+#: (``baseline.ablation_upper0``), BiSSL.
+ARMS = ("majority", "bag_of_tokens", "baseline", "baseline_matched", "bissl_upper0", "bissl")
+_ARM_TITLES = {
+    "majority": "majority",
+    "bag_of_tokens": "bag of tokens",
+    "baseline": "baseline",
+    "baseline_matched": "matched",
+    "bissl_upper0": "no upper",
+    "bissl": "BiSSL",
+}
 #: The per-arm final metrics of a run (results.json, sweeps).
 METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
 
@@ -21,7 +30,10 @@ METRICS = ("test_acc", "val_acc", "test_loss", "val_loss")
 def configured_arms(cfg: Any) -> tuple[str, ...]:
     """The arms a run of ``cfg`` (a :class:`bissl.config.Config`) produces, in :data:`ARMS` order."""
     b = cfg.baseline
+    probes = cfg.task == "text" and cfg.text.probes
     on = {
+        "majority": probes,
+        "bag_of_tokens": probes,
         "baseline": b.enabled,
         "baseline_matched": b.enabled and b.compute_matched,
         "bissl_upper0": b.enabled and b.ablation_upper0,

@@ -173,6 +173,7 @@ def test_every_config_key_is_accepted_on_two_ranks():
     assert untested == {
         "bissl.lam_options",
         "data.downstream_classes",
+        "data.fold_by_seed",  # needs data.folds: set with it below
         "data.pretext_classes",
         "deepspeed.config",
         "finetune.betas",
@@ -189,6 +190,7 @@ def test_every_config_key_is_accepted_on_two_ranks():
     }, sorted(untested)
     for other in (
         ["task=text", "pretext.method=gpt", "model.backbone=gpt"],
+        ["task=text", "pretext.method=gpt", "model.backbone=gpt", "data.folds=5", "data.fold_by_seed=true"],
         ["pretext.method=byol"],
         ["deepspeed.zero_stage=3", "pretext.method=byol"],
         ["run.device=cuda"],

@@ -275,9 +275,8 @@ def validate_axes(
         ConfigError: as :func:`validate_grid`.
     """
     _check_values(config_path, axes, overrides, "--axis")
-    base_cfg = load_config(config_path, list(overrides))
-    base_dict = config_to_dict(base_cfg)
-    base_text = json.dumps(base_dict, sort_keys=True, default=str)
+    base_text = _resolved(config_path, overrides, Cell(BASE_CELL, {}))
+    base_dict = json.loads(base_text)
     grid: Grid = {}
     base: dict[str, Any] = {}
     others: dict[str, list[Any]] = {}
@@ -288,9 +287,8 @@ def validate_axes(
         others[key] = [v for v in values if not at_base or v is not at_base[0]]
     short = short_keys(list(axes))
     varied = [(key, v) for key, values in others.items() for v in values]
+    # Every name holds '=', so none can be the base cell's.
     names = _bounded([_safe(f"{short[k]}={value_label(v)}") for k, v in varied], [[k, v] for k, v in varied])
     cells = [Cell(BASE_CELL, dict(base))] + [Cell(n, {**base, k: v}) for n, (k, v) in zip(names, varied)]
-    if BASE_CELL in names:
-        raise ConfigError(f"a cell of the axes would be named '{BASE_CELL}', the name of the unchanged config")
     _check_distinct(config_path, cells, overrides)
     return cells, grid

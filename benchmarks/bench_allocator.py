@@ -47,26 +47,20 @@ def _child(rounds: int, threads: int) -> dict:
     import resource
 
     import torch
+    from bench_cg_forms import _problem  # the CG-forms suite's problem (this file's folder is on sys.path)
 
     from bissl.bench import interleaved_rounds
     from bissl.hypergrad import authors_cg_solver
-    from bissl.models import build_backbone
     from bissl.solvers import cg_solve
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = build_backbone("resnet18", in_channels=3, small_input=True)
-    g = torch.Generator().manual_seed(1)
-    names = [k for k, _ in net.named_parameters()]
-    b = {k: torch.randn(p.shape, generator=g) for k, p in net.named_parameters()}
-    d = {k: 1.0 + 99.0 * torch.rand(p.shape, generator=g) for k, p in net.named_parameters()}
-    d_tuple, b_tuple = tuple(d.values()), tuple(b.values())
-    d_flat = torch.cat([t.reshape(-1) for t in d_tuple])
+    prob = _problem()
+    b = prob["b"]
+    b_tuple = tuple(b.values())
     b_flat = torch.cat([t.reshape(-1) for t in b_tuple])
     buf = torch.empty_like(b_flat)
-    mv_flat = lambda v: d_flat * v  # noqa: E731
-    mv_tuple = lambda v: tuple(dk * t for dk, t in zip(d_tuple, v))  # noqa: E731
-    mv_dict = lambda v: {k: d[k] * v[k] for k in names}  # noqa: E731
+    mv_flat, mv_tuple, mv_dict = (prob["matvec"][form] for form in ("flat", "tuple", "dict"))
+    d_flat = torch.cat([t.reshape(-1) for t in prob["d"].values()])
     calls = {
         "matvec_flat": lambda: mv_flat(b_flat),
         "matvec_tuple": lambda: mv_tuple(b_tuple),

@@ -14,8 +14,10 @@ same calls interleaved round by round (:func:`bissl.bench.interleaved_rounds`):
 * ``matvec_flat`` / ``matvec_tuple``: ``d * v`` on the flat vector / per tensor, fresh output;
 * ``matvec_flat_out``: the flat product into a preallocated buffer (``out=``): no allocation;
 * ``cg_flat`` / ``cg_tuple`` / ``cg_dict``: :func:`bissl.solvers.cg_solve`, 10 iterations, with
-  the matvec in that form; ``authors_tuple``: the authors' tuple loop
-  (:func:`bissl.hypergrad.authors_cg_solver`) with the tuple matvec.
+  the matvec in that form; ``cg_flat_ws`` / ``cg_tuple_ws`` / ``cg_dict_ws``: the same with a
+  :class:`~bissl.solvers.Workspace` kept across calls (no per-solve work buffers);
+  ``authors_tuple``: the authors' tuple loop (:func:`bissl.hypergrad.authors_cg_solver`) with the
+  tuple matvec.
 
 Settings: ``default`` (glibc as installed) and ``malloc_no_mmap`` (``MALLOC_MMAP_MAX_=0`` and
 ``MALLOC_TRIM_THRESHOLD_`` = 4 GB: large blocks come from the heap and freed ones are reused,
@@ -51,7 +53,7 @@ def _child(rounds: int, threads: int) -> dict:
 
     from bissl.bench import interleaved_rounds
     from bissl.hypergrad import authors_cg_solver
-    from bissl.solvers import cg_solve
+    from bissl.solvers import Workspace, cg_solve
 
     torch.set_num_threads(threads)
     prob = _problem()
@@ -61,6 +63,7 @@ def _child(rounds: int, threads: int) -> dict:
     buf = torch.empty_like(b_flat)
     mv_flat, mv_tuple, mv_dict = (prob["matvec"][form] for form in ("flat", "tuple", "dict"))
     d_flat = torch.cat([t.reshape(-1) for t in prob["d"].values()])
+    spaces = {form: Workspace() for form in ("flat", "tuple", "dict")}
     calls = {
         "matvec_flat": lambda: mv_flat(b_flat),
         "matvec_tuple": lambda: mv_tuple(b_tuple),
@@ -68,6 +71,9 @@ def _child(rounds: int, threads: int) -> dict:
         "cg_flat": lambda: cg_solve(mv_flat, b_flat, iters=ITERS),
         "cg_tuple": lambda: cg_solve(mv_tuple, b_tuple, iters=ITERS),
         "cg_dict": lambda: cg_solve(mv_dict, b, iters=ITERS),
+        "cg_flat_ws": lambda: cg_solve(mv_flat, b_flat, iters=ITERS, workspace=spaces["flat"]),
+        "cg_tuple_ws": lambda: cg_solve(mv_tuple, b_tuple, iters=ITERS, workspace=spaces["tuple"]),
+        "cg_dict_ws": lambda: cg_solve(mv_dict, b, iters=ITERS, workspace=spaces["dict"]),
         "authors_tuple": lambda: authors_cg_solver(mv_tuple, b_tuple, iters=ITERS, layerwise=False, guard=None),
     }
     faults = {}
@@ -116,7 +122,8 @@ def test_fresh_output_page_faults_and_cg_forms(benchmark):
     benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
     for r in result.values():
         med = r["median_s"]
-        r["speedup_vs_authors"] = {f: med["authors_tuple"] / med[f"cg_{f}"] for f in ("flat", "tuple", "dict")}
+        forms = ("flat", "tuple", "dict", "flat_ws", "tuple_ws", "dict_ws")
+        r["speedup_vs_authors"] = {f: med["authors_tuple"] / med[f"cg_{f}"] for f in forms}
         r["matvec_share_of_authors"] = ITERS * med["matvec_tuple"] / med["authors_tuple"]
     benchmark.extra_info.update(machine_info())
     benchmark.extra_info.update({"iters": ITERS, "rounds": ROUNDS, "settings": result})

@@ -7,6 +7,9 @@ providers, timed in interleaved rounds (:func:`bissl.bench.interleaved_rounds`):
 
 * ``ours_dict`` / ``ours_tuple`` / ``ours_flat``: :func:`bissl.solvers.cg_solve` (or
   :func:`~bissl.solvers.cg_layerwise_solve`) given ``b`` and a matvec in that form;
+* ``ours_dict_ws`` / ``ours_tuple_ws`` / ``ours_flat_ws``: the same with a
+  :class:`~bissl.solvers.Workspace` kept across solves (how a training loop calls it): the work
+  buffers are not allocated, hence not faulted in, on every solve;
 * ``authors_tuple``: :func:`bissl.hypergrad.authors_cg_solver`, the faithful re-implementation of
   the BiSSL authors' tuple loop (one op per tensor, ``rᵀr`` carried over, no extra copies), with the
   same matvec on tuples and ``guard=None`` (their ``1e-12`` guard left out so both compute the same
@@ -41,7 +44,7 @@ from bissl.ops import _backends
 from bissl.ops.damped_into import damped_into_
 from bissl.ops.flat import as_form, vector_spec
 from bissl.ops.reference import dot_ref
-from bissl.solvers import cg_layerwise_solve, cg_solve
+from bissl.solvers import Workspace, cg_layerwise_solve, cg_solve
 
 ITERS = 10
 ROUNDS = int(os.environ.get("BISSL_BENCH_ROUNDS", "7"))
@@ -103,6 +106,15 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
         f"ours_{form}": (lambda form=form: solve(mv[form], rhs[form], iters=ITERS, **extra.get(form, {})))
         for form in rhs
     }
+    spaces = {form: Workspace() for form in rhs}
+    calls.update(
+        {
+            f"ours_{form}_ws": (
+                lambda form=form: solve(mv[form], rhs[form], iters=ITERS, workspace=spaces[form], **extra.get(form, {}))
+            )
+            for form in rhs
+        }
+    )
     calls["authors_tuple"] = lambda: authors_cg_solver(
         mv["tuple"], rhs["tuple"], iters=ITERS, layerwise=solver == "cg_layerwise", guard=None
     )
@@ -113,9 +125,9 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
     # Warm-up and the equal-answer check.
     answers = {k: c() for k, c in calls.items() if k.startswith(("ours", "authors"))}
     flat = {
-        k: torch.cat([t.reshape(-1) for t in (v.x.values() if k == "ours_dict" else v.x)])
-        if k in ("ours_dict", "ours_tuple")
-        else (v.x if k == "ours_flat" else torch.cat([t.reshape(-1) for t in v]))
+        k: torch.cat([t.reshape(-1) for t in (v.x.values() if k.startswith("ours_dict") else v.x)])
+        if k.startswith(("ours_dict", "ours_tuple"))
+        else (v.x if k.startswith("ours_flat") else torch.cat([t.reshape(-1) for t in v]))
         for k, v in answers.items()
     }
     rel = {k: max_rel_diff(flat[k], flat["authors_tuple"]) for k in flat if k != "authors_tuple"}
@@ -137,7 +149,7 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
         "per_round_s": times,
         "max_rel_diff_vs_authors": rel,
     }
-    for form in ("dict", "tuple", "flat"):
+    for form in ("dict", "tuple", "flat", "dict_ws", "tuple_ws", "flat_ws"):
         ours = med[f"ours_{form}"]
         vec_s = ours - med["matvec_views"]
         out[f"speedup_{form}_vs_authors"] = med["authors_tuple"] / ours

@@ -33,6 +33,7 @@ _EXPORTS = {
     "unflatten": "bissl.ops",
     "SolveResult": "bissl.solvers",
     "SolverError": "bissl.solvers",
+    "Workspace": "bissl.solvers",
     "cg_layerwise_solve": "bissl.solvers",
     "cg_solve": "bissl.solvers",
     "identity_solve": "bissl.solvers",

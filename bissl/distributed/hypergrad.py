@@ -31,6 +31,7 @@ from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
+from bissl.solvers.workspace import Workspace
 from bissl.typing import LossFn, Params, ParamsLike
 
 
@@ -47,6 +48,7 @@ def distributed_implicit_hypergrad(
     bucket_numel: int | None = None,
     on_matvec: MatVecHook | None = None,
     on_rhs: Callable[[Tensor], None] | None = None,
+    workspace: Workspace | None = None,
 ) -> Params | tuple[Params, SolveResult]:
     """``x = (I + H/(λ + damping))⁻¹ v`` with ``H`` and ``v`` averaged over the ranks of ``group``.
 
@@ -61,6 +63,7 @@ def distributed_implicit_hypergrad(
         bucket_numel: bucket size of the flat all-reduces (default: one collective per vector).
         on_matvec: hook ``(p, Hp_averaged) -> None`` after every averaged HVP (unsharded; tracing).
         on_rhs: hook called once with the full rank-averaged right-hand side ``v`` (flat ``(P,)``).
+        workspace: the solver's work buffers, kept across calls (:class:`~bissl.solvers.Workspace`).
 
     Returns:
         ``x`` as a dict keyed like ``lower_params``, bit-identical on every rank; with
@@ -72,7 +75,14 @@ def distributed_implicit_hypergrad(
         from bissl.distributed.shard import sharded_implicit_hypergrad
 
         x, result = sharded_implicit_hypergrad(
-            lower_loss, upper_loss, lower_params, lam=lam, settings=settings, group=group, on_rhs=on_rhs
+            lower_loss,
+            upper_loss,
+            lower_params,
+            lam=lam,
+            settings=settings,
+            group=group,
+            on_rhs=on_rhs,
+            workspace=workspace,
         )
         return (x, result) if return_info else x
     space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
@@ -80,7 +90,14 @@ def distributed_implicit_hypergrad(
     x, result = cast(
         tuple[Params, SolveResult],  # return_info=True; x in lower_params' form: a dict
         implicit_hypergrad(
-            lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True, space=space
+            lower_loss,
+            upper_loss,
+            lower_params,
+            lam=lam,
+            **settings.kwargs(),
+            return_info=True,
+            space=space,
+            workspace=workspace,
         ),
     )
     result.num_collectives = space.num_collectives

@@ -38,6 +38,7 @@ from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
+from bissl.solvers.workspace import Workspace
 from bissl.typing import LossFn, Params, ParamsLike
 
 
@@ -161,6 +162,7 @@ def sharded_implicit_hypergrad(
     settings: HypergradSettings,
     group: ProcessGroup | None = None,
     on_rhs: Callable[[Tensor], None] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Params, SolveResult]:
     """:func:`implicit_hypergrad` with the solver's vectors partitioned across the ranks of
     ``group`` (see the module docstring); same arguments and answer as the unsharded solve."""
@@ -173,6 +175,13 @@ def sharded_implicit_hypergrad(
     return cast(
         tuple[Params, SolveResult],
         implicit_hypergrad(
-            lower_loss, upper_loss, lower_params, lam=lam, **settings.kwargs(), return_info=True, space=space
+            lower_loss,
+            upper_loss,
+            lower_params,
+            lam=lam,
+            **settings.kwargs(),
+            return_info=True,
+            space=space,
+            workspace=workspace,
         ),
     )

@@ -31,7 +31,7 @@ from bissl.hypergrad.settings import IndefinitePolicy, SolverName
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import AnyVector, FlatSpec, as_form, one_buffer
 from bissl.ops.hvp import HVPMode, as_named, linearize_hvp
-from bissl.solvers import get_solver
+from bissl.solvers import Workspace, get_solver
 from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
 from bissl.typing import LossFn
 
@@ -100,6 +100,7 @@ def _solve(
     rtol: float | None,
     space: VectorSpace | None = None,
     matvec_pieces: bool = False,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """One solve of ``(I + H/(λ + damping)) x = v`` (``H x = v`` when ``λ + damping = 0``) by the
     named solver; ``result.x`` is flat.
@@ -118,6 +119,7 @@ def _solve(
         "damping": shift,
         "strict": False,
         "allreduce": None if space is None else space.allreduce,
+        "workspace": workspace,
     }
     if name in ("cg", "minres"):
         kwargs.update(backend=backend, rtol=rtol)
@@ -206,6 +208,7 @@ def implicit_hypergrad(
     rtol: float | None = None,
     return_info: bool = False,
     space: VectorSpace | None = None,
+    workspace: Workspace | None = None,
 ) -> AnyVector | tuple[AnyVector, SolveResult]:
     """The IFT term ``x = (I + H/(λ + damping))⁻¹ ∇_θ L_D(θ)``, ``H = ∇²_θ L_P(θ)``.
 
@@ -265,6 +268,9 @@ def implicit_hypergrad(
         space: where the solver's vectors live across ranks (:class:`VectorSpace`; data
             parallelism: averaged, or partitioned). The solver's scalars then come from the
             space's operator and dot products only. Default: one process, whole vectors.
+        workspace: a :class:`~bissl.solvers.Workspace` for the solver's work buffers, kept across
+            calls (a training loop that computes a hypergradient every step: on CPU, large models
+            then skip the page faults of fresh buffers each step). Default: allocated per call.
 
     Returns:
         ``x`` in ``lower_params``' form — views of one flat buffer (and the solve info if
@@ -321,6 +327,7 @@ def implicit_hypergrad(
         rtol=rtol,
         space=space,
         matvec_pieces=pieces,
+        workspace=workspace,
     )
     flat_x = cast(torch.Tensor, result.x)  # _solve leaves it flat
     if root is not None:
@@ -371,6 +378,7 @@ def solve_ift_system(
     rtol: float | None = None,
     space: VectorSpace | None = None,
     matvec_pieces: bool = False,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """Solve ``(I + A/(λ + damping)) x = v`` (``A x = v`` when ``λ + damping = 0``) with a policy.
 
@@ -388,6 +396,8 @@ def solve_ift_system(
             ``v`` are then already in it.
         matvec_pieces: ``matvec`` takes and returns one tensor per tensor of ``spec`` instead of
             flat vectors (what :meth:`bissl.ops.hvp.LinearizedHVP.hv_pieces` does; saves a copy).
+        workspace: the solvers' work buffers (see :func:`implicit_hypergrad`); every re-solve of
+            the policy uses it too, one after the other.
 
     Returns:
         The :class:`~bissl.solvers.SolveResult` whose flat ``x`` is the answer, with ``action``,
@@ -412,6 +422,7 @@ def solve_ift_system(
             rtol=rtol,
             space=space,
             matvec_pieces=matvec_pieces and name != "identity",
+            workspace=workspace,
         )
 
     result = solve(solver, damping)

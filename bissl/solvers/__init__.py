@@ -2,7 +2,8 @@
 
 Every solver takes ``(matvec, b, *, iters, damping=0.0, scale=1.0, strict=False, ...)`` and solves
 ``(scale·A + damping·I) x = b``; :data:`SOLVERS` maps names to them. CG, layer-wise CG and Neumann
-need a positive definite system; MINRES does not. CG and MINRES also return free Ritz estimates of
+need a positive definite system; MINRES does not. Each takes ``workspace=`` (:class:`Workspace`) to
+keep its work buffers across repeated solves. CG and MINRES also return free Ritz estimates of
 the damped operator's spectrum (:mod:`bissl.solvers.lanczos`).
 """
 
@@ -13,6 +14,7 @@ from bissl.solvers.lanczos import Tridiagonal
 from bissl.solvers.minres import minres_solve
 from bissl.solvers.neumann import identity_solve, neumann_solve
 from bissl.solvers.result import IndefiniteSystemWarning, SolverError, SolveResult
+from bissl.solvers.workspace import Workspace
 
 #: Solver name -> function, as accepted by ``implicit_hypergrad(solver=...)`` and the configs.
 SOLVERS = {
@@ -38,6 +40,7 @@ __all__ = [
     "SolveResult",
     "SolverError",
     "Tridiagonal",
+    "Workspace",
     "cg_layerwise_solve",
     "cg_solve",
     "get_solver",

@@ -13,6 +13,10 @@ tensor (:mod:`bissl.ops.flat`):
   solver buffer allocated once per solve and returns ``vᵀA v``;
 * the answer is returned as views of the solver's buffer in ``b``'s form.
 
+The work buffers (the copy of ``b``, the matvec's output, search directions) come from a
+:class:`~bissl.solvers.workspace.Workspace` when the caller passes one, so that repeated solves of
+a large problem do not fault in fresh pages every time (that module says why); the answer never does.
+
 All inner products of the solvers go through :meth:`LinearProblem.dot` /
 :meth:`LinearProblem.reduce` (the fused kernels return theirs): when the flat vectors are one
 rank's partition of a vector sharded across ranks (:mod:`bissl.distributed.shard`), ``allreduce``
@@ -31,6 +35,7 @@ from bissl.ops._backends import CGVectorOps, cg_vector_ops
 from bissl.ops.damped_into import damped_into_
 from bissl.ops.flat import FlatSpec, as_form, one_buffer, pieces, vector_form, vector_spec
 from bissl.ops.reference import dot_ref
+from bissl.solvers.workspace import Workspace
 from bissl.typing import Vector
 
 #: Sums a tensor of partial dot products over the partitions of a vector (an all-reduce across
@@ -56,6 +61,7 @@ class LinearProblem:
         ops: the fused vector ops of the chosen backend.
         where: the solver's name, for error messages.
         allreduce: sums partial dots when the vectors are partitions (None: they are whole).
+        workspace: where the work buffers live across solves (None: allocated per solve).
     """
 
     matvec: Callable[[Vector], Vector] | None
@@ -67,6 +73,7 @@ class LinearProblem:
     ops: CGVectorOps
     where: str
     allreduce: AllReduce | None = None
+    workspace: Workspace | None = None
 
     def reduce(self, partial: Tensor) -> Tensor:
         """A dot product (or a tensor of them) of the whole vectors from this partition's share."""
@@ -91,9 +98,23 @@ class LinearProblem:
 
     to_user = views
 
-    def empty(self) -> Tensor:
-        """A new ``(P,)`` work buffer like ``b`` (uninitialised)."""
-        return torch.empty_like(self.b)
+    def empty(self, slot: str, rows: int = 0) -> Tensor:
+        """A ``(P,)`` work buffer like ``b`` (``(rows, P)`` if ``rows``), uninitialised: the
+        workspace's buffer named ``slot`` when there is a workspace, else a new one. Never the answer."""
+        p = self.b.numel()
+        shape = (rows, p) if rows else (p,)
+        if self.workspace is None:
+            return self.b.new_empty(shape)
+        return self.workspace.buffer(slot, max(rows, 1) * p, self.b.dtype, self.b.device).view(shape)
+
+    def copy_of(self, slot: str, src: Tensor) -> Tensor:
+        """A work buffer (:meth:`empty`) holding a copy of the flat ``src``."""
+        return self.empty(slot).copy_(src)
+
+    def finish(self) -> None:
+        """The solve is over: its workspace may serve the next one."""
+        if self.workspace is not None:
+            self.workspace.release(self)
 
     def hv_pieces(self, v: Tensor) -> list[Tensor]:
         """The caller's ``H v`` for the flat ``v``, as the flat pieces it returned (validated, detached)."""
@@ -158,9 +179,14 @@ def linear_problem(
     where: str,
     backend: str | None = None,
     allreduce: AllReduce | None = None,
+    workspace: Workspace | None = None,
 ) -> LinearProblem:
     """Validate ``b`` and the constants, copy ``b`` into a flat buffer once (module docstring).
-    ``allreduce``: ``b`` is this rank's flat partition of a sharded vector (see above)."""
+    ``allreduce``: ``b`` is this rank's flat partition of a sharded vector (see above).
+    ``workspace``: holds the work buffers, ``b``'s copy included (the solver must then not return
+    that copy as its answer); the solver calls :meth:`LinearProblem.finish` when done."""
+    if workspace is not None and not isinstance(workspace, Workspace):
+        raise TypeError(f"{where}: workspace must be a bissl.solvers.Workspace, got {type(workspace).__name__}")
     if (
         isinstance(scale, bool)
         or isinstance(shift, bool)
@@ -173,13 +199,20 @@ def linear_problem(
     except TypeError as err:
         raise TypeError(f"{where}: b must be floating point ({err})") from None
     parts = pieces(b, spec, f"{where}: b", form)
-    flat = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
-    # One copy: the solver writes into its vectors and must never alias the caller's storage.
-    torch.cat([t.detach() for t in parts], out=flat)
     ops = cg_vector_ops(backend, spec.device)
     if allreduce is not None and form != "flat":
         raise TypeError(f"{where}: a partitioned problem (allreduce) takes a flat b, got a {form}")
-    return LinearProblem(matvec, flat, spec, form, float(scale), float(shift), ops, where, allreduce)
+    if workspace is None:
+        flat = torch.empty(spec.numel, dtype=spec.dtype, device=spec.device)
+    else:
+        workspace.check_free(where)  # before its buffers are touched: an outer solve may own them
+        flat = workspace.buffer("b", spec.numel, spec.dtype, spec.device)
+    # One copy: the solver writes into its vectors and must never alias the caller's storage.
+    torch.cat([t.detach() for t in parts], out=flat)
+    prob = LinearProblem(matvec, flat, spec, form, float(scale), float(shift), ops, where, allreduce, workspace)
+    if workspace is not None:
+        workspace.acquire(prob, where)
+    return prob
 
 
 def tiny(dtype: torch.dtype) -> float:

@@ -36,6 +36,7 @@ from torch import Tensor
 from bissl.solvers._problem import dot, linear_problem, tiny
 from bissl.solvers.lanczos import cg_tridiagonal
 from bissl.solvers.result import SolveResult
+from bissl.solvers.workspace import Workspace
 from bissl.typing import Vector
 
 
@@ -66,6 +67,7 @@ def cg_solve(
     strict: bool = False,
     backend: str | None = None,
     allreduce: Callable[[Tensor], Tensor] | None = None,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """Solve ``(scale·A + damping·I) x = b`` by conjugate gradients.
 
@@ -90,6 +92,9 @@ def cg_solve(
             sums a tensor of partial dot products across ranks (one all-reduce per dot; the
             matvec maps partitions to partitions). Every scalar, hence every branch, is then
             identical on all ranks. Default: the vectors are whole.
+        workspace: a :class:`~bissl.solvers.Workspace` holding the work buffers (``b``'s copy, the
+            direction, the matvec's output) across calls: on CPU, repeated solves of a large
+            problem then skip the page faults of fresh buffers. Default: allocated per solve.
 
     Returns:
         :class:`~bissl.solvers.SolveResult` with ``x`` in ``b``'s form (views of one flat buffer)
@@ -104,13 +109,13 @@ def cg_solve(
         tensor([0.0909, 0.6364], dtype=torch.float64)
     """
     _check_iters(iters, "cg_solve")
-    prob = linear_problem(matvec, b, scale, damping, "cg_solve", backend, allreduce)
+    prob = linear_problem(matvec, b, scale, damping, "cg_solve", backend, allreduce, workspace)
     ops = prob.ops
     use_tol = rtol is not None or atol > 0.0
     bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
 
-    ap = prob.empty()  # the damped matvec's output, reused every iteration
+    ap = prob.empty("ap")  # the damped matvec's output, reused every iteration
     if x0 is None:
         x = torch.zeros_like(prob.b)
         r = prob.b  # the problem's own copy of b: the residual overwrites it
@@ -118,7 +123,7 @@ def cg_solve(
         x = prob.from_user(x0, "cg_solve: x0")
         ax, _ = prob.apply(x, ap)
         r = prob.b.sub_(ax)
-    p = r.clone()
+    p = prob.copy_of("p", r)
     rr = prob.dot(r, r)
 
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
@@ -151,6 +156,7 @@ def cg_solve(
         rr = torch.where(active, rr_new, rr)
         alphas.append(alpha)
         betas.append(beta)
+    prob.finish()
 
     res_norm = rr.sqrt()
     stacked = (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0), x.new_zeros(0))
@@ -181,6 +187,7 @@ def cg_layerwise_solve(
     segments: Tensor | Sequence[int] | None = None,
     strict: bool = False,
     allreduce: Callable[[Tensor], Tensor] | None = None,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """Layer-wise CG, the BiSSL reference's default: per-tensor α, β; one joint matvec per iteration.
 
@@ -191,7 +198,8 @@ def cg_layerwise_solve(
     updates are the fused ``cg_step_``/``cg_direction_`` kernels on views of one flat buffer.
 
     Args:
-        matvec, b, iters, damping, scale, strict: as :func:`cg_solve` (any form; fixed iterations).
+        matvec, b, iters, damping, scale, strict, workspace: as :func:`cg_solve` (any form; fixed
+            iterations).
         segments: blocks of a flat ``b``: their lengths, or a ``(P,)`` int64 tensor of
             non-decreasing block ids (default: a single block, i.e. global CG); ignored for a dict
             or tuple ``b`` (one block per tensor).
@@ -205,7 +213,7 @@ def cg_layerwise_solve(
         commute with the coupled ``A`` it is *not* ``‖b − A x‖`` (compute that if you need it).
     """
     _check_iters(iters, "cg_layerwise_solve")
-    prob = linear_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce=allreduce)
+    prob = linear_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce=allreduce, workspace=workspace)
     ops = prob.ops
     bounds = prob.segment_bounds(segments)
     n_blocks = len(bounds)
@@ -218,8 +226,8 @@ def cg_layerwise_solve(
 
     x = torch.zeros_like(prob.b)
     r = prob.b
-    p = r.clone()
-    ap = prob.empty()
+    p = prob.copy_of("p", r)
+    ap = prob.empty("ap")
     xs, rs, ps = blocks(x), blocks(r), blocks(p)
     rr = block_dots(rs, rs)
     bb = rr.sum()
@@ -250,6 +258,7 @@ def cg_layerwise_solve(
         rr = torch.where(step, rr_new, rr)
         alphas.append(alpha)
         betas.append(beta)
+    prob.finish()
     total = rr.sum()
     stacked = (
         (torch.stack(alphas), torch.stack(betas)) if alphas else (x.new_zeros(0, n_blocks), x.new_zeros(0, n_blocks))

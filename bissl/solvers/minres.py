@@ -37,6 +37,7 @@ from bissl.solvers._problem import linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import lanczos_tridiagonal
 from bissl.solvers.result import SolveResult
+from bissl.solvers.workspace import Workspace
 from bissl.typing import Vector
 
 
@@ -53,6 +54,7 @@ def minres_solve(
     strict: bool = False,
     backend: str | None = None,
     allreduce: Callable[[Tensor], Tensor] | None = None,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """Solve the symmetric (possibly indefinite) ``(scale·A + damping·I) x = b`` by MINRES.
 
@@ -70,6 +72,8 @@ def minres_solve(
             non-convergence (default: False). Indefiniteness is never an error for MINRES.
         backend: vector-op backend for the damped matvec (default: ``BISSL_BACKEND`` or auto).
         allreduce: ``b`` is this rank's partition (see :func:`~bissl.solvers.cg_solve`).
+        workspace: holds ``b``'s copy and the matvec's output across calls (as
+            :func:`~bissl.solvers.cg_solve`; MINRES's short recurrences make their own vectors).
 
     Returns:
         :class:`~bissl.solvers.SolveResult` with ``x`` in ``b``'s form; ``alphas``/``betas`` are the
@@ -83,12 +87,12 @@ def minres_solve(
         tensor([0.4286, 0.2857], dtype=torch.float64)
     """
     _check_iters(iters, "minres_solve")
-    prob = linear_problem(matvec, b, scale, damping, "minres_solve", backend, allreduce)
+    prob = linear_problem(matvec, b, scale, damping, "minres_solve", backend, allreduce, workspace)
     use_tol = rtol is not None or atol > 0.0
     bb = prob.dot(prob.b, prob.b)
     tol2 = _tolerance2(bb, rtol, atol)
     guard = tiny(prob.b.dtype)
-    mv = prob.empty()  # the damped matvec's output, reused every iteration
+    mv = prob.empty("mv")  # the damped matvec's output, reused every iteration
 
     if x0 is None:
         x = torch.zeros_like(prob.b)
@@ -143,6 +147,7 @@ def minres_solve(
         w2, w1 = w1, w
         c2, s2, c1, s1 = c1, s1, c, s
         beta = beta_next
+    prob.finish()
 
     if alphas:
         alphas_t, betas_t, valid_t = torch.stack(alphas), torch.stack(betas), torch.stack(valid)

@@ -11,6 +11,7 @@ from bissl.solvers._problem import LinearProblem, linear_problem, tiny
 from bissl.solvers.cg import _check_iters, _tolerance2
 from bissl.solvers.lanczos import Tridiagonal, lanczos_tridiagonal
 from bissl.solvers.result import SolverError, SolveResult
+from bissl.solvers.workspace import Workspace
 from bissl.typing import Vector
 
 #: Most Lanczos vectors :func:`neumann_solve` keeps (memory: ``LANCZOS_STEPS + 1`` vectors of P).
@@ -18,8 +19,8 @@ LANCZOS_STEPS = 10
 
 
 def _damped(prob: LinearProblem, v: Tensor) -> Tensor:
-    """``M v`` into a new buffer (the Lanczos basis keeps every vector it makes)."""
-    return prob.apply(v, prob.empty())[0]
+    """``M v`` into the work buffer ``mv`` (read before the next call: the basis copies what it keeps)."""
+    return prob.apply(v, prob.empty("mv"))[0]
 
 
 def _lanczos(prob: LinearProblem, steps: int) -> tuple[Tensor, Tensor, Tridiagonal, Tensor]:
@@ -38,7 +39,7 @@ def _lanczos(prob: LinearProblem, steps: int) -> tuple[Tensor, Tensor, Tridiagon
     b = prob.b
     floor = tiny(b.dtype)
     beta0 = prob.dot(b, b).clamp_min(0).sqrt()
-    Q = b.new_zeros((steps + 1, b.numel()))
+    Q = prob.empty("lanczos_basis", rows=steps + 1)  # every row is written below
     Q[0] = torch.where(beta0 > floor, b / torch.where(beta0 > floor, beta0, 1), 0)
     alphas, betas = b.new_zeros(steps), b.new_zeros(steps)
     for j in range(steps):
@@ -75,6 +76,7 @@ def neumann_solve(
     lanczos_steps: int = LANCZOS_STEPS,
     strict: bool = False,
     allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """Truncated Neumann series for ``(scale·A + damping·I)⁻¹ b``, with a step that converges.
 
@@ -109,7 +111,8 @@ def neumann_solve(
             along the top Ritz direction).
         lanczos_steps: most Lanczos steps (and stored basis vectors beyond the first).
         others: as :func:`~bissl.solvers.cg_solve` (fixed number of terms, no tolerance, no host
-            sync beyond the Ritz ``eigvalsh``; ``allreduce`` for a partitioned ``b``).
+            sync beyond the Ritz ``eigvalsh``; ``allreduce`` for a partitioned ``b``; ``workspace``
+            holds ``b``'s copy, the Lanczos basis and the matvec's output across calls).
 
     Returns:
         :class:`~bissl.solvers.SolveResult` with the Lanczos ``tridiagonal`` (``ritz_min``,
@@ -126,7 +129,7 @@ def neumann_solve(
         raise ValueError(f"neumann_solve: lanczos_steps must be a non-negative int, got {lanczos_steps!r}")
     if step is not None and not step > 0:
         raise ValueError(f"neumann_solve: step must be positive, got {step}")
-    prob = linear_problem(matvec, b, scale, damping, "neumann_solve", allreduce=allreduce)
+    prob = linear_problem(matvec, b, scale, damping, "neumann_solve", allreduce=allreduce, workspace=workspace)
     # More Lanczos steps than dimensions only adds round-off vectors. A partition's own size says
     # nothing about the whole vector's, and every rank must take the same number of steps (each
     # one all-reduces), so partitioned problems rely on the β = 0 breakdown path instead.
@@ -157,6 +160,7 @@ def neumann_solve(
         x.add_(eta.to(x.dtype) * r)
         rr = prob.dot(r, r)
     bb = prob.dot(prob.b, prob.b)
+    prob.finish()
     nonfinite = prob.any_nonfinite(x) | ~torch.isfinite(rr)
     zero = torch.zeros((), dtype=torch.bool, device=x.device)
     result = SolveResult(
@@ -191,13 +195,16 @@ def identity_solve(
     scale: float = 1.0,
     strict: bool = False,
     allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    workspace: Workspace | None = None,
 ) -> SolveResult:
     """First-order approximation: ignore ``A``, ``x = b / damping`` (``x = b`` when ``damping`` is 0).
 
     For BiSSL's ``(I + H/(λ+damp)) x = v`` (``damping = 1``) this is ``x = v``: ``dθ*/dφ ≈ I``.
     No matvec is made; ``matvec`` and ``iters`` are accepted for a uniform solver signature.
-    ``residual_norm`` is not computed (NaN) because that would need a matvec.
+    ``residual_norm`` is not computed (NaN) because that would need a matvec. ``workspace`` is
+    accepted for the uniform signature and unused: the answer is the solver's only buffer.
     """
+    del workspace  # the answer takes b's copy, and an answer never lives in a workspace
     prob = linear_problem(matvec, b, scale, damping, "identity_solve", allreduce=allreduce)
     b_norm = prob.norm(prob.b)
     # prob.b is the solver's own copy of b: x may take its storage.

@@ -50,7 +50,7 @@ from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.batchnorm import batchnorm_stats_frozen
 from bissl.ops.flat import flat_spec, flatten, unflatten
 from bissl.ops.reference import dot_ref
-from bissl.solvers import SolverError, SolveResult
+from bissl.solvers import SolverError, SolveResult, Workspace
 
 
 class SkippedStepWarning(RuntimeWarning):
@@ -144,6 +144,11 @@ class BisslStep:
         self.lower_count = 0  # lower steps so far (the λ schedule's clock)
         self.skipped = 0  # upper steps skipped for a non-finite hypergradient
         self._mode_resolved = not settings.hvp_auto
+        # The hypergradient's solver buffers, kept from one upper step to the next. On CPU a large
+        # backbone's fresh (P,) buffers fault in every page on every step (docs/performance.md); on
+        # an accelerator the caching allocator already reuses blocks, and a workspace would only
+        # pin memory that ZeRO is there to save.
+        self._workspace = Workspace() if self.theta_params[0].device.type == "cpu" else None
 
     # ------------------------------------------------------------------ lower step
     def lower_step(self, views: tuple[Tensor, ...]) -> dict[str, Any]:
@@ -280,6 +285,7 @@ class BisslStep:
                         return_info=True,
                         bucket_numel=s.bucket_numel,
                         on_rhs=(lambda v: seen.__setitem__("v", v)) if keep_v else None,
+                        workspace=self._workspace,
                     ),
                 )
             except SolverError as err:
@@ -354,6 +360,7 @@ class BisslStep:
             ),
             shard=s.shard,
             bucket_numel=s.bucket_numel,
+            workspace=self._workspace,
         )
         e = flatten(cast(dict[str, Tensor], exact), flat_spec(theta))
         denom = math.sqrt(float(dot_ref(x, x)) * float(dot_ref(e, e)))

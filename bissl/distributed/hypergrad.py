@@ -27,7 +27,7 @@ from torch import Tensor
 
 from bissl.distributed.collectives import ProcessGroup, allreduce_mean_
 from bissl.distributed.matvec import DistributedMatVec, MatVecHook
-from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
+from bissl.hypergrad.implicit import LamLike, VectorSpace, implicit_hypergrad
 from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
 from bissl.solvers.result import SolveResult
@@ -71,21 +71,13 @@ def distributed_implicit_hypergrad(
         ``num_collectives`` (unsharded: 1 for ``v`` plus 1 per HVP without buckets).
     """
     settings = settings or HypergradSettings()
+    space: VectorSpace
     if shard:
-        from bissl.distributed.shard import sharded_implicit_hypergrad
+        from bissl.distributed.shard import sharded_space
 
-        x, result = sharded_implicit_hypergrad(
-            lower_loss,
-            upper_loss,
-            lower_params,
-            lam=lam,
-            settings=settings,
-            group=group,
-            on_rhs=on_rhs,
-            workspace=workspace,
-        )
-        return (x, result) if return_info else x
-    space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
+        space = sharded_space(lower_params, group=group, on_rhs=on_rhs)
+    else:
+        space = RankAveraged(group=group, bucket_numel=bucket_numel, on_matvec=on_matvec, on_rhs=on_rhs)
     # The flags come from averaged vectors, so every rank takes the same branch of the policy.
     x, result = cast(
         tuple[Params, SolveResult],  # return_info=True; x in lower_params' form: a dict
@@ -100,7 +92,8 @@ def distributed_implicit_hypergrad(
             workspace=workspace,
         ),
     )
-    result.num_collectives = space.num_collectives
+    if isinstance(space, RankAveraged):
+        result.num_collectives = space.num_collectives
     return (x, result) if return_info else x
 
 

@@ -26,7 +26,6 @@ vector followed by taking this rank's entries (the same numbers, twice the traff
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -34,12 +33,8 @@ from torch import Tensor
 
 from bissl.distributed.collectives import ProcessGroup, world_size
 from bissl.distributed.collectives import rank as current_rank
-from bissl.hypergrad.implicit import LamLike, implicit_hypergrad
-from bissl.hypergrad.settings import HypergradSettings
 from bissl.ops.flat import FlatSpec
-from bissl.solvers.result import SolveResult
-from bissl.solvers.workspace import Workspace
-from bissl.typing import LossFn, Params, ParamsLike
+from bissl.typing import ParamsLike
 
 
 class ShardLayout:
@@ -153,35 +148,14 @@ class ShardedSpace:
         return self.layout.segments(spec)
 
 
-def sharded_implicit_hypergrad(
-    lower_loss: LossFn,
-    upper_loss: LossFn,
-    lower_params: ParamsLike,
-    *,
-    lam: LamLike,
-    settings: HypergradSettings,
-    group: ProcessGroup | None = None,
-    on_rhs: Callable[[Tensor], None] | None = None,
-    workspace: Workspace | None = None,
-) -> tuple[Params, SolveResult]:
-    """:func:`implicit_hypergrad` with the solver's vectors partitioned across the ranks of
-    ``group`` (see the module docstring); same arguments and answer as the unsharded solve."""
+def sharded_space(
+    lower_params: ParamsLike, *, group: ProcessGroup | None = None, on_rhs: Callable[[Tensor], None] | None = None
+) -> ShardedSpace:
+    """The :class:`ShardedSpace` partitioning ``lower_params``' flat vector across the ranks of
+    ``group``: pass it as ``space`` to :func:`~bissl.hypergrad.implicit_hypergrad` for the sharded
+    solve (see the module docstring; same answer as the unsharded solve)."""
     first = next(iter(lower_params.values()))
     layout = ShardLayout(
         [t.numel() for t in lower_params.values()], world_size(group), current_rank(group), first.device
     )
-    space = ShardedSpace(layout, group=group, on_rhs=on_rhs)
-    # return_info=True: (x in lower_params' form, a dict; the solve's info)
-    return cast(
-        tuple[Params, SolveResult],
-        implicit_hypergrad(
-            lower_loss,
-            upper_loss,
-            lower_params,
-            lam=lam,
-            **settings.kwargs(),
-            return_info=True,
-            space=space,
-            workspace=workspace,
-        ),
-    )
+    return ShardedSpace(layout, group=group, on_rhs=on_rhs)

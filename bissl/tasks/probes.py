@@ -104,17 +104,16 @@ def bag_of_tokens_probe(
 
     xs = [token_frequencies(x, vocab_size, pad_id) for x, _ in (train, val, test)]
     ys = [y.numpy() for _, y in (train, val, test)]
-    best: tuple[float, float, float, Any] | None = None
+    best: tuple[float, float, float, Any, np.ndarray] | None = None
     for c in BAG_OF_TOKENS_C:
         model = LogisticRegression(C=c, max_iter=5000)
         model.fit(xs[0], ys[0])
         val_prob = _all_classes(model, model.predict_proba(xs[1]), num_classes)
         acc, loss = float(np.mean(np.argmax(val_prob, axis=1) == ys[1])), _nll(val_prob, ys[1])
         if best is None or (acc, -loss) > (best[0], -best[1]):
-            best = (acc, loss, c, model)
+            best = (acc, loss, c, model, val_prob)
     assert best is not None
-    _, _, c, model = best
-    val_prob = _all_classes(model, model.predict_proba(xs[1]), num_classes)
+    _, _, c, model, val_prob = best
     test_prob = _all_classes(model, model.predict_proba(xs[2]), num_classes)
     return {**_metrics(val_prob, ys[1], test_prob, ys[2]), "C": c}
 

@@ -153,8 +153,8 @@ def hypergrad_table(runs: list[dict[str, dict]], labels: tuple[str, ...] = ("run
 def breakdown_table(runs: list[dict[str, dict]]) -> str:
     rows = [
         "| network | gradient | upper gradient | reference HVP | our linearisation | our matvec "
-        "| matvec / reference HVP |",
-        "|---|---|---|---|---|---|---|",
+        "| FLOPs: reference HVP / linearisation / matvec | FLOP ratio | ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for problem in PROBLEM_ORDER:
         key = f"test_cost_breakdown[{problem}]"
@@ -163,10 +163,18 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
             continue
         g = [i["in_gradients"] for i in infos]
         both = {k: _join([x[k] for x in g], ".2f") for k in ("upper_gradient", "reference_hvp", "linearize", "matvec")}
+        # FLOP counts are exact and machine-independent: one value (the first run that has them).
+        counted = [i for i in infos if "flops_in_gradients" in i]
+        if counted:
+            f = counted[0]["flops_in_gradients"]
+            flops = f"{f['reference_hvp']:.2f} / {f['linearize']:.2f} / {f['matvec']:.2f}"
+            ratio = f"{counted[0]['flop_ratio']:.2f}×"
+        else:
+            flops = ratio = "n/a"
         rows.append(
             f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
             f"| {both['upper_gradient']} | {both['reference_hvp']} | {both['linearize']} | {both['matvec']} "
-            f"| {_join([x['matvec'] / x['reference_hvp'] for x in g], '.2f')} |"
+            f"| {flops} | {ratio} | {_join([i['ceiling_exact_hvp'] for i in infos], '.2f')}× |"
         )
     return "\n".join(rows)
 

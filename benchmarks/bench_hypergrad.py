@@ -36,9 +36,8 @@ import networks
 import pytest
 import torch
 from conftest import peak_rss_delta_mb
-from torch.utils.flop_counter import FlopCounterMode
 
-from bissl.bench import interleaved_rounds, less_accurate, load_info, machine_info, max_rel_diff, rel_error
+from bissl.bench import count_flops, interleaved_rounds, less_accurate, load_info, machine_info, max_rel_diff, rel_error
 from bissl.hypergrad import implicit_hypergrad, reference_hypergrad
 from bissl.ops import flatten
 from bissl.testing import named_problem
@@ -156,13 +155,6 @@ def test_hypergradient(benchmark, medians, name, solver):
     assert not bool(info.indefinite), f"{name}: the benchmark system must be positive definite ({info.summary()})"
     worse = less_accurate(errors, reference="reference", factor=ACCURACY_FACTOR, floor=ACCURACY_FLOOR)
     assert not worse, f"{name}/{solver}: less accurate than the reference against float64: {errors}"
-
-
-def count_flops(call) -> int:
-    """FLOPs of one ``call()``, counted by :class:`~torch.utils.flop_counter.FlopCounterMode`."""
-    with FlopCounterMode(display=False) as counter:
-        call()
-    return counter.get_total_flops()
 
 
 def _parts(reference: dict[str, float], ours: dict[str, float]) -> tuple[float, float]:

@@ -12,7 +12,13 @@ once per round, the order reversed every other round, so machine load hits all o
   the work is the same), with the speed-up ``median(reference) / median(ours)`` and the largest difference of the
   answers relative to the reference's largest entry;
 * the peak memory each hypergradient adds (CUDA: ``max_memory_allocated``; CPU: growth of the
-  process's peak resident set, reset through ``/proc/self/clear_refs``).
+  process's peak resident set, reset through ``/proc/self/clear_refs``);
+* the FLOPs of every measured call, counted once by
+  :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products and convolutions, forward
+  and backward; exact, the same on every machine): each HVP's FLOPs as a ratio to the gradient's,
+  and the **FLOP ratio** reference / ours of the hypergradients — the speed-up that doing less
+  work buys if both ran their FLOPs at the same rate. A measured speed-up above it comes from
+  faster kernels, one below it from overhead.
 
 It prints a report and writes JSON (machine, versions, load average, every round);
 ``--compare OLD.json`` prints the change against an earlier run. The same timing helpers serve
@@ -304,6 +310,23 @@ def peak_memory_mb(call: Callable[[], Any], device: str | torch.device = "cpu") 
         return None
 
 
+def count_flops(call: Callable[[], Any]) -> int | None:
+    """FLOPs of one ``call()`` (matrix products and convolutions, forward and backward), counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode`; None where counting fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            call()
+    except (RuntimeError, NotImplementedError, TypeError):  # an op the counter cannot trace
+        return None
+    return int(counter.get_total_flops())
+
+
+def _ratio(a: int | None, b: int | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _flat(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.reshape(-1)
@@ -394,6 +417,7 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
         x_ref = reference()
         step()
         rel = max_rel_diff(_flat(x_ours), _flat(x_ref))
+    flops = {name: count_flops(call) for name, call in {**hvp_calls, **hyper_calls}.items()}
     hvp_times = interleaved_rounds(hvp_calls, args.rounds, device=device, on_call=lambda: step())
     hyper_times = interleaved_rounds(hyper_calls, args.rounds, device=device, on_call=lambda: step())
     memory = {}
@@ -406,7 +430,13 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
 
     grad_s = _median(hvp_times["gradient"])
     hvp_result = {
-        name.removeprefix("hvp_"): {"median_s": _median(t), "ratio_to_gradient": _median(t) / grad_s, "per_round_s": t}
+        name.removeprefix("hvp_"): {
+            "median_s": _median(t),
+            "ratio_to_gradient": _median(t) / grad_s,
+            "flops": flops[name],
+            "flops_ratio_to_gradient": _ratio(flops[name], flops["gradient"]),
+            "per_round_s": t,
+        }
         for name, t in hvp_times.items()
         if name != "gradient"
     }
@@ -415,6 +445,7 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
         "ours_median_s": ours_s,
         "ours_per_round_s": hyper_times["ours"],
         "hypergradients_per_s": 1.0 / ours_s,
+        "ours_flops": flops["ours"],
         "solver_flags": info.summary(),
     }
     if "reference" in hyper_times:
@@ -425,6 +456,8 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
                 "reference_per_round_s": hyper_times["reference"],
                 "speedup": ref_s / ours_s,
                 "speedup_per_round": [r / o for o, r in zip(hyper_times["ours"], hyper_times["reference"])],
+                "reference_flops": flops["reference"],
+                "flop_ratio": _ratio(flops["reference"], flops["ours"]),
                 "max_rel_diff": rel,
                 "same_method": args.solver in COMPARABLE_SOLVERS,
             }
@@ -451,6 +484,7 @@ def run_bench(args: argparse.Namespace, *, progress: bool = True) -> dict:
         "load_after": load_after,
         "gradient_median_s": grad_s,
         "gradient_per_round_s": hvp_times["gradient"],
+        "gradient_flops": flops["gradient"],
         "hvp": hvp_result,
         "hypergradient": hyper,
         "peak_memory_mb": memory,
@@ -481,9 +515,11 @@ def format_report(result: dict) -> str:
         f"  gradient                {_ms(result['gradient_median_s'])}",
     ]
     for mode, r in result["hvp"].items():
+        flops = r.get("flops_ratio_to_gradient")
+        flop_note = "" if flops is None else f", {flops:.2f}x its FLOPs"
         lines.append(
             f"  {('hvp ' + mode) if mode != 'linearized_matvec' else 'linearized matvec':<23} "
-            f"{_ms(r['median_s'])}  ({r['ratio_to_gradient']:.2f}x gradient)"
+            f"{_ms(r['median_s'])}  ({r['ratio_to_gradient']:.2f}x the gradient's time{flop_note})"
         )
     lines.append(f"  hypergradient, ours     {_ms(h['ours_median_s'])}  ({h['hypergradients_per_s']:.2f}/s)")
     if "reference_median_s" in h:
@@ -493,6 +529,11 @@ def format_report(result: dict) -> str:
             f"  speed-up                {h['speedup']:.2f}x  (rounds {min(h['speedup_per_round']):.2f}–"
             f"{max(h['speedup_per_round']):.2f}), max rel. difference {h['max_rel_diff']:.1e}{note}"
         )
+        if h.get("flop_ratio") is not None:
+            lines.append(
+                f"  FLOP ratio              {h['flop_ratio']:.2f}x  (reference / ours FLOPs: the speed-up "
+                "of less work alone, at equal FLOP rates)"
+            )
     flags = h["solver_flags"]
     if flags.get("indefinite") or flags.get("nonfinite"):
         lines.append(
@@ -518,8 +559,8 @@ def _metrics(result: dict) -> dict[str, float]:
         out[f"{mode}_over_gradient"] = r["ratio_to_gradient"]
     h = result["hypergradient"]
     out["ours_s"] = h["ours_median_s"]
-    for key, name in (("reference_median_s", "reference_s"), ("speedup", "speedup")):
-        if key in h:
+    for key, name in (("reference_median_s", "reference_s"), ("speedup", "speedup"), ("flop_ratio", "flop_ratio")):
+        if h.get(key) is not None:
             out[name] = h[key]
     for k, v in result["peak_memory_mb"].items():
         if v is not None:

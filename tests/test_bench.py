@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bissl.bench import build_problem, interleaved_rounds, max_rel_diff, peak_memory_mb
+from bissl.bench import build_problem, count_flops, interleaved_rounds, max_rel_diff, peak_memory_mb
 from bissl.cli import build_parser, main
 
 # A tiny positive definite problem (float64 MLP, λ + damping = 1.5): answers must agree closely.
@@ -50,9 +50,15 @@ def test_a_real_run_on_a_factory_writes_json_and_compares(tmp_path, capsys, solv
     assert h["max_rel_diff"] < 1e-10  # same math (the reference runs without its 1e-12 guard)
     assert set(result["hvp"]) == {"revrev", "fwdrev", "autograd", "linearized_matvec"}
     assert all(r["ratio_to_gradient"] > 0 for r in result["hvp"].values())
+    # FLOPs, counted: an exact HVP differentiates every product of the gradient once more, so the
+    # linearised matvec does more than one and at most two gradients' FLOPs; the reference's loop
+    # (forward, gradient and double backward per iteration) does more than ours.
+    assert result["gradient_flops"] > 0
+    assert 1.0 < result["hvp"]["linearized_matvec"]["flops_ratio_to_gradient"] <= 2.0 + 1e-9
+    assert h["flop_ratio"] == pytest.approx(h["reference_flops"] / h["ours_flops"]) and h["flop_ratio"] > 1.0
     assert {"torch", "cpu", "threads"} <= set(result["machine"])
     printed = capsys.readouterr().out
-    assert "speed-up" in printed and "linearized matvec" in printed
+    assert "speed-up" in printed and "linearized matvec" in printed and "FLOP ratio" in printed
 
     again = tmp_path / "again.json"
     assert (
@@ -134,6 +140,9 @@ def test_interleaved_rounds_alternate_the_order():
 
 
 def test_helpers_measure_what_they_say():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert count_flops(lambda: a.sin()) == 0  # elementwise ops are not counted
     ref = torch.tensor([1.0, -4.0, 2.0])
     assert max_rel_diff(ref + torch.tensor([0.0, 0.0, 0.4]), ref) == pytest.approx(0.1)
     grown = peak_memory_mb(lambda: torch.ones(20_000_000).sum())  # 80 MB while it lives

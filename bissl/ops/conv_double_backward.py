@@ -85,6 +85,8 @@ class _Conv2dBackward(torch.autograd.Function):
     def forward(ctx, go: Tensor, x: Tensor, w: Tensor, conf: _ConvConf, need_gx: bool, need_gw: bool, gw_values: bool):
         ctx.save_for_backward(go, x, w)
         ctx.conf = conf
+        # An output no cotangent reaches arrives as None, not as zeros: its kernels are skipped.
+        ctx.set_materialize_grads(False)
         # Skip the kernels nobody needs (e.g. the input gradient of the first layer's images).
         if need_gw and not gw_values:
             # Graph-only weight gradient (module docstring): a fresh zero tensor, not a view, so
@@ -93,7 +95,9 @@ class _Conv2dBackward(torch.autograd.Function):
             gb = w.new_zeros(w.shape[0]) if conf.has_bias else None
             return gx, torch.zeros_like(w), gb
         gx, gw, gb = conf.backward(go, x, w, [need_gx, need_gw, conf.has_bias])
-        return gx, gw, gb
+        # Weight gradients come back in the weight's own layout (module docstring), whatever the
+        # kernel chose for channels-last activations: a copy only where the two differ.
+        return gx, (gw.contiguous(memory_format=_layout(w)) if gw is not None else None), gb
 
     @staticmethod
     def backward(ctx, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None):
@@ -152,13 +156,23 @@ class WeightGradPolicy:
         weight_grad_values: whether ``create_graph`` backwards compute weight-gradient values
             (see :meth:`graph_only`).
         channels_last: run the convolutions on channels-last activations (module docstring).
+        weights: the ``id`` s of the weight tensors whose layers are rerouted (the parameters an
+            HVP differentiates), or None for every layer. A layer whose weight is not among them
+            (a projector or head the loss closes over, trainable but not in θ) keeps autograd's
+            own nodes, which know that no gradient of that weight is asked for; a rerouted node
+            only knows that the weight requires grad and would compute its second-order terms.
     """
 
-    __slots__ = ("channels_last", "weight_grad_values")
+    __slots__ = ("channels_last", "weight_grad_values", "weights")
 
     def __init__(self, channels_last: bool = False) -> None:
         self.weight_grad_values = True
         self.channels_last = channels_last
+        self.weights: frozenset[int] | None = None
+
+    def reroutes(self, weight: object) -> bool:
+        """Whether the layer of ``weight`` is rerouted (see ``weights``)."""
+        return self.weights is None or id(weight) in self.weights
 
     @contextlib.contextmanager
     def graph_only(self) -> Iterator[None]:
@@ -175,13 +189,14 @@ class WeightGradPolicy:
 
 def reroute_conv2d(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tensor | None:
     """``F.conv2d(*args, **kwargs)`` through the faster double backward, or ``None`` where it does
-    not apply (grad disabled, non-4D input, string padding such as ``"same"``)."""
+    not apply (grad disabled, non-4D input, string padding such as ``"same"``, a weight the
+    policy leaves out)."""
     if not torch.is_grad_enabled():
         return None
     a = dict(zip(_CONV_ARGS, args))
     a.update(kwargs)
     x, padding = a["input"], a.get("padding", 0)
-    if x.dim() != 4 or isinstance(padding, str):
+    if x.dim() != 4 or isinstance(padding, str) or not policy.reroutes(a["weight"]):
         return None
     conf = _ConvConf(
         a.get("stride", 1), padding, a.get("dilation", 1), a.get("groups", 1), a.get("bias") is not None, policy

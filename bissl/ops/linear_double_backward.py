@@ -42,6 +42,9 @@ class _LinearBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy: Tensor, x: Tensor, w: Tensor, has_bias: bool, need_gx: bool, need_gw: bool, gw_values: bool):
         ctx.save_for_backward(gy, x, w)
+        # An output no cotangent reaches (e.g. the weight gradient of a projector that is not in θ)
+        # arrives as None, not as zeros: its products are skipped instead of run on zeros.
+        ctx.set_materialize_grads(False)
         ctx.has_bias = has_bias
         gx = gy @ w if need_gx else None
         if need_gw and gw_values:
@@ -96,7 +99,8 @@ class _Linear(torch.autograd.Function):
 
 def reroute_linear(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tensor | None:
     """``F.linear(*args, **kwargs)`` through :class:`_Linear`, or ``None`` where it does not apply:
-    grad disabled, no tensor weight, or an input that is not ``(N, in)``.
+    grad disabled, no tensor weight, an input that is not ``(N, in)``, or a weight the policy
+    leaves out (:class:`~bissl.ops.conv_double_backward.WeightGradPolicy`).
 
     Only 2-D inputs are rerouted: on the benchmark ViT (``(B, T, in)`` inputs everywhere) the
     rerouted layers made a linearisation plus five matvecs ~6% slower than autograd's own nodes,
@@ -109,5 +113,7 @@ def reroute_linear(args: tuple, kwargs: dict, policy: WeightGradPolicy) -> Tenso
     a.update(kwargs)
     x, w = a.get("input"), a.get("weight")
     if not isinstance(x, Tensor) or not isinstance(w, Tensor) or x.dim() != 2 or w.dim() != 2:
+        return None
+    if not policy.reroutes(w):
         return None
     return _Linear.apply(x, w, a.get("bias"), policy)

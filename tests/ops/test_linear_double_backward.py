@@ -95,3 +95,21 @@ def test_channels_last_convolution_keeps_values_and_weight_layout():
     torch.testing.assert_close(hv, torch.autograd.grad(sw, w, v)[0], rtol=1e-12, atol=1e-12)
     net = nn.Conv2d(3, 4, 3).double()
     assert net.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("make", [mlp_problem, cnn_problem], ids=["mlp", "cnn"])
+def test_rerouted_hvp_runs_no_product_on_a_cotangent_that_never_arrives(make):
+    """The loss closes over a projector whose parameters require grad but are not in θ: no
+    cotangent reaches their first-order weight gradients, and the rerouted double backwards must
+    skip those products (they once ran them on zeros) — never more FLOPs than autograd's own."""
+    from bissl.bench import count_flops
+
+    prob = make(dtype=F64)
+    assert any(p.requires_grad for p in prob.modules["projector"].parameters())
+    g = torch.Generator().manual_seed(2)
+    v = {k: torch.randn(p.shape, generator=g, dtype=F64) for k, p in prob.params.items()}
+    fast = linearize_hvp(prob.lower_loss, prob.params, need_grad=False)
+    stock = linearize_hvp(prob.lower_loss, prob.params, need_grad=False, fast_linear=False, fast_conv=False)
+    for a, s in zip(fast.hv_pieces(v), stock.hv_pieces(v)):
+        torch.testing.assert_close(a, s, rtol=1e-11, atol=1e-12)
+    assert count_flops(lambda: fast.hv_pieces(v)) <= count_flops(lambda: stock.hv_pieces(v))

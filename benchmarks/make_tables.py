@@ -124,7 +124,7 @@ def hypergrad_table(runs: list[dict[str, dict]], labels: tuple[str, ...] = ("run
     names = " / ".join(labels)
     rows = [
         f"| network (params, batch, damping) | solver | reference (median, {names}) | ours (median) "
-        f"| speed-up {names} | per-round range | exact-HVP ceiling "
+        f"| speed-up {names} | per-round range | FLOP ratio "
         "| error vs float64, ref / ours | peak RSS growth ref / ours |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -135,49 +135,64 @@ def hypergrad_table(runs: list[dict[str, dict]], labels: tuple[str, ...] = ("run
             if not infos:
                 continue
             first = infos[0]
-            ceiling = [run.get(f"test_cost_breakdown[{problem}]", {}).get("ceiling_exact_hvp") for run in runs]
-            ceiling_text = " / ".join(f"{c:.2f}×" for c in ceiling if c is not None) or "n/a"
+            counted = [
+                run[b]
+                for run in runs
+                if (b := f"test_cost_breakdown[{problem}]") in run and "flops_in_gradients" in run[b]
+            ]
+            flop_text = f"{_flop_ratio(counted[0]):.2f}×" if counted else "n/a"
             per_round = [r for info in infos for r in info["speedup_per_round"]]
             rows.append(
                 f"| {PROBLEM_LABELS[problem]} ({_params(first['params'])}, {first['batch']}, {first['damping']:g}) "
                 f"| `{solver}` | {' / '.join(_fmt_s(i['reference_median_s']) for i in infos)} "
                 f"| {' / '.join(_fmt_s(i['ours_median_s']) for i in infos)} "
                 f"| **{_join([i['speedup_vs_reference'] for i in infos], '.2f')}×** "
-                f"| {min(per_round):.2f}–{max(per_round):.2f} | {ceiling_text} "
+                f"| {min(per_round):.2f}–{max(per_round):.2f} | {flop_text} "
                 f"| {_errors(infos)} "
                 f"| {first['peak_rss_delta_mb_reference']:.0f} / {first['peak_rss_delta_mb_ours']:.0f} MiB |"
             )
     return "\n".join(rows)
 
 
+def _flop_ratio(info: dict) -> float:
+    """Reference FLOPs / our FLOPs of the whole hypergradients (exact counts)."""
+    f = info["flops_in_gradients"]
+    return f["hypergradient_reference"] / f["hypergradient_ours"]
+
+
+def _flop_rate(info: dict, side: str) -> float:
+    """A whole hypergradient's FLOP rate as a fraction of the gradient's (same rounds)."""
+    key = f"hypergradient_{side}"
+    return info["flops_in_gradients"][key] / info["in_gradients"][key]
+
+
 def breakdown_table(runs: list[dict[str, dict]]) -> str:
     rows = [
         "| network | gradient | upper gradient | reference HVP | reference rest | our linearisation "
-        "| our matvec | our rest | FLOPs: reference HVP / linearisation / matvec | FLOP ratio | ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| our matvec | our rest | FLOPs: reference HVP / linearisation / matvec | FLOP ratio "
+        "| our FLOP rate | reference FLOP rate | speed-up, whole (same rounds) "
+        "| speed-up at the gradient's FLOP rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for problem in PROBLEM_ORDER:
         key = f"test_cost_breakdown[{problem}]"
-        infos = [run[key] for run in runs if key in run]
+        infos = [run[key] for run in runs if key in run and "flops_in_gradients" in run[key]]
         if not infos:
             continue
         g = [i["in_gradients"] for i in infos]
         cell = {k: _join([x[k] for x in g], ".2f") for k in ("upper_gradient", "reference_hvp", "linearize", "matvec")}
-        rests = [i.get("rest_in_gradients") for i in infos]
-        rest = {side: _join([r[side] for r in rests], ".2f") if all(rests) else "n/a" for side in ("reference", "ours")}
-        # FLOP counts are exact and machine-independent: one value (the first run that has them).
-        counted = [i for i in infos if "flops_in_gradients" in i]
-        if counted:
-            f = counted[0]["flops_in_gradients"]
-            flops = f"{f['reference_hvp']:.2f} / {f['linearize']:.2f} / {f['matvec']:.2f}"
-            ratio = f"{counted[0]['flop_ratio']:.2f}×"
-        else:
-            flops = ratio = "n/a"
+        rest = {side: _join([i["rest_in_gradients"][side] for i in infos], ".2f") for side in ("reference", "ours")}
+        # FLOP counts are exact and machine-independent: one value.
+        f = infos[0]["flops_in_gradients"]
+        whole = [x["hypergradient_reference"] / x["hypergradient_ours"] for x in g]
         rows.append(
             f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
             f"| {cell['upper_gradient']} | {cell['reference_hvp']} | {rest['reference']} | {cell['linearize']} "
-            f"| {cell['matvec']} | {rest['ours']} | {flops} | {ratio} "
-            f"| {_join([i['ceiling_exact_hvp'] for i in infos], '.2f')}× |"
+            f"| {cell['matvec']} | {rest['ours']} "
+            f"| {f['reference_hvp']:.2f} / {f['linearize']:.2f} / {f['matvec']:.2f} | {_flop_ratio(infos[0]):.2f}× "
+            f"| {_join([_flop_rate(i, 'ours') for i in infos], '.2f')} "
+            f"| {_join([_flop_rate(i, 'reference') for i in infos], '.2f')} | {_join(whole, '.2f')}× "
+            f"| {_join([_flop_ratio(i) / _flop_rate(i, 'reference') for i in infos], '.2f')}× |"
         )
     return "\n".join(rows)
 
@@ -486,8 +501,8 @@ def section() -> str:
         "compute the same math, which changes no work). Speed-up = median(reference) / "
         f"median(ours) over {_rounds(quiet)} rounds. Equal result: the same hypergradient of the "
         "same problem in float64 is the exact answer, and ours must be no further from it than "
-        "twice the reference's error (asserted; relative 2-norm in the table); the ceiling column "
-        "is the cost breakdown's (below; its rests are measured with global CG). "
+        "twice the reference's error (asserted; relative 2-norm in the table). The FLOP ratio is "
+        "the reference's FLOPs over ours (counted, below): what doing less work alone buys. "
         f"Median speed-up over all rows: {_join(medians, '.2f')}× ({' / '.join(QUIET_LABELS)}).",
         "",
         hypergrad_table(quiet, QUIET_LABELS),
@@ -496,15 +511,16 @@ def section() -> str:
         f"{' / '.join(QUIET_LABELS)}). The reference pays `upper + 5 × reference HVP` plus its rest; "
         "ours pays `upper + linearisation + 5 × matvec` plus ours. The rest is the whole "
         "hypergradient (global CG, timed in the same rounds) minus those parts: the CG vector work "
-        "and any overhead. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix "
+        "and overhead; separately timed parts move between runs on this machine, so a rest can come "
+        "out negative. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix "
         "products and convolutions, forward and backward): exact, and the same on every machine. An "
         "exact HVP differentiates every convolution and matrix product of the forward *and* of the "
         "backward once more, twice a gradient's FLOPs in all but a first layer; our matvec does "
-        "exactly those products. The FLOP ratio, `(upper + 5 × reference HVP) / (upper + "
-        "linearisation + 5 × matvec)` in FLOPs, is what doing less work buys when both sides run at "
-        "the same FLOP rate. The ceiling is the speed-up with everything as measured except our "
-        "linearisation and matvecs, taken at their FLOPs and the gradient's FLOP rate: what an exact "
-        "method whose kernels run as fast as the gradient's reaches. See `docs/performance.md`.",
+        "exactly those products. A FLOP rate is a whole hypergradient's FLOPs per second as a "
+        "fraction of the gradient's, and the whole speed-up factors as FLOP ratio × our rate / the "
+        "reference's rate. The last column, FLOP ratio / the reference's rate, is the speed-up our "
+        "hypergradient would reach if it ran every FLOP as fast as the gradient does (its CG vector "
+        "work, which has no FLOPs counted, included). See `docs/performance.md`.",
         "",
         breakdown_table(quiet),
         "",

@@ -156,11 +156,12 @@ class WeightGradPolicy:
         weight_grad_values: whether ``create_graph`` backwards compute weight-gradient values
             (see :meth:`graph_only`).
         channels_last: run the convolutions on channels-last activations (module docstring).
-        weights: the ``id`` s of the weight tensors whose layers are rerouted (the parameters an
-            HVP differentiates), or None for every layer. A layer whose weight is not among them
-            (a projector or head the loss closes over, trainable but not in θ) keeps autograd's
-            own nodes, which know that no gradient of that weight is asked for; a rerouted node
-            only knows that the weight requires grad and would compute its second-order terms.
+        weights: the ``id`` s of the leaf tensors an HVP differentiates (θ), or None to reroute
+            every layer. A layer whose weight is a leaf outside them (a projector or head the loss
+            closes over: trainable, but not in θ) keeps autograd's own nodes, which know that
+            nobody asks for that weight's gradient; a rerouted node only sees ``requires_grad``
+            and would compute its second-order terms. Weights computed from θ (slices of a flat
+            θ, reparametrised weights) are not leaves and are rerouted.
     """
 
     __slots__ = ("channels_last", "weight_grad_values", "weights")
@@ -172,7 +173,9 @@ class WeightGradPolicy:
 
     def reroutes(self, weight: object) -> bool:
         """Whether the layer of ``weight`` is rerouted (see ``weights``)."""
-        return self.weights is None or id(weight) in self.weights
+        if self.weights is None or not isinstance(weight, Tensor) or not weight.is_leaf:
+            return True
+        return id(weight) in self.weights
 
     @contextlib.contextmanager
     def graph_only(self) -> Iterator[None]:

@@ -113,3 +113,19 @@ def test_rerouted_hvp_runs_no_product_on_a_cotangent_that_never_arrives(make):
     for a, s in zip(fast.hv_pieces(v), stock.hv_pieces(v)):
         torch.testing.assert_close(a, s, rtol=1e-11, atol=1e-12)
     assert count_flops(lambda: fast.hv_pieces(v)) <= count_flops(lambda: stock.hv_pieces(v))
+
+
+def test_a_flat_theta_sliced_into_weights_is_still_rerouted():
+    """θ as one flat leaf: the loss slices its weights out of it (views, not leaves), and those
+    layers keep the rerouted double backward; a leaf weight outside θ does not."""
+    from bissl.ops.conv_double_backward import WeightGradPolicy
+
+    theta = torch.randn(12, dtype=F64, requires_grad=True)
+    outside = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    policy = WeightGradPolicy()
+    policy.weights = frozenset({id(theta)})
+    assert policy.reroutes(theta) and policy.reroutes(theta[:12].view(3, 4))
+    assert not policy.reroutes(outside)
+    x = torch.randn(5, 4, dtype=F64)
+    assert reroute_linear((x, theta.view(3, 4)), {}, policy) is not None
+    assert reroute_linear((x, outside), {}, policy) is None

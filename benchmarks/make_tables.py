@@ -541,8 +541,9 @@ def section() -> str:
         "exactly those products. A FLOP rate is a whole hypergradient's FLOPs per second as a "
         "fraction of the gradient's, and the whole speed-up factors as FLOP ratio × our rate / the "
         "reference's rate. The last column, FLOP ratio / the reference's rate, is the speed-up our "
-        "hypergradient would reach if it ran every FLOP as fast as the gradient does (its CG vector "
-        "work, which has no FLOPs counted, included). See `docs/performance.md`.",
+        "hypergradient would reach if it ran every FLOP as fast as the gradient does, with nothing "
+        "left for its CG vector work (which moves memory but has no FLOPs counted). See "
+        "`docs/performance.md`.",
         "",
         breakdown_table(quiet),
         "",

@@ -89,11 +89,11 @@ class _Conv2dBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # Skip the kernels nobody needs (e.g. the input gradient of the first layer's images).
         if need_gw and not gw_values:
-            # Graph-only weight gradient (module docstring): a fresh zero tensor, not a view, so
-            # autograd attaches it to this node.
+            # Graph-only weight gradient (module docstring): a zero broadcast to the weight's
+            # shape, nothing allocated or written.
             gx = conf.backward(go, x, w, [True, False, False])[0] if need_gx else None
-            gb = w.new_zeros(w.shape[0]) if conf.has_bias else None
-            return gx, torch.zeros_like(w), gb
+            gb = w.new_zeros(()).expand(w.shape[0]) if conf.has_bias else None
+            return gx, w.new_zeros(()).expand(w.shape), gb
         gx, gw, gb = conf.backward(go, x, w, [need_gx, need_gw, conf.has_bias])
         # Weight gradients come back in the weight's own layout (module docstring), whatever the
         # kernel chose for channels-last activations: a copy only where the two differ.

@@ -135,12 +135,9 @@ def hypergrad_table(runs: list[dict[str, dict]], labels: tuple[str, ...] = ("run
             if not infos:
                 continue
             first = infos[0]
-            counted = [
-                run[b]
-                for run in runs
-                if (b := f"test_cost_breakdown[{problem}]") in run and "flops_in_gradients" in run[b]
-            ]
-            flop_text = f"{_flop_ratio(counted[0]):.2f}×" if counted else "n/a"
+            breakdowns = [run[b] for run in runs if (b := f"test_cost_breakdown[{problem}]") in run]
+            # FLOP counts are exact and machine-independent: one value.
+            flop_text = f"{breakdowns[0]['flop_ratio']:.2f}×" if breakdowns else "n/a"
             per_round = [r for info in infos for r in info["speedup_per_round"]]
             rows.append(
                 f"| {PROBLEM_LABELS[problem]} ({_params(first['params'])}, {first['batch']}, {first['damping']:g}) "
@@ -154,18 +151,6 @@ def hypergrad_table(runs: list[dict[str, dict]], labels: tuple[str, ...] = ("run
     return "\n".join(rows)
 
 
-def _flop_ratio(info: dict) -> float:
-    """Reference FLOPs / our FLOPs of the whole hypergradients (exact counts)."""
-    f = info["flops_in_gradients"]
-    return f["hypergradient_reference"] / f["hypergradient_ours"]
-
-
-def _flop_rate(info: dict, side: str) -> float:
-    """A whole hypergradient's FLOP rate as a fraction of the gradient's (same rounds)."""
-    key = f"hypergradient_{side}"
-    return info["flops_in_gradients"][key] / info["in_gradients"][key]
-
-
 def breakdown_table(runs: list[dict[str, dict]]) -> str:
     rows = [
         "| network | gradient | upper gradient | reference HVP | reference rest | our linearisation "
@@ -176,7 +161,7 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
     ]
     for problem in PROBLEM_ORDER:
         key = f"test_cost_breakdown[{problem}]"
-        infos = [run[key] for run in runs if key in run and "flops_in_gradients" in run[key]]
+        infos = [run[key] for run in runs if key in run]
         if not infos:
             continue
         g = [i["in_gradients"] for i in infos]
@@ -189,10 +174,10 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
             f"| {PROBLEM_LABELS[problem]} | {' / '.join(_fmt_s(i['median_s']['gradient']) for i in infos)} "
             f"| {cell['upper_gradient']} | {cell['reference_hvp']} | {rest['reference']} | {cell['linearize']} "
             f"| {cell['matvec']} | {rest['ours']} "
-            f"| {f['reference_hvp']:.2f} / {f['linearize']:.2f} / {f['matvec']:.2f} | {_flop_ratio(infos[0]):.2f}× "
-            f"| {_join([_flop_rate(i, 'ours') for i in infos], '.2f')} "
-            f"| {_join([_flop_rate(i, 'reference') for i in infos], '.2f')} | {_join(whole, '.2f')}× "
-            f"| {_join([_flop_ratio(i) / _flop_rate(i, 'reference') for i in infos], '.2f')}× |"
+            f"| {f['reference_hvp']:.2f} / {f['linearize']:.2f} / {f['matvec']:.2f} | {infos[0]['flop_ratio']:.2f}× "
+            f"| {_join([i['flop_rate']['ours'] for i in infos], '.2f')} "
+            f"| {_join([i['flop_rate']['reference'] for i in infos], '.2f')} | {_join(whole, '.2f')}× "
+            f"| {_join([i['flop_ratio'] / i['flop_rate']['reference'] for i in infos], '.2f')}× |"
         )
     return "\n".join(rows)
 

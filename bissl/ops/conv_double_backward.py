@@ -37,7 +37,7 @@ of a convolution's first backward saved, the HVP unchanged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,11 @@ class WeightGradPolicy:
         self.weight_grad_values = True
         self.channels_last = channels_last
         self.weights: frozenset[int] | None = None
+
+    def reroute_only(self, params: Iterable[Tensor]) -> None:
+        """Reroute only layers whose weights are among ``params`` (θ's leaves) or computed from
+        them (see ``weights``)."""
+        self.weights = frozenset(id(t) for t in params)
 
     def reroutes(self, weight: object) -> bool:
         """Whether the layer of ``weight`` is rerouted (see ``weights``)."""

@@ -185,7 +185,7 @@ def _hvp_named(loss_fn: Callable[[Params], Tensor], primals: Params, tangents: P
     else:
         with torch.enable_grad(), FastSecondOrder("reverse") as fast:
             leaves = _detached_leaves(primals)
-            fast.conv_policy.weights = frozenset(id(t) for t in leaves.values())
+            fast.conv_policy.reroute_only(leaves.values())
             _, grads = _grad_with_graph(loss_fn, leaves)
         with torch.enable_grad():
             out = _second_backward(grads, leaves, tangents, retain=False)
@@ -297,7 +297,7 @@ class LinearizedHVP:
             )
             with torch.enable_grad(), fast:
                 self._leaves = _detached_leaves(self._primals)
-                fast.conv_policy.weights = frozenset(id(t) for t in self._leaves.values())
+                fast.conv_policy.reroute_only(self._leaves.values())
                 loss = _check_scalar(named_loss(self._leaves), "linearize_hvp")
                 # The matvecs differentiate the gradient but never read it: unless the caller
                 # wants it, skip computing the convolutions' and linear layers' weight gradients

@@ -123,7 +123,7 @@ def test_a_flat_theta_sliced_into_weights_is_still_rerouted():
     theta = torch.randn(12, dtype=F64, requires_grad=True)
     outside = torch.randn(3, 4, dtype=F64, requires_grad=True)
     policy = WeightGradPolicy()
-    policy.weights = frozenset({id(theta)})
+    policy.reroute_only([theta])
     assert policy.reroutes(theta) and policy.reroutes(theta[:12].view(3, 4))
     assert not policy.reroutes(outside)
     x = torch.randn(5, 4, dtype=F64)

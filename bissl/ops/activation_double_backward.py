@@ -48,36 +48,49 @@ from torch import Tensor
 from bissl.ops.gelu_double_backward import _third_order_guard
 
 
-def _tanh_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
-    d1 = 1.0 - y * y
-    return d1, lambda: (-2.0 * y) * d1
+def _tanh_coefficients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    return (1.0 - y * y,)
 
 
-def _silu_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
+def _tanh_d2(x: Tensor, y: Tensor, d1: Tensor) -> Tensor:
+    return (-2.0 * y) * d1
+
+
+def _silu_coefficients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
     sig = torch.sigmoid(x)
-    d1 = sig * (1.0 + x * (1.0 - sig))
-    return d1, lambda: sig * (1.0 - sig) * (2.0 + x * (1.0 - 2.0 * sig))
+    return sig * (1.0 + x * (1.0 - sig)), sig
 
 
-def _relu_d1_d2(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
-    return (x > 0).to(x.dtype), None
+def _silu_d2(x: Tensor, y: Tensor, d1: Tensor, sig: Tensor) -> Tensor:
+    return sig * (1.0 - sig) * (2.0 + x * (1.0 - 2.0 * sig))
 
 
-#: name -> (aten forward, ``(x, y) -> (f'(x), f''(x) thunk or None when f'' = 0)``).
-_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable]] = {
-    "tanh": (torch.ops.aten.tanh, _tanh_d1_d2),
-    "silu": (torch.ops.aten.silu, _silu_d1_d2),
-    "relu": (torch.ops.aten.relu, _relu_d1_d2),
+def _relu_coefficients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    return ((x > 0).to(x.dtype),)
+
+
+#: name -> (aten forward, ``(x, y) -> (f'(x), *extras)``, ``(x, y, f'(x), *extras) -> f''(x)`` or
+#: ``None`` where ``f'' = 0``). The second derivative is only formed by a ``create_graph`` backward.
+_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[..., tuple[Tensor, ...]], Callable[..., Tensor] | None]] = {
+    "tanh": (torch.ops.aten.tanh, _tanh_coefficients, _tanh_d2),
+    "silu": (torch.ops.aten.silu, _silu_coefficients, _silu_d2),
+    "relu": (torch.ops.aten.relu, _relu_coefficients, None),
 }
 
 
 class _ActivationBackward(torch.autograd.Function):
-    """``(gy, x) -> gy · f'(x)``, differentiable once; ``gy · f''(x)`` stored when building a graph."""
+    """``(gy, x) -> gy · f'(x)``, differentiable once; ``gy · f''(x)`` stored when building a graph.
+
+    ``point`` is ``(x, y, f'(x), *extras)``, detached and passed in a tuple: only ``gy`` and ``x``
+    are differentiated through.
+    """
 
     @staticmethod
-    def forward(ctx, gy: Tensor, x: Tensor, d1: Tensor, d2: Callable[[], Tensor] | None, name: str):
+    def forward(ctx, gy: Tensor, x: Tensor, point: tuple[Tensor, ...], name: str):
         ctx.name = name
-        ctx.save_for_backward(d1, gy * d2() if d2 is not None else None)
+        d2 = _ACTIVATIONS[name][2]
+        d1 = point[2]
+        ctx.save_for_backward(d1, gy * d2(*point) if d2 is not None else None)
         return gy * d1
 
     @staticmethod
@@ -86,24 +99,27 @@ class _ActivationBackward(torch.autograd.Function):
         d1, gy_d2 = ctx.saved_tensors
         d_gy = u * d1 if ctx.needs_input_grad[0] else None
         d_x = u * gy_d2 if gy_d2 is not None and ctx.needs_input_grad[1] else None
-        return d_gy, d_x, None, None, None
+        return d_gy, d_x, None, None
 
 
 class _Activation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, name: str):
-        op, coefficients = _ACTIVATIONS[name]
+        op, coefficients, _ = _ACTIVATIONS[name]
         y = op(x)
-        d1, d2 = coefficients(x, y)
-        ctx.name, ctx.d2 = name, d2
-        ctx.save_for_backward(x, d1)
+        ctx.name = name
+        # Everything the backward reads goes through save_for_backward, the output ``y`` included:
+        # a ctx attribute holding ``y`` (e.g. a closure over it) forms a reference cycle through
+        # ``y.grad_fn`` that kept every linearisation's graph alive (tests/ops/test_graph_freed.py).
+        ctx.save_for_backward(x, y, *coefficients(x, y))
         return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, d1 = ctx.saved_tensors
+        x, y, d1, *extras = ctx.saved_tensors
         if torch.is_grad_enabled():  # a create_graph backward: the linearisation point
-            return _ActivationBackward.apply(gy, x, d1, ctx.d2, ctx.name), None
+            point = (x.detach(), y.detach(), d1, *extras)
+            return _ActivationBackward.apply(gy, x, point, ctx.name), None
         return gy * d1, None
 
 

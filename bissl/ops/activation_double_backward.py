@@ -71,7 +71,9 @@ def _relu_coefficients(x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
 
 #: name -> (aten forward, ``(x, y) -> (f'(x), *extras)``, ``(x, y, f'(x), *extras) -> f''(x)`` or
 #: ``None`` where ``f'' = 0``). The second derivative is only formed by a ``create_graph`` backward.
-_ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[..., tuple[Tensor, ...]], Callable[..., Tensor] | None]] = {
+_ACTIVATIONS: dict[
+    str, tuple[Callable[[Tensor], Tensor], Callable[..., tuple[Tensor, ...]], Callable[..., Tensor] | None]
+] = {
     "tanh": (torch.ops.aten.tanh, _tanh_coefficients, _tanh_d2),
     "silu": (torch.ops.aten.silu, _silu_coefficients, _silu_d2),
     "relu": (torch.ops.aten.relu, _relu_coefficients, None),

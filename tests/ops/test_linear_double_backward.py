@@ -15,11 +15,15 @@ from bissl.testing import cnn_problem, dense_hessian, mlp_problem
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("shape", [(5, 4)])
+@pytest.mark.parametrize("shape", [(5, 4), (2, 3, 4), (2, 2, 3, 4), "transposed"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_first_and_second_derivatives_equal_autograd(shape, bias):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g, dtype=F64, requires_grad=True)
+    if shape == "transposed":  # a non-contiguous (B, T, in) input
+        shape = (2, 3, 4)
+        x = torch.randn(3, 2, 4, generator=g, dtype=F64).transpose(0, 1).requires_grad_()
+    else:
+        x = torch.randn(*shape, generator=g, dtype=F64, requires_grad=True)
     w = torch.randn(3, 4, generator=g, dtype=F64, requires_grad=True)
     b = torch.randn(3, generator=g, dtype=F64, requires_grad=True) if bias else None
     gy = torch.randn(*shape[:-1], 3, generator=g, dtype=F64, requires_grad=True)
@@ -42,10 +46,12 @@ def test_linear_first_and_second_derivatives_equal_autograd(shape, bias):
             torch.testing.assert_close(a, s, rtol=1e-12, atol=1e-13)
 
 
-def test_only_two_dimensional_inputs_are_rerouted():
+def test_inputs_of_rank_two_and_more_are_rerouted():
     w = torch.randn(5, 4, dtype=F64, requires_grad=True)
-    assert reroute_linear((torch.randn(2, 3, 4, dtype=F64), w), {}, WeightGradPolicy()) is None
-    assert reroute_linear((torch.randn(3, 4, dtype=F64), w), {}, WeightGradPolicy()) is not None
+    assert reroute_linear((torch.randn(4, dtype=F64), w), {}, WeightGradPolicy()) is None
+    for shape in [(3, 4), (2, 3, 4)]:
+        y = reroute_linear((torch.randn(shape, dtype=F64), w), {}, WeightGradPolicy())
+        assert y is not None and y.grad_fn is not None and "_Linear" in type(y.grad_fn).__name__
 
 
 def test_graph_only_weight_gradient_is_zero_but_keeps_the_second_derivative():

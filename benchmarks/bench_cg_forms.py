@@ -167,10 +167,12 @@ def test_cg_on_dicts_tuples_and_flat_vs_the_authors_loop(benchmark, medians, sol
 
 
 def test_epilogue_strategies(benchmark, medians):
-    """``Ap = scale·Hv + shift·p`` and ``pᵀAp`` from a dict ``Hv``: three strategies, interleaved.
+    """``Ap = scale·Hv + shift·p`` and ``pᵀAp`` from a dict ``Hv``: the strategies, interleaved.
 
-    * ``blocked_into``: :func:`bissl.ops.damped_into.damped_into_` (reads the pieces where they lie,
-      writes a preallocated buffer, dots cache-hot blocks);
+    * ``blocked_into``: :func:`bissl.ops.damped_into.damped_into_` through the torch reference
+      (reads the pieces where they lie, writes a preallocated buffer, dots cache-hot blocks);
+    * ``kernel_into``: the same through the C++ kernel (what the solvers run with the ``cpp``
+      backend; left out where it is not built);
     * ``cat_then_fused``: ``torch.cat`` into a preallocated flat buffer, then the fused
       ``damped_matvec`` kernel of the auto backend (which allocates its ``P``-sized output);
     * ``foreach``: ``torch._foreach_mul``/``_foreach_add_`` into views of a preallocated buffer, then
@@ -199,6 +201,8 @@ def test_epilogue_strategies(benchmark, medians):
         "cat_then_fused": lambda: ops.damped_matvec(torch.cat(hv_flat_parts, out=hv_buf), p, scale, shift),
         "foreach": foreach,
     }
+    if ops.name == "cpp":
+        calls["kernel_into"] = lambda: damped_into_(out, hv_flat_parts, p, scale, shift, cpu_kernel=True)
     ref = torch.cat(hv_flat_parts) * scale + p * shift
     for name, call in calls.items():
         got = call()

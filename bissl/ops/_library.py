@@ -22,6 +22,12 @@ Op contracts (all vectors flat ``(P,)``, one dtype/device; ``alpha``/``beta`` 0-
 * ``cg_direction_(p!, r, beta) -> ()``: ``p = r + β p``.
 * ``prox_grad(grad, theta, phi, lam) -> g``: ``g = grad + λ (θ − φ)``.
 * ``axpby(a, x, b, y) -> z``: ``z = a·x + b·y``.
+
+One more op belongs to the CPU solvers only (:data:`CPU_SCHEMAS`; a C++ kernel, no Triton or CUDA
+one, so it is not among :data:`OP_NAMES`, the ops every backend provides):
+
+* ``damped_into_(out!, hv[], v, scale, shift) -> vAv``: ``out = scale·cat(hv) + shift·v`` with
+  ``hv`` given as its pieces (a matvec's per-parameter results, read where they lie), ``vAv = vᵀout``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ SCHEMAS: dict[str, str] = {
 }
 
 OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)
+
+#: Ops with a CPU kernel (``csrc/cpu``) and the torch reference only (module docstring).
+CPU_SCHEMAS: dict[str, str] = {
+    "damped_into_": "(Tensor(a!) out, Tensor[] hv, Tensor v, float scale, float shift) -> Tensor",
+}
 
 # FRAGMENT, not DEF: other modules may add ops to the ``bissl`` namespace too.
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -76,6 +87,10 @@ def _fake_cg_step_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -
 
 def _fake_cg_direction_(p: Tensor, r: Tensor, beta: Tensor) -> None:
     return None
+
+
+def _fake_damped_into_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shift: float) -> Tensor:
+    return v.new_empty(())
 
 
 def _fake_prox_grad(grad: Tensor, theta: Tensor, phi: Tensor, lam: float) -> Tensor:
@@ -139,6 +154,9 @@ def _define_all() -> None:
         _LIB.define(op + schema)
         _LIB.impl(op, _DEFAULT_IMPLS[op], "CompositeExplicitAutograd")
         torch.library.register_fake(qualname(op), _FAKE_IMPLS[op], lib=_LIB)
+    _LIB.define("damped_into_" + CPU_SCHEMAS["damped_into_"])
+    _LIB.impl("damped_into_", ref.damped_into_ref_, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::damped_into_", _fake_damped_into_, lib=_LIB)
 
 
 _define_all()

@@ -48,6 +48,53 @@ def damped_matvec_ref(hv: Tensor, v: Tensor, scale: float, shift: float) -> tupl
     return av, dot_ref(v, av)
 
 
+def damped_into_ref_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shift: float) -> Tensor:
+    """``out = scale·cat(hv) + shift·v`` in place and ``vᵀ out`` (0-dim, ``v``'s dtype, accumulated
+    in float64), reading each piece of ``hv`` where it lies (CPU).
+
+    Walks the pieces in blocks of :data:`DOT_BLOCK` elements: each block is written and, while it is
+    still in cache, dotted with ``v``, so memory traffic is the three arrays an ideal fused kernel
+    moves (read ``hv``, ``v``; write ``out``).
+
+    Args:
+        out: ``(P,)`` contiguous, must not overlap the inputs.
+        hv: contiguous pieces holding ``P`` elements in all, in order.
+        v: ``(P,)``.
+        scale, shift: Python numbers.
+    """
+
+    def block(h: Tensor, vb: Tensor, ob: Tensor) -> None:
+        # As few kernels as the constants allow.
+        if shift == 1.0:
+            torch.add(vb, h, alpha=scale, out=ob)
+        elif shift == 0.0:
+            torch.mul(h, scale, out=ob)
+        elif scale == 1.0:
+            torch.add(h, vb, alpha=shift, out=ob)
+        else:
+            torch.mul(h, scale, out=ob)
+            ob.add_(vb, alpha=shift)
+
+    partials: list[Tensor] = []
+    start = 0
+    for piece in hv:
+        piece = piece.reshape(-1)
+        n = piece.numel()
+        if start + n > v.numel():
+            raise ValueError(f"damped_into_: the pieces hold more than the {v.numel()} elements of v")
+        for lo in range(0, n, DOT_BLOCK):
+            hi = min(n, lo + DOT_BLOCK)
+            vb, ob = v[start + lo : start + hi], out[start + lo : start + hi]
+            block(piece[lo:hi], vb, ob)
+            partials.append(torch.dot(vb, ob))
+        start += n
+    if start != v.numel():
+        raise ValueError(f"damped_into_: the pieces hold {start} elements, v has {v.numel()}")
+    if not partials:
+        return v.new_zeros(())
+    return torch.stack(partials).sum(dtype=torch.float64).to(v.dtype)
+
+
 def cg_step_ref_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -> Tensor:
     """One CG update in place: ``x += α p``, ``r -= α Ap``; returns ``rᵀr`` of the new residual (0-dim)."""
     x.add_(alpha * p)

@@ -130,7 +130,9 @@ class LinearProblem:
 
         One matvec; off CPU the returned ``A v`` may be a new tensor (use it, not ``out``).
         """
-        av, vav = damped_into_(out, self.hv_pieces(v), v, self.scale, self.shift, self.ops.damped_matvec)
+        av, vav = damped_into_(
+            out, self.hv_pieces(v), v, self.scale, self.shift, self.ops.damped_matvec, cpu_kernel=self.ops.name == "cpp"
+        )
         return av, self.reduce(vav)
 
     def from_user(self, v: Vector, what: str) -> Tensor:

@@ -560,8 +560,9 @@ def section() -> str:
         *allocator_paragraph(),
         "How a dict matvec result becomes `Ap` (`test_epilogue_strategies`, one call, median): "
         "reading the pieces where they lie into a preallocated buffer with cache-hot dots is what "
-        "the solvers do (`bissl/ops/damped_into.py`); a fresh `P`-sized output costs first-touch "
-        "page faults on this machine.",
+        "the solvers do (`bissl/ops/damped_into.py`): `kernel_into` is its C++ kernel, which they run "
+        "with the `cpp` backend, `blocked_into` its torch reference; a fresh `P`-sized output costs "
+        "first-touch page faults on this machine.",
         "",
         epilogue_table(cg_runs),
         "",

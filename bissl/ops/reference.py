@@ -58,7 +58,7 @@ def damped_into_ref_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shi
 
     Args:
         out: ``(P,)`` contiguous, must not overlap the inputs.
-        hv: contiguous pieces holding ``P`` elements in all, in order.
+        hv: pieces of any shape whose flattened entries, in order, are the ``P`` elements.
         v: ``(P,)``.
         scale, shift: Python numbers.
     """

@@ -1,6 +1,10 @@
-"""Rank program for the launcher's tests: rank 1 dies, raises or hangs; rank 0 waits in a
-collective (so without the launcher's handling it would hang). Each rank writes its pid. Mode
-``bar``: rank 0 redraws a progress line on stderr with carriage returns, then succeeds."""
+"""Rank program for the launcher's tests: rank 1 dies, raises or hangs; rank 0 waits (so without
+the launcher's handling the job would hang). Each rank writes its pid. Mode ``bar``: rank 0
+redraws a progress line on stderr with carriage returns, then succeeds.
+
+When rank 1 dies or raises, rank 0 waits by sleeping, not in a collective: a gloo collective
+fails as soon as its peer's socket closes, so rank 0 would exit with an error of its own and
+which rank torchrun reports as failing first would be a race (seen once in ``make test``)."""
 
 from __future__ import annotations
 
@@ -37,8 +41,10 @@ def main() -> None:
             sys.stderr.write(f"\rprogress {i}/3")
             sys.stderr.flush()
         sys.stderr.write("\n")
+    if args.mode in ("kill", "raise"):
+        time.sleep(3600)  # rank 0: stopped by the launcher once rank 1 is gone
     t = torch.ones(4)
-    dist.all_reduce(t)  # rank 0 blocks here while rank 1 is gone
+    dist.all_reduce(t)  # rank 0 blocks here while rank 1 hangs
     exit_rank(0)
 
 

@@ -8,6 +8,8 @@ moves them to the host. Functions ending in ``_`` update their first arguments i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,23 @@ def damped_matvec_ref(hv: Tensor, v: Tensor, scale: float, shift: float) -> tupl
     return av, dot_ref(v, av)
 
 
+def _damped_block(scale: float, shift: float) -> Callable[[Tensor, Tensor, Tensor], object]:
+    """``out_b = scale·hv_b + shift·v_b`` into ``out_b`` with as few kernels as the constants allow,
+    chosen once per call (whatever the op returns is unused)."""
+    if shift == 1.0:
+        return lambda hv, v, out: torch.add(v, hv, alpha=scale, out=out)
+    if shift == 0.0:
+        return lambda hv, v, out: torch.mul(hv, scale, out=out)
+    if scale == 1.0:
+        return lambda hv, v, out: torch.add(hv, v, alpha=shift, out=out)
+
+    def general(hv: Tensor, v: Tensor, out: Tensor) -> None:
+        torch.mul(hv, scale, out=out)
+        out.add_(v, alpha=shift)
+
+    return general
+
+
 def damped_into_ref_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shift: float) -> Tensor:
     """``out = scale·cat(hv) + shift·v`` in place and ``vᵀ out`` (0-dim, ``v``'s dtype, accumulated
     in float64), reading each piece of ``hv`` where it lies (CPU).
@@ -62,19 +81,7 @@ def damped_into_ref_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shi
         v: ``(P,)``.
         scale, shift: Python numbers.
     """
-
-    def block(h: Tensor, vb: Tensor, ob: Tensor) -> None:
-        # As few kernels as the constants allow.
-        if shift == 1.0:
-            torch.add(vb, h, alpha=scale, out=ob)
-        elif shift == 0.0:
-            torch.mul(h, scale, out=ob)
-        elif scale == 1.0:
-            torch.add(h, vb, alpha=shift, out=ob)
-        else:
-            torch.mul(h, scale, out=ob)
-            ob.add_(vb, alpha=shift)
-
+    block = _damped_block(scale, shift)
     partials: list[Tensor] = []
     start = 0
     for piece in hv:

@@ -1,7 +1,8 @@
 // CPU kernel of bissl::damped_into_: out = scale*cat(hv) + shift*v fused with vAv = v.out, reading
 // the matvec's pieces where they lie (no concatenated copy) and writing a preallocated buffer.
 // Chunks of the concatenated index space run in parallel, each over the pieces it overlaps, with the
-// same SIMD-block double accumulation as damped_matvec; the chunk partials are summed in order.
+// loop of damped_matvec (bissl_damped.h); the chunk partials are summed in order.
+#include "bissl_damped.h"
 #include "bissl_ops.h"
 #include "bissl_parallel.h"
 
@@ -14,24 +15,6 @@
 
 namespace bissl {
 namespace {
-
-template <typename T>
-double damped_segment(const T* __restrict__ hv, const T* __restrict__ v, T* __restrict__ out, T scale, T shift,
-                      int64_t n) {
-  double acc = 0.0;
-  for (int64_t lo = 0; lo < n; lo += kSumBlock) {
-    const int64_t hi = std::min(n, lo + kSumBlock);
-    double block = 0.0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = lo; i < hi; ++i) {
-      const T a = scale * hv[i] + shift * v[i];
-      out[i] = a;
-      block += static_cast<double>(v[i]) * static_cast<double>(a);
-    }
-    acc += block;
-  }
-  return acc;
-}
 
 at::Tensor damped_into_cpu(at::Tensor& out, at::TensorList hv, const at::Tensor& v, double scale, double shift) {
   check_flat_vectors("damped_into_", c10::DeviceType::CPU, {{"out", &out}, {"v", &v}});

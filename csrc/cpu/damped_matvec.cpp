@@ -1,5 +1,6 @@
 // CPU kernel of bissl::damped_matvec: Av = scale*Hv + shift*v fused with vAv = v.Av.
 // One pass reads Hv, v and writes Av; the dot product accumulates in double (float32 inputs too).
+#include "bissl_damped.h"
 #include "bissl_ops.h"
 #include "bissl_parallel.h"
 
@@ -13,24 +14,6 @@
 namespace bissl {
 namespace {
 
-template <typename T>
-double damped_matvec_chunk(const T* __restrict__ hv, const T* __restrict__ v, T* __restrict__ av, T scale,
-                           T shift, int64_t begin, int64_t end) {
-  double acc = 0.0;
-  for (int64_t lo = begin; lo < end; lo += kSumBlock) {
-    const int64_t hi = std::min(end, lo + kSumBlock);
-    double block = 0.0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = lo; i < hi; ++i) {
-      const T a = scale * hv[i] + shift * v[i];
-      av[i] = a;
-      block += static_cast<double>(v[i]) * static_cast<double>(a);
-    }
-    acc += block;
-  }
-  return acc;
-}
-
 std::tuple<at::Tensor, at::Tensor> damped_matvec_cpu(const at::Tensor& hv, const at::Tensor& v, double scale,
                                                      double shift) {
   check_flat_vectors("damped_matvec", c10::DeviceType::CPU, {{"hv", &hv}, {"v", &v}});
@@ -42,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> damped_matvec_cpu(const at::Tensor& hv, const
     scalar_t* av_p = av.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<scalar_t>(scale), d = static_cast<scalar_t>(shift);
     vav = chunked_sum(hv.numel(), [&](int64_t b, int64_t e) {
-      return damped_matvec_chunk<scalar_t>(hv_p, v_p, av_p, s, d, b, e);
+      return damped_segment<scalar_t>(hv_p + b, v_p + b, av_p + b, s, d, e - b);
     });
   });
   return {av, at::scalar_tensor(vav, hv.options())};

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: The two full runs of the suite (pytest-benchmark JSON), taken while other jobs loaded the cores:
-#: the fast-path switches and HVP-vs-gradient tables, and the hypergradient speed-ups under load.
+#: the HVP-vs-gradient table, and the hypergradient speed-ups under load.
 RUNS = ("cpu-perf16-run1.json", "cpu-perf16-run2.json")
 #: The hypergradient suite (``bench_hypergrad.py``) on the quiet machine, once with glibc's default
 #: malloc and once with ``MALLOC_MMAP_MAX_=0`` (large blocks reused): the hypergradient and
@@ -35,6 +35,8 @@ RUNS = ("cpu-perf16-run1.json", "cpu-perf16-run2.json")
 QUIET_RUNS = ("cpu-hypergrad-flops-default.json", "cpu-hypergrad-flops-nommap.json")
 #: The allocator setting of each quiet run, as the tables name it.
 QUIET_LABELS = ("glibc default", "`MALLOC_MMAP_MAX_=0`")
+#: Two quiet runs of the fast-path switches (``bench_fast_paths.py``): the fast-path table.
+FAST_PATH_RUNS = ("cpu-fastpaths-quiet-run1.json", "cpu-fastpaths-quiet-run2.json")
 #: Two quiet runs of the CG-forms suite (``bench_cg_forms.py``): the CG-forms and epilogue tables.
 CG_FORMS_RUNS = ("cpu-cgforms-quiet-run1.json", "cpu-cgforms-quiet-run2.json")
 #: One ``bissl bench`` run shown in the README.
@@ -197,8 +199,11 @@ def fast_paths_table(runs: list[dict[str, dict]]) -> str:
             if flip == "base":
                 continue
             switch, value = flip.split("=")
+            default = infos[0]["defaults"][switch]
+            # A list default names what is on (fast_activations: the closed forms rerouted).
+            default = " + ".join(default) + " only" if isinstance(default, list) else default
             rows.append(
-                f"| {PROBLEM_LABELS[problem]} | `{switch}`: {infos[0]['defaults'][switch]} → {value} "
+                f"| {PROBLEM_LABELS[problem]} | `{switch}`: {default} → {value} "
                 f"| {_join([i['ratio_to_base'][flip] for i in infos], '.3f')} |"
             )
     return "\n".join(rows)
@@ -399,7 +404,7 @@ def _stamp(name: str) -> str:
 
 def provenance_line() -> str:
     """Which checkout and day produced each file the section reads."""
-    names = (*QUIET_RUNS, *CG_FORMS_RUNS, ALLOCATOR_RUN, *RUNS, BENCH_RUN, CG_STEP)
+    names = (*QUIET_RUNS, *CG_FORMS_RUNS, *FAST_PATH_RUNS, ALLOCATOR_RUN, *RUNS, BENCH_RUN, CG_STEP)
     return (
         "Runs (the commit each was made from and its date, UTC; a run rewrites the tracked "
         "`benchmarks/results/ratios-*.json`, which is why its JSON may mark the checkout dirty): "
@@ -410,7 +415,7 @@ def provenance_line() -> str:
 
 def missing_results() -> list[str]:
     """The result files the performance section needs that are not in ``benchmarks/results/``."""
-    names = (*RUNS, *QUIET_RUNS, *CG_FORMS_RUNS, BENCH_RUN, CG_STEP)
+    names = (*RUNS, *QUIET_RUNS, *CG_FORMS_RUNS, *FAST_PATH_RUNS, BENCH_RUN, CG_STEP)
     return [name for name in names if not (RESULTS / name).exists()]
 
 
@@ -457,6 +462,7 @@ def section() -> str:
     runs = [load_run(name) for name in RUNS]
     quiet = [load_run(name) for name in QUIET_RUNS]
     cg_runs = [load_run(name) for name in CG_FORMS_RUNS]
+    fast_runs = [load_run(name) for name in FAST_PATH_RUNS]
     medians = [_speedup_median(run) for run in quiet]
     loaded = [_speedup_median(run) for run in runs]
     parts = [
@@ -464,12 +470,13 @@ def section() -> str:
         "",
         "Measured in this repository on the project's CPU machines (float32) with pytest-benchmark. "
         f"The hypergradient and CG-forms suites ran on a quiet machine ({_machine(quiet)}; nothing "
-        f"else running; load average {_loads(quiet + cg_runs, 'test_')}, which counts the suite's own "
+        f"else running; load average {_loads(quiet + cg_runs + fast_runs, 'test_')}, which counts the suite's own "
         f"threads): the hypergradient suite once with glibc's default malloc "
         f"(`benchmarks/results/{QUIET_RUNS[0]}`) and once with `MALLOC_MMAP_MAX_=0` "
         f"(`benchmarks/results/{QUIET_RUNS[1]}`), the CG-forms suite twice "
-        f"(`benchmarks/results/{CG_FORMS_RUNS[0]}`, `{CG_FORMS_RUNS[1]}`). The fast-path and "
-        f"HVP tables come from two earlier full runs on another machine ({_machine(runs)}), taken "
+        f"(`benchmarks/results/{CG_FORMS_RUNS[0]}`, `{CG_FORMS_RUNS[1]}`), the fast-path suite twice "
+        f"(`benchmarks/results/{FAST_PATH_RUNS[0]}`, `{FAST_PATH_RUNS[1]}`). The "
+        f"HVP table comes from two earlier full runs on another machine ({_machine(runs)}), taken "
         f"while other jobs loaded its 2 cores (`benchmarks/results/{RUNS[0]}`, `{RUNS[1]}`; load "
         f"{_loads(runs, 'test_')}; their "
         f"hypergradient speed-ups, median over the rows: {_join(loaded, '.2f')}×). Every comparison "
@@ -490,6 +497,8 @@ def section() -> str:
         f"    --benchmark-only --benchmark-json=benchmarks/results/{QUIET_RUNS[1]}",
         "pytest benchmarks/bench_cg_forms.py \\",
         f"    --benchmark-only --benchmark-json=benchmarks/results/{CG_FORMS_RUNS[0]}   # and run 2",
+        "BISSL_BENCH_ROUNDS=5 pytest benchmarks/bench_fast_paths.py \\",
+        f"    --benchmark-only --benchmark-json=benchmarks/results/{FAST_PATH_RUNS[0]}   # and run 2",
         "pytest benchmarks/bench_allocator.py \\",
         f"    --benchmark-only --benchmark-json=benchmarks/results/{ALLOCATOR_RUN}",
         "BISSL_BENCH_ROUNDS=5 pytest benchmarks/bench_hypergrad.py benchmarks/bench_fast_paths.py \\",
@@ -536,7 +545,7 @@ def section() -> str:
         "five matvecs with the defaults and with one switch flipped, interleaved; below 1 the "
         "flipped setting is faster). The defaults of `linearize_hvp` follow from it.",
         "",
-        fast_paths_table(runs),
+        fast_paths_table(fast_runs),
         "",
         "**CG on dicts, tuples and flat tensors** (`benchmarks/bench_cg_forms.py`): ResNet-18's "
         f"parameter shapes ({cg_forms_facts(cg_runs)}), a diagonal SPD matvec that allocates its "

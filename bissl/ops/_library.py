@@ -23,11 +23,23 @@ Op contracts (all vectors flat ``(P,)``, one dtype/device; ``alpha``/``beta`` 0-
 * ``prox_grad(grad, theta, phi, lam) -> g``: ``g = grad + λ (θ − φ)``.
 * ``axpby(a, x, b, y) -> z``: ``z = a·x + b·y``.
 
-One more op belongs to the CPU solvers only (:data:`CPU_SCHEMAS`; a C++ kernel, no Triton or CUDA
-one, so it is not among :data:`OP_NAMES`, the ops every backend provides):
+More ops have a C++ CPU kernel and the torch reference only (:data:`CPU_SCHEMAS`; no Triton or
+CUDA kernel, so they are not among :data:`OP_NAMES`, the ops every backend provides):
 
 * ``damped_into_(out!, hv[], v, scale, shift) -> vAv``: ``out = scale·cat(hv) + shift·v`` with
-  ``hv`` given as its pieces (a matvec's per-parameter results, read where they lie), ``vAv = vᵀout``.
+  ``hv`` given as its pieces (a matvec's per-parameter results, read where they lie), ``vAv = vᵀout``
+  (the CPU solvers' epilogue, :mod:`bissl.ops.damped_into`).
+* ``damped_into_blocks_(out!, hv[], v, scale, shift, offsets) -> vAv[]``,
+  ``cg_step_blocks_(x!, r!, p, ap, alpha, offsets) -> rr[]``,
+  ``cg_direction_blocks_(p!, r, beta, offsets) -> ()``: ``damped_into_``, ``cg_step_`` and
+  ``cg_direction_`` on every block ``[offsets[k], offsets[k+1])`` at once, with one step size and one
+  dot product per block (layer-wise CG, :func:`bissl.solvers.cg_layerwise_solve`).
+* ``layer_norm_double_backward(u, c_w?, c_b?, gy, xhat, s, gx, m_gxh, w?) -> (d_gy, d_x, d_w)``:
+  the double backward of ``layer_norm``'s first backward on ``(M, D)`` rows, the formulas and
+  reference of :mod:`bissl.ops.layernorm_double_backward` (``d_w`` is ``(0,)`` without ``w``).
+* ``gelu_backward_and_curvature(gy, x, d1) -> (gx, gy_d2)``: ``gx = gy·d1`` and
+  ``gy_d2 = gy·gelu''(x)`` for the exact gelu at a linearisation point
+  (:mod:`bissl.ops.gelu_double_backward`).
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ import torch
 from torch import Tensor
 
 from bissl.ops import reference as ref
+from bissl.ops.gelu_double_backward import gelu_backward_and_curvature_ref
+from bissl.ops.layernorm_double_backward import layer_norm_double_backward_ref
 
 NAMESPACE = "bissl"
 
@@ -56,6 +70,16 @@ OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)
 #: Ops with a CPU kernel (``csrc/cpu``) and the torch reference only (module docstring).
 CPU_SCHEMAS: dict[str, str] = {
     "damped_into_": "(Tensor(a!) out, Tensor[] hv, Tensor v, float scale, float shift) -> Tensor",
+    "layer_norm_double_backward": (
+        "(Tensor u, Tensor? c_w, Tensor? c_b, Tensor gy, Tensor xhat, Tensor s, Tensor gx, Tensor m_gxh,"
+        " Tensor? w) -> (Tensor, Tensor, Tensor)"
+    ),
+    "gelu_backward_and_curvature": "(Tensor gy, Tensor x, Tensor d1) -> (Tensor, Tensor)",
+    "damped_into_blocks_": (
+        "(Tensor(a!) out, Tensor[] hv, Tensor v, float scale, float shift, int[] offsets) -> Tensor"
+    ),
+    "cg_step_blocks_": ("(Tensor(a!) x, Tensor(b!) r, Tensor p, Tensor ap, Tensor alpha, int[] offsets) -> Tensor"),
+    "cg_direction_blocks_": "(Tensor(a!) p, Tensor r, Tensor beta, int[] offsets) -> ()",
 }
 
 # FRAGMENT, not DEF: other modules may add ops to the ``bissl`` namespace too.
@@ -93,6 +117,33 @@ def _fake_damped_into_(out: Tensor, hv: list[Tensor], v: Tensor, scale: float, s
     return v.new_empty(())
 
 
+def _fake_layer_norm_double_backward(
+    u: Tensor,
+    c_w: Tensor | None,
+    c_b: Tensor | None,
+    gy: Tensor,
+    xhat: Tensor,
+    s: Tensor,
+    gx: Tensor,
+    m_gxh: Tensor,
+    w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(xhat), torch.empty_like(xhat), xhat.new_empty(xhat.shape[1] if w is not None else 0)
+
+
+def _fake_gelu_backward_and_curvature(gy: Tensor, x: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _fake_block_sums(*args: Any) -> Tensor:
+    # (..., offsets) -> one value per block, like the first tensor argument.
+    return args[0].new_empty(len(args[-1]) - 1)
+
+
+def _fake_cg_direction_blocks_(p: Tensor, r: Tensor, beta: Tensor, offsets: list[int]) -> None:
+    return None
+
+
 def _fake_prox_grad(grad: Tensor, theta: Tensor, phi: Tensor, lam: float) -> Tensor:
     return torch.empty_like(grad)
 
@@ -107,6 +158,17 @@ _FAKE_IMPLS: dict[str, Callable[..., Any]] = {
     "cg_direction_": _fake_cg_direction_,
     "prox_grad": _fake_prox_grad,
     "axpby": _fake_axpby,
+}
+
+
+#: CPU_SCHEMAS op -> (torch reference, fake kernel).
+_CPU_OP_IMPLS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "damped_into_": (ref.damped_into_ref_, _fake_damped_into_),
+    "layer_norm_double_backward": (layer_norm_double_backward_ref, _fake_layer_norm_double_backward),
+    "gelu_backward_and_curvature": (gelu_backward_and_curvature_ref, _fake_gelu_backward_and_curvature),
+    "damped_into_blocks_": (ref.damped_into_blocks_ref_, _fake_block_sums),
+    "cg_step_blocks_": (ref.cg_step_blocks_ref_, _fake_block_sums),
+    "cg_direction_blocks_": (ref.cg_direction_blocks_ref_, _fake_cg_direction_blocks_),
 }
 
 
@@ -154,9 +216,10 @@ def _define_all() -> None:
         _LIB.define(op + schema)
         _LIB.impl(op, _DEFAULT_IMPLS[op], "CompositeExplicitAutograd")
         torch.library.register_fake(qualname(op), _FAKE_IMPLS[op], lib=_LIB)
-    _LIB.define("damped_into_" + CPU_SCHEMAS["damped_into_"])
-    _LIB.impl("damped_into_", ref.damped_into_ref_, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NAMESPACE}::damped_into_", _fake_damped_into_, lib=_LIB)
+    for op, schema in CPU_SCHEMAS.items():
+        _LIB.define(op + schema)
+        _LIB.impl(op, _CPU_OP_IMPLS[op][0], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{NAMESPACE}::{op}", _CPU_OP_IMPLS[op][1], lib=_LIB)
 
 
 _define_all()

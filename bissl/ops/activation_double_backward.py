@@ -22,16 +22,18 @@ Softmax along ``dim`` (``y = softmax(x)``, ``gx = y ⊙ (gy − s)``, ``s = Σ g
 where ``gx`` is stored once; autograd's ``softmax_double_backward`` forms the ``y``-cotangent and
 then runs it through softmax's backward again.
 
-Measured (interleaved A/B, a linearisation plus five matvecs, ``benchmarks/bench_hypergrad.py``
-networks): no gain. Each matvec saves a few activation-sized kernels, but storing the coefficients
-costs as many at linearisation and autograd's C++ nodes are cheap to run; the tanh/ReLU CNN, the
-SiLU MLP and the ViT (softmax) came out 4–5% *slower* with these routes, a two-layer tanh network
-with large activations 3% faster. So :class:`~bissl.ops.fast_second_order.FastSecondOrder` and
-:func:`~bissl.ops.hvp.linearize_hvp` leave them off by default (``fast_activations=True`` turns
-them on). Values and first derivatives use the stock kernels (bit-identical); second derivatives
-are the same formulas evaluated differently (float rounding). Only plain reverse-mode autograd sees these
-Functions (:class:`bissl.ops.fast_second_order.FastSecondOrder` with ``direction="reverse"``);
-third derivatives are not supported. Tested against autograd in float64
+Measured (``benchmarks/bench_fast_paths.py``: a linearisation plus five matvecs, interleaved, two
+quiet runs; the README's fast-path table): the SiLU MLP's solve work is about 5% faster with the
+SiLU route (autograd's own re-evaluates the sigmoid on every matvec); tanh and ReLU (the
+no-BatchNorm CNN) and softmax (the ViT) come out within about 2% either way, since their stock
+double backwards are already short and storing the coefficients costs kernels at the
+linearisation. So :class:`~bissl.ops.fast_second_order.FastSecondOrder` and
+:func:`~bissl.ops.hvp.linearize_hvp` reroute SiLU by default and the others on request
+(``fast_activations=True`` or a tuple of names). Values and first derivatives use the stock
+kernels (bit-identical); second derivatives are the same formulas evaluated differently (float
+rounding). Only plain reverse-mode autograd sees these Functions
+(:class:`bissl.ops.fast_second_order.FastSecondOrder` with ``direction="reverse"``); third
+derivatives are not supported. Tested against autograd in float64
 (``tests/ops/test_activation_double_backward.py``).
 
 ``tanh``: ``f' = 1 − y²``, ``f'' = −2 y (1 − y²)``. ``silu`` (``σ`` the sigmoid):

@@ -13,7 +13,9 @@ similar chain (on the benchmark transformer, the stock double backward made a li
 ~5% slower, interleaved A/B). Here ``gelu'(x)`` is evaluated once, in the forward, and
 the set-up that builds the first-order graph stores ``gy · gelu''(x)``: each matvec is two
 multiplications (and the plain first backward it also runs through the forward graph is one), and
-forward over reverse evaluates ``erf`` once instead of three times. Values are
+forward over reverse evaluates ``erf`` once instead of three times. For the exact gelu the
+set-up's ``(gy·gelu'(x), gy·gelu''(x))`` is the op ``bissl::gelu_backward_and_curvature`` (a C++
+CPU kernel, one pass; :func:`gelu_backward_and_curvature_ref` is its torch default). Values are
 bit-identical to ``F.gelu`` (the same kernel); derivatives are the same formulas, evaluated as
 products with ``gelu'(x)`` (float rounding may differ). Third derivatives are not supported.
 
@@ -53,6 +55,24 @@ def gelu_second_derivative(x: Tensor, approximate: str = "none") -> Tensor:
     return torch.exp(-0.5 * x * x).mul_(_INV_SQRT_2PI).mul_(2.0 - x * x)
 
 
+def gelu_backward_and_curvature_ref(gy: Tensor, x: Tensor, d1: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gy · d1, gy · gelu''(x))`` for the exact (erf) gelu, ``d1 = gelu'(x)``: the torch reference
+    of ``bissl::gelu_backward_and_curvature`` (all arguments and results the same shape)."""
+    return gy * d1, gy * gelu_second_derivative(x)
+
+
+def _backward_and_curvature(gy: Tensor, x: Tensor, d1: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """First backward ``gy · gelu'(x)`` and the stored coefficient ``gy · gelu''(x)`` at the point.
+
+    The exact gelu in float32/float64 goes through ``bissl::gelu_backward_and_curvature``: on CPU
+    with ``bissl._C`` loaded its C++ kernel (``csrc/cpu/gelu_backward_and_curvature.cpp``, one
+    pass where the reference takes eight), elsewhere the reference. The tanh form stays in torch.
+    """
+    if approximate == "none" and x.dtype in (torch.float32, torch.float64):
+        return torch.ops.bissl.gelu_backward_and_curvature(gy.contiguous(), x.contiguous(), d1.contiguous())
+    return gy * d1, gy * gelu_second_derivative(x, approximate)
+
+
 def _gelu_prime(x: Tensor, approximate: str) -> Tensor:
     return torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
 
@@ -68,9 +88,11 @@ class _GeluBackward(torch.autograd.Function):
     def forward(ctx, gy: Tensor, x: Tensor, approximate: str, d1: Tensor, build_graph: bool):
         ctx.approximate = approximate
         ctx.save_for_forward(gy, x, d1)
-        if build_graph:
-            ctx.save_for_backward(d1, gy * gelu_second_derivative(x, approximate))
-        return gy * d1
+        if not build_graph:
+            return gy * d1
+        gx, gy_d2 = _backward_and_curvature(gy, x, d1, approximate)
+        ctx.save_for_backward(d1, gy_d2)
+        return gx
 
     @staticmethod
     def backward(ctx, u: Tensor):

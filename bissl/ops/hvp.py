@@ -34,7 +34,7 @@ immune because it evaluates the loss once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Literal, cast, overload
 
 import torch
@@ -42,7 +42,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from bissl.ops.batchnorm import batchnorm_stats_frozen
-from bissl.ops.fast_second_order import FastSecondOrder
+from bissl.ops.fast_second_order import DEFAULT_ACTIVATIONS, FastSecondOrder
 from bissl.ops.flat import AnyVector, FlatSpec, as_form, pieces, unflatten, vector_form, vector_spec
 from bissl.typing import LossFn, Params, ParamsLike
 
@@ -272,7 +272,7 @@ class LinearizedHVP:
         fast_bn: bool,
         fast_gelu_layernorm: bool = True,
         need_grad: bool = True,
-        fast_activations: bool = False,
+        fast_activations: bool | Collection[str] = DEFAULT_ACTIVATIONS,
         channels_last: bool = False,
         fast_linear: bool = True,
     ):
@@ -383,7 +383,7 @@ def linearize_hvp(
     fast_bn: bool = True,
     fast_gelu_layernorm: bool = True,
     need_grad: bool = True,
-    fast_activations: bool = False,
+    fast_activations: bool | Collection[str] = DEFAULT_ACTIVATIONS,
     channels_last: bool = False,
     fast_linear: bool = True,
 ) -> LinearizedHVP:
@@ -410,9 +410,11 @@ def linearize_hvp(
         fast_linear: on the ``revrev`` path, route ``linear`` through
             :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
             is False).
-        fast_activations: on the ``revrev`` path, give ``tanh``, ``relu``, ``silu`` and ``softmax``
-            their closed-form double backwards (:mod:`bissl.ops.activation_double_backward`;
-            default off: measured no faster than autograd's own on the benchmark networks).
+        fast_activations: on the ``revrev`` path, which of ``tanh``, ``relu``, ``silu`` and
+            ``softmax`` get their closed-form double backwards
+            (:mod:`bissl.ops.activation_double_backward`): ``True`` (all), ``False`` (none) or
+            their names. Default ``("silu",)``: the one measured faster than autograd's own
+            (:data:`bissl.ops.fast_second_order.DEFAULT_ACTIVATIONS`).
         need_grad: also return the gradient at the point as ``.grad`` (default). ``False`` (what
             :func:`bissl.hypergrad.implicit_hypergrad` uses) leaves ``.grad`` as ``None`` and lets the
             ``revrev`` set-up skip the convolutions' weight-gradient kernels, whose values the

@@ -18,9 +18,11 @@ run several dozen small ops per call (~16% of a linearised matvec on the benchma
 torch.profiler). Here the forward computes ``x̂`` once, the set-up that builds the first-order
 graph stores ``gy``, ``gx`` and ``⟨ĝx̂⟩`` once, and every matvec is the formula above. Measured on
 the benchmark transformer (2 threads, interleaved A/B): the linearised matvec ~17% faster
-(15.8 → 13.2 ms), the forward-over-reverse HVP ~15% faster. Values and first derivatives are the
-stock kernels' (bit-identical); only the second derivative is computed differently (float
-rounding). Third derivatives are not supported.
+(15.8 → 13.2 ms), the forward-over-reverse HVP ~15% faster. The double backward itself is the op
+``bissl::layer_norm_double_backward`` (:func:`layer_norm_double_backward`): its C++ CPU kernel does
+each row in two passes; :func:`layer_norm_double_backward_ref` is the torch formula, its default
+and the test oracle. Values and first derivatives are the stock kernels' (bit-identical); only the
+second derivative is computed differently (float rounding). Third derivatives are not supported.
 Tested against autograd in float64 (``tests/ops/test_double_backward.py``).
 """
 
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bissl.ops.gelu_double_backward import _third_order_guard
+from bissl.ops.gelu_double_backward import _is_dual, _third_order_guard
 
 
 def _rows(t: Tensor, d: int) -> Tensor:
@@ -49,6 +51,68 @@ def _numel(shape: Sequence[int]) -> int:
     for k in shape:
         n *= int(k)
     return n
+
+
+def layer_norm_double_backward_ref(
+    u: Tensor,
+    c_w: Tensor | None,
+    c_b: Tensor | None,
+    gy: Tensor,
+    xhat: Tensor,
+    s: Tensor,
+    gx: Tensor,
+    m_gxh: Tensor,
+    w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The double backward above, in torch: the reference of ``bissl::layer_norm_double_backward``.
+
+    Args:
+        u: ``(M, D)`` cotangent of ``gx``; ``c_w``, ``c_b``: ``(D,)`` cotangents of ``gw``, ``gb``
+            (or ``None``: zero).
+        gy, xhat, gx: ``(M, D)``, the point's output cotangent, normalised input and input gradient;
+            ``s``, ``m_gxh``: ``(M, 1)``, ``(σ² + ε)^(-1/2)`` and ``⟨ĝx̂⟩``; ``w``: ``(D,)`` or ``None``.
+
+    Returns:
+        ``(∂/∂gy, ∂/∂x, ∂/∂w)``: ``(M, D)``, ``(M, D)``, and ``(D,)`` (``(0,)`` when ``w`` is ``None``).
+    """
+    d = xhat.shape[1]
+    w1 = w.reshape(1, d) if w is not None else None
+    uxh = (u * xhat).sum(1, keepdim=True)
+    pu = _project(u, xhat, uxh / d)
+    spu = s * pu
+    d_gy = spu * w1 if w1 is not None else spu.clone()
+    if c_w is not None:
+        d_gy = d_gy.addcmul_(xhat, c_w.reshape(1, d))
+    if c_b is not None:
+        d_gy = d_gy.add_(c_b.reshape(1, d))
+    d_w = (gy * spu).sum(0) if w is not None else xhat.new_empty(0)
+    ugx = (u * gx).sum(1, keepdim=True)
+    d_x = (pu * (-s * s * m_gxh)).addcmul_(xhat, ugx * (-s / d)).addcmul_(gx, uxh * (-s / d))
+    if c_w is not None:
+        d_x = d_x.addcmul_(s, _project(c_w.reshape(1, d) * gy, xhat))
+    return d_gy, d_x, d_w
+
+
+def layer_norm_double_backward(
+    u: Tensor,
+    c_w: Tensor | None,
+    c_b: Tensor | None,
+    gy: Tensor,
+    xhat: Tensor,
+    s: Tensor,
+    gx: Tensor,
+    m_gxh: Tensor,
+    w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`layer_norm_double_backward_ref`'s contract, by ``bissl::layer_norm_double_backward``.
+
+    The op runs the C++ kernel on CPU when ``bissl._C`` is loaded (``csrc/cpu/layer_norm_double_backward.cpp``:
+    two passes over each row instead of about twenty full-size torch ops), the torch reference
+    elsewhere. Dtypes the kernel does not take (half precision) go to the reference directly.
+    """
+    if xhat.dtype in (torch.float32, torch.float64):
+        return torch.ops.bissl.layer_norm_double_backward(u, c_w, c_b, gy, xhat, s, gx, m_gxh, w)
+    return layer_norm_double_backward_ref(u, c_w, c_b, gy, xhat, s, gx, m_gxh, w)
 
 
 class _LayerNormBackward(torch.autograd.Function):
@@ -96,29 +160,24 @@ class _LayerNormBackward(torch.autograd.Function):
             raise RuntimeError("layer_norm double backward: the first backward did not build a graph")
         gy, xhat, s, gx, m_gxh, w1 = ctx.saved_tensors
         d = ctx.d
-        gx = _rows(gx, d)
+        u = _rows(u, d).contiguous() if u is not None else torch.zeros_like(xhat)
+        w = w1.reshape(d) if w1 is not None else None
+        c_w = c_w.reshape(d).contiguous() if c_w is not None and w is not None else None
+        c_b = c_b.reshape(d).contiguous() if c_b is not None else None
+        d_gy, d_x, d_w = layer_norm_double_backward(u, c_w, c_b, gy, xhat, s, _rows(gx, d), m_gxh, w)
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-        u = _rows(u, d) if u is not None else torch.zeros_like(xhat)
-        uxh = (u * xhat).sum(1, keepdim=True)
-        pu = _project(u, xhat, uxh / d)
-        spu = s * pu
-        d_gy = d_x = d_w = None
-        if need_gy:
-            d_gy = spu * w1 if w1 is not None else spu.clone()
-            if c_w is not None and w1 is not None:
-                d_gy = d_gy.addcmul_(xhat, c_w.reshape(1, d))
-            if c_b is not None:
-                d_gy = d_gy.add_(c_b.reshape(1, d))
-            d_gy = d_gy.reshape(ctx.x_shape)
-        if need_w and w1 is not None:
-            d_w = (gy * spu).sum(0).reshape(ctx.norm_shape)
-        if need_x:
-            ugx = (u * gx).sum(1, keepdim=True)
-            d_x = (pu * (-s * s * m_gxh)).addcmul_(xhat, ugx * (-s / d)).addcmul_(gx, uxh * (-s / d))
-            if c_w is not None and w1 is not None:
-                d_x = d_x.addcmul_(s, _project(c_w.reshape(1, d) * gy, xhat))
-            d_x = d_x.reshape(ctx.x_shape)
-        return d_gy, d_x, d_w, None, None, None, None, None, None, None
+        return (
+            d_gy.reshape(ctx.x_shape) if need_gy else None,
+            d_x.reshape(ctx.x_shape) if need_x else None,
+            d_w.reshape(ctx.norm_shape) if need_w and w is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, gy_t, x_t, w_t, _b_t, _mean_t, _rstd_t, _xhat_t, _shape, _mask, _build):
@@ -185,9 +244,13 @@ class _LayerNorm(torch.autograd.Function):
         x, w, b, mean, rstd, xhat = ctx.saved_tensors
         _, need_w, need_b = ctx.needs_input_grad[:3]
         mask = (True, w is not None and need_w, b is not None and need_b)
-        gx, gw, gb = _LayerNormBackward.apply(
-            gy.contiguous(), x, w, b, mean, rstd, xhat, ctx.shape, mask, torch.is_grad_enabled()
-        )
+        building = torch.is_grad_enabled()  # a create_graph backward: the linearisation point
+        if not building and not _is_dual(gy):
+            # A plain backward (e.g. a matvec's pass back through the forward graph): the native
+            # kernel alone; the double backward's constants would never be read.
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(gy, x, ctx.shape, mean, rstd, w, b, list(mask))
+            return gx, gw if mask[1] else None, gb if mask[2] else None, None, None
+        gx, gw, gb = _LayerNormBackward.apply(gy.contiguous(), x, w, b, mean, rstd, xhat, ctx.shape, mask, building)
         return gx, gw, gb, None, None
 
 

@@ -100,7 +100,14 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gw_values = ctx.policy.weight_grad_values or not torch.is_grad_enabled()
+        if not torch.is_grad_enabled():
+            # A plain backward (a matvec's pass back through the forward graph): the products
+            # alone, without a differentiable node's bookkeeping.
+            gx = gy @ w if need_x else None
+            gw = _rows(gy).t() @ _rows(x) if need_w else None
+            gb = _rows(gy).sum(0) if need_b and ctx.has_bias else None
+            return gx, gw, gb, None
+        gw_values = ctx.policy.weight_grad_values
         gx, gw, gb = _LinearBackward.apply(gy, x, w, ctx.has_bias and need_b, need_x, need_w or need_b, gw_values)
         return gx, (gw if need_w else None), (gb if need_b else None), None
 

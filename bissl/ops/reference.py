@@ -8,6 +8,7 @@ moves them to the host. Functions ending in ``_`` update their first arguments i
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -112,6 +113,47 @@ def cg_step_ref_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -> 
 def cg_direction_ref_(p: Tensor, r: Tensor, beta: Tensor) -> Tensor:
     """New search direction in place: ``p = r + β p``; returns ``p``."""
     return p.mul_(beta).add_(r)
+
+
+def _block_bounds(offsets: list[int], n: int, op: str) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]`` of the blocks ``offsets`` describes over ``n`` elements (validated)."""
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n:
+        raise ValueError(f"{op}: offsets must run from 0 to the vectors' length {n}, got {list(offsets)[:3]}...")
+    if any(b < a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"{op}: offsets must be non-decreasing")
+    return list(itertools.pairwise(offsets))
+
+
+def block_dots_ref(u: Tensor, v: Tensor, offsets: list[int]) -> Tensor:
+    """``(n_blocks,)`` dots ``u_kᵀv_k`` of the blocks ``[offsets[k], offsets[k+1])`` of two ``(P,)``
+    vectors (each as :func:`dot_ref`)."""
+    bounds = _block_bounds(offsets, u.numel(), "block_dots")
+    return torch.stack([dot_ref(u[lo:hi], v[lo:hi]) for lo, hi in bounds])
+
+
+def damped_into_blocks_ref_(
+    out: Tensor, hv: list[Tensor], v: Tensor, scale: float, shift: float, offsets: list[int]
+) -> Tensor:
+    """:func:`damped_into_ref_` with ``vᵀout`` per block: ``(n_blocks,)`` (layer-wise CG's ``pᵀAp``)."""
+    _block_bounds(offsets, v.numel(), "damped_into_blocks_")
+    damped_into_ref_(out, hv, v, scale, shift)
+    return block_dots_ref(v, out, offsets)
+
+
+def cg_step_blocks_ref_(x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor, offsets: list[int]) -> Tensor:
+    """:func:`cg_step_ref_` on every block with its own ``α_k`` (``alpha``: ``(n_blocks,)``); returns
+    the new ``r_kᵀr_k`` per block."""
+    bounds = _block_bounds(offsets, x.numel(), "cg_step_blocks_")
+    return torch.stack(
+        [cg_step_ref_(x[lo:hi], r[lo:hi], p[lo:hi], ap[lo:hi], a) for (lo, hi), a in zip(bounds, alpha.unbind())]
+    )
+
+
+def cg_direction_blocks_ref_(p: Tensor, r: Tensor, beta: Tensor, offsets: list[int]) -> None:
+    """:func:`cg_direction_ref_` on every block with its own ``β_k`` (``beta``: ``(n_blocks,)``)."""
+    bounds = _block_bounds(offsets, p.numel(), "cg_direction_blocks_")
+    for (lo, hi), b in zip(bounds, beta.unbind()):
+        cg_direction_ref_(p[lo:hi], r[lo:hi], b)
 
 
 def prox_grad_ref(grad: Tensor, theta: Tensor, phi: Tensor, lam: float) -> Tensor:

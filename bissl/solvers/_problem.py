@@ -135,6 +135,10 @@ class LinearProblem:
         )
         return av, self.reduce(vav)
 
+    def block_ops(self, bounds: list[tuple[int, int]]) -> BlockVectorOps:
+        """Layer-wise CG's per-block vector work over ``bounds`` (:class:`BlockVectorOps`)."""
+        return BlockVectorOps(self, bounds)
+
     def from_user(self, v: Vector, what: str) -> Tensor:
         """A new ``(P,)`` buffer holding ``v`` (any form laid out like ``b``), e.g. an initial guess."""
         parts = pieces(v, self.spec, what, self.form)
@@ -171,6 +175,57 @@ class LinearProblem:
             bounds.append((lo, lo + k))
             lo += k
         return bounds or [(0, n)]
+
+
+class BlockVectorOps:
+    """The vector work of layer-wise CG on the blocks ``bounds`` (contiguous, covering the flat vector).
+
+    With the ``cpp`` backend on CPU every block goes in one call to the ``bissl::*_blocks_`` ops
+    (``csrc/cpu/cg_blocks.cpp``), and the per-block ``pᵀAp`` comes out of the damped epilogue's
+    own pass. Otherwise the backend's whole-vector ops run on each block's views, and ``pᵀAp`` is
+    one more pass of per-block dots. Per-block results are ``(n_blocks,)`` tensors of the whole
+    vectors (reduced across partitions).
+    """
+
+    def __init__(self, prob: LinearProblem, bounds: list[tuple[int, int]]):
+        self.prob = prob
+        self.bounds = bounds
+        self.offsets = [lo for lo, _ in bounds] + [bounds[-1][1]]
+        self.kernel = prob.ops.name == "cpp" and prob.b.device.type == "cpu"
+
+    def blocks(self, t: Tensor) -> list[Tensor]:
+        return [t[lo:hi] for lo, hi in self.bounds]
+
+    def dots(self, u: Tensor, v: Tensor) -> Tensor:
+        """``u_kᵀv_k`` per block."""
+        return self.prob.reduce(torch.stack([dot(a, b) for a, b in zip(self.blocks(u), self.blocks(v))]))
+
+    def apply(self, v: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A v, v_kᵀ(A v)_k per block)``: one matvec (``A v`` as :meth:`LinearProblem.apply`)."""
+        prob = self.prob
+        if not self.kernel:
+            av, _ = prob.apply(v, out)
+            return av, self.dots(v, av)
+        flat = [t.reshape(-1) for t in prob.hv_pieces(v)]
+        flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
+        vav = torch.ops.bissl.damped_into_blocks_(out, flat, v, float(prob.scale), float(prob.shift), self.offsets)
+        return out, prob.reduce(vav)
+
+    def step_(self, x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -> Tensor:
+        """``x_k += α_k p_k``, ``r_k −= α_k (Ap)_k``; the new ``r_kᵀr_k`` per block."""
+        if self.kernel:
+            return self.prob.reduce(torch.ops.bissl.cg_step_blocks_(x, r, p, ap, alpha, self.offsets))
+        step = self.prob.ops.cg_step_
+        parts = zip(self.blocks(x), self.blocks(r), self.blocks(p), self.blocks(ap), alpha.unbind())
+        return self.prob.reduce(torch.stack([step(*part) for part in parts]))
+
+    def direction_(self, p: Tensor, r: Tensor, beta: Tensor) -> None:
+        """``p_k = r_k + β_k p_k``."""
+        if self.kernel:
+            torch.ops.bissl.cg_direction_blocks_(p, r, beta, self.offsets)
+            return
+        for pk, rk, bk in zip(self.blocks(p), self.blocks(r), beta.unbind()):
+            self.prob.ops.cg_direction_(pk, rk, bk)
 
 
 def linear_problem(

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from bissl.solvers._problem import dot, linear_problem, tiny
+from bissl.solvers._problem import linear_problem, tiny
 from bissl.solvers.lanczos import cg_tridiagonal
 from bissl.solvers.result import SolveResult
 from bissl.solvers.workspace import Workspace
@@ -195,7 +195,9 @@ def cg_layerwise_solve(
     matvec couples all blocks. Only the *global* ``pᵀAp ≤ 0`` is negative curvature; a single
     block's ``p_iᵀ(Ap)_i`` may be negative for a positive definite ``A`` (the method's known flaw),
     and such a block just skips the step (the reference's tiny-denominator guard). The per-block
-    updates are the fused ``cg_step_``/``cg_direction_`` kernels on views of one flat buffer.
+    updates are the fused ``cg_step_``/``cg_direction_`` kernels on views of one flat buffer, or,
+    with the ``cpp`` backend on CPU, one call for all blocks (``bissl::cg_step_blocks_`` and its
+    kin), whose damped epilogue also returns the per-block ``pᵀAp``.
 
     Args:
         matvec, b, iters, damping, scale, strict, workspace: as :func:`cg_solve` (any form; fixed
@@ -214,22 +216,15 @@ def cg_layerwise_solve(
     """
     _check_iters(iters, "cg_layerwise_solve")
     prob = linear_problem(matvec, b, scale, damping, "cg_layerwise_solve", allreduce=allreduce, workspace=workspace)
-    ops = prob.ops
     bounds = prob.segment_bounds(segments)
     n_blocks = len(bounds)
-
-    def blocks(t: Tensor) -> list[Tensor]:
-        return [t[lo:hi] for lo, hi in bounds]
-
-    def block_dots(us: list[Tensor], vs: list[Tensor]) -> Tensor:
-        return prob.reduce(torch.stack([dot(u, v) for u, v in zip(us, vs)]))
+    blocks = prob.block_ops(bounds)
 
     x = torch.zeros_like(prob.b)
     r = prob.b
     p = prob.copy_of("p", r)
     ap = prob.empty("ap")
-    xs, rs, ps = blocks(x), blocks(r), blocks(p)
-    rr = block_dots(rs, rs)
+    rr = blocks.dots(r, r)
     bb = rr.sum()
     tol2 = _tolerance2(bb, None, 0.0)
     guard = tiny(x.dtype)
@@ -238,22 +233,15 @@ def cg_layerwise_solve(
     n_iters = torch.zeros((), dtype=torch.int64, device=x.device)
     alphas, betas = [], []
     for _ in range(iters):
-        ap, _ = prob.apply(p, ap)
-        aps = blocks(ap)
-        pap = block_dots(ps, aps)
+        ap, pap = blocks.apply(p, ap)
         bad = ~torch.isfinite(pap).all() | ~torch.isfinite(rr).all()
         nonfinite |= bad
         negative |= (pap.sum() <= 0) & (rr.sum() > tol2) & ~bad
         step = (rr > tol2 / n_blocks) & (pap.abs() > guard) & ~nonfinite
         alpha = torch.where(step, rr / torch.where(step, pap, 1), 0)
-        rr_new = prob.reduce(
-            torch.stack(
-                [ops.cg_step_(xk, rk, pk, apk, ak) for xk, rk, pk, apk, ak in zip(xs, rs, ps, aps, alpha.unbind())]
-            )
-        )
+        rr_new = blocks.step_(x, r, p, ap, alpha)
         beta = torch.where(step, rr_new / torch.where(step, rr, 1), 0)
-        for pk, rk, bk in zip(ps, rs, beta.unbind()):
-            ops.cg_direction_(pk, rk, bk)
+        blocks.direction_(p, r, beta)
         n_iters += step.any().to(torch.int64)
         rr = torch.where(step, rr_new, rr)
         alphas.append(alpha)

@@ -188,7 +188,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> bool:
                 "config or choose another output directory"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
+    # One temporary name per process: every rank of a distributed run writes this same file, and a
+    # shared name let one rank's rename take the other's file from under it (FileNotFoundError).
+    tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
     # Fault injection belongs to one process, not to the run: `bissl run --resume DIR` reads this file.
     dump_config(dataclasses.replace(cfg, debug=DebugConfig()), tmp)
     os.replace(tmp, saved_path)

@@ -1,4 +1,5 @@
 // CPU kernel of bissl::cg_direction_: p = r + beta*p in place (reads r, p; writes p).
+#include "bissl_cg_loops.h"
 #include "bissl_ops.h"
 #include "bissl_parallel.h"
 
@@ -8,14 +9,6 @@
 namespace bissl {
 namespace {
 
-template <typename T>
-void cg_direction_chunk(T* __restrict__ p, const T* __restrict__ r, T beta, int64_t begin, int64_t end) {
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    p[i] = r[i] + beta * p[i];
-  }
-}
-
 void cg_direction_cpu(at::Tensor& p, const at::Tensor& r, const at::Tensor& beta) {
   check_flat_vectors("cg_direction_", c10::DeviceType::CPU, {{"p", &p}, {"r", &r}});
   const double b = cpu_step_size("cg_direction_", "beta", beta);
@@ -23,7 +16,7 @@ void cg_direction_cpu(at::Tensor& p, const at::Tensor& r, const at::Tensor& beta
     scalar_t* p_p = p.mutable_data_ptr<scalar_t>();
     const scalar_t* r_p = r.const_data_ptr<scalar_t>();
     const auto beta_t = static_cast<scalar_t>(b);
-    chunked_for(p.numel(), [&](int64_t lo, int64_t hi) { cg_direction_chunk<scalar_t>(p_p, r_p, beta_t, lo, hi); });
+    chunked_for(p.numel(), [&](int64_t lo, int64_t hi) { cg_direction_segment<scalar_t>(p_p, r_p, beta_t, lo, hi); });
   });
 }
 

@@ -1,5 +1,6 @@
 // CPU kernel of bissl::cg_step_: x += alpha*p, r -= alpha*Ap and the new r.r in one pass
 // (reads x, r, p, Ap; writes x, r). r.r accumulates in double.
+#include "bissl_cg_loops.h"
 #include "bissl_ops.h"
 #include "bissl_parallel.h"
 
@@ -9,25 +10,6 @@
 
 namespace bissl {
 namespace {
-
-template <typename T>
-double cg_step_chunk(T* __restrict__ x, T* __restrict__ r, const T* __restrict__ p, const T* __restrict__ ap,
-                     T alpha, int64_t begin, int64_t end) {
-  double acc = 0.0;
-  for (int64_t lo = begin; lo < end; lo += kSumBlock) {
-    const int64_t hi = std::min(end, lo + kSumBlock);
-    double block = 0.0;
-#pragma omp simd reduction(+ : block)
-    for (int64_t i = lo; i < hi; ++i) {
-      x[i] = x[i] + alpha * p[i];
-      const T ri = r[i] - alpha * ap[i];
-      r[i] = ri;
-      block += static_cast<double>(ri) * static_cast<double>(ri);
-    }
-    acc += block;
-  }
-  return acc;
-}
 
 at::Tensor cg_step_cpu(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& ap,
                        const at::Tensor& alpha) {
@@ -41,7 +23,7 @@ at::Tensor cg_step_cpu(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const 
     const scalar_t* ap_p = ap.const_data_ptr<scalar_t>();
     const auto alpha_t = static_cast<scalar_t>(a);
     rr = chunked_sum(x.numel(), [&](int64_t b, int64_t e) {
-      return cg_step_chunk<scalar_t>(x_p, r_p, p_p, ap_p, alpha_t, b, e);
+      return cg_step_segment<scalar_t>(x_p, r_p, p_p, ap_p, alpha_t, b, e);
     });
   });
   return at::scalar_tensor(rr, x.options());

@@ -100,8 +100,15 @@ def test_linearized_hvp_with_every_activation_matches_the_dense_hessian():
 
 def test_routes_only_under_reverse_and_grad():
     x = torch.randn(3, dtype=F64, requires_grad=True)
-    with FastSecondOrder("reverse"):
-        assert type(torch.tanh(x).grad_fn).__name__ == "TanhBackward0"  # off by default
+    with FastSecondOrder("reverse"):  # by default only SiLU's closed form
+        assert type(torch.tanh(x).grad_fn).__name__ == "TanhBackward0"
+        assert type(x.softmax(0).grad_fn).__name__ == "SoftmaxBackward0"
+        assert type(F.silu(x).grad_fn).__name__ == "_ActivationBackward"
+    with FastSecondOrder("reverse", activations=("tanh",)):
+        assert type(torch.tanh(x).grad_fn).__name__ == "_ActivationBackward"
+        assert type(F.silu(x).grad_fn).__name__ == "SiluBackward0"
+    with FastSecondOrder("reverse", activations=False):
+        assert type(F.silu(x).grad_fn).__name__ == "SiluBackward0"
     with FastSecondOrder("reverse", activations=True):
         assert type(torch.tanh(x).grad_fn).__name__ == "_ActivationBackward"
         assert type(F.relu(x, inplace=False).grad_fn).__name__ == "_ActivationBackward"
@@ -112,3 +119,10 @@ def test_routes_only_under_reverse_and_grad():
             assert torch.relu(x).grad_fn is None  # no graph: the stock op
     with FastSecondOrder("forward", activations=True):
         assert type(torch.tanh(x).grad_fn).__name__ == "TanhBackward0"
+
+
+def test_activation_names_are_checked():
+    with pytest.raises(ValueError, match=r"unknown activation\(s\) \['gelu'\]"):
+        FastSecondOrder("reverse", activations=("silu", "gelu"))
+    with pytest.raises(TypeError, match="a bool or a collection of names"):
+        FastSecondOrder("reverse", activations="silu")

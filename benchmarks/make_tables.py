@@ -33,6 +33,11 @@ RUNS = ("cpu-perf16-run1.json", "cpu-perf16-run2.json")
 #: malloc and once with ``MALLOC_MMAP_MAX_=0`` (large blocks reused): the hypergradient and
 #: cost-breakdown tables.
 QUIET_RUNS = ("cpu-hypergrad-flops-default.json", "cpu-hypergrad-flops-nommap.json")
+#: The same suite, same settings, on a second machine (another CPU of the project's pool): the
+#: per-machine table. The commit these files record, 2f715de, was made by a session that was cut
+#: off before its commits landed; the code they ran was committed as dc1b9c8 (which differs from it
+#: by a rewrapped docstring), so the two machines ran the same code.
+OTHER_MACHINE_RUNS = ("cpu-hypergrad-xeon-default.json", "cpu-hypergrad-xeon-nommap.json")
 #: The allocator setting of each quiet run, as the tables name it.
 QUIET_LABELS = ("glibc default", "`MALLOC_MMAP_MAX_=0`")
 #: Two quiet runs of the fast-path switches (``bench_fast_paths.py``): the fast-path table.
@@ -181,6 +186,39 @@ def breakdown_table(runs: list[dict[str, dict]]) -> str:
             f"| {_join([i['flop_rate']['reference'] for i in infos], '.2f')} | {_join(whole, '.2f')}× "
             f"| {_join([i['flop_ratio'] / i['flop_rate']['reference'] for i in infos], '.2f')}× |"
         )
+    return "\n".join(rows)
+
+
+def _cpu(runs: list[dict[str, dict]]) -> str:
+    """The CPU a run recorded, short: ``"Intel(R) Xeon(R) Processor"`` -> ``"Intel Xeon"``."""
+    name = str(next(iter(runs[0].values())).get("cpu", "unknown CPU"))
+    return name.replace("(R)", "").replace("(TM)", "").removesuffix(" Processor").strip()
+
+
+def machines_table(machines: list[list[dict[str, dict]]]) -> str:
+    """Per network, the hypergradient suite on each machine (each cell: the two malloc settings)."""
+    cpus = [_cpu(runs) for runs in machines]
+    cols = [
+        f"{what}, {cpu}"
+        for what in ("speed-up `cg`", "speed-up `cg_layerwise`", "reference's FLOP rate", "at the gradient's FLOP rate")
+        for cpu in cpus
+    ]
+    rows = ["| network | FLOP ratio | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for problem in PROBLEM_ORDER:
+        key = f"test_cost_breakdown[{problem}]"
+        if not all(key in run for runs in machines for run in runs):
+            continue
+        cells = []
+        for solver in ("cg", "cg_layerwise"):
+            name = f"test_hypergradient[{problem}-{solver}]"
+            cells += [_join([run[name]["speedup_vs_reference"] for run in runs], ".2f") + "×" for runs in machines]
+        cells += [_join([run[key]["flop_rate"]["reference"] for run in runs], ".2f") for runs in machines]
+        cells += [
+            _join([run[key]["flop_ratio"] / run[key]["flop_rate"]["reference"] for run in runs], ".2f") + "×"
+            for runs in machines
+        ]
+        flops = machines[0][0][key]["flop_ratio"]
+        rows.append(f"| {PROBLEM_LABELS[problem]} | {flops:.2f}× | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -404,7 +442,16 @@ def _stamp(name: str) -> str:
 
 def provenance_line() -> str:
     """Which checkout and day produced each file the section reads."""
-    names = (*QUIET_RUNS, *CG_FORMS_RUNS, *FAST_PATH_RUNS, ALLOCATOR_RUN, *RUNS, BENCH_RUN, CG_STEP)
+    names = (
+        *QUIET_RUNS,
+        *OTHER_MACHINE_RUNS,
+        *CG_FORMS_RUNS,
+        *FAST_PATH_RUNS,
+        ALLOCATOR_RUN,
+        *RUNS,
+        BENCH_RUN,
+        CG_STEP,
+    )
     return (
         "Runs (the commit each was made from and its date, UTC; a run rewrites the tracked "
         "`benchmarks/results/ratios-*.json`, which is why its JSON may mark the checkout dirty): "
@@ -415,7 +462,7 @@ def provenance_line() -> str:
 
 def missing_results() -> list[str]:
     """The result files the performance section needs that are not in ``benchmarks/results/``."""
-    names = (*RUNS, *QUIET_RUNS, *CG_FORMS_RUNS, *FAST_PATH_RUNS, BENCH_RUN, CG_STEP)
+    names = (*RUNS, *QUIET_RUNS, *OTHER_MACHINE_RUNS, *CG_FORMS_RUNS, *FAST_PATH_RUNS, BENCH_RUN, CG_STEP)
     return [name for name in names if not (RESULTS / name).exists()]
 
 
@@ -463,6 +510,7 @@ def section() -> str:
     quiet = [load_run(name) for name in QUIET_RUNS]
     cg_runs = [load_run(name) for name in CG_FORMS_RUNS]
     fast_runs = [load_run(name) for name in FAST_PATH_RUNS]
+    other = [load_run(name) for name in OTHER_MACHINE_RUNS]
     medians = [_speedup_median(run) for run in quiet]
     loaded = [_speedup_median(run) for run in runs]
     parts = [
@@ -476,8 +524,8 @@ def section() -> str:
         f"(`benchmarks/results/{QUIET_RUNS[1]}`), the CG-forms suite twice "
         f"(`benchmarks/results/{CG_FORMS_RUNS[0]}`, `{CG_FORMS_RUNS[1]}`), the fast-path suite twice "
         f"(`benchmarks/results/{FAST_PATH_RUNS[0]}`, `{FAST_PATH_RUNS[1]}`). The "
-        f"HVP table comes from two earlier full runs on another machine ({_machine(runs)}), taken "
-        f"while other jobs loaded its 2 cores (`benchmarks/results/{RUNS[0]}`, `{RUNS[1]}`; load "
+        f"HVP table comes from two earlier full runs of older code ({_machine(runs)}), taken "
+        f"while other jobs loaded the 2 cores (`benchmarks/results/{RUNS[0]}`, `{RUNS[1]}`; load "
         f"{_loads(runs, 'test_')}; their "
         f"hypergradient speed-ups, median over the rows: {_join(loaded, '.2f')}×). Every comparison "
         "is timed in interleaved rounds (ours and the baseline back to back, the order alternating) "
@@ -540,6 +588,17 @@ def section() -> str:
         "`docs/performance.md`.",
         "",
         breakdown_table(quiet),
+        "",
+        f"**The same suite on two CPUs** (the tables above: {_cpu(quiet)}; the same code and "
+        f"settings on {_machine(other)}: `benchmarks/results/{OTHER_MACHINE_RUNS[0]}`, "
+        f"`{OTHER_MACHINE_RUNS[1]}`, {' / '.join(QUIET_LABELS)} in each cell; the commit they record, "
+        "2f715de, belonged to a session cut off before its commits landed; the library and benchmark "
+        "code that ran is what dc1b9c8 committed, less one rewrapped docstring). The FLOP ratio is "
+        "the same on both; what moves is how fast the reference's stock kernels run relative to the "
+        "gradient, and with it the last column, the speed-up an exact method reaches at the "
+        "gradient's FLOP rate. See `docs/performance.md`.",
+        "",
+        machines_table([quiet, other]),
         "",
         "**The fast paths, one at a time** (`benchmarks/bench_fast_paths.py`: a linearisation plus "
         "five matvecs with the defaults and with one switch flipped, interleaved; below 1 the "

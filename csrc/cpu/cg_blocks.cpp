@@ -63,23 +63,8 @@ at::Tensor as_tensor(const std::vector<double>& sums, const at::Tensor& like) {
 at::Tensor damped_into_blocks_cpu(at::Tensor& out, at::TensorList hv, const at::Tensor& v, double scale,
                                   double shift, at::IntArrayRef offsets) {
   const char* op = "damped_into_blocks_";
-  const char* kernel = "CPU";
   check_flat_vectors(op, c10::DeviceType::CPU, {{"out", &out}, {"v", &v}});
-  std::vector<int64_t> starts(hv.size() + 1, 0);
-  for (size_t k = 0; k < hv.size(); ++k) {
-    const at::Tensor& t = hv[k];
-    const char* name = "a piece of hv";
-    BISSL_CHECK_ARG(VALUE, t.defined() && t.device().is_cpu(), " must be a CPU tensor");
-    BISSL_CHECK_ARG(VALUE, t.is_contiguous(), " (piece ", k, ") is not contiguous");
-    BISSL_CHECK_ARG(TYPE, t.scalar_type() == v.scalar_type(), " (piece ", k, ") is ", t.scalar_type(), " but v is ",
-                    v.scalar_type());
-    starts[k + 1] = starts[k] + t.numel();
-  }
-  {
-    const char* name = "hv";
-    BISSL_CHECK_ARG(VALUE, starts.back() == v.numel(), "'s pieces hold ", starts.back(), " elements but v has ",
-                    v.numel());
-  }
+  const std::vector<int64_t> starts = piece_offsets(op, hv, v);
   const BlockPlan plan(checked_offsets(op, offsets, v.numel()), v.numel());
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bissl_damped_into_blocks_cpu", [&] {
@@ -89,15 +74,7 @@ at::Tensor damped_into_blocks_cpu(at::Tensor& out, at::TensorList hv, const at::
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<scalar_t>(scale), d = static_cast<scalar_t>(shift);
     sums = plan.sums([&](int64_t b, int64_t e, int64_t) {
-      // The pieces of hv that overlap [b, e), as in damped_into_.
-      size_t k = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), b) - starts.begin()) - 1;
-      double acc = 0.0;
-      for (int64_t lo = b; lo < e; ++k) {
-        const int64_t hi = std::min(e, starts[k + 1]);
-        if (hi > lo) acc += damped_segment<scalar_t>(ptrs[k] + (lo - starts[k]), v_p + lo, out_p + lo, s, d, hi - lo);
-        lo = std::max(lo, hi);
-      }
-      return acc;
+      return damped_pieces<scalar_t>(ptrs, starts, v_p, out_p, s, d, b, e);
     });
   });
   return as_tensor(sums, v);

@@ -18,23 +18,7 @@ namespace {
 
 at::Tensor damped_into_cpu(at::Tensor& out, at::TensorList hv, const at::Tensor& v, double scale, double shift) {
   check_flat_vectors("damped_into_", c10::DeviceType::CPU, {{"out", &out}, {"v", &v}});
-  const char* op = "damped_into_";
-  const char* kernel = "CPU";
-  std::vector<int64_t> offsets(hv.size() + 1, 0);
-  for (size_t k = 0; k < hv.size(); ++k) {
-    const at::Tensor& t = hv[k];
-    const char* name = "a piece of hv";
-    BISSL_CHECK_ARG(VALUE, t.defined() && t.device().is_cpu(), " must be a CPU tensor");
-    BISSL_CHECK_ARG(VALUE, t.is_contiguous(), " (piece ", k, ") is not contiguous");
-    BISSL_CHECK_ARG(TYPE, t.scalar_type() == v.scalar_type(), " (piece ", k, ") is ", t.scalar_type(), " but v is ",
-                    v.scalar_type());
-    offsets[k + 1] = offsets[k] + t.numel();
-  }
-  {
-    const char* name = "hv";
-    BISSL_CHECK_ARG(VALUE, offsets.back() == v.numel(), "'s pieces hold ", offsets.back(), " elements but v has ",
-                    v.numel());
-  }
+  const std::vector<int64_t> offsets = piece_offsets("damped_into_", hv, v);
   double vav = 0.0;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bissl_damped_into_cpu", [&] {
     std::vector<const scalar_t*> ptrs(hv.size());
@@ -43,15 +27,7 @@ at::Tensor damped_into_cpu(at::Tensor& out, at::TensorList hv, const at::Tensor&
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<scalar_t>(scale), d = static_cast<scalar_t>(shift);
     vav = chunked_sum(v.numel(), [&](int64_t b, int64_t e) {
-      // The last piece starting at or before b, then every piece that overlaps [b, e).
-      size_t k = static_cast<size_t>(std::upper_bound(offsets.begin(), offsets.end(), b) - offsets.begin()) - 1;
-      double acc = 0.0;
-      for (int64_t lo = b; lo < e; ++k) {
-        const int64_t hi = std::min(e, offsets[k + 1]);
-        if (hi > lo) acc += damped_segment<scalar_t>(ptrs[k] + (lo - offsets[k]), v_p + lo, out_p + lo, s, d, hi - lo);
-        lo = std::max(lo, hi);
-      }
-      return acc;
+      return damped_pieces<scalar_t>(ptrs, offsets, v_p, out_p, s, d, b, e);
     });
   });
   return at::scalar_tensor(vav, v.options());

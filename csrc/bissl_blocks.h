@@ -29,6 +29,7 @@ class BlockPlan {
       const int64_t k0 = block_at(b), k1 = block_at(e - 1);
       first_block_[c] = k0;
       first_record_[c + 1] = first_record_[c] + (k1 - k0 + 1);
+      for (int64_t k = k0; k <= k1; ++k) record_block_.push_back(k);
     }
   }
 
@@ -43,14 +44,10 @@ class BlockPlan {
   // Per-block sums of f(lo, hi, k) -> double (empty blocks: 0).
   template <typename F>
   std::vector<double> sums(const F& f) const {
-    std::vector<double> record(static_cast<size_t>(first_record_.back()), 0.0);
-    std::vector<int64_t> owner(record.size(), 0);
-    run([&](int64_t lo, int64_t hi, int64_t k, int64_t j) {
-      record[j] += f(lo, hi, k);
-      owner[j] = k;
-    });
+    std::vector<double> record(record_block_.size(), 0.0);
+    run([&](int64_t lo, int64_t hi, int64_t k, int64_t j) { record[j] = f(lo, hi, k); });
     std::vector<double> out(static_cast<size_t>(blocks()), 0.0);
-    for (size_t j = 0; j < record.size(); ++j) out[owner[j]] += record[j];
+    for (size_t j = 0; j < record.size(); ++j) out[record_block_[j]] += record[j];
     return out;
   }
 
@@ -85,6 +82,7 @@ class BlockPlan {
   int64_t n_;
   std::vector<int64_t> first_block_;
   std::vector<int64_t> first_record_;
+  std::vector<int64_t> record_block_;  // the block of each (chunk, block) record
 };
 
 }  // namespace bissl

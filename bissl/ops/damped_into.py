@@ -63,9 +63,13 @@ def damped_into_(
         hv = hv_pieces[0] if len(hv_pieces) == 1 else torch.cat(list(hv_pieces))
         return fused(hv.contiguous(), v, scale, shift)
     if cpu_kernel:
-        # The kernel reads raw memory: a piece in another layout (e.g. a channels-last weight's
-        # product) is brought to the parameters' flat order first.
-        flat = [t.reshape(-1) for t in hv_pieces]
-        flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
-        return out, torch.ops.bissl.damped_into_(out, flat, v, float(scale), float(shift))
+        return out, torch.ops.bissl.damped_into_(out, kernel_pieces(hv_pieces), v, float(scale), float(shift))
     return out, damped_into_ref_(out, list(hv_pieces), v, float(scale), float(shift))
+
+
+def kernel_pieces(hv_pieces: Sequence[Tensor]) -> list[Tensor]:
+    """The pieces as the CPU kernels of ``bissl::damped_into_`` and ``damped_into_blocks_`` take
+    them: flat and contiguous. The kernels read raw memory, so a piece in another layout (e.g. a
+    channels-last weight's product) is brought to the parameters' flat order first."""
+    flat = [t.reshape(-1) for t in hv_pieces]
+    return [t if t.is_contiguous() else t.contiguous() for t in flat]

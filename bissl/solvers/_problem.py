@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bissl.ops._backends import CGVectorOps, cg_vector_ops
-from bissl.ops.damped_into import damped_into_
+from bissl.ops.damped_into import damped_into_, kernel_pieces
 from bissl.ops.flat import FlatSpec, as_form, one_buffer, pieces, vector_form, vector_spec
 from bissl.ops.reference import dot_ref
 from bissl.solvers.workspace import Workspace
@@ -206,9 +206,8 @@ class BlockVectorOps:
         if not self.kernel:
             av, _ = prob.apply(v, out)
             return av, self.dots(v, av)
-        flat = [t.reshape(-1) for t in prob.hv_pieces(v)]
-        flat = [t if t.is_contiguous() else t.contiguous() for t in flat]
-        vav = torch.ops.bissl.damped_into_blocks_(out, flat, v, float(prob.scale), float(prob.shift), self.offsets)
+        parts = kernel_pieces(prob.hv_pieces(v))
+        vav = torch.ops.bissl.damped_into_blocks_(out, parts, v, float(prob.scale), float(prob.shift), self.offsets)
         return out, prob.reduce(vav)
 
     def step_(self, x: Tensor, r: Tensor, p: Tensor, ap: Tensor, alpha: Tensor) -> Tensor:

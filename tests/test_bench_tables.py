@@ -1,5 +1,5 @@
-"""The README's performance and scale sections are exactly what benchmarks/make_tables.py makes
-from the JSON."""
+"""The README's performance and scale sections and the kernel table of docs/performance.md are exactly
+what benchmarks/make_tables.py makes from the JSON."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_every_network_and_form_has_a_row():
     for row in ("| `cg` | dict |", "| `cg` | tuple |", "| `cg_layerwise` | dict |"):
         assert row in section
     assert "bissl bench --model resnet18" in section and "speed-up" in section
+
+
+def test_performance_doc_kernel_table_is_generated_from_the_results():
+    tables = _make_tables()
+    assert tables.update_performance_doc(check=True), (
+        "docs/performance.md's convolution-kernel table differs from benchmarks/make_tables.py's output: "
+        "run python benchmarks/make_tables.py"
+    )
+    section = tables.conv_kernels_section()
+    if all((tables.RESULTS / name).exists() for name in tables.CONV_KERNEL_RUNS):
+        for _, what, _, _ in tables.CONV_KERNEL_STUDIES:
+            assert what in section
+    else:
+        assert "study_conv_kernels.py" in section and " ms" not in section

@@ -404,9 +404,10 @@ def linearize_hvp(
             second-derivative coefficients once (:mod:`bissl.ops.gelu_double_backward`,
             :mod:`bissl.ops.layernorm_double_backward`).
         channels_last: on the ``revrev`` path with ``fast_conv``, run the convolutions on
-            channels-last activations (:mod:`bissl.ops.conv_double_backward`). Default off: on a
-            2-core AMD EPYC it made the plain CNN's solve work 8% faster, the conv-BN CNN's equal
-            and ResNet-18's 18% slower (``benchmarks/bench_fast_paths.py``); measure your network.
+            channels-last activations (:mod:`bissl.ops.conv_double_backward`). Default off: on
+            2-core CPUs it made the BatchNorm networks' solve work slower and the tanh/ReLU CNN's
+            a few percent faster or slower (``benchmarks/bench_fast_paths.py``); measure your
+            network.
         fast_linear: on the ``revrev`` path, route ``linear`` through
             :mod:`bissl.ops.linear_double_backward` (graph-only weight gradients when ``need_grad``
             is False).

@@ -19,9 +19,9 @@ grad-weight convolution (the first layer, whose input is the images, has no grad
 is timed in interleaved rounds (:func:`bissl.bench.interleaved_rounds`) and its values compared
 (they must agree to float32 rounding, or the study fails).
 
-Run: ``python benchmarks/study_conv_kernels.py`` (about a minute on 2 cores); writes
-``benchmarks/results/conv_kernels_study.json`` (``--out``). ``benchmarks/make_tables.py`` renders it
-into ``docs/performance.md``.
+Run: ``python benchmarks/study_conv_kernels.py --out benchmarks/results/conv_kernels_study-run1.json``
+(about 15 s on 2 cores; again with ``-run2``): ``benchmarks/make_tables.py`` renders the two runs into
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from bissl.bench import interleaved_rounds, load_info, machine_info, max_rel_diff
 
-OUT = Path(__file__).parent / "results" / "conv_kernels_study.json"
+OUT = Path(__file__).parent / "results" / "conv_kernels_study-run1.json"
 #: Values of two routes to the same product may differ by float32 rounding only.
 SAME_VALUES = 1e-4
 

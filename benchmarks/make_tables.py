@@ -854,7 +854,7 @@ def conv_kernels_section() -> str:
     return "\n".join([KERNELS_BEGIN, "", *rows, "", note, "", KERNELS_END])
 
 
-def _replace(text: str, begin: str, end: str, body: str, where: str = "README.md") -> str:
+def _replace(text: str, begin: str, end: str, body: str, where: str) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"{where} has no generated section between {begin!r} and {end!r}")
     head, rest = text.split(begin, 1)
@@ -862,28 +862,29 @@ def _replace(text: str, begin: str, end: str, body: str, where: str = "README.md
     return head + body + tail
 
 
-def update_readme(check: bool = False) -> bool:
-    """Write the generated sections into README.md (or only compare); returns whether it was up to date."""
-    text = README.read_text()
-    new = _replace(text, BEGIN, END, section())
-    new = _replace(new, SCALE_BEGIN, SCALE_END, scale_section())
+def _rewrite(path: Path, sections: list[tuple[str, str, str]], check: bool) -> bool:
+    """Put each ``(begin, end, body)`` between its markers in ``path`` (or only compare); returns
+    whether the file was up to date."""
+    text = path.read_text()
+    new = text
+    for begin, end, body in sections:
+        new = _replace(new, begin, end, body, str(path.relative_to(ROOT)))
     if new == text:
         return True
     if not check:
-        README.write_text(new)
+        path.write_text(new)
     return False
+
+
+def update_readme(check: bool = False) -> bool:
+    """Write the generated sections into README.md (or only compare); returns whether it was up to date."""
+    return _rewrite(README, [(BEGIN, END, section()), (SCALE_BEGIN, SCALE_END, scale_section())], check)
 
 
 def update_performance_doc(check: bool = False) -> bool:
     """Write the convolution-kernel table into docs/performance.md (or only compare); returns
     whether it was up to date."""
-    text = PERFORMANCE_DOC.read_text()
-    new = _replace(text, KERNELS_BEGIN, KERNELS_END, conv_kernels_section(), "docs/performance.md")
-    if new == text:
-        return True
-    if not check:
-        PERFORMANCE_DOC.write_text(new)
-    return False
+    return _rewrite(PERFORMANCE_DOC, [(KERNELS_BEGIN, KERNELS_END, conv_kernels_section())], check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ def study_layer(layer: dict, first: bool, batch: int, rounds: int, seed: int) ->
     """The three comparisons on one layer, each with its values checked."""
     names = ["forward", "grad_weight"] if first else ["forward", "grad_input", "grad_weight"]
     gen = torch.Generator().manual_seed(seed)
-    _, std = _kernels(layer, batch, torch.contiguous_format, gen)
+    (x, wt, go), std = _kernels(layer, batch, torch.contiguous_format, gen)
     _, other_view = _kernels(layer, batch, torch.contiguous_format, gen)
     _, two_views = _kernels(layer, 2 * batch, torch.contiguous_format, gen)
     gen = torch.Generator().manual_seed(seed)  # the same operands as `std`, channels-last
@@ -108,8 +108,6 @@ def study_layer(layer: dict, first: bool, batch: int, rounds: int, seed: int) ->
         {"standard": _run_all(std, names=names), "channels_last": _run_all(nhwc, names=names)}, rounds
     )
 
-    gen = torch.Generator().manual_seed(seed)
-    (x, wt, go), _ = _kernels(layer, batch, torch.contiguous_format, gen)
     s, p, kh = layer["stride"], layer["pad"], wt.shape[-1]
     x_swapped = x.transpose(0, 1).contiguous()  # the fixed operand (the layer's input), once
 

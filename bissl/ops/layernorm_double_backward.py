@@ -28,6 +28,7 @@ Tested against autograd in float64 (``tests/ops/test_double_backward.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,13 +45,6 @@ def _project(z: Tensor, xhat: Tensor, zx_mean: Tensor | None = None) -> Tensor:
     """``P(z) = z − ⟨z⟩ − x̂⟨z x̂⟩`` row-wise on ``(M, D)`` tensors (``⟨z x̂⟩`` if already known)."""
     zx_mean = (z * xhat).mean(1, keepdim=True) if zx_mean is None else zx_mean
     return (z - z.mean(1, keepdim=True)).addcmul_(xhat, zx_mean, value=-1.0)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for k in shape:
-        n *= int(k)
-    return n
 
 
 def layer_norm_double_backward_ref(
@@ -137,7 +131,7 @@ class _LayerNormBackward(torch.autograd.Function):
         build_graph: bool,
     ):
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(gy, x, shape, mean, rstd, w, b, list(mask))
-        d = _numel(shape)
+        d = math.prod(int(k) for k in shape)
         ctx.d, ctx.x_shape, ctx.mask, ctx.norm_shape = d, x.shape, mask, list(shape)
         s, gy2 = _rows(rstd, 1), _rows(gy, d)
         w1 = w.reshape(1, d) if w is not None else None
@@ -215,7 +209,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor | None, b: Tensor | None, shape: Sequence[int], eps: float):
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, w, b, eps)
-        d = _numel(shape)
+        d = math.prod(int(k) for k in shape)
         ctx.shape, ctx.d, ctx.x_shape_out = list(shape), d, x.shape
         s = _rows(rstd, 1)
         xhat = (_rows(x, d) - _rows(mean, 1)) * s  # once: the jvp and both backwards read it

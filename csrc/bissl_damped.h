@@ -53,6 +53,14 @@ inline std::vector<int64_t> piece_offsets(const char* op, at::TensorList hv, con
   return starts;
 }
 
+// The data of each of hv's pieces (checked by piece_offsets), for damped_pieces.
+template <typename T>
+std::vector<const T*> piece_pointers(at::TensorList hv) {
+  std::vector<const T*> ptrs(hv.size());
+  for (size_t k = 0; k < hv.size(); ++k) ptrs[k] = hv[k].const_data_ptr<T>();
+  return ptrs;
+}
+
 // damped_segment over the flat range [b, e) when hv is given as pieces (piece k holds the flat
 // elements [starts[k], starts[k+1])): the last piece starting at or before b, then every piece that
 // overlaps the range, read where it lies.

@@ -21,8 +21,7 @@ at::Tensor damped_into_cpu(at::Tensor& out, at::TensorList hv, const at::Tensor&
   const std::vector<int64_t> offsets = piece_offsets("damped_into_", hv, v);
   double vav = 0.0;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bissl_damped_into_cpu", [&] {
-    std::vector<const scalar_t*> ptrs(hv.size());
-    for (size_t k = 0; k < hv.size(); ++k) ptrs[k] = hv[k].const_data_ptr<scalar_t>();
+    const std::vector<const scalar_t*> ptrs = piece_pointers<scalar_t>(hv);
     const scalar_t* v_p = v.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<scalar_t>(scale), d = static_cast<scalar_t>(shift);
